@@ -1,0 +1,5 @@
+"""``python -m cwkd``."""
+
+from cwkd.cli import main
+
+main()

@@ -1,0 +1,358 @@
+"""Files cwkd writes and reads: atomic writes, safetensors checkpoints, weights loaded without running code.
+
+Safetensors files are read by parsing their JSON header; ``.pth`` files go through
+``torch.load(weights_only=True)``, which refuses any pickle that names a function or class.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import safetensors.torch
+import torch
+
+from cwkd.errors import CheckpointError, ConfigError
+
+#: Version of the checkpoint layout; a file with a larger number needs a newer cwkd.
+FORMAT_VERSION = 1
+
+_CONTAINER_KEYS = ("state_dict", "model", "model_state", "state_dict_ema")  # first one present wins
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header
+_NOT_CWKD = "not a cwkd checkpoint; to load plain weights use --weights / a timm name"
+_REQUIRED = ("model", "num_classes", "in_chans", "input_size", "mean", "std")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a temp file next to ``path``, then move it over ``path`` in one step.
+
+    On any failure the temp file is removed and an old ``path`` is untouched. File-system errors become
+    :class:`ConfigError`; whatever ``write`` raises otherwise is re-raised as it is.
+
+    Example:
+        >>> atomic_write("out/log.txt", lambda f: f.write(b"hello\\n"))  # doctest: +SKIP
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open with 0o666 honours the umask (mkstemp would make every checkpoint 0o600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"could not write {path}: {exc}; check free space and permissions") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; some platforms cannot open a directory, which is fine
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Add ``record`` to ``path`` as one JSON line; 0-d tensors become numbers and paths strings.
+
+    The file is rewritten atomically, so a crash never leaves half a line.
+
+    Example:
+        >>> append_jsonl("out/metrics.jsonl", {"epoch": 1, "loss": 0.42})  # doctest: +SKIP
+    """
+    path = Path(path)
+    old = path.read_bytes() if path.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"  # never glue a record onto a line someone else left unfinished
+    line = json.dumps(record, default=_json_default).encode("utf-8") + b"\n"
+    atomic_write(path, lambda f: f.write(old + line))
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for the few other values cwkd records: 0-d tensors, numpy scalars, paths."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write ``tensors`` and ``metadata`` to a safetensors checkpoint at ``path``, atomically.
+
+    Tensors go to the CPU, contiguous, and tied weights are copied. ``metadata`` must pass
+    :func:`validate_metadata` (else :class:`CheckpointError`), so an unloadable checkpoint is never written.
+
+    Example:
+        >>> save_checkpoint("out/student.safetensors", model.state_dict(), meta)  # doctest: +SKIP
+    """
+    try:
+        text = json.dumps(metadata, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint metadata for {path} is not JSON-able: {exc}") from exc
+    validate_metadata(json.loads(text))  # validate what will be read back (tuples become lists)
+    seen: set[int] = set()
+    flat: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        t = tensor.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()  # safetensors refuses tensors that share memory
+        seen.add(ptr)
+        flat[name] = t.contiguous()
+    header = {"format": "cwkd", "format_version": str(FORMAT_VERSION), "cwkd": text}
+    data = safetensors.torch.save(flat, metadata=header)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_checkpoint(
+    path: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a cwkd checkpoint as ``(tensors, metadata)``, checking the file before using anything in it.
+
+    Example:
+        >>> tensors, meta = load_checkpoint("out/student.safetensors")  # doctest: +SKIP
+    """
+    path = _existing_file(path)
+    raw = _read_header(path).get("__metadata__")
+    if not isinstance(raw, dict) or raw.get("format") != "cwkd" or not isinstance(raw.get("cwkd"), str):
+        raise CheckpointError(f"{path} is a safetensors file but {_NOT_CWKD}")
+    version = str(raw.get("format_version"))
+    if not (version.isascii() and version.isdigit() and int(version) >= 1):
+        raise CheckpointError(f"{path} has an invalid format_version {version!r}; the file is corrupt")
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer cwkd (format {version}); upgrade cwkd")
+    try:
+        meta = validate_metadata(json.loads(raw["cwkd"]))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} has unreadable cwkd metadata ({exc}); the file is corrupt") from exc
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return _load_safetensors(path, device), meta
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _list_of(kind: type) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and all(isinstance(x, kind) for x in v)
+
+
+_OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "pairs": (_list_of(dict), "a list of objects"),
+    "method": (lambda v: isinstance(v, str), "a string"),
+    "dataset": (lambda v: isinstance(v, str), "a string"),
+    "classes": (_list_of(str), "a list of strings"),
+    "cwkd_version": (lambda v: isinstance(v, str), "a string"),
+    "epoch": (_is_int, "an integer"),
+    "val_top1": (_is_num, "a number"),
+    "kind": (lambda v: v in ("student", "distill"), "'student' or 'distill'"),
+}
+
+
+def _check(meta: dict, key: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise CheckpointError(f"checkpoint metadata '{key}' should be {expected}, got {meta[key]!r}")
+
+
+def validate_metadata(meta: dict) -> dict:
+    """Check the keys and types of checkpoint metadata and return it unchanged.
+
+    Optional keys may be missing or ``None``; unknown keys are allowed (a later cwkd may add some).
+    ``input_size[0]``, ``len(mean)`` and ``len(std)`` must all equal ``in_chans``.
+
+    Example:
+        >>> validate_metadata({"model": "resnet18", "num_classes": 10, "in_chans": 3,
+        ...     "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})["model"]
+        'resnet18'
+    """
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint metadata should be a JSON object, got {type(meta).__name__}")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint metadata lacks {missing}")
+    _check(meta, "model", isinstance(meta["model"], str) and bool(meta["model"]), "a model name")
+    for key in ("num_classes", "in_chans"):
+        _check(meta, key, _is_int(meta[key]) and meta[key] > 0, "a positive integer")
+    chans, size = meta["in_chans"], meta["input_size"]
+    ok = isinstance(size, list) and len(size) == 3 and all(_is_int(v) and v > 0 for v in size)
+    _check(meta, "input_size", ok and size[0] == chans, f"[{chans}, height, width] with positive sizes")
+    for key in ("mean", "std"):
+        v = meta[key]
+        ok = isinstance(v, list) and len(v) == chans and all(_is_num(x) for x in v)
+        ok = ok and (key == "mean" or all(x > 0 for x in v))
+        _check(meta, key, ok, f"a list of {chans} {'numbers' if key == 'mean' else 'positive numbers'}")
+    for key, (test, expected) in _OPTIONAL.items():
+        if meta.get(key) is not None:
+            _check(meta, key, test(meta[key]), expected)
+    return meta
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read model weights from ``.safetensors`` or ``.pth``/``.pt``/``.bin`` without running any code.
+
+    Training-checkpoint wrappers (``{"state_dict": ...}``, ``{"model": ...}``, ...) are unwrapped.
+
+    Example:
+        >>> state = read_state_dict("resnet18_teacher.pth")  # doctest: +SKIP
+    """
+    path = _existing_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        _read_header(path, other="it is not safetensors; rename it to .pth")
+        return _load_safetensors(path, "cpu")
+    if suffix not in (".pth", ".pt", ".bin"):
+        raise CheckpointError(f"cannot read weights from {path}: use a .safetensors, .pth, .pt or .bin file")
+    obj, wrapped = _torch_load(path), False
+    for _ in range(3):  # wrappers nest a level or two at most: {"model": {"state_dict": ...}}
+        key = next((k for k in _CONTAINER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), "")
+        if not key:
+            break
+        obj, wrapped = obj[key], True
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    if wrapped:  # a training checkpoint may keep counters and such beside the weights
+        obj = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{path} is not a plain state dict: entry {bad[0]!r} is not a named tensor")
+    if not obj:
+        raise CheckpointError(f"{path} holds no tensors; is it the right file?")
+    return obj
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """Write resumable training state (optimizer, scheduler, scaler, epoch, RNG) to ``path`` atomically.
+
+    ``state`` must load under ``torch.load(weights_only=True)``: tensors, numbers, strings, ``None`` and
+    lists, tuples and dicts of them. Optimizer, scheduler and GradScaler state dicts,
+    ``torch.get_rng_state()`` and ``random.getstate()`` qualify as they are. ``numpy.random.get_state()``
+    does not (it holds an array): store its keys as ``torch.from_numpy(keys.astype("int64"))``.
+    """
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_state(path: str | Path) -> dict:
+    """Read training state written by :func:`save_state`, onto the CPU and with ``weights_only=True``."""
+    obj = _torch_load(_existing_file(path))
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not cwkd training state")
+    return obj
+
+
+def check_writable(directory: str | Path, *, min_free_bytes: int = 50 * 2**20) -> None:
+    """Create ``directory`` if needed; raise :class:`ConfigError` unless it takes files and has room."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".cwkd-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        msg = f"cannot write to {directory} ({exc}); fix its permissions or choose another --output"
+        raise ConfigError(msg) from exc
+    free = shutil.disk_usage(directory).free
+    if free < min_free_bytes:
+        raise ConfigError(
+            f"only {free / 2**20:.0f} MiB free on the file system of {directory}, need at least "
+            f"{min_free_bytes / 2**20:.0f} MiB; free some space or choose another --output"
+        )
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such file: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is a directory, not a file; give the path of a checkpoint file")
+    return path
+
+
+def _read_header(path: Path, other: str = _NOT_CWKD) -> dict:
+    """Parse a safetensors header, or raise :class:`CheckpointError` saying what the file is instead.
+
+    ``other`` ends the message for a PyTorch file, where the fix depends on what the caller wanted.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        body = f.read(n) if 0 < n <= min(size - 8, _MAX_HEADER) else b""
+    expected = "expected a .safetensors checkpoint written by cwkd"
+    if head.startswith(b"PK\x03\x04"):
+        raise CheckpointError(f"{path} is a PyTorch zip file (torch.save), {other}")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise CheckpointError(f"{path} is a Python pickle (old torch.save), {other}")
+    if size < 8:
+        raise CheckpointError(f"{path} is empty or too short ({size} bytes) to be safetensors; {expected}")
+    if size - 8 < n <= _MAX_HEADER:
+        raise CheckpointError(f"{path} is truncated: its header needs {n + 8} bytes, the file has {size}")
+    try:
+        header = json.loads(body.decode("utf-8")) if body.startswith(b"{") else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (empty, unknown or corrupt); {expected}")
+    try:
+        tensors = [e for k, e in header.items() if k != "__metadata__"]
+        end = 8 + n + max((int(e["data_offsets"][1]) for e in tensors), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(f"{path} has a corrupt safetensors header; {expected}") from None
+    if end > size:
+        raise CheckpointError(f"{path} is truncated: it has {size} bytes, its header promises {end}")
+    return header
+
+
+def _load_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path, device=str(device))
+    except Exception as exc:  # SafetensorError (corrupt file) or a device that does not exist
+        raise CheckpointError(f"could not read tensors from {path}: {exc}") from exc
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; a pickle that wants to run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" not in text:
+            raise CheckpointError(f"could not read {path}: {text}; the file is corrupt") from exc
+        reason = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise CheckpointError(
+            f"refused to load {path}: it is a pickle that would run code or build objects other than tensors"
+            f"{f' ({reason})' if reason else ''}; convert it to safetensors or a plain state dict "
+            "(torch.save(model.state_dict(), ...)) where you trust it"
+        ) from exc
+    except Exception as exc:  # truncated zip, garbage bytes, empty file: torch raises many kinds
+        msg = f"could not read {path} as a PyTorch file ({type(exc).__name__}: {exc}); is it cut short?"
+        raise CheckpointError(msg) from exc

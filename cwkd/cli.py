@@ -1,0 +1,227 @@
+"""The ``cwkd`` command line. Each command parses options, builds one typed config and calls one
+library function; errors from the library become one clean line and exit code 1."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cwkd.aligner import Method
+from cwkd.config import Optimizer, Precision, TrainConfig
+from cwkd.errors import CwkdError
+from cwkd.losses import Reduction
+
+app = typer.Typer(
+    name="cwkd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Channel-wise feature knowledge distillation: train a small student to mimic a big teacher.",
+)
+_state = {"debug": False}
+
+# Reusable option types -------------------------------------------------------------------------
+Data = Annotated[str, typer.Option("--data", help="ImageFolder dir (train/ + val/), fashion-mnist, "
+                                   "fashion-mnist-mini (bundled), cifar10 or cifar100.")]
+DataRoot = Annotated[str | None, typer.Option(help="Where to look for fashion-mnist/cifar files "
+                                                 "(else $CWKD_DATA, then system paths).")]
+Download = Annotated[bool, typer.Option(help="Let torchvision download cifar/fashion-mnist (needs internet).")]
+SkipCorrupt = Annotated[bool, typer.Option(help="Skip unreadable images with a warning instead of failing.")]
+Epochs = Annotated[int | None, typer.Option(help="Training epochs. [default: 10]")]
+BatchSize = Annotated[int, typer.Option(help="Images per step (per process under torchrun).")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate. [default: 0.05 sgd, 1e-3 adamw]")]
+WeightDecay = Annotated[float | None, typer.Option(help="Weight decay. [default: 5e-4 sgd, 0.05 adamw]")]
+Opt = Annotated[Optimizer, typer.Option("--optimizer", help="SGD with Nesterov momentum, or AdamW.")]
+Warmup = Annotated[float, typer.Option(help="Linear warmup epochs before the cosine decay.")]
+Smoothing = Annotated[float, typer.Option(help="Label smoothing for the task loss.")]
+ClipGrad = Annotated[float | None, typer.Option(help="Clip the gradient norm to this value.")]
+Prec = Annotated[Precision, typer.Option("--precision", help="fp32, or autocast bf16/fp16 (fp16 needs CUDA).")]
+Compile = Annotated[bool, typer.Option(help="torch.compile the student and teacher.")]
+InputSize = Annotated[int | None, typer.Option(help="Input height=width in pixels. [default: the model's, "
+                                                  "or 32 for 28-32 px data sets]")]
+InChans = Annotated[int | None, typer.Option(help="Input channels. [default: the data's (1 for gray)]")]
+Workers = Annotated[int, typer.Option(help="Data loader worker processes.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Out = Annotated[str | None, typer.Option(help="Run directory. [default: runs/<time>-<student>]")]
+Overwrite = Annotated[bool, typer.Option(help="Replace the run already in --out.")]
+Resume = Annotated[str | None, typer.Option(help="Continue the run in this directory with its saved config.")]
+SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss is NaN/inf before stopping.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
+                                                 "(needs the Hugging Face hub).")]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option(help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if version:
+        from cwkd import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Library errors become ``error: ...`` and exit 1; a stop signal exits 128 + signal."""
+    from cwkd.rundir import RunInterrupted
+
+    try:
+        yield
+    except CwkdError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except RunInterrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+@app.command()
+def inspect(
+    model: Annotated[str | None, typer.Argument(help="A timm model name (aliases such as mobilenetv1 work).")]
+    = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher model: show the proposed pairs.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model: show the proposed pairs.")] = None,
+    pairs: Annotated[str, typer.Option(help="last, all, or STUDENT_LAYER:TEACHER_LAYER,...")] = "last",
+    method: Annotated[Method, typer.Option(help="Aligner whose cost is reported.")] = Method.cwt,
+    hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. [default: teacher channels]")]
+    = None,
+    input_size: InputSize = None,
+    in_chans: Annotated[int | None, typer.Option(help="Input channels. [default: 3]")] = None,
+    all_layers: Annotated[bool, typer.Option("--all", help="List every layer, not just the top two levels.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List a model's hookable layers, or the layer pairs for a teacher and a student."""
+    from cwkd import report
+    from cwkd.inspection import inspect_model, propose_pairs
+
+    with _errors():
+        if teacher or student:
+            if not (teacher and student) or model:
+                raise typer.BadParameter("give MODEL alone, or both --teacher and --student")
+            result = propose_pairs(teacher, student, pairs=pairs, method=method, hidden=hidden,
+                                   input_size=input_size, in_chans=in_chans)
+            typer.echo(json.dumps(result, indent=2)) if as_json else report.print_pairs(result)
+            return
+        if not model:
+            raise typer.BadParameter("give a MODEL name, or --teacher and --student")
+        layers, size = inspect_model(model, input_size=input_size, in_chans=in_chans)
+        if as_json:
+            typer.echo(json.dumps({"model": model, "input_size": list(size),
+                                   "layers": [layer.to_dict() for layer in layers]}, indent=2))
+        else:
+            report.print_layers(model, layers, size, all_layers=all_layers)
+
+
+def _run(cfg: TrainConfig, resume: str | None) -> None:
+    from cwkd.engine import run
+
+    with _errors():
+        run(cfg, resume=resume)
+
+
+@app.command()
+def train(
+    model: Annotated[str | None, typer.Option("--model", help="The timm model to train.")] = None,
+    data: Data = "", data_root: DataRoot = None, download: Download = False, skip_corrupt: SkipCorrupt = False,
+    pretrained: StudentPretrained = False,
+    epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
+    optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
+    clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
+    input_size: InputSize = None, in_chans: InChans = None, workers: Workers = 2, seed: Seed = 0,
+    device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
+    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
+) -> None:
+    """Train one model without a teacher: a teacher to distil from, or the baseline student."""
+    with _errors():
+        cfg = _config(dict(locals()), student=model, method=Method.none, flag="--model")
+    _run(cfg, resume)
+
+
+@app.command()
+def distill(
+    teacher: Annotated[str | None, typer.Option(help="Teacher: a timm name, or a checkpoint from "
+                                                   "`cwkd train` (.safetensors).")] = None,
+    student: Annotated[str | None, typer.Option(help="Student: a timm name.")] = None,
+    data: Data = "", data_root: DataRoot = None, download: Download = False, skip_corrupt: SkipCorrupt = False,
+    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights file (.safetensors or "
+                                                           ".pth, loaded safely).")] = None,
+    teacher_pretrained: Annotated[bool, typer.Option(help="Teacher from timm's pretrained weights "
+                                                     "(needs the hub).")] = False,
+    allow_random_teacher: Annotated[bool, typer.Option(help="Allow an untrained teacher (testing only).")]
+    = False,
+    student_pretrained: StudentPretrained = False,
+    method: Annotated[Method, typer.Option(help="cwt (ours), linear (FitNets 1x1), mgd, or none (KD only).")]
+    = Method.cwt,
+    alpha: Annotated[float, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md).")]
+    = 1.0,
+    pairs: Annotated[str, typer.Option(help="last, all, or STUDENT_LAYER:TEACHER_LAYER,...")] = "last",
+    hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. [default: teacher channels]")]
+    = None,
+    reduction: Annotated[Reduction, typer.Option(help="Feature L2: mean over elements, or sum/batch "
+                                                 "(the paper's alpha).")] = Reduction.mean,
+    kd_weight: Annotated[float, typer.Option(help="Weight of Hinton logit KD added to the loss (0: off).")]
+    = 0.0,
+    kd_temperature: Annotated[float, typer.Option(help="Temperature of the logit KD.")] = 4.0,
+    epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
+    optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
+    clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
+    input_size: InputSize = None, in_chans: InChans = None, workers: Workers = 2, seed: Seed = 0,
+    device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
+    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
+) -> None:
+    """Distil a teacher into a student through channel-wise aligned features."""
+    with _errors():
+        cfg = _config(dict(locals()), student=student, method=method, flag="--student")
+    _run(cfg, resume)
+
+
+def _config(options: dict, *, student: str | None, method: Method, flag: str) -> TrainConfig:
+    """One TrainConfig from a command's options (a resumed run takes its own saved config)."""
+    resume = options.pop("resume", None)
+    options = {k: v for k, v in options.items() if k != "model"}
+    epochs_given = options.get("epochs") is not None
+    options["epochs"] = options["epochs"] or 10
+    if resume:
+        return TrainConfig(data=options["data"] or "-", student=student or "-", method=Method.none,
+                           epochs=options["epochs"], extra={"epochs_given": epochs_given})
+    if not student:
+        raise typer.BadParameter(f"{flag} is required (or --resume RUN_DIR)", param_hint=flag)
+    if not options["data"]:
+        raise typer.BadParameter("--data is required", param_hint="--data")
+    options.update(student=student, method=method)
+    if "pretrained" in options:
+        options["student_pretrained"] = options.pop("pretrained")
+    return TrainConfig(**options)
+
+
+@app.command()
+def demo(
+    fast: Annotated[bool, typer.Option(help="A one-minute smoke run instead of the ~5 minute demo.")] = False,
+    out: Annotated[Path, typer.Option(help="Where the three runs are written.")] = Path("runs/demo"),
+    seed: Seed = 0,
+    workers: Workers = 2,
+) -> None:
+    """Offline demo on the bundled data: teacher, baseline student and CWT student, compared."""
+    from cwkd.demo import run_demo
+
+    with _errors():
+        run_demo(out=out, fast=fast, seed=seed, workers=workers)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Typed run settings. The CLI fills one of these; the engine reads nothing else.
+
+The resolved config is saved as ``config.json`` next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from cwkd.aligner import Method
+from cwkd.errors import ConfigError
+from cwkd.losses import Reduction
+
+
+class Precision(str, Enum):
+    """Numeric precision of the forward pass (autocast)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Optimizer(str, Enum):
+    """The optimizer."""
+
+    sgd = "sgd"      # SGD with Nesterov momentum
+    adamw = "adamw"
+
+
+#: Default learning rate and weight decay per optimizer.
+OPTIMIZER_DEFAULTS = {Optimizer.sgd: (0.05, 5e-4), Optimizer.adamw: (1e-3, 0.05)}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one ``cwkd train`` or ``cwkd distill`` run needs."""
+
+    data: str
+    student: str
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    teacher_pretrained: bool = False
+    allow_random_teacher: bool = False
+    student_pretrained: bool = False
+    method: Method = Method.cwt
+    alpha: float = 1.0
+    pairs: str = "last"
+    hidden: int | None = None
+    reduction: Reduction = Reduction.mean
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: Optimizer = Optimizer.sgd
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None
+    precision: Precision = Precision.fp32
+    compile: bool = False
+    input_size: int | None = None
+    in_chans: int | None = None
+    data_root: str | None = None
+    download: bool = False
+    skip_corrupt: bool = False
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    overwrite: bool = False
+    skip_nonfinite: int = 0
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.method = Method(self.method)
+        self.reduction = Reduction(self.reduction)
+        self.optimizer = Optimizer(self.optimizer)
+        self.precision = Precision(self.precision)
+        if self.lr is None:
+            self.lr = OPTIMIZER_DEFAULTS[self.optimizer][0]
+        if self.weight_decay is None:
+            self.weight_decay = OPTIMIZER_DEFAULTS[self.optimizer][1]
+        self.validate()
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the run needs a teacher (feature distillation or logit KD)."""
+        return self.method is not Method.none or self.kd_weight > 0
+
+    def validate(self) -> None:
+        """Refuse values that cannot work, with the option name and the fix."""
+        _positive("--epochs", self.epochs)
+        _positive("--batch-size", self.batch_size)
+        _finite_at_least("--alpha", self.alpha, 0.0)
+        _finite_at_least("--kd-weight", self.kd_weight, 0.0)
+        _finite_at_least("--kd-temperature", self.kd_temperature, 1e-6)
+        _finite_at_least("--lr", self.lr, 1e-12)
+        _finite_at_least("--weight-decay", self.weight_decay, 0.0)
+        _finite_at_least("--momentum", self.momentum, 0.0)
+        _finite_at_least("--warmup-epochs", self.warmup_epochs, 0.0)
+        _finite_at_least("--label-smoothing", self.label_smoothing, 0.0)
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
+        if self.clip_grad is not None:
+            _finite_at_least("--clip-grad", self.clip_grad, 1e-12)
+        for name, value in (("--hidden", self.hidden), ("--input-size", self.input_size),
+                            ("--in-chans", self.in_chans)):
+            if value is not None:
+                _positive(name, value)
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+        if self.skip_nonfinite < 0:
+            raise ConfigError(f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}")
+        if self.uses_teacher and not self.teacher:
+            raise ConfigError("distillation needs a teacher: pass --teacher NAME or a cwkd checkpoint")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (enums as their values)."""
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """Rebuild a config saved by :meth:`to_dict`, ignoring keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def default_out(self, stamp: str) -> Path:
+        """``runs/<timestamp>-<student>``."""
+        return Path("runs") / f"{stamp}-{self.student.replace('/', '_')}"
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive whole number, got {value}")
+
+
+def _finite_at_least(name: str, value: float, low: float) -> None:
+    if value is None or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low:g}, got {value:g}")

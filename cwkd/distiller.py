@@ -1,0 +1,184 @@
+"""FeatureDistiller: the student, its aligners, and a frozen teacher, as one trainable module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cwkd.aligner import Method, build_aligner
+from cwkd.errors import ConfigError
+from cwkd.features import FeatureHooks, LayerInfo, as_size, probe, to_map
+from cwkd.losses import Reduction, feature_loss, kd_loss
+from cwkd.models import default_input_size, model_name
+from cwkd.pairing import Pair, pair_layers
+
+
+class FeatureDistiller(nn.Module):
+    """Train ``student`` to mimic ``teacher`` through channel-wise aligned features.
+
+    Everything trainable (the student and one aligner per pair) is a registered submodule, so
+    one DDP wrap, one optimizer and one ``state_dict`` see exactly that. The teacher is held
+    outside the module tree (``None`` for plain training): it is frozen, always in eval mode,
+    absent from ``parameters()``, and still follows ``.to(device)``.
+
+    ``forward(images, targets)`` returns a dict with ``loss`` (``task + alpha * feat + kd_weight
+    * kd``), ``task_loss``, ``feat_loss``, ``kd_loss`` when used, one ``feat/STUDENT->TEACHER``
+    entry per pair, and ``logits``.
+
+    Example:
+        >>> import timm
+        >>> d = FeatureDistiller(timm.create_model("test_resnet"), timm.create_model("test_efficientnet"))
+        >>> out = d(torch.randn(2, 3, 160, 160), torch.tensor([0, 1]))
+        >>> out["loss"].backward()
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | None,
+        student: nn.Module,
+        *,
+        pairs: str | list[tuple[str, str]] = "last",
+        method: Method | str = Method.cwt,
+        alpha: float = 1.0,
+        hidden: int | None = None,
+        input_size: int | Iterable[int] | None = None,
+        reduction: Reduction | str = Reduction.mean,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 4.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_options(alpha, hidden, kd_weight, kd_temperature, label_smoothing)
+        self.method = Method(method)
+        self.alpha = float(alpha)
+        self.reduction = Reduction(reduction)
+        self.kd_weight = float(kd_weight)
+        self.kd_temperature = float(kd_temperature)
+        self.label_smoothing = float(label_smoothing)
+        size = as_size(input_size, default_input_size(student)[0]) if input_size is not None \
+            else default_input_size(student)
+        self.input_size = size
+        self.student = student
+        if teacher is None and (self.method is not Method.none or self.kd_weight > 0):
+            raise ConfigError("feature distillation and logit KD need a teacher; pass one, or method='none'")
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never saved
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.pairs: list[Pair] = []
+        if self.method is not Method.none:
+            s_layers, t_layers = probe(student, size), probe(teacher, size)
+            self.pairs = pair_layers(
+                s_layers, t_layers, pairs,
+                student_label=model_name(student), teacher_label=model_name(teacher),
+            )
+        self.aligners = nn.ModuleDict({
+            _key(i): build_aligner(self.method, p.student.channels, p.teacher.channels, hidden)
+            for i, p in enumerate(self.pairs)
+        })
+        self._s_hooks = FeatureHooks(student, [p.student.name for p in self.pairs])
+        self._s_hooks.attach()
+        self._t_hooks = None
+        if teacher is not None:
+            self._t_hooks = FeatureHooks(teacher, [p.teacher.name for p in self.pairs])
+            self._t_hooks.attach()
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a step runs the teacher at all (not for plain training)."""
+        return bool(self.pairs) or self.kd_weight > 0
+
+    def train(self, mode: bool = True) -> FeatureDistiller:
+        """Switch the student and aligners; the teacher stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .float() ... reach the teacher too, although it is not a submodule.
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One distillation step's losses (or just ``logits`` when ``targets`` is None)."""
+        t_feats: dict[str, torch.Tensor] = {}
+        t_logits = None
+        if self.uses_teacher and targets is not None:
+            with torch.inference_mode():
+                t_logits = self.teacher(images)
+                raw = self._t_hooks.pop()
+            # Leave inference mode: clones are ordinary tensors that autograd may save.
+            t_logits = t_logits.clone()
+            t_feats = {k: v.clone() for k, v in raw.items()}
+            del raw
+        logits = self.student(images)
+        s_feats = self._s_hooks.pop()
+        out: dict[str, torch.Tensor] = {"logits": logits}
+        if targets is None:
+            return out
+        task = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        loss = task
+        out["task_loss"] = task.detach()
+        if self.pairs:
+            feat = self._feature_losses(s_feats, t_feats, out)
+            loss = loss + self.alpha * feat
+            out["feat_loss"] = feat.detach()
+        if self.kd_weight > 0 and t_logits is not None:
+            kd = kd_loss(logits, t_logits, self.kd_temperature)
+            loss = loss + self.kd_weight * kd
+            out["kd_loss"] = kd.detach()
+        out["loss"] = loss
+        return out
+
+    def _feature_losses(self, s_feats: dict, t_feats: dict, out: dict) -> torch.Tensor:
+        total = 0.0
+        for i, pair in enumerate(self.pairs):
+            aligned = self.align(i, s_feats[pair.student.name])
+            target = to_map(t_feats[pair.teacher.name], pair.teacher)
+            part = feature_loss(aligned, target, self.reduction)
+            out[f"feat/{pair.key}"] = part.detach()
+            total = total + part
+        return total  # type: ignore[return-value]
+
+    def align(self, index: int, raw: torch.Tensor) -> torch.Tensor:
+        """Map one raw student output into pair ``index``'s teacher space (resized if needed)."""
+        pair = self.pairs[index]
+        aligned = self.aligners[_key(index)](to_map(raw, pair.student))
+        if pair.needs_resize:
+            size = (pair.teacher.height, pair.teacher.width)
+            aligned = F.interpolate(aligned, size=size, mode="bilinear", align_corners=False)
+        return aligned
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's weights alone, without the aligners: what an export ships."""
+        return self.student.state_dict()
+
+    def describe(self) -> list[dict]:
+        """The layer pairs, with shapes, as JSON-ready dicts."""
+        return [p.to_dict() for p in self.pairs]
+
+
+def _key(index: int) -> str:
+    return f"pair{index}"
+
+
+def _check_options(alpha: float, hidden: int | None, kd_weight: float, temperature: float,
+                   smoothing: float) -> None:
+    checks = [
+        (alpha >= 0 and alpha == alpha, f"alpha must be a finite number >= 0, got {alpha}"),
+        (hidden is None or hidden > 0, f"hidden must be a positive channel count, got {hidden}"),
+        (kd_weight >= 0 and kd_weight == kd_weight, f"kd_weight must be >= 0, got {kd_weight}"),
+        (temperature > 0 and temperature == temperature, f"kd temperature must be > 0, got {temperature}"),
+        (0 <= smoothing < 1, f"label smoothing must be in [0, 1), got {smoothing}"),
+    ]
+    for ok, message in checks:
+        if not ok or any(v in (float("inf"), float("-inf")) for v in (alpha, kd_weight, temperature)):
+            raise ConfigError(message)
+
+
+__all__ = ["FeatureDistiller", "LayerInfo"]

@@ -1,0 +1,63 @@
+"""Losses: the feature L2 between aligned student and teacher maps, and Hinton's logit KD.
+
+Feature-loss reduction
+----------------------
+cwkd's default, ``reduction="mean"``, averages the squared error over every element (B*C*H*W),
+so a useful ``alpha`` is near 1. The paper (after MGD) sums over C*H*W and divides by the
+batch size, so its alpha is tiny. The two say the same thing:
+
+    alpha_mean = alpha_sum * C * H * W      e.g. 7e-5 * 2048 * 7 * 7 = 7.02 (ResNet-50 layer4 at 224 px)
+
+``reduction="sum"`` gives the paper's form, for users who copy its alphas.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+
+class Reduction(str, Enum):
+    """How the feature L2 is reduced."""
+
+    mean = "mean"  # mean over B*C*H*W; alpha near 1
+    sum = "sum"    # sum over C*H*W, divided by the batch size (the paper's form); alpha near 1e-5
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: Reduction | str = "mean") -> torch.Tensor:
+    """Squared L2 between an aligned student map and a teacher map of the same shape, in fp32.
+
+    Example:
+        >>> feature_loss(torch.ones(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)).item()
+        1.0
+    """
+    diff = student.float() - teacher.float()
+    if Reduction(reduction) is Reduction.mean:
+        return diff.pow(2).mean()
+    return diff.pow(2).sum() / student.shape[0]
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Hinton's KD: ``KL(softmax(t / T) || softmax(s / T)) * T^2``, averaged over the batch.
+
+    Example:
+        >>> kd_loss(torch.zeros(2, 10), torch.zeros(2, 10)).item()
+        0.0
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def convert_alpha(alpha: float, channels: int, height: int, width: int, *, to: Reduction | str) -> float:
+    """Convert alpha between the two reductions for a ``channels x height x width`` map.
+
+    Example:
+        >>> round(convert_alpha(7e-5, 2048, 7, 7, to="mean"), 2)
+        7.02
+    """
+    elements = channels * height * width
+    return alpha * elements if Reduction(to) is Reduction.mean else alpha / elements

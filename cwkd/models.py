@@ -1,0 +1,149 @@
+"""Model creation: timm models by name, friendly aliases, and loading weights from a local file."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from cwkd.errors import CheckpointError, ModelNotFoundError
+
+#: Friendly names users type, mapped to the timm model they mean.
+ALIASES: dict[str, str] = {
+    "mobilenetv1": "mobilenetv1_100",
+    "mobilenet_v1": "mobilenetv1_100",
+    "mobilenetv2": "mobilenetv2_100",
+    "mobilenet_v2": "mobilenetv2_100",
+    "mobilenetv3": "mobilenetv3_large_100",
+    "mobilenetv3_small": "mobilenetv3_small_100",
+    "mobilenetv3_large": "mobilenetv3_large_100",
+    "efficientnet": "efficientnet_b0",
+    "vit": "vit_small_patch16_224",
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
+
+
+def resolve_name(name: str) -> str:
+    """Return the timm name for ``name``, following :data:`ALIASES`.
+
+    Raises :class:`ModelNotFoundError` with the closest timm names when neither knows it.
+
+    Example:
+        >>> resolve_name("mobilenetv1")
+        'mobilenetv1_100'
+    """
+    resolved = ALIASES.get(name.lower(), name)
+    if timm.is_model(resolved):
+        return resolved
+    known = list(ALIASES) + timm.list_models()
+    close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ModelNotFoundError(
+        f"unknown model '{name}'{hint} List timm's models with "
+        "`python -c \"import timm; print(timm.list_models('*resnet*'))\"`"
+    )
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+) -> nn.Module:
+    """Build a timm model by name (aliases allowed), randomly initialised unless asked otherwise.
+
+    ``pretrained`` fetches timm's weights from the hub; ``weights`` loads a local safetensors or
+    ``.pth`` file instead (the offline route). The classifier is sized to ``num_classes``.
+
+    Example:
+        >>> model = create_model("test_resnet", num_classes=10, in_chans=1)
+    """
+    timm_name = resolve_name(name)
+    kwargs: dict = {"in_chans": in_chans}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if pretrained and weights is None:
+        try:
+            model = timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as exc:  # network, missing weights, hub errors: all mean "not reachable"
+            raise CheckpointError(
+                f"could not fetch pretrained weights for '{timm_name}' ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); offline, pass a "
+                "local weights file instead (--teacher-weights FILE / weights=FILE, safetensors or .pth)"
+            ) from exc
+    else:
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    model.cwkd_name = timm_name  # remembered for checkpoints and exports
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors or ``.pth``/``.pt`` state dict into ``model`` (never unpickling code).
+
+    A state dict whose classifier does not match is an error that says so; so are missing keys.
+    """
+    from cwkd.checkpoint import read_state_dict  # local import: checkpoint imports models
+
+    state = read_state_dict(path)
+    state = _strip_prefixes(state, model)
+    missing, unexpected = _compare_keys(model, state)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {path} do not fit {getattr(model, 'cwkd_name', type(model).__name__)}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}); check the model name and --num-classes"
+        )
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f"weights in {path} do not fit the model: '{k}' has shape {tuple(state[k].shape)}, "
+            f"the model expects {tuple(own[k].shape)}; check the model name, in_chans and num_classes "
+            "(a teacher trained on other classes can be fine-tuned with `cwkd train`)"
+        )
+    model.load_state_dict(state)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (``module.`` from DDP, ``student.`` from cwkd) when the model has none."""
+    own = set(model.state_dict())
+    for prefix in ("module.", "student.", "model."):
+        if not (set(state) & own) and any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def _compare_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    own = set(model.state_dict())
+    return sorted(own - set(state)), sorted(set(state) - own)
+
+
+def model_name(model: nn.Module) -> str:
+    """The timm name a model was built from, or its class name for a plain module."""
+    return getattr(model, "cwkd_name", None) or type(model).__name__
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The (C, H, W) input a model expects: its timm ``pretrained_cfg`` or ``(3, 224, 224)``."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size", (3, 224, 224))
+    in_chans = _in_chans(model) or size[0]
+    return (int(in_chans), int(size[1]), int(size[2]))
+
+
+def _in_chans(model: nn.Module) -> int | None:
+    """Channels of the first convolution or linear patch embedding, if the model has one."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None
