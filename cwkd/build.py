@@ -1,0 +1,155 @@
+"""Building a run's pieces from its config: device, distributed setup, teacher and student."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cwkd.checkpoint import load_checkpoint
+from cwkd.config import Precision, TrainConfig
+from cwkd.errors import CheckpointError, ConfigError
+from cwkd.models import create_model, resolve_name
+
+
+@dataclass
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """True under torchrun with more than one process."""
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs and writes."""
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the process group ``torchrun`` describes (nccl on GPU, gloo on CPU), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, precision: Precision) -> torch.device:
+    """``auto`` picks CUDA when present; asking for what is not there is an error, not a fallback."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        device = torch.device(name if ":" in name else f"cuda:{local_rank}")
+    elif name == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise ConfigError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N")
+    if precision is Precision.fp16 and device.type == "cpu":
+        raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU use --precision bf16 or fp32")
+    return device
+
+
+def autocast_dtype(precision: Precision) -> torch.dtype | None:
+    """The autocast dtype for a precision (None for fp32)."""
+    return {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(precision)
+
+
+def is_checkpoint_path(value: str) -> bool:
+    """True when a --teacher value names a cwkd checkpoint file rather than a timm model."""
+    return value.endswith(".safetensors") or Path(value).is_file()
+
+
+def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """The student, from scratch or with timm's pretrained weights."""
+    return create_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
+                        pretrained=cfg.student_pretrained)
+
+
+def teacher_in_chans(cfg: TrainConfig) -> int | None:
+    """The input channels a teacher checkpoint was trained with, if the teacher is one."""
+    if cfg.teacher and is_checkpoint_path(cfg.teacher):
+        return int(load_checkpoint(cfg.teacher)[1]["in_chans"])
+    return None
+
+
+def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
+    """The frozen teacher and a short description of where its weights came from.
+
+    Accepts a cwkd checkpoint, a timm name with ``--teacher-weights FILE``, or a timm name with
+    pretrained weights. A randomly initialised teacher is refused unless explicitly allowed.
+    """
+    assert cfg.teacher is not None
+    if is_checkpoint_path(cfg.teacher):
+        if not Path(cfg.teacher).exists():
+            raise CheckpointError(f"teacher checkpoint {cfg.teacher} does not exist")
+        tensors, meta = load_checkpoint(cfg.teacher)
+        model = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+        state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+        model.load_state_dict(state)
+        source = {"checkpoint": str(cfg.teacher), "model": meta["model"]}
+        teacher_classes, teacher_chans = meta["num_classes"], meta["in_chans"]
+    else:
+        name = resolve_name(cfg.teacher)
+        if not (cfg.teacher_weights or cfg.teacher_pretrained or cfg.allow_random_teacher):
+            raise ConfigError(
+                f"teacher '{name}' has no weights: pass --teacher-weights FILE, --teacher-pretrained "
+                "(needs the Hugging Face hub), or a checkpoint from `cwkd train`; "
+                "--allow-random-teacher distils from random weights (for testing only)"
+            )
+        if cfg.teacher_weights:  # built with the head the weights have; a mismatch is caught below
+            model = _with_weights(name, cfg.teacher_weights, in_chans)
+        elif cfg.teacher_pretrained:
+            model = create_model(name, in_chans=in_chans, pretrained=True)
+        else:
+            model = create_model(name, num_classes=num_classes, in_chans=in_chans)
+        source = {"model": name, "weights": cfg.teacher_weights or
+                  ("pretrained" if cfg.teacher_pretrained else "random")}
+        teacher_classes, teacher_chans = _num_classes(model), in_chans
+    if teacher_classes != num_classes:
+        raise ConfigError(
+            f"the teacher predicts {teacher_classes} classes but the data has {num_classes}; fine-tune it "
+            f"first with `cwkd train --model {source['model']} --data {cfg.data} ...` and pass that checkpoint"
+        )
+    if teacher_chans != in_chans:
+        raise ConfigError(
+            f"the teacher takes {teacher_chans} input channels but the student gets {in_chans}; "
+            f"pass --in-chans {teacher_chans}"
+        )
+    return model.eval().requires_grad_(False), source
+
+
+def _with_weights(name: str, path: str, in_chans: int) -> nn.Module:
+    """Build ``name`` with the classifier size the weights file has, then load it."""
+    from cwkd.checkpoint import read_state_dict
+
+    state = read_state_dict(path)
+    probe = create_model(name, in_chans=in_chans)
+    head = probe.get_classifier() if hasattr(probe, "get_classifier") else None
+    classes = None
+    if isinstance(head, nn.Linear):
+        head_keys = [k for k, p in probe.named_parameters() if p is head.weight]
+        key = head_keys[0] if head_keys else None
+        if key and key in state:
+            classes = int(state[key].shape[0])
+    return create_model(name, num_classes=classes, in_chans=in_chans, weights=path)
+
+
+def _num_classes(model: nn.Module) -> int:
+    value = getattr(model, "num_classes", None)
+    if isinstance(value, int):
+        return value
+    raise ConfigError("cannot tell how many classes the teacher predicts; use a timm model or a checkpoint")

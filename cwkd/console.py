@@ -1,0 +1,80 @@
+"""What a run prints: rich progress bars on a terminal, plain lines in CI and pipes, nothing when quiet."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class RunConsole:
+    """Progress and logging for one run. Only rank 0 of a distributed run should print."""
+
+    def __init__(self, *, quiet: bool = False, enabled: bool = True, stream=None) -> None:
+        self.quiet = quiet or not enabled
+        self.console = Console(file=stream or sys.stdout, highlight=False, soft_wrap=True)
+        self.tty = self.console.is_terminal
+        self._progress: Progress | None = None
+        self._task = None
+        self._last_line = 0.0
+        self._total = 0
+        self._label = ""
+
+    def info(self, message: str) -> None:
+        """One line of information."""
+        if not self.quiet:
+            self.console.print(message)
+
+    def warn(self, message: str) -> None:
+        """A warning, printed even when quiet."""
+        self.console.print(f"[yellow]warning:[/yellow] {message}")
+
+    def start(self, label: str, total: int) -> None:
+        """Begin a progress bar (or plain progress lines) over ``total`` steps."""
+        self._total, self._label, self._last_line = total, label, time.monotonic()
+        if self.quiet or not self.tty:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(label, total=total, stats="")
+
+    def advance(self, done: int, stats: dict[str, float]) -> None:
+        """Report ``done`` steps finished, with running stats (loss parts, img/s)."""
+        text = _format(stats)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, stats=text)
+        elif not self.quiet and time.monotonic() - self._last_line > 30:
+            self._last_line = time.monotonic()
+            self.console.print(f"{self._label} step {done}/{self._total} {text}")
+
+    def stop(self) -> None:
+        """End the current progress bar."""
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress, self._task = None, None
+
+    def table(self, title: str, columns: Iterable[str], rows: Iterable[Iterable[object]]) -> None:
+        """Print a small table (a summary or comparison)."""
+        if self.quiet:
+            return
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(str(v) for v in row))
+        self.console.print(table)
+
+
+def _format(stats: dict[str, float]) -> str:
+    parts = []
+    for key, value in stats.items():
+        parts.append(f"{key} {value:.0f}" if key.endswith("/s") else f"{key} {value:.4g}")
+    return "  ".join(parts)

@@ -1,0 +1,307 @@
+"""The training engine: one loop for ``cwkd train`` (method none) and ``cwkd distill``.
+
+Read it top to bottom: :func:`run` builds the pieces, then each epoch trains
+(:func:`train_one_epoch`), evaluates (:func:`evaluate`) and saves (:mod:`cwkd.rundir`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cwkd import rundir
+from cwkd.build import (
+    Dist,
+    autocast_dtype,
+    build_student,
+    build_teacher,
+    resolve_device,
+    setup_distributed,
+    teacher_in_chans,
+)
+from cwkd.config import Precision, TrainConfig
+from cwkd.console import RunConsole
+from cwkd.data import build_loaders, data_config, load_data
+from cwkd.distiller import FeatureDistiller
+from cwkd.errors import TrainingError
+
+
+@dataclass
+class RunResult:
+    """Where a finished run's files are, and how good its best checkpoint is."""
+
+    out: Path
+    best_top1: float
+    best_epoch: int
+    last: dict
+    student: nn.Module
+
+
+def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConsole | None = None) -> RunResult:
+    """Train or distill as ``cfg`` says, writing a run directory; ``resume`` continues one.
+
+    Example:
+        >>> cfg = TrainConfig(data="fashion-mnist-mini", student="test_resnet", method="none", epochs=1)
+        >>> result = run(cfg)  # doctest: +SKIP
+    """
+    if resume is not None:
+        cfg = rundir.load_config(resume, epochs=cfg.epochs if cfg.extra.get("epochs_given") else None)
+    device = resolve_device(cfg.device, cfg.precision)
+    rank = setup_distributed(device)
+    console = console or RunConsole(quiet=cfg.quiet, enabled=rank.main)
+    out = Path(resume) if resume is not None else Path(cfg.out or cfg.default_out(time.strftime("%Y%m%d-%H%M%S")))
+    if rank.main:
+        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite)
+    _seed_all(cfg.seed)
+
+    # Data, student, teacher, and the one trainable module that holds student + aligners.
+    spec = load_data(cfg.data, root=cfg.data_root, download=cfg.download, skip_corrupt=cfg.skip_corrupt)
+    in_chans = cfg.in_chans or teacher_in_chans(cfg) or spec.channels
+    student = build_student(cfg, spec.num_classes, in_chans)
+    teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, {})
+    dcfg = data_config(student, input_size=cfg.input_size or _default_size(spec.native_size),
+                       in_chans=in_chans, native_size=spec.native_size)
+    distiller = FeatureDistiller(
+        teacher, student, pairs=cfg.pairs, method=cfg.method, alpha=cfg.alpha, hidden=cfg.hidden,
+        input_size=dcfg["input_size"], reduction=cfg.reduction, kd_weight=cfg.kd_weight,
+        kd_temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing,
+    )
+    channels_last = device.type == "cuda"
+    distiller.to(device, memory_format=torch.channels_last) if channels_last else distiller.to(device)
+    if cfg.compile:  # compile in place: the module objects stay, so the feature hooks still fire
+        distiller.student.compile()
+        if teacher is not None:
+            teacher.compile()
+    model: nn.Module = distiller
+    if rank.enabled:
+        model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
+    train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
+                                             device=device, distributed=rank.enabled, seed=cfg.seed)
+
+    # Optimizer, schedule and loss scaler; then the saved state when resuming.
+    steps_per_epoch = len(train_loader)
+    optimizer = _optimizer(distiller, cfg)
+    scheduler = _scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16)
+    meta = rundir.checkpoint_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source)
+    start_epoch, start_step, best = 0, 0, {"val_top1": -1.0, "epoch": -1}
+    if resume is not None:
+        start_epoch, start_step, best = rundir.restore(out, distiller, optimizer, scheduler, scaler, device)
+        console.info(f"resuming {out} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
+    elif rank.main:
+        rundir.write_config(out, cfg, distiller, dcfg, spec, teacher_source)
+    console.info(_describe(cfg, distiller, spec, dcfg, device, rank))
+
+    last: dict = {}
+    with rundir.StopSignals() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            _seed_all(cfg.seed * 1000 + epoch + 7919 * rank.rank)  # exact resume: each epoch reseeds
+            _set_epoch(train_loader, cfg.seed, epoch)
+            skip = start_step if epoch == start_epoch else 0
+            started = time.perf_counter()
+            train = train_one_epoch(model, distiller, train_loader, optimizer, scheduler, scaler, cfg, device,
+                                    steps=steps_per_epoch - skip, stop=stop, console=console,
+                                    label=f"epoch {epoch + 1}/{cfg.epochs}")
+            if stop.requested:
+                if rank.main:
+                    rundir.save_interrupted(out, distiller, optimizer, scheduler, scaler, meta, epoch,
+                                            skip + train["steps"], best)
+                raise rundir.RunInterrupted(out, stop.signal_number)
+            val = evaluate(distiller.student, val_loader, device, cfg.precision, channels_last, rank)
+            last = _epoch_record(epoch, train, val, optimizer, time.perf_counter() - started)
+            if rank.main:
+                best = rundir.save_epoch(out, distiller, optimizer, scheduler, scaler, meta, last, best)
+            console.info(_epoch_line(last, cfg.epochs))
+    console.table("cwkd run summary", ["best val top-1", "at epoch", "run directory"],
+                  [[f"{best['val_top1']:.2f}%", best["epoch"] + 1, str(out)]])
+    return RunResult(out=out, best_top1=best["val_top1"], best_epoch=best["epoch"] + 1, last=last,
+                     student=distiller.student)
+
+
+def train_one_epoch(model: nn.Module, distiller: FeatureDistiller, loader, optimizer, scheduler, scaler,
+                    cfg: TrainConfig, device: torch.device, *, steps: int, stop, console: RunConsole,
+                    label: str) -> dict:
+    """Run ``steps`` optimizer steps; return mean loss parts, images/s and the steps done."""
+    distiller.train()
+    amp = autocast_dtype(cfg.precision)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    done = images_seen = skipped = 0
+    started = time.perf_counter()
+    console.start(label, steps)
+    for images, targets in loader:
+        if done >= steps or stop.requested:
+            break
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(images, targets)
+        loss = out["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            skipped += 1
+            _nonfinite(out, done, skipped, cfg)  # raises once past --skip-nonfinite
+            continue
+        scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(distiller.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        for key in ("loss", "task_loss", "feat_loss", "kd_loss"):
+            if key in out:
+                sums[key] += out[key].detach()
+        done += 1
+        images_seen += images.shape[0]
+        if done % 10 == 0 or done == steps:
+            seconds = time.perf_counter() - started
+            console.advance(done, {"loss": sums["loss"].item() / done, "img/s": images_seen / seconds})
+    console.stop()
+    means = _reduce_means(sums, done)
+    seconds = time.perf_counter() - started
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {**means, "steps": done, "images_per_s": images_seen * world / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
+             channels_last: bool = False, rank: Dist | None = None) -> dict:
+    """Top-1, top-5 (percent) and mean cross-entropy of ``model`` over ``loader``.
+
+    Under DDP each rank scores its shard and the sums are added; the distributed sampler may pad
+    a few duplicates so shards are equal.
+    """
+    was_training = model.training
+    model.eval()
+    amp = autocast_dtype(precision)
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top5, count
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True,
+                            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(targets[:, None])
+        totals += torch.stack([
+            F.cross_entropy(logits, targets, reduction="sum").double(),
+            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+            torch.tensor(float(targets.numel()), device=device, dtype=torch.float64),
+        ])
+    if rank is not None and rank.enabled:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    loss_sum, top1, top5, count = totals.tolist()
+    count = max(count, 1.0)
+    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(count)}
+
+
+def _optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; no weight decay on biases and norm weights."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer.value == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warmup, then cosine decay to zero, stepped every optimizer step."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _nonfinite(out: dict, step: int, count: int, cfg: TrainConfig) -> None:
+    """Stop on a NaN/inf loss unless ``--skip-nonfinite`` still allows skipping this step."""
+    if count <= cfg.skip_nonfinite:
+        return
+    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k.endswith("loss"))
+    advice = "use --precision bf16 instead of fp16, " if cfg.precision is Precision.fp16 else ""
+    raise TrainingError(
+        f"non-finite loss at step {step + 1} of the epoch ({parts}); lower --lr, {advice}add --clip-grad 1.0, "
+        "or allow a few skipped steps with --skip-nonfinite N; the last good checkpoint is kept"
+    )
+
+
+def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    packed = torch.stack([sums[k] for k in keys] + [torch.tensor(float(steps), device=sums[keys[0]].device)])
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+    count = max(packed[-1].item(), 1.0)
+    return {k: v / count for k, v in zip(keys, packed[:-1].tolist(), strict=True)}
+
+
+def _epoch_record(epoch: int, train: dict, val: dict, optimizer, seconds: float) -> dict:
+    record = {"epoch": epoch + 1}
+    for key in ("loss", "task_loss", "feat_loss", "kd_loss"):
+        if key in train:
+            record[f"train_{key}"] = train[key]
+    record.update({
+        "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+        "lr": optimizer.param_groups[0]["lr"], "images_per_s": train["images_per_s"], "epoch_s": seconds,
+    })
+    return record
+
+
+def _epoch_line(rec: dict, epochs: int) -> str:
+    feat = f" feat {rec['train_feat_loss']:.4f}" if "train_feat_loss" in rec else ""
+    kd = f" kd {rec['train_kd_loss']:.4f}" if "train_kd_loss" in rec else ""
+    return (f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.4f} (task "
+            f"{rec['train_task_loss']:.4f}{feat}{kd})  val top-1 {rec['val_top1']:.2f}% top-5 "
+            f"{rec['val_top5']:.2f}% loss {rec['val_loss']:.4f}  {rec['images_per_s']:.0f} img/s "
+            f"{rec['epoch_s']:.1f}s")
+
+
+def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: dict, device, rank: Dist) -> str:
+    pairs = ", ".join(
+        f"{p.student.name} ({p.student.channels}x{p.student.height}x{p.student.width}) -> {p.teacher.name} "
+        f"({p.teacher.channels}x{p.teacher.height}x{p.teacher.width})" for p in distiller.pairs
+    ) or "none"
+    kd = f", kd weight {cfg.kd_weight} T={cfg.kd_temperature}" if cfg.kd_weight else ""
+    return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg['input_size'])}), "
+            f"method {cfg.method.value}, alpha {cfg.alpha}{kd}, pairs: {pairs}; device {device}, "
+            f"precision {cfg.precision.value}, {rank.world} process(es)")
+
+
+def _default_size(native: int | None) -> int | None:
+    """Small native images (28 px, 32 px) train at the next multiple of 32; folders use the model's size."""
+    return None if native is None else 32 * math.ceil(native / 32)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _set_epoch(loader, seed: int, epoch: int) -> None:
+    """Make each epoch's shuffle depend on (seed, epoch) alone, so a resumed run sees the same order."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed * 1000 + epoch)

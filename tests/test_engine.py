@@ -1,0 +1,140 @@
+"""The training engine end to end: `cwkd train` and `cwkd distill` on a generated ImageFolder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cwkd.checkpoint import load_checkpoint
+from cwkd.cli import app
+from cwkd.data import build_loaders, data_config, load_data
+from cwkd.engine import evaluate
+from cwkd.models import create_model
+
+from .helpers import make_image_folder
+
+runner = CliRunner()
+COMMON = ["--epochs", "1", "--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(out), *COMMON])
+    assert result.exit_code == 0, result.output
+    return out / "best.safetensors"
+
+
+def test_distill_writes_every_run_file(folder, teacher_ckpt, tmp_path):
+    out = tmp_path / "student"
+    result = runner.invoke(app, ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet",
+                                 "--data", str(folder), "--out", str(out), "--kd-weight", "0.5", *COMMON])
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["pairs"][0]["teacher"] == "layer4" and config["config"]["method"] == "cwt"
+    assert "torch" in config["versions"]
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("epoch", "train_loss", "train_task_loss", "train_feat_loss", "train_kd_loss", "val_loss",
+                "val_top1", "val_top5", "lr", "images_per_s", "epoch_s"):
+        assert key in record, key
+    tensors, meta = load_checkpoint(out / "best.safetensors")
+    assert any(k.startswith("aligners.") for k in tensors)
+    assert meta["model"] == "test_efficientnet" and meta["num_classes"] == 2
+
+    # The checkpoint reloads to the same val accuracy it recorded.
+    model = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    model.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
+    spec = load_data(str(folder))
+    dcfg = data_config(model, input_size=meta["input_size"][1], in_chans=meta["in_chans"])
+    _, val_loader = build_loaders(spec, dcfg, batch_size=4, workers=0)
+    assert evaluate(model, val_loader, torch.device("cpu"))["top1"] == pytest.approx(record["val_top1"])
+
+
+def test_resume_continues_from_saved_epoch(folder, teacher_ckpt, tmp_path):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet", "--data", str(folder),
+            "--out", str(out), *COMMON]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, ["distill", "--resume", str(out), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_existing_run_is_not_overwritten(folder, teacher_ckpt, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(out), *COMMON]
+    assert runner.invoke(app, args).exit_code == 0
+    before = (out / "best.safetensors").read_bytes()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "--resume" in result.output and "--overwrite" in result.output
+    assert (out / "best.safetensors").read_bytes() == before
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+
+
+def test_random_teacher_is_refused(folder, tmp_path):
+    result = runner.invoke(app, ["distill", "--teacher", "test_resnet", "--student", "test_efficientnet",
+                                 "--data", str(folder), "--out", str(tmp_path / "r"), *COMMON])
+    assert result.exit_code == 1 and "--teacher-weights" in result.output
+
+
+def test_bf16_and_linear_and_mgd_run_on_cpu(folder, teacher_ckpt, tmp_path):
+    for method in ("linear", "mgd"):
+        result = runner.invoke(app, ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet",
+                                     "--data", str(folder), "--out", str(tmp_path / method), "--method", method,
+                                     "--precision", "bf16", *COMMON])
+        assert result.exit_code == 0, result.output
+
+
+def test_fp16_on_cpu_is_refused(folder, tmp_path):
+    result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out",
+                                 str(tmp_path / "r"), "--precision", "fp16", *COMMON])
+    assert result.exit_code == 1 and "bf16" in result.output
+
+
+DDP_SCRIPT = """
+import sys
+from safetensors.torch import save_file
+import torch.distributed as dist
+from cwkd.config import TrainConfig
+from cwkd.engine import run
+cfg = TrainConfig(data=sys.argv[1], student="test_efficientnet", teacher=sys.argv[2], epochs=1, batch_size=4,
+                  input_size=32, workers=0, device="cpu", out=sys.argv[3], quiet=True)
+result = run(cfg)
+rank = dist.get_rank()
+# Parameters must agree; BN running stats are per rank until DDP's next forward broadcasts them.
+params = {k: v.detach().contiguous() for k, v in result.student.named_parameters()}
+save_file(params, f"{sys.argv[3]}/rank{rank}.st")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_ends_with_identical_weights(folder, teacher_ckpt, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(script), str(folder), str(teacher_ckpt), str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(out / "rank0.st"), load_file(out / "rank1.st")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "best.safetensors").is_file()
