@@ -13,7 +13,7 @@ from torch import nn
 from cwkd.checkpoint import load_checkpoint
 from cwkd.config import Precision, TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
-from cwkd.models import create_model, resolve_name
+from cwkd.models import create_model, load_state_checked, resolve_name
 
 
 @dataclass
@@ -54,6 +54,9 @@ def resolve_device(name: str, precision: Precision) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
         device = torch.device(name if ":" in name else f"cuda:{local_rank}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"numbered from 0; use --device cuda:0 or --device cpu")
     elif name == "cpu":
         device = torch.device("cpu")
     else:
@@ -82,8 +85,16 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
 def teacher_in_chans(cfg: TrainConfig) -> int | None:
     """The input channels a teacher checkpoint was trained with, if the teacher is one."""
     if cfg.teacher and is_checkpoint_path(cfg.teacher):
-        return int(load_checkpoint(cfg.teacher)[1]["in_chans"])
+        return int(_teacher_checkpoint(cfg.teacher)[1]["in_chans"])
     return None
+
+
+def _teacher_checkpoint(path: str) -> tuple[dict, dict]:
+    """A --teacher checkpoint; other weight files get the advice to use --teacher-weights."""
+    if not Path(path).exists():
+        raise CheckpointError(f"teacher checkpoint {path} does not exist; pass a .safetensors file from "
+                              "`cwkd train` or a timm model name")
+    return load_checkpoint(path, plain_hint=f"for other weights pass --teacher MODEL_NAME --teacher-weights {path}")
 
 
 def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
@@ -94,12 +105,11 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
     """
     assert cfg.teacher is not None
     if is_checkpoint_path(cfg.teacher):
-        if not Path(cfg.teacher).exists():
-            raise CheckpointError(f"teacher checkpoint {cfg.teacher} does not exist")
-        tensors, meta = load_checkpoint(cfg.teacher)
+        tensors, meta = _teacher_checkpoint(cfg.teacher)
         model = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
         state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
-        model.load_state_dict(state)
+        load_state_checked(model, state, f"the tensors in {cfg.teacher}",
+                           hint="they do not match the checkpoint's own metadata; the file is damaged or edited")
         source = {"checkpoint": str(cfg.teacher), "model": meta["model"]}
         teacher_classes, teacher_chans = meta["num_classes"], meta["in_chans"]
     else:

@@ -127,17 +127,21 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata
 
 
 def load_checkpoint(
-    path: str | Path, *, device: str | torch.device = "cpu"
+    path: str | Path, *, device: str | torch.device = "cpu", plain_hint: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a cwkd checkpoint as ``(tensors, metadata)``, checking the file before using anything in it.
+
+    ``plain_hint`` replaces the advice given when the file holds other weights (a ``.pth`` file, plain
+    safetensors), where the caller knows the option that loads those.
 
     Example:
         >>> tensors, meta = load_checkpoint("out/student.safetensors")  # doctest: +SKIP
     """
     path = _existing_file(path)
-    raw = _read_header(path).get("__metadata__")
+    not_cwkd = f"not a cwkd checkpoint; {plain_hint}" if plain_hint else _NOT_CWKD
+    raw = _read_header(path, other=not_cwkd).get("__metadata__")
     if not isinstance(raw, dict) or raw.get("format") != "cwkd" or not isinstance(raw.get("cwkd"), str):
-        raise CheckpointError(f"{path} is a safetensors file but {_NOT_CWKD}")
+        raise CheckpointError(f"{path} is a safetensors file but {not_cwkd}")
     version = str(raw.get("format_version"))
     if not (version.isascii() and version.isdigit() and int(version) >= 1):
         raise CheckpointError(f"{path} has an invalid format_version {version!r}; the file is corrupt")
@@ -269,8 +273,11 @@ def load_state(path: str | Path) -> dict:
     return obj
 
 
-def check_writable(directory: str | Path, *, min_free_bytes: int = 50 * 2**20) -> None:
-    """Create ``directory`` if needed; raise :class:`ConfigError` unless it takes files and has room."""
+def check_writable(directory: str | Path, *, min_free_bytes: int = 50 * 2**20, flag: str = "--output") -> None:
+    """Create ``directory`` if needed; raise :class:`ConfigError` unless it takes files and has room.
+
+    ``flag`` is the option the user named the directory with, for the message.
+    """
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -278,13 +285,13 @@ def check_writable(directory: str | Path, *, min_free_bytes: int = 50 * 2**20) -
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        msg = f"cannot write to {directory} ({exc}); fix its permissions or choose another --output"
+        msg = f"cannot write to {directory} ({exc}); fix its permissions or choose another {flag}"
         raise ConfigError(msg) from exc
     free = shutil.disk_usage(directory).free
     if free < min_free_bytes:
         raise ConfigError(
             f"only {free / 2**20:.0f} MiB free on the file system of {directory}, need at least "
-            f"{min_free_bytes / 2**20:.0f} MiB; free some space or choose another --output"
+            f"{min_free_bytes / 2**20:.0f} MiB; free some space or choose another {flag}"
         )
 
 
@@ -354,5 +361,6 @@ def _torch_load(path: Path) -> Any:
             "(torch.save(model.state_dict(), ...)) where you trust it"
         ) from exc
     except Exception as exc:  # truncated zip, garbage bytes, empty file: torch raises many kinds
-        msg = f"could not read {path} as a PyTorch file ({type(exc).__name__}: {exc}); is it cut short?"
+        first = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else "no detail"
+        msg = f"could not read {path} as a PyTorch file ({type(exc).__name__}: {first}); is it cut short?"
         raise CheckpointError(msg) from exc

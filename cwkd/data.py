@@ -6,12 +6,15 @@ the model's timm data config, so the same data works for 1- and 3-channel models
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
+import signal
 import struct
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -83,9 +86,9 @@ class ArrayDataset(Dataset):
 class ImageFolderDataset(Dataset):
     """Images in ``split/<class>/<file>``, read lazily; unreadable files raise or are skipped.
 
-    With ``skip_corrupt`` a bad file is replaced by the next readable one, counted in ``skipped`` and
-    reported once with ``warnings.warn``. Loader workers are separate processes, so each keeps its own
-    count: ``skipped`` on the main-process object only sees files read with ``workers=0``.
+    With ``skip_corrupt`` a bad file is replaced by the next readable one, reported once with
+    ``warnings.warn`` and counted in ``skipped``. The record of bad files lives in shared memory, so
+    loader workers (separate processes) add to the same count and skip a file another worker found.
     """
 
     def __init__(
@@ -95,8 +98,12 @@ class ImageFolderDataset(Dataset):
         self.classes = classes
         self.mode = mode  # "L" or "RGB": every image is converted to it so batches stack
         self.skip_corrupt = skip_corrupt
-        self.skipped = 0
-        self._bad: set[int] = set()
+        self._bad = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
+
+    @property
+    def skipped(self) -> int:
+        """How many unreadable files have been skipped so far (each file counted once)."""
+        return int(self._bad.sum())
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -104,7 +111,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         for step in range(len(self.samples)):
             i = (index + step) % len(self.samples)
-            if i in self._bad:
+            if self._bad[i]:
                 continue
             path, label = self.samples[i]
             try:
@@ -115,8 +122,7 @@ class ImageFolderDataset(Dataset):
                         f"cannot read image {path} ({type(exc).__name__}: {exc}); delete or replace it, "
                         "or pass --skip-corrupt (skip_corrupt=True) to skip unreadable files"
                     ) from None  # the message names the cause; a chained PIL traceback would only add noise
-                self._bad.add(i)
-                self.skipped += 1
+                self._bad[i] = True
                 warnings.warn(f"skipping unreadable image {path} ({type(exc).__name__}: {exc})", stacklevel=2)
         raise DataError(f"none of the {len(self.samples)} images in this split could be read")
 
@@ -455,7 +461,11 @@ def build_transform(cfg: dict, *, train: bool, channels: int) -> Callable[[Image
 
 
 class _Transformed(Dataset):
-    """Apply ``transform`` to the image of each ``(image, label)`` item."""
+    """Apply ``transform`` to the image of each ``(image, label)`` item.
+
+    A key ``(index, seed)`` (from :class:`EpochSampler`) runs the random transform under its own seed,
+    so a sample's augmentation does not depend on which worker loads it or what was loaded before.
+    """
 
     def __init__(self, base: Dataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.base = base
@@ -464,9 +474,74 @@ class _Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         img, label = self.base[index]
-        return self.transform(img), label
+        if seed is None:
+            return self.transform(img), label
+        with _seeded(seed):
+            return self.transform(img), label
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG for a block (torchvision's transforms draw from it), then restore its state."""
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffle by ``(seed, epoch)`` alone and give every sample its own augmentation seed.
+
+    Why: a resumed run must see the same order and the same random crops as an uninterrupted one,
+    whatever the number of loader workers. It yields ``(index, seed)`` keys, which the loaders' datasets
+    understand. ``set_epoch(epoch, start)`` also skips the first ``start`` samples of this rank's share,
+    to finish an interrupted epoch. Outside a process group pass ``num_replicas=1, rank=0``.
+
+    Example:
+        >>> sampler = EpochSampler(dataset, seed=0, num_replicas=1, rank=0)
+        >>> sampler.set_epoch(3, start=64)  # epoch 3, from its 65th sample
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int = 0, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Use ``epoch``'s order, beginning at this rank's sample number ``start``."""
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(super().__iter__())[self.start:]
+        gen = torch.Generator().manual_seed((self.seed + 1) * 1_000_003 + self.epoch)
+        seeds = torch.randint(0, 2**62, (len(self.dataset),), generator=gen).tolist()  # type: ignore[arg-type]
+        return iter([(i, seeds[i]) for i in order])
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Loader workers leave stopping to the main process: they ignore SIGINT, and SIGTERM unless the
+    main process sent it (which is how it ends them).
+
+    Why: Ctrl-C, and a scheduler's SIGTERM, reach every process of the group; a worker that died of it
+    would make the main process fail on its next batch instead of stopping cleanly at a step boundary.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere torch's own SIGTERM handler stays
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    """Wait for SIGTERMs; exit quietly (status 0, as torch's handler does) on the main process's."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def build_loaders(
@@ -481,8 +556,10 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Build the train loader (shuffled, seeded, last partial batch dropped) and the val loader (in order).
 
-    With ``distributed`` both use a ``DistributedSampler`` (call ``train_loader.sampler.set_epoch(epoch)``
-    each epoch); val then pads to a multiple of the world size, so a few samples may be counted twice.
+    The train loader's sampler is an :class:`EpochSampler` (sharded under ``distributed``): call
+    ``train_loader.sampler.set_epoch(epoch)`` each epoch. Its order and augmentations depend on ``seed``
+    and the epoch alone. Under ``distributed`` val uses a ``DistributedSampler`` that pads to a multiple of
+    the world size, so a few samples may be counted twice.
 
     Example:
         >>> train_loader, val_loader = build_loaders(spec, cfg, batch_size=64, workers=0)
@@ -496,16 +573,14 @@ def build_loaders(
         "num_workers": workers,
         "pin_memory": torch.device(device).type == "cuda",
         "persistent_workers": workers > 0,
+        "worker_init_fn": _worker_init if workers > 0 else None,
     }
-    if distributed:
-        train_sampler = DistributedSampler(train, shuffle=True, seed=seed)
-        per_rank = len(train_sampler)
-        train_loader = DataLoader(train, sampler=train_sampler, drop_last=per_rank >= batch_size, **common)
-        val_loader = DataLoader(val, sampler=DistributedSampler(val, shuffle=False), **common)
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        train_loader = DataLoader(
-            train, shuffle=True, generator=gen, drop_last=len(train) >= batch_size, **common
-        )
-        val_loader = DataLoader(val, shuffle=False, **common)
+    shard = {} if distributed else {"num_replicas": 1, "rank": 0}
+    train_sampler = EpochSampler(train, seed=seed, **shard)
+    # The generator only seeds the workers' base RNG, which keeps loading off the global RNG.
+    gen = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(train, sampler=train_sampler, generator=gen,
+                              drop_last=len(train_sampler) >= batch_size, **common)
+    val_sampler = DistributedSampler(val, shuffle=False) if distributed else None
+    val_loader = DataLoader(val, sampler=val_sampler, shuffle=False, **common)
     return train_loader, val_loader

@@ -31,7 +31,7 @@ from cwkd.build import (
 )
 from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
-from cwkd.data import build_loaders, data_config, load_data
+from cwkd.data import EpochSampler, build_loaders, data_config, load_data
 from cwkd.distiller import FeatureDistiller
 from cwkd.errors import TrainingError
 
@@ -60,8 +60,8 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
     rank = setup_distributed(device)
     console = console or RunConsole(quiet=cfg.quiet, enabled=rank.main)
     out = Path(resume) if resume is not None else Path(cfg.out or cfg.default_out(time.strftime("%Y%m%d-%H%M%S")))
-    if rank.main:
-        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite)
+    if rank.main:  # refuse a taken --out now; write nothing until data and models have loaded
+        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite, check_only=True)
     _seed_all(cfg.seed)
 
     # Data, student, teacher, and the one trainable module that holds student + aligners.
@@ -85,6 +85,8 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
     model: nn.Module = distiller
     if rank.enabled:
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank.main:
+        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite)
     train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
                                              device=device, distributed=rank.enabled, seed=cfg.seed)
 
@@ -104,24 +106,38 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
 
     last: dict = {}
     with rundir.StopSignals() as stop:
+        if rank.main:
+            rundir.check_space(out, distiller, optimizer)
+        if start_epoch >= cfg.epochs:
+            console.info(f"{out} already finished {start_epoch} epochs; resume with a larger --epochs to go on")
+        reported_bad = 0
         for epoch in range(start_epoch, cfg.epochs):
-            _seed_all(cfg.seed * 1000 + epoch + 7919 * rank.rank)  # exact resume: each epoch reseeds
-            _set_epoch(train_loader, cfg.seed, epoch)
-            skip = start_step if epoch == start_epoch else 0
+            skip = start_step if epoch == start_epoch else 0  # steps of this epoch done before a stop
+            _set_epoch(train_loader, cfg.seed, epoch, skip * cfg.batch_size)
             started = time.perf_counter()
             train = train_one_epoch(model, distiller, train_loader, optimizer, scheduler, scaler, cfg, device,
                                     steps=steps_per_epoch - skip, stop=stop, console=console,
-                                    label=f"epoch {epoch + 1}/{cfg.epochs}")
-            if stop.requested:
+                                    label=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch, first_step=skip,
+                                    rank=rank.rank)
+            if stop.requested and skip + train["batches"] < steps_per_epoch:
                 if rank.main:
                     rundir.save_interrupted(out, distiller, optimizer, scheduler, scaler, meta, epoch,
-                                            skip + train["steps"], best)
+                                            skip + train["batches"], best)
                 raise rundir.RunInterrupted(out, stop.signal_number)
+            if train["batches"] and not train["steps"]:
+                raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
+                                    "--skip-nonfinite); lower --lr or use --precision bf16")
             val = evaluate(distiller.student, val_loader, device, cfg.precision, channels_last, rank)
             last = _epoch_record(epoch, train, val, optimizer, time.perf_counter() - started)
             if rank.main:
                 best = rundir.save_epoch(out, distiller, optimizer, scheduler, scaler, meta, last, best)
             console.info(_epoch_line(last, cfg.epochs))
+            bad = sum(getattr(split, "skipped", 0) for split in (spec.train, spec.val))
+            if bad > reported_bad:
+                console.warn(f"skipped {bad} unreadable image(s) so far (--skip-corrupt); their paths are above")
+                reported_bad = bad
+            if stop.requested and epoch + 1 < cfg.epochs:  # the signal came after the last step: epoch saved
+                raise rundir.RunInterrupted(out, stop.signal_number)
     console.table("cwkd run summary", ["best val top-1", "at epoch", "run directory"],
                   [[f"{best['val_top1']:.2f}%", best["epoch"] + 1, str(out)]])
     return RunResult(out=out, best_top1=best["val_top1"], best_epoch=best["epoch"] + 1, last=last,
@@ -130,27 +146,36 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
 
 def train_one_epoch(model: nn.Module, distiller: FeatureDistiller, loader, optimizer, scheduler, scaler,
                     cfg: TrainConfig, device: torch.device, *, steps: int, stop, console: RunConsole,
-                    label: str) -> dict:
-    """Run ``steps`` optimizer steps; return mean loss parts, images/s and the steps done."""
+                    label: str, epoch: int = 0, first_step: int = 0, rank: int = 0) -> dict:
+    """Train on up to ``steps`` batches of ``loader``, which starts at step ``first_step`` of ``epoch``.
+
+    Returns the mean loss parts, images/s, the optimizer ``steps`` done and the ``batches`` used (a
+    skipped non-finite step uses a batch but is no step). Each step reseeds the RNG from (seed, epoch,
+    step, rank), so a run resumed mid-epoch draws what an uninterrupted run would.
+    """
     distiller.train()
     amp = autocast_dtype(cfg.precision)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    done = images_seen = skipped = 0
+    done = used = images_seen = skipped = 0
     started = time.perf_counter()
     console.start(label, steps)
-    for images, targets in loader:
-        if done >= steps or stop.requested:
+    batches = iter(loader)
+    while used < steps and not stop.requested:  # asked before fetching, so a stop never waits on data
+        batch = next(batches, None)
+        if batch is None:
             break
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
+        step, used = first_step + used, used + 1
+        _seed_all(cfg.seed, epoch, step, rank)
+        images = batch[0].to(device, non_blocking=True, memory_format=memory_format)
+        targets = batch[1].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(images, targets)
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not _finite_everywhere(loss):
             skipped += 1
-            _nonfinite(out, done, skipped, cfg)  # raises once past --skip-nonfinite
+            _nonfinite(out, step, skipped, cfg, label)  # raises once past --skip-nonfinite
             continue
         scaler.scale(loss).backward()
         if cfg.clip_grad:
@@ -164,14 +189,23 @@ def train_one_epoch(model: nn.Module, distiller: FeatureDistiller, loader, optim
                 sums[key] += out[key].detach()
         done += 1
         images_seen += images.shape[0]
-        if done % 10 == 0 or done == steps:
+        if done % 10 == 0 or used == steps:  # done > 0 here: this step counted
             seconds = time.perf_counter() - started
-            console.advance(done, {"loss": sums["loss"].item() / done, "img/s": images_seen / seconds})
+            parts = {k.removesuffix("_loss") if k != "loss" else k: v.item() / done for k, v in sums.items()}
+            console.advance(used, {**parts, "img/s": images_seen / seconds})
     console.stop()
     means = _reduce_means(sums, done)
     seconds = time.perf_counter() - started
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return {**means, "steps": done, "images_per_s": images_seen * world / max(seconds, 1e-9)}
+    return {**means, "steps": done, "batches": used, "images_per_s": images_seen * world / max(seconds, 1e-9)}
+
+
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (ranks must agree to skip a step, or DDP would hang)."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 @torch.no_grad()
@@ -232,15 +266,16 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _nonfinite(out: dict, step: int, count: int, cfg: TrainConfig) -> None:
+def _nonfinite(out: dict, step: int, count: int, cfg: TrainConfig, label: str = "this epoch") -> None:
     """Stop on a NaN/inf loss unless ``--skip-nonfinite`` still allows skipping this step."""
     if count <= cfg.skip_nonfinite:
         return
     parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k.endswith("loss"))
     advice = "use --precision bf16 instead of fp16, " if cfg.precision is Precision.fp16 else ""
     raise TrainingError(
-        f"non-finite loss at step {step + 1} of the epoch ({parts}); lower --lr, {advice}add --clip-grad 1.0, "
-        "or allow a few skipped steps with --skip-nonfinite N; the last good checkpoint is kept"
+        f"non-finite loss in {label}, step {step + 1} ({parts}); lower --lr (it was {cfg.lr:g}), {advice}"
+        "add --clip-grad 1.0, or allow a few skipped steps with --skip-nonfinite N; the checkpoints of the "
+        "last finished epoch are kept"
     )
 
 
@@ -292,15 +327,24 @@ def _default_size(native: int | None) -> int | None:
     return None if native is None else 32 * math.ceil(native / 32)
 
 
-def _seed_all(seed: int) -> None:
+def _seed_all(seed: int, *mix: int) -> None:
+    """Seed torch (every device) and Python from ``seed``, mixed with ``mix`` (epoch, step, rank)."""
+    for value in mix:
+        seed = (seed * 1_000_003 + value) % 2**63
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _set_epoch(loader, seed: int, epoch: int) -> None:
-    """Make each epoch's shuffle depend on (seed, epoch) alone, so a resumed run sees the same order."""
+def _set_epoch(loader, seed: int, epoch: int, start: int = 0) -> None:
+    """Make the epoch's order and augmentations depend on (seed, epoch) alone, from sample ``start`` on.
+
+    ``start`` (samples of this rank already trained) needs the :class:`~cwkd.data.EpochSampler` that
+    :func:`~cwkd.data.build_loaders` gives; a resumed run then finishes the epoch it was stopped in.
+    """
     sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
+    if isinstance(sampler, EpochSampler):
+        sampler.set_epoch(epoch, start)
+    elif hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     generator = getattr(loader, "generator", None)
     if generator is not None:

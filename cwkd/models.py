@@ -42,7 +42,7 @@ def resolve_name(name: str) -> str:
         return resolved
     known = list(ALIASES) + timm.list_models()
     close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = f"; did you mean {', '.join(close)}?" if close else "."
     raise ModelNotFoundError(
         f"unknown model '{name}'{hint} List timm's models with "
         "`python -c \"import timm; print(timm.list_models('*resnet*'))\"`"
@@ -80,9 +80,9 @@ def create_model(
             ) from exc
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    model.cwkd_name = timm_name  # remembered for checkpoints, exports and messages
     if weights is not None:
         load_weights(model, weights)
-    model.cwkd_name = timm_name  # remembered for checkpoints and exports
     return model
 
 
@@ -93,23 +93,30 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """
     from cwkd.checkpoint import read_state_dict  # local import: checkpoint imports models
 
-    state = read_state_dict(path)
+    load_state_checked(model, read_state_dict(path), f"weights in {path}")
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """``model.load_state_dict(state)`` with an error naming ``source`` and what does not fit.
+
+    Why: torch's own error is a long traceback listing every key; this one says what to check.
+    """
+    name = getattr(model, "cwkd_name", type(model).__name__)
+    hint = hint or f"check that they are weights for {name} (model name, in_chans and number of classes)"
     state = _strip_prefixes(state, model)
     missing, unexpected = _compare_keys(model, state)
     if missing or unexpected:
         raise CheckpointError(
-            f"weights in {path} do not fit {getattr(model, 'cwkd_name', type(model).__name__)}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:3]}); check the model name and --num-classes"
+            f"{source} do not fit {name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); {hint}"
         )
     own = model.state_dict()
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         k = bad[0]
         raise CheckpointError(
-            f"weights in {path} do not fit the model: '{k}' has shape {tuple(state[k].shape)}, "
-            f"the model expects {tuple(own[k].shape)}; check the model name, in_chans and num_classes "
-            "(a teacher trained on other classes can be fine-tuned with `cwkd train`)"
+            f"{source} do not fit {name}: '{k}' has shape {tuple(state[k].shape)}, the model expects "
+            f"{tuple(own[k].shape)}; {hint}"
         )
     model.load_state_dict(state)
 

@@ -29,8 +29,11 @@ from cwkd.checkpoint import (
 )
 from cwkd.config import TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
+from cwkd.models import load_state_checked
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt")
+#: Layout version of state.pt; a file with a larger number needs a newer cwkd.
+STATE_VERSION = 1
 
 
 class RunInterrupted(Exception):
@@ -79,21 +82,57 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def prepare(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Check the run directory before any training: writable, and not another run's (unless allowed)."""
+def prepare(out: Path, *, resume: bool, overwrite: bool, check_only: bool = False) -> None:
+    """Check the run directory before any training: writable, and not another run's (unless allowed).
+
+    ``overwrite`` deletes cwkd's run files only; anything else in ``out`` stays. Temp files that a
+    killed write left behind are removed. ``check_only`` refuses what would be refused but changes
+    nothing on disk: the engine calls it first, and the real thing once data and models are known
+    to be good, so a bad option never costs an old run or leaves an empty folder.
+    """
     if resume:
-        if not (out / "state.pt").is_file():
-            raise ConfigError(f"--resume {out}: no state.pt there; point --resume at a cwkd run directory")
-    elif out.exists():
+        if not (out / "config.json").is_file():
+            raise ConfigError(f"--resume {out}: no config.json there; point --resume at a cwkd run directory")
+    elif out.is_dir():
         found = [name for name in _RUN_FILES if (out / name).exists()]
         if found and not overwrite:
             raise ConfigError(
                 f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
                 "replace it with --overwrite, or choose another --out"
             )
+        if check_only:
+            return
         for name in found:
             (out / name).unlink()
-    check_writable(out)
+    if check_only:
+        return
+    if out.is_dir():
+        for name in _RUN_FILES:  # atomic_write's temp names: .<name>.<8 hex>.tmp
+            for stale in out.glob(f".{name}.????????.tmp"):
+                stale.unlink(missing_ok=True)
+    check_writable(out, flag="--out")
+
+
+def check_space(out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse to start when ``out`` has no room for this run's last, best and state files.
+
+    The estimate counts the files not yet there, plus one temp copy of the largest (atomic writes
+    write the new file before removing the old one).
+    """
+    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        slots = 2  # exp_avg and exp_avg_sq per parameter
+    else:
+        slots = int(any(group.get("momentum", 0) for group in optimizer.param_groups))
+    sizes = {"last.safetensors": weights, "best.safetensors": weights, "state.pt": weights * (1 + slots)}
+    need = sum(size for name, size in sizes.items() if not (out / name).exists()) + max(sizes.values())
+    need += 16 * 2**20  # metrics, config and slack
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ConfigError(
+            f"{out} needs about {need / 2**20:.0f} MiB for this run's checkpoints but only {free / 2**20:.0f} "
+            "MiB are free there; free some space or choose another --out"
+        )
 
 
 def load_config(out: str | Path, *, epochs: int | None = None) -> TrainConfig:
@@ -173,23 +212,54 @@ def _save_state(out: Path, distiller, optimizer, scheduler, scaler, epoch: int, 
     save_state(out / "state.pt", {
         "model": distiller.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "epoch": epoch, "step": step, "best": best, "format_version": 1,
+        "epoch": epoch, "step": step, "best": best, "format_version": STATE_VERSION,
     })
 
 
 def restore(out: Path, distiller, optimizer, scheduler, scaler, device) -> tuple[int, int, dict]:
-    """Load state.pt into the run's objects; return (epoch, step, best) to continue from."""
-    state = load_state(out / "state.pt")
+    """Load state.pt into the run's objects; return (epoch, step, best) to continue from.
+
+    A run killed before its first epoch ended has no state.pt: it starts again from the beginning.
+    """
+    path = out / "state.pt"
+    if not path.exists():
+        _truncate_metrics(out / "metrics.jsonl", 0)
+        return 0, 0, {"val_top1": -1.0, "epoch": -1}
+    state = load_state(path)
+    epoch, step, best = _check_state(state, path)
+    load_state_checked(distiller, state["model"], f"the weights in {path}",
+                       hint="it was saved by another run; start a new run")
     try:
-        distiller.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        epoch, step, best = int(state["epoch"]), int(state["step"]), dict(state["best"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{out / 'state.pt'} does not match this run ({exc}); start a new run") from exc
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} does not match this run ({detail}); start a new run") from exc
     _truncate_metrics(out / "metrics.jsonl", epoch)
     return epoch, step, best
+
+
+def _check_state(state: dict, path: Path) -> tuple[int, int, dict]:
+    """Validate state.pt's layout before any of it is used; return its (epoch, step, best)."""
+    version = state.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise CheckpointError(f"{path} is not cwkd training state (format_version {version!r}); start a new run")
+    if version > STATE_VERSION:
+        raise CheckpointError(f"{path} was written by a newer cwkd (state format {version}); upgrade cwkd")
+    missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "best") if not isinstance(state.get(k), dict)]
+    epoch, step, best = state.get("epoch"), state.get("step"), state.get("best", {})
+    ok = not missing and _is_int(epoch) and epoch >= 0 and _is_int(step) and step >= 0
+    ok = ok and isinstance(best.get("val_top1"), int | float) and _is_int(best.get("epoch"))
+    ok = ok and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items())
+    if not ok:
+        raise CheckpointError(f"{path} is damaged: its epoch, step, best or state dicts are missing or of the "
+                              "wrong type; start a new run")
+    return epoch, step, {"val_top1": float(best["val_top1"]), "epoch": best["epoch"]}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -197,9 +267,19 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epochs_done]
+    kept = [line for line in lines if _epoch_of(line) <= epochs_done]
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _epoch_of(line: str) -> int:
+    """The epoch a metrics line records; 0 for a line that is not a cwkd record (it is kept)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return 0
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return epoch if _is_int(epoch) else 0
 
 
 def _versions() -> dict:

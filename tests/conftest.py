@@ -8,7 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails fast instead of hanging
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tests use tiny models, and loader workers and subprocesses share the two cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
