@@ -27,6 +27,8 @@ from cwkd.errors import (
     PairingError,
     TrainingError,
 )
+from cwkd.evaluation import evaluate_checkpoint, load_student
+from cwkd.export import export_student
 from cwkd.features import FeatureHooks, LayerInfo, probe
 from cwkd.inspection import inspect_model, propose_pairs
 from cwkd.losses import Reduction, convert_alpha, feature_loss, kd_loss
@@ -37,6 +39,6 @@ __all__ = [
     "CheckpointError", "ConfigError", "CwkdError", "DataError", "ExportError", "FeatureDistiller",
     "FeatureHooks", "LayerError", "LayerInfo", "Method", "ModelNotFoundError", "Optimizer", "Pair",
     "PairingError", "Precision", "Reduction", "TrainConfig", "TrainingError", "__version__", "build_aligner",
-    "convert_alpha", "create_model", "feature_loss", "inspect_model", "kd_loss", "pair_layers", "probe",
-    "propose_pairs",
+    "convert_alpha", "create_model", "evaluate_checkpoint", "export_student", "feature_loss", "inspect_model",
+    "kd_loss", "load_student", "pair_layers", "probe", "propose_pairs",
 ]

@@ -1,0 +1,371 @@
+"""Measure what you trained: :func:`load_student` and ``cwkd eval``.
+
+A cwkd checkpoint holds the student and its aligners; its metadata says which timm model it is, its
+classes, input size and normalisation. Evaluation rebuilds the validation transform from that metadata
+and scores with :func:`cwkd.engine.evaluate`, the same function that wrote ``val_top1`` to metrics.jsonl,
+so the numbers agree. A student file written by ``cwkd export --format safetensors`` loads here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from cwkd.build import resolve_device
+from cwkd.checkpoint import load_checkpoint, read_state_dict, validate_metadata
+from cwkd.config import Precision
+from cwkd.data import DataSpec, build_loaders, data_config, load_data
+from cwkd.engine import evaluate
+from cwkd.errors import CheckpointError, ConfigError, DataError
+from cwkd.models import create_model, resolve_name
+
+#: The ``format`` marker in the metadata of a student file written by ``cwkd export``.
+STUDENT_FORMAT = "cwkd-student"
+_JSON_KEYS = ("input_size", "mean", "std", "classes")  # stored as JSON text: safetensors metadata is str -> str
+
+
+class Split(str, Enum):
+    """Which split of the data set to score."""
+
+    val = "val"
+    train = "train"
+
+
+@dataclass
+class EvalResult:
+    """What ``cwkd eval`` measured. ``top1``/``top5`` are percent, as ``val_top1`` in metrics.jsonl."""
+
+    model: str
+    source: str
+    data: str
+    split: str
+    top1: float
+    top5: float
+    loss: float
+    images: int
+    images_per_s: float
+    device: str
+    precision: str
+    classes: list[str]
+    per_class: list[dict] | None = None
+    confusion: list[list[int]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """One flat JSON object; ``per_class`` and ``confusion`` are added only when measured."""
+        out = {k: getattr(self, k) for k in ("top1", "top5", "loss", "images", "images_per_s", "model", "source",
+                                              "data", "split", "device", "precision")}
+        if self.per_class is not None:
+            out["per_class"] = self.per_class
+            out["confusion"] = self.confusion
+        return out
+
+
+# ----------------------------------------------------------------------------- reading a student
+
+
+def load_student(path: str | Path) -> nn.Module:
+    """Build the student of a cwkd checkpoint (or exported student file), ready for inference.
+
+    The returned timm model is in eval mode, without aligners or teacher. Its ``pretrained_cfg``
+    carries the checkpoint's input size, mean and std, so ``timm.data.resolve_data_config(model=m)``
+    gives the transform it was trained with.
+
+    Example:
+        >>> model = cwkd.load_student("runs/cwt/best.safetensors")  # doctest: +SKIP
+        >>> logits = model(images)  # doctest: +SKIP
+    """
+    return read_student(path)[0]
+
+
+def read_student(path: str | Path, *, plain_hint: str | None = None) -> tuple[nn.Module, dict]:
+    """The student model (eval mode) and its checkpoint metadata, from either kind of cwkd file.
+
+    ``plain_hint`` is the advice given when ``path`` holds other weights (see :func:`load_checkpoint`).
+    """
+    path = Path(path)
+    raw = _header_metadata(path)
+    if raw.get("format") == STUDENT_FORMAT:
+        meta = decode_student_metadata(raw, path)
+        state = read_state_dict(path)
+    else:
+        tensors, meta = load_checkpoint(path, plain_hint=plain_hint)  # its errors say what the file is
+        state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+        if not state:
+            raise CheckpointError(f"{path} holds no student weights (no 'student.*' tensors); is it a cwkd run's "
+                                  "last.safetensors or best.safetensors?")
+    model = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"the student weights in {path} do not fit {meta['model']} ({first}); "
+                              "the file was changed or written by another cwkd") from exc
+    _set_pretrained_cfg(model, meta)
+    return model.eval(), meta
+
+
+def _header_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a safetensors file; empty when there is none or it is not safetensors."""
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}  # load_checkpoint reads it again and says what is wrong
+
+
+def encode_student_metadata(meta: dict) -> dict[str, str]:
+    """Checkpoint metadata as the str -> str mapping a student file stores (JSON text for lists)."""
+    out = {"format": STUDENT_FORMAT}
+    for key in ("model", "num_classes", "in_chans", "input_size", "mean", "std", "classes", "interpolation",
+                "crop_pct", "dataset", "method", "epoch", "val_top1", "cwkd_version"):
+        value = meta.get(key)
+        if value is not None:
+            out[key] = json.dumps(value) if key in _JSON_KEYS else str(value)
+    return out
+
+
+def decode_student_metadata(raw: dict[str, str], path: str | Path = "student file") -> dict:
+    """Read back what :func:`encode_student_metadata` wrote, checked like any checkpoint's metadata."""
+    try:
+        meta: dict = {k: json.loads(raw[k]) for k in _JSON_KEYS if k in raw}
+        meta.update({k: int(raw[k]) for k in ("num_classes", "in_chans", "epoch") if k in raw})
+        meta.update({k: float(raw[k]) for k in ("crop_pct", "val_top1") if k in raw})
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path} has unreadable student metadata ({exc}); export it again") from exc
+    meta.update({k: raw[k] for k in ("model", "interpolation", "dataset", "method", "cwkd_version") if k in raw})
+    try:
+        return validate_metadata(meta)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}; export it again") from exc
+
+
+def _set_pretrained_cfg(model: nn.Module, meta: dict) -> None:
+    """Record the trained input size and normalisation where timm's data helpers look for them."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg.update(input_size=tuple(meta["input_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+               num_classes=meta["num_classes"])
+    for key in ("interpolation", "crop_pct"):
+        if meta.get(key) is not None:
+            cfg[key] = meta[key]
+    model.pretrained_cfg = cfg
+
+
+def checkpoint_data_config(model: nn.Module, meta: dict) -> dict:
+    """The evaluation data config a run used, rebuilt from its checkpoint metadata."""
+    chans, height, _ = meta["input_size"]
+    base = data_config(model, input_size=height, in_chans=chans)
+    return {**base, "input_size": tuple(meta["input_size"]), "mean": tuple(meta["mean"]),
+            "std": tuple(meta["std"]), "interpolation": meta.get("interpolation") or base["interpolation"],
+            "crop_pct": meta.get("crop_pct") or base["crop_pct"]}
+
+
+# ----------------------------------------------------------------------------- evaluating
+
+
+def evaluate_checkpoint(
+    source: str | Path, *, weights: str | Path | None = None, data: str | None = None, data_root: str | None = None,
+    split: Split | str = Split.val, batch_size: int = 64, workers: int = 2, device: str = "auto",
+    precision: Precision | str = Precision.fp32, per_class: bool = False, input_size: int | None = None,
+) -> EvalResult:
+    """Score a cwkd checkpoint, or a timm model name with a ``weights`` file, on a data set split.
+
+    For a checkpoint, the model, classes and transforms come from its metadata and ``data`` defaults to
+    the data set it was trained on. ``per_class`` adds per-class accuracy and confusion-matrix counts.
+
+    Example:
+        >>> r = evaluate_checkpoint("runs/cwt/best.safetensors", workers=0)  # doctest: +SKIP
+        >>> r.top1, r.images  # doctest: +SKIP
+    """
+    split, precision = Split(split), Precision(precision)
+    target = resolve_device(device, precision)
+    model, meta, spec, dcfg = _prepare(source, weights, data, data_root, input_size)
+    notes = _check_classes(meta, spec)
+    if split is Split.train:  # score train images with the deterministic validation transform
+        spec = dataclasses.replace(spec, val=spec.train)
+    _, loader = build_loaders(spec, dcfg, batch_size=batch_size, workers=workers, device=target)
+    channels_last = target.type == "cuda"  # as the engine does
+    model.to(target, memory_format=torch.channels_last) if channels_last else model.to(target)
+    confusion = _Confusion(spec.num_classes) if per_class else None
+    started = time.perf_counter()
+    with confusion.recording(model) if confusion else contextlib.nullcontext():
+        scores = evaluate(model, confusion.tee(loader) if confusion else loader, target, precision, channels_last)
+    seconds = time.perf_counter() - started
+    return EvalResult(
+        model=meta["model"], source=str(source), data=spec.name, split=split.value, top1=scores["top1"],
+        top5=scores["top5"], loss=scores["loss"], images=scores["images"],
+        images_per_s=scores["images"] / max(seconds, 1e-9), device=str(target), precision=precision.value,
+        classes=list(spec.classes), notes=notes,
+        per_class=confusion.per_class(spec.classes) if confusion else None,
+        confusion=confusion.counts.tolist() if confusion else None,
+    )
+
+
+def _prepare(source: str | Path, weights: str | Path | None, data: str | None, data_root: str | None,
+             input_size: int | None) -> tuple[nn.Module, dict, DataSpec, dict]:
+    """Model, metadata, data and data config: from a checkpoint, or from a timm name and weights."""
+    if weights is None:
+        if input_size is not None:
+            raise ConfigError("--input-size is for a timm name with --weights; a checkpoint keeps its own size")
+        model, meta = read_student(_checkpoint_path(source))
+        return model, meta, _load_recorded_data(data, meta, data_root), checkpoint_data_config(model, meta)
+    if data is None:
+        raise DataError(f"evaluating '{source}' with --weights needs --data (a timm model records no data set)")
+    spec = load_data(data, root=data_root)
+    model, meta = _timm_model(str(source), weights, spec.channels)
+    # The sizes `cwkd train` uses: small native images at the next multiple of 32, else the model's own.
+    size = input_size or (None if spec.native_size is None else 32 * math.ceil(spec.native_size / 32))
+    return model, meta, spec, data_config(model, input_size=size, in_chans=meta["in_chans"])
+
+
+def _checkpoint_path(source: str | Path) -> Path:
+    """``source`` as a checkpoint path; a timm model name gets told to bring its weights."""
+    path = Path(source)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path  # read_student says what is wrong with a missing or unreadable file
+    name = resolve_name(str(source))  # an unknown name gets timm's closest matches
+    raise CheckpointError(f"'{source}' is a timm model name ({name}), not a checkpoint; pass its weights with "
+                          "--weights FILE (an untrained model scores at chance)")
+
+
+def _timm_model(name: str, weights: str | Path, data_chans: int) -> tuple[nn.Module, dict]:
+    """A timm model built to the shape of its weights file: classifier size and input channels."""
+    state = read_state_dict(weights)
+    probe = create_model(name, in_chans=data_chans)
+    num_classes = _shape_of(probe, state, probe.get_classifier() if hasattr(probe, "get_classifier") else None, 0)
+    first_conv = next((m for m in probe.modules() if isinstance(m, nn.Conv2d)), None)
+    in_chans = _shape_of(probe, state, first_conv, 1) or data_chans
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans, weights=weights).eval()
+    meta = {"model": model.cwkd_name, "num_classes": getattr(model, "num_classes", num_classes),
+            "in_chans": in_chans, "classes": None}
+    return model, meta
+
+
+def _shape_of(model: nn.Module, state: dict, module: nn.Module | None, dim: int) -> int | None:
+    """Size ``dim`` of ``module.weight`` as the weights file has it, if the file has that tensor."""
+    weight = getattr(module, "weight", None)
+    name = next((k for k, p in model.named_parameters() if p is weight), None) if weight is not None else None
+    # The same wrapper prefixes load_weights strips: DDP's, a cwkd checkpoint's, a training script's.
+    key = next((p + name for p in ("", "module.", "student.", "model.") if name and p + name in state), None)
+    return int(state[key].shape[dim]) if key is not None and state[key].ndim > dim else None
+
+
+def _load_recorded_data(data: str | None, meta: dict, root: str | None) -> DataSpec:
+    """Load ``data``, or the data set the checkpoint records, naming the fix if it has moved."""
+    if data is not None:
+        return load_data(data, root=root)
+    recorded = meta.get("dataset")
+    if not recorded:
+        raise DataError("the checkpoint records no data set; pass --data")
+    try:
+        return load_data(recorded, root=root)
+    except DataError as exc:
+        raise DataError(f"the checkpoint was trained on '{recorded}', which cannot be loaded here ({exc}); "
+                        "pass --data (and --data-root) to point at it") from exc
+
+
+def _check_classes(meta: dict, spec: DataSpec) -> list[str]:
+    """Refuse data with another number of classes; note (but accept) other class names."""
+    num_classes = meta.get("num_classes")
+    if isinstance(num_classes, int) and num_classes != spec.num_classes:
+        raise DataError(f"{meta['model']} predicts {num_classes} classes but {spec.name} has {spec.num_classes}; "
+                        "evaluate on the data set it was trained on")
+    trained = meta.get("classes")
+    if trained and list(trained) != list(spec.classes):
+        return [f"class names differ from the checkpoint's ({trained[:3]}... vs {spec.classes[:3]}...); "
+                "labels are matched by index"]
+    return []
+
+
+class _Confusion:
+    """Counts (true, predicted) pairs while :func:`cwkd.engine.evaluate` runs, changing nothing it computes.
+
+    Why a hook and a tee: the top-1 then comes from the one function that also wrote metrics.jsonl.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self._targets: torch.Tensor | None = None
+
+    def tee(self, loader: Iterable) -> Iterator:
+        """Yield the loader's batches, remembering each batch's targets for the hook."""
+        for images, targets in loader:
+            self._targets = targets
+            yield images, targets
+
+    @contextlib.contextmanager
+    def recording(self, model: nn.Module) -> Iterator[None]:
+        """A forward hook on ``model`` that reads its predictions, removed on exit."""
+        handle = model.register_forward_hook(self._record)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _record(self, _module: nn.Module, _args: object, logits: torch.Tensor) -> None:
+        pred = logits.float().topk(1, dim=1).indices[:, 0].cpu()
+        n = self.counts.shape[0]
+        self.counts += torch.bincount(self._targets.cpu() * n + pred, minlength=n * n).view(n, n)
+
+    def per_class(self, classes: list[str]) -> list[dict]:
+        """Accuracy (percent) and image count per true class."""
+        rows = []
+        for i, name in enumerate(classes):
+            total = int(self.counts[i].sum())
+            correct = int(self.counts[i, i])
+            rows.append({"class": name, "images": total, "correct": correct,
+                         "top1": 100 * correct / total if total else None})
+        return rows
+
+
+# ----------------------------------------------------------------------------- printing
+
+_MATRIX_MAX = 20  # a confusion matrix wider than this does not fit a terminal; --json has it whole
+
+
+def print_eval(result: EvalResult, console: Console | None = None) -> None:
+    """The summary table, then (when measured) per-class accuracy and the confusion matrix."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    table = Table(title=escape(f"cwkd eval: {result.model} on {result.data} ({result.split})"))
+    for column in ("top-1", "top-5", "loss", "images", "images/s", "device", "precision"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result.top1:.2f}%", f"{result.top5:.2f}%", f"{result.loss:.4f}", str(result.images),
+                  f"{result.images_per_s:.0f}", result.device, result.precision)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", style="yellow", markup=False)
+    if result.per_class is None or result.confusion is None:
+        return
+    table = Table(title="per-class accuracy")
+    for column in ("#", "class", "images", "correct", "top-1"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for i, row in enumerate(result.per_class):
+        top1 = "-" if row["top1"] is None else f"{row['top1']:.2f}%"
+        table.add_row(str(i), escape(row["class"]), str(row["images"]), str(row["correct"]), top1)
+    console.print(table)
+    if len(result.confusion) > _MATRIX_MAX:
+        console.print(f"confusion matrix: {len(result.confusion)} classes is too wide to print; use --json")
+        return
+    table = Table(title="confusion matrix (rows: true class, columns: predicted)")
+    table.add_column("true \\ pred", justify="right")
+    for i in range(len(result.confusion)):
+        table.add_column(str(i), justify="right")
+    for i, row in enumerate(result.confusion):
+        table.add_row(str(i), *(str(v) for v in row))
+    console.print(table)

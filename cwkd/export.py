@@ -1,0 +1,308 @@
+"""Ship the student: ``cwkd export`` to safetensors, ONNX or TorchScript, verified and timed.
+
+Only the student is exported: no aligners, no teacher, no cwkd wrapper. Each file is built in memory,
+optionally checked against PyTorch (``verify``), and only then written, atomically; a failed export
+leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import partial
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from cwkd.checkpoint import atomic_write
+from cwkd.data import build_loaders, load_data
+from cwkd.errors import CwkdError, ExportError
+from cwkd.evaluation import checkpoint_data_config, encode_student_metadata, read_student
+
+#: ONNX opset of exported graphs (the TorchScript-based exporter supports up to 20; runtimes widely run 18).
+ONNX_OPSET = 18
+#: Names of the ONNX graph's input (``[batch, C, H, W]`` float32, normalised) and output (``[batch, classes]``).
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+#: Largest max-abs difference from PyTorch fp32 logits that ``verify`` accepts.
+ATOL = 1e-4
+_INSTALL = "onnx export needs the export extra: pip install 'cwkd[export]'"
+
+
+class ExportFormat(str, Enum):
+    """What ``cwkd export`` writes."""
+
+    safetensors = "safetensors"
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+#: Default file name next to the checkpoint: ``best.safetensors`` -> ``best.onnx`` and so on.
+SUFFIXES = {ExportFormat.safetensors: ".student.safetensors", ExportFormat.onnx: ".onnx",
+            ExportFormat.torchscript: ".torchscript.pt"}
+
+
+@dataclass
+class ExportResult:
+    """What was written, how close it is to PyTorch, and how fast it runs here."""
+
+    path: Path
+    format: str
+    model: str
+    size_bytes: int
+    params: int
+    input_size: tuple[int, int, int]
+    atol: float = ATOL
+    max_abs_diff: dict[str, float] | None = None  # "random" / "real" inputs -> max |exported - eager|
+    speed: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def export_student(
+    checkpoint: str | Path, *, format: ExportFormat | str = ExportFormat.safetensors, out: str | Path | None = None,
+    overwrite: bool = False, verify: bool = False, benchmark: bool = True, data: str | None = None,
+    data_root: str | None = None, atol: float = ATOL,
+) -> ExportResult:
+    """Export the student of a cwkd checkpoint; with ``verify``, fail unless it matches PyTorch to ``atol``.
+
+    ``data`` (default: the data set the checkpoint records) supplies the real images ``verify`` uses.
+    ``benchmark`` times the exported model against PyTorch eager at batch 1 and 8 on this machine.
+
+    Example:
+        >>> r = export_student("runs/cwt/best.safetensors", format="onnx", verify=True)  # doctest: +SKIP
+        >>> r.path, r.max_abs_diff  # doctest: +SKIP
+    """
+    fmt = ExportFormat(format)
+    if fmt is ExportFormat.onnx:
+        _require_onnx()
+    model, meta = read_student(checkpoint, plain_hint="export starts from a checkpoint of `cwkd train` or "
+                                                    "`cwkd distill` (a run's best.safetensors)")
+    path = _output_path(Path(checkpoint), fmt, out, overwrite)
+    example = torch.randn(2, *meta["input_size"])
+    with _quiet_torch_warnings():
+        payload = _SERIALIZE[fmt](model, meta, example)
+        # Load the bytes back as a user would; a safetensors file loads into the same eager model, so
+        # only verify needs it, and its speed is eager's.
+        timed = fmt is not ExportFormat.safetensors
+        runner = _LOAD[fmt](payload, meta) if verify or (benchmark and timed) else None
+    result = ExportResult(path=path, format=fmt.value, model=meta["model"], size_bytes=len(payload),
+                          params=sum(p.numel() for p in model.parameters()), input_size=tuple(meta["input_size"]),
+                          atol=atol)
+    if verify:
+        result.max_abs_diff = _verify(model, runner, meta, data, data_root, atol, result.notes)
+    atomic_write(path, lambda f: f.write(payload))
+    if benchmark:
+        result.speed = _benchmark(model, runner if timed else None, fmt, meta)
+    return result
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(_INSTALL) from exc
+
+
+def _output_path(checkpoint: Path, fmt: ExportFormat, out: str | Path | None, overwrite: bool) -> Path:
+    path = Path(out) if out is not None else checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])
+    if path.exists() and path.resolve() == checkpoint.resolve():
+        raise ExportError(f"--out {path} is the checkpoint itself; choose another --out")
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
+    if path.is_dir():
+        raise ExportError(f"--out {path} is a directory; give a file name such as {path / 'student.onnx'}")
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_torch_warnings() -> Iterator[None]:
+    """Hide PyTorch's deprecation notices for TorchScript and its ONNX exporter (docs/deployment.md says why)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*(TorchScript|removed).*")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
+
+
+# ----------------------------------------------------------------------------- the three formats
+
+
+def _safetensors_bytes(model: nn.Module, meta: dict, example: torch.Tensor) -> bytes:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return safetensors.torch.save(state, metadata=encode_student_metadata(meta))
+
+
+def _onnx_bytes(model: nn.Module, meta: dict, example: torch.Tensor) -> bytes:
+    import onnx
+
+    buffer = io.BytesIO()
+    try:  # dynamo=False: the TorchScript-based exporter, which needs no onnxscript
+        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    except Exception as exc:  # unsupported operators and tracing failures come in many types
+        raise ExportError(f"ONNX export of {meta['model']} failed ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); "
+                          "try --format torchscript or safetensors") from exc
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in encode_student_metadata(meta).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def _torchscript_bytes(model: nn.Module, meta: dict, example: torch.Tensor) -> bytes:
+    try:  # traced: timm models rarely script, and a classifier's forward has no data-dependent branches
+        traced = torch.jit.trace(model, example, check_trace=False)
+    except Exception as exc:
+        raise ExportError(f"TorchScript tracing of {meta['model']} failed ({type(exc).__name__}: {exc}); "
+                          "try --format onnx or safetensors") from exc
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files={"cwkd.json": json.dumps(encode_student_metadata(meta))})
+    return buffer.getvalue()
+
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _load_safetensors(payload: bytes, meta: dict) -> Runner:
+    """The exported state dict in a freshly built plain timm model, as a user would load it."""
+    import timm
+
+    model = timm.create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    model.load_state_dict(safetensors.torch.load(payload))
+    return model.eval()
+
+
+def _load_onnx(payload: bytes, meta: dict) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same threads PyTorch uses, for a fair race
+    session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+
+
+def _load_torchscript(payload: bytes, meta: dict) -> Runner:
+    return torch.jit.load(io.BytesIO(payload), map_location="cpu").eval()
+
+
+_SERIALIZE = {ExportFormat.safetensors: _safetensors_bytes, ExportFormat.onnx: _onnx_bytes,
+              ExportFormat.torchscript: _torchscript_bytes}
+_LOAD = {ExportFormat.safetensors: _load_safetensors, ExportFormat.onnx: _load_onnx,
+         ExportFormat.torchscript: _load_torchscript}
+
+
+# ----------------------------------------------------------------------------- verify and benchmark
+
+
+def _verify(model: nn.Module, runner: Runner, meta: dict, data: str | None, data_root: str | None, atol: float,
+            notes: list[str]) -> dict[str, float]:
+    """Max |exported - eager| on random inputs (batch 3, not the traced 2) and real validation images."""
+    inputs = {"random": torch.randn(3, *meta["input_size"], generator=torch.Generator().manual_seed(0))}
+    real = _real_batch(model, meta, data, data_root, notes)
+    if real is not None:
+        inputs["real"] = real
+    diffs, scale = {}, 0.0
+    with torch.inference_mode(), _quiet_torch_warnings():
+        for name, x in inputs.items():
+            expected = model(x).float()
+            diffs[name] = (runner(x).float() - expected).abs().max().item()
+            scale = max(scale, expected.abs().max().item())
+    bad = {k: v for k, v in diffs.items() if not v <= atol}  # "not <=" also catches NaN
+    if bad:
+        worst = ", ".join(f"{k} inputs {v:.3g}" for k, v in bad.items())
+        hint = "export without --verify to inspect it, or try another --format"
+        if scale > 1e3 and max(bad.values()) < 1e-5 * scale:  # fp32 cannot resolve 1e-4 on such logits
+            hint = (f"the logits reach {scale:.3g}, so fp32 rounding alone explains differences this size (is the "
+                    f"model diverged?); accept them with --atol {max(bad.values()):.1g}")
+        raise ExportError(f"the exported model differs from PyTorch by more than {atol:g} ({worst}); the file was "
+                          f"not written; {hint}")
+    return diffs
+
+
+def _real_batch(model: nn.Module, meta: dict, data: str | None, data_root: str | None,
+                notes: list[str], count: int = 8) -> torch.Tensor | None:
+    """Up to ``count`` validation images, transformed as in training; None (with a note) if there is no data."""
+    name = data or meta.get("dataset")
+    if not name:
+        notes.append("no data set recorded: verified on random inputs only (pass --data for real images)")
+        return None
+    try:
+        spec = load_data(name, root=data_root)
+        _, loader = build_loaders(spec, checkpoint_data_config(model, meta), batch_size=count, workers=0)
+        return next(iter(loader))[0]
+    except (CwkdError, StopIteration) as exc:
+        notes.append(f"could not load data '{name}' ({str(exc).splitlines()[0] if str(exc) else 'empty'}): "
+                     "verified on random inputs only; pass --data to use real images")
+        return None
+
+
+def _benchmark(model: nn.Module, runner: Runner | None, fmt: ExportFormat, meta: dict) -> list[dict]:
+    """Median latency of PyTorch eager and of the exported model, at batch 1 and 8, on the CPU."""
+    rows = []
+    runtimes: list[tuple[str, Runner]] = [("pytorch eager", model)]
+    if runner is not None:
+        runtimes.append(({"onnx": "onnxruntime", "torchscript": "torchscript"}[fmt.value], runner))
+    with torch.inference_mode(), _quiet_torch_warnings():
+        for batch in (1, 8):
+            x = torch.randn(batch, *meta["input_size"])
+            eager = None  # the first runtime of each batch size is the baseline
+            for name, fn in runtimes:
+                seconds = _median_seconds(fn, x)
+                eager = eager or seconds
+                rows.append({"runtime": name, "batch": batch, "ms": 1000 * seconds, "images_per_s": batch / seconds,
+                             "speedup": eager / seconds})
+    return rows
+
+
+def _median_seconds(fn: Runner, x: torch.Tensor, budget_s: float = 0.5) -> float:
+    """Median of 3 to 20 timed runs after 2 warm-ups, stopping once ``budget_s`` is spent."""
+    for _ in range(2):
+        fn(x)
+    times: list[float] = []
+    spent_from = time.perf_counter()
+    while len(times) < 3 or (len(times) < 20 and time.perf_counter() - spent_from < budget_s):
+        started = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def print_export(result: ExportResult, console: Console | None = None) -> None:
+    """File, size and parameters; the verify differences; the speed table."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    say = partial(console.print, markup=False)  # paths and shapes hold [ ] that rich would read as markup
+    say(f"wrote {result.path} ({result.format}, {result.size_bytes / 2**20:.2f} MiB, {result.params:,} parameters, "
+        f"{result.model}, input {'x'.join(map(str, result.input_size))})")
+    if result.format == ExportFormat.onnx.value:
+        say(f"onnx: input '{INPUT_NAME}' [batch, {', '.join(map(str, result.input_size))}] float32 (normalised), "
+            f"output '{OUTPUT_NAME}' [batch, classes], opset {ONNX_OPSET}")
+    for note in result.notes:
+        say(f"note: {note}", style="yellow")
+    if result.max_abs_diff is not None:
+        diffs = ", ".join(f"{k} inputs {v:.2e}" for k, v in result.max_abs_diff.items())
+        say(f"verify: max |exported - pytorch| {diffs} (limit {result.atol:g}): ok")
+    if result.speed:
+        table = Table(title=f"inference speed on this machine (CPU, fp32, {torch.get_num_threads()} threads, median)")
+        for column in ("runtime", "batch", "ms / batch", "images/s", "vs eager"):
+            table.add_column(column, justify="left" if column == "runtime" else "right")
+        for row in result.speed:
+            table.add_row(row["runtime"], str(row["batch"]), f"{row['ms']:.2f}", f"{row['images_per_s']:.0f}",
+                          f"{row['speedup']:.2f}x")
+        console.print(table)
