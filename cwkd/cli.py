@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -29,23 +30,23 @@ DataRoot = Annotated[str | None, typer.Option(help="Where to look for fashion-mn
                                                  "(else $CWKD_DATA, then system paths).")]
 Download = Annotated[bool, typer.Option(help="Let torchvision download cifar/fashion-mnist (needs internet).")]
 SkipCorrupt = Annotated[bool, typer.Option(help="Skip unreadable images with a warning instead of failing.")]
-Epochs = Annotated[int | None, typer.Option(help="Training epochs. [default: 10]")]
+Epochs = Annotated[int | None, typer.Option(help="Training epochs. (default: 10)")]
 BatchSize = Annotated[int, typer.Option(help="Images per step (per process under torchrun).")]
-Lr = Annotated[float | None, typer.Option(help="Peak learning rate. [default: 0.05 sgd, 1e-3 adamw]")]
-WeightDecay = Annotated[float | None, typer.Option(help="Weight decay. [default: 5e-4 sgd, 0.05 adamw]")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate. (default: 0.05 sgd, 1e-3 adamw)")]
+WeightDecay = Annotated[float | None, typer.Option(help="Weight decay. (default: 5e-4 sgd, 0.05 adamw)")]
 Opt = Annotated[Optimizer, typer.Option("--optimizer", help="SGD with Nesterov momentum, or AdamW.")]
 Warmup = Annotated[float, typer.Option(help="Linear warmup epochs before the cosine decay.")]
 Smoothing = Annotated[float, typer.Option(help="Label smoothing for the task loss.")]
 ClipGrad = Annotated[float | None, typer.Option(help="Clip the gradient norm to this value.")]
 Prec = Annotated[Precision, typer.Option("--precision", help="fp32, or autocast bf16/fp16 (fp16 needs CUDA).")]
 Compile = Annotated[bool, typer.Option(help="torch.compile the student and teacher.")]
-InputSize = Annotated[int | None, typer.Option(help="Input height=width in pixels. [default: the model's, "
-                                                  "or 32 for 28-32 px data sets]")]
-InChans = Annotated[int | None, typer.Option(help="Input channels. [default: the data's (1 for gray)]")]
+InputSize = Annotated[int | None, typer.Option(help="Input height=width in pixels (default: the model's, "
+                                                  "or 32 for 28-32 px data sets).")]
+InChans = Annotated[int | None, typer.Option(help="Input channels (default: the data's, 1 for gray).")]
 Workers = Annotated[int, typer.Option(help="Data loader worker processes.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Out = Annotated[str | None, typer.Option(help="Run directory. [default: runs/<time>-<student>]")]
+Out = Annotated[str | None, typer.Option(help="Run directory. (default: runs/<time>-<student>)")]
 Overwrite = Annotated[bool, typer.Option(help="Replace the run already in --out.")]
 Resume = Annotated[str | None, typer.Option(help="Continue the run in this directory with its saved config.")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss is NaN/inf before stopping.")]
@@ -77,11 +78,20 @@ def _errors() -> Iterator[None]:
     except CwkdError as exc:
         if _state["debug"]:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        # An error raised in a DataLoader worker arrives wrapped in a worker traceback: keep its last line,
+        # without the "cwkd.errors.DataError: " that the traceback puts before the message.
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        typer.echo(f"error: {re.sub(r'^cwkd[.]errors[.][A-Za-z]+: ', '', lines[-1])}", err=True)
         raise typer.Exit(1) from None
     except RunInterrupted as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C: files saved so far stay
+        if _state["debug"]:
+            raise
+        typer.echo("interrupted; files already written are intact (a run continues with --resume RUN_DIR)",
+                   err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -92,10 +102,10 @@ def inspect(
     student: Annotated[str | None, typer.Option(help="Student model: show the proposed pairs.")] = None,
     pairs: Annotated[str, typer.Option(help="last, all, or STUDENT_LAYER:TEACHER_LAYER,...")] = "last",
     method: Annotated[Method, typer.Option(help="Aligner whose cost is reported.")] = Method.cwt,
-    hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. [default: teacher channels]")]
+    hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. (default: teacher channels)")]
     = None,
     input_size: InputSize = None,
-    in_chans: Annotated[int | None, typer.Option(help="Input channels. [default: 3]")] = None,
+    in_chans: Annotated[int | None, typer.Option(help="Input channels. (default: 3)")] = None,
     all_layers: Annotated[bool, typer.Option("--all", help="List every layer, not just the top two levels.")]
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
@@ -165,7 +175,7 @@ def distill(
     alpha: Annotated[float, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md).")]
     = 1.0,
     pairs: Annotated[str, typer.Option(help="last, all, or STUDENT_LAYER:TEACHER_LAYER,...")] = "last",
-    hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. [default: teacher channels]")]
+    hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. (default: teacher channels)")]
     = None,
     reduction: Annotated[Reduction, typer.Option(help="Feature L2: mean over elements, or sum/batch "
                                                  "(the paper's alpha).")] = Reduction.mean,
@@ -190,7 +200,8 @@ def _config(options: dict, *, student: str | None, method: Method, flag: str) ->
     resume = options.pop("resume", None)
     options = {k: v for k, v in options.items() if k != "model"}
     epochs_given = options.get("epochs") is not None
-    options["epochs"] = options["epochs"] or 10
+    if options["epochs"] is None:  # not `or 10`: --epochs 0 must reach the check and fail
+        options["epochs"] = 10
     if resume:
         return TrainConfig(data=options["data"] or "-", student=student or "-", method=Method.none,
                            epochs=options["epochs"], extra={"epochs_given": epochs_given})
@@ -216,6 +227,62 @@ def demo(
 
     with _errors():
         run_demo(out=out, fast=fast, seed=seed, workers=workers)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[str, typer.Argument(help="A cwkd checkpoint (.safetensors), or a timm model name "
+                                                   "with --weights.")],
+    data: Annotated[str | None, typer.Option(help="Data set or ImageFolder dir (default: the one the "
+                                                  "checkpoint was trained on).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Weights file for a timm model name (.safetensors "
+                                                     "or .pth, loaded safely).")] = None,
+    split: Annotated[str, typer.Option(help="val or train (train images get the val transform).")] = "val",
+    per_class: Annotated[bool, typer.Option(help="Also show per-class accuracy and the confusion "
+                                                 "matrix.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")] = False,
+    batch_size: BatchSize = 64, precision: Prec = Precision.fp32, input_size: Annotated[
+        int | None, typer.Option(help="Input size for a timm name (default: as `cwkd train` picks).")] = None,
+    data_root: DataRoot = None, workers: Workers = 2, device: Device = "auto",
+) -> None:
+    """Measure a checkpoint: top-1, top-5, mean loss and images/s on a data set split."""
+    from cwkd.evaluation import Split, evaluate_checkpoint, print_eval
+
+    with _errors():
+        if split not in {s.value for s in Split}:
+            raise typer.BadParameter(f"use val or train, not '{split}'", param_hint="--split")
+        result = evaluate_checkpoint(checkpoint, weights=weights, data=data, data_root=data_root, split=split,
+                                     batch_size=batch_size, workers=workers, device=device, precision=precision,
+                                     per_class=per_class, input_size=input_size)
+        typer.echo(json.dumps(result.to_dict())) if as_json else print_eval(result)
+
+
+@app.command("export")
+def export_(
+    checkpoint: Annotated[str, typer.Argument(help="A cwkd checkpoint (.safetensors).")],
+    format: Annotated[str, typer.Option("--format", help="safetensors (plain timm), onnx or "
+                                                         "torchscript.")] = "safetensors",
+    out: Annotated[str | None, typer.Option(help="File to write (default: next to the checkpoint, "
+                                                 "e.g. best.onnx).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    verify: Annotated[bool, typer.Option(help="Fail unless the export matches PyTorch to --atol on random "
+                                              "and real images.")] = False,
+    atol: Annotated[float, typer.Option(help="Largest max-abs logit difference --verify accepts.")] = 1e-4,
+    benchmark: Annotated[bool, typer.Option(help="Time the export against PyTorch eager (batch 1 and "
+                                                 "8).")] = True,
+    data: Annotated[str | None, typer.Option(help="Real images for --verify (default: the checkpoint's "
+                                                  "data set).")] = None,
+    data_root: DataRoot = None,
+) -> None:
+    """Write the student alone (no aligners, no teacher) as safetensors, ONNX or TorchScript."""
+    from cwkd.export import ExportFormat, export_student, print_export
+
+    with _errors():
+        if format not in {f.value for f in ExportFormat}:
+            raise typer.BadParameter(f"use safetensors, onnx or torchscript, not '{format}'", param_hint="--format")
+        result = export_student(checkpoint, format=format, out=out, overwrite=overwrite, verify=verify,
+                                benchmark=benchmark, data=data, data_root=data_root, atol=atol)
+        print_export(result)
 
 
 def main() -> None:

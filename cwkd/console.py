@@ -39,7 +39,8 @@ class RunConsole:
         if self.quiet or not self.tty:
             return
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=20),
+            TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
             TimeRemainingColumn(), console=self.console, transient=False,
         )
