@@ -77,9 +77,9 @@ def is_checkpoint_path(value: str) -> bool:
 
 
 def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """The student, from scratch or with timm's pretrained weights."""
+    """The student: from scratch, timm's pretrained weights, or a local weights file to fine-tune."""
     return create_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
-                        pretrained=cfg.student_pretrained)
+                        pretrained=cfg.student_pretrained, weights=cfg.student_weights, new_head=True)
 
 
 def teacher_in_chans(cfg: TrainConfig) -> int | None:

@@ -144,6 +144,9 @@ def train(
     model: Annotated[str | None, typer.Option("--model", help="The timm model to train.")] = None,
     data: Data = "", data_root: DataRoot = None, download: Download = False, skip_corrupt: SkipCorrupt = False,
     pretrained: StudentPretrained = False,
+    weights: Annotated[str | None, typer.Option(help="Start from a local weights file (.safetensors or .pth, "
+                                                "loaded safely); a classifier for other classes is replaced.")]
+    = None,
     epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
     optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
     clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
@@ -170,6 +173,8 @@ def distill(
     allow_random_teacher: Annotated[bool, typer.Option(help="Allow an untrained teacher (testing only).")]
     = False,
     student_pretrained: StudentPretrained = False,
+    student_weights: Annotated[str | None, typer.Option(help="Start the student from a local weights file "
+                                                        "(classifier replaced if its size differs).")] = None,
     method: Annotated[Method, typer.Option(help="cwt (ours), linear (FitNets 1x1), mgd, or none (KD only).")]
     = Method.cwt,
     alpha: Annotated[float, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md).")]
@@ -210,8 +215,9 @@ def _config(options: dict, *, student: str | None, method: Method, flag: str) ->
     if not options["data"]:
         raise typer.BadParameter("--data is required", param_hint="--data")
     options.update(student=student, method=method)
-    if "pretrained" in options:
+    if "pretrained" in options:  # `cwkd train` names them --pretrained / --weights
         options["student_pretrained"] = options.pop("pretrained")
+        options["student_weights"] = options.pop("weights")
     return TrainConfig(**options)
 
 

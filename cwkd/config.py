@@ -46,6 +46,7 @@ class TrainConfig:
     teacher_pretrained: bool = False
     allow_random_teacher: bool = False
     student_pretrained: bool = False
+    student_weights: str | None = None
     method: Method = Method.cwt
     alpha: float = 1.0
     pairs: str = "last"

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import timm
 import torch
+from timm.models import adapt_input_conv
 from torch import nn
 
 from cwkd.errors import CheckpointError, ModelNotFoundError
@@ -56,11 +60,13 @@ def create_model(
     in_chans: int = 3,
     pretrained: bool = False,
     weights: str | Path | None = None,
+    new_head: bool = False,
 ) -> nn.Module:
     """Build a timm model by name (aliases allowed), randomly initialised unless asked otherwise.
 
     ``pretrained`` fetches timm's weights from the hub; ``weights`` loads a local safetensors or
-    ``.pth`` file instead (the offline route). The classifier is sized to ``num_classes``.
+    ``.pth`` file instead (the offline route). The classifier is sized to ``num_classes``;
+    ``new_head`` lets ``weights`` come with another classifier (see :func:`load_weights`).
 
     Example:
         >>> model = create_model("test_resnet", num_classes=10, in_chans=1)
@@ -70,30 +76,70 @@ def create_model(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if pretrained and weights is None:
+        _require_hub(timm_name)
         try:
             model = timm.create_model(timm_name, pretrained=True, **kwargs)
         except Exception as exc:  # network, missing weights, hub errors: all mean "not reachable"
             raise CheckpointError(
                 f"could not fetch pretrained weights for '{timm_name}' ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); offline, pass a "
-                "local weights file instead (--teacher-weights FILE / weights=FILE, safetensors or .pth)"
+                f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); {_OFFLINE_HINT}"
             ) from exc
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     model.cwkd_name = timm_name  # remembered for checkpoints, exports and messages
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, new_head=new_head)
     return model
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+_OFFLINE_HINT = ("offline, pass a local weights file instead (--weights / --teacher-weights FILE, safetensors "
+                 "or .pth), or set HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache")
+
+
+def _require_hub(timm_name: str) -> None:
+    """Fail at once, not after a minute of retries, when the hub's name does not even resolve."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return  # huggingface_hub then reads its local cache only, and fails fast by itself
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        raise CheckpointError(
+            f"pretrained weights for '{timm_name}' come from the Hugging Face hub, and {host} cannot be "
+            f"resolved from this machine (no network?); {_OFFLINE_HINT}"
+        ) from exc
+
+
+def load_weights(model: nn.Module, path: str | Path, *, new_head: bool = False) -> None:
     """Load a safetensors or ``.pth``/``.pt`` state dict into ``model`` (never unpickling code).
 
     A state dict whose classifier does not match is an error that says so; so are missing keys.
+    With ``new_head`` (fine-tuning, e.g. ImageNet weights for a 10-class student), a classifier of
+    another size is left at its fresh initialisation instead, and 3-channel stem weights are
+    summed for a 1-channel model, as timm does for its own pretrained weights.
     """
     from cwkd.checkpoint import read_state_dict  # local import: checkpoint imports models
 
-    load_state_checked(model, read_state_dict(path), f"weights in {path}")
+    state = read_state_dict(path)
+    if new_head:
+        state = _adapt_for_finetune(model, _strip_prefixes(state, model))
+    load_state_checked(model, state, f"weights in {path}")
+
+
+def _adapt_for_finetune(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    own = model.state_dict()
+    head = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    adapted = {}
+    for key, value in state.items():
+        target = own.get(key)
+        if target is not None and target.shape != value.shape:
+            if heads and any(key.startswith(h + ".") for h in heads if h):
+                value = target.clone()  # a classifier for other classes: keep the fresh one
+            elif value.dim() == 4 and value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]:
+                value = adapt_input_conv(target.shape[1], value)
+        adapted[key] = value
+    return adapted
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
