@@ -47,7 +47,7 @@ def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: i
     out = Path(out)
     console = console or RunConsole()
     common = dict(data="fashion-mnist-mini", input_size=plan.input_size, seed=seed, workers=workers,
-                  overwrite=True, quiet=True, device="auto")
+                  overwrite=True, quiet=console.quiet, device="auto")
     steps = [
         ("teacher", f"1/3 training the teacher ({plan.teacher}, {plan.teacher_epochs} epochs)",
          TrainConfig(student=plan.teacher, method="none", epochs=plan.teacher_epochs,
@@ -67,7 +67,7 @@ def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: i
     for key, label, cfg in steps:
         console.info(label)
         started = time.perf_counter()
-        results[key] = run(cfg, console=RunConsole(quiet=True))
+        results[key] = run(cfg, console=console)  # progress bars and one line per epoch
         seconds[key] = time.perf_counter() - started
         console.info(f"    best val top-1 {results[key].best_top1:.2f}% in {seconds[key]:.0f}s")
     _print_table(console, plan, results, seconds)
