@@ -175,12 +175,17 @@ def _teacher_step(b: Bench) -> Step:
 def _cwkd_step(b: Bench, **options) -> Step:
     distiller = FeatureDistiller(b.teacher, b.student, input_size=b.cfg.input_size, **options)
     distiller = _place(distiller, b).train()
-    update = b.updater(distiller.parameters())
-    b.owners.append(distiller)
+    return _loss_step(b, distiller, distiller.parameters())
+
+
+def _loss_step(b: Bench, module: nn.Module, params) -> Step:
+    """A train step for any module whose forward(x, y) returns a dict with "loss"."""
+    update = b.updater(params)
+    b.owners.append(module)
 
     def step():
         with b.autocast():
-            loss = distiller(b.x, b.y)["loss"]
+            loss = module(b.x, b.y)["loss"]
         update(loss)
         return loss.detach()
     return step
@@ -196,15 +201,7 @@ def _timm_step(b: Bench, kind: str) -> Step:
     else:  # pooled pre-logits MSE, with a Linear projection when the widths differ
         task = FeatureDistillationTask(b.student, b.teacher, **common)
     task = _place(task, b).train()
-    update = b.updater(task.trainable_module.parameters())
-    b.owners.append(task)
-
-    def step():
-        with b.autocast():
-            loss = task(b.x, b.y)["loss"]
-        update(loss)
-        return loss.detach()
-    return step
+    return _loss_step(b, task, task.trainable_module.parameters())
 
 
 def _torchdistill_step(b: Bench) -> Step:

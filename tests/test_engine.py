@@ -19,15 +19,8 @@ from cwkd.data import build_loaders, data_config, load_data
 from cwkd.engine import evaluate
 from cwkd.models import create_model
 
-from .helpers import make_image_folder
-
 runner = CliRunner()
 COMMON = ["--epochs", "1", "--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

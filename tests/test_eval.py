@@ -23,11 +23,6 @@ EVAL = ["--workers", "0", "--device", "cpu", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def run_dir(folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "cwt"
     result = runner.invoke(app, ["distill", "--teacher", "test_resnet", "--allow-random-teacher", "--student",
