@@ -265,7 +265,7 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
     from cwkd.engine import run
 
     torch.set_num_threads(int(os.environ.get("CWKD_BENCH_THREADS", "1")))
-    norm = _use_teacher_normalization(plan.teacher, plan.input_size)
+    norm = teacher_normalization(plan.teacher, plan.input_size)
     method, feature, kd_weight = METHODS[cell.method]
     out = plan.runs / "cells" / cell.key
     cfg = TrainConfig(
@@ -273,8 +273,8 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
         teacher=teacher if (feature or kd_weight) else None, method=method,
         alpha=cell.alpha if feature else 1.0, pairs=PAIRS[cell.student] if feature else "last",
         hidden=cell.hidden, kd_weight=kd_weight, kd_temperature=plan.kd_temperature, epochs=plan.epochs,
-        batch_size=plan.batch_size, input_size=plan.input_size, in_chans=1, workers=0, seed=cell.seed,
-        device="cpu", out=str(out), overwrite=True, quiet=True,
+        batch_size=plan.batch_size, input_size=plan.input_size, in_chans=1, mean=norm["mean"], std=norm["std"],
+        workers=0, seed=cell.seed, device="cpu", out=str(out), overwrite=True, quiet=True,
     )
     started = time.perf_counter()
     resume = out if (out / "state.pt").is_file() and (out / "config.json").is_file() else None
@@ -297,29 +297,20 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
     return record
 
 
-def _use_teacher_normalization(teacher: str, input_size: int) -> dict:
-    """Normalise every run's input with the teacher's mean/std (a workaround for a cwkd bug).
+def teacher_normalization(teacher: str, input_size: int) -> dict:
+    """The teacher's input mean/std (what `cwkd train` used for it), given to every student run.
 
-    cwkd's engine normalises the batch with the *student's* timm mean/std and feeds that same tensor to
-    the teacher. mobilenetv1_100 uses mean=std=0.5 while the resnet18 teacher was trained with
-    0.449/0.226; fed that input the teacher falls from 84% to about 21% top-1 on the test set, so every
-    distillation into mobilenetv1_100 would learn from a broken teacher. Giving all runs, baselines
-    included, the teacher's statistics (what `cwkd train` used for it) keeps the comparison fair; for
-    mobilenetv3_small_050 they are its own defaults anyway.
+    cwkd now remaps a batch to a teacher's own statistics itself; the benchmark still normalises every cell,
+    baselines included, with the teacher's statistics (via --mean/--std) so that all runs of a student see
+    identical input tensors. For mobilenetv3_small_050 these are its own defaults; mobilenetv1_100's timm
+    defaults (0.5/0.5) differ, and the cells run before the fix used these same statistics.
     """
     import timm
 
-    import cwkd.engine as engine
     from cwkd.data import data_config
 
     stats = data_config(timm.create_model(teacher, num_classes=10, in_chans=1), input_size=input_size, in_chans=1)
-    norm = {"mean": stats["mean"], "std": stats["std"]}
-
-    def with_teacher_stats(model, **kwargs) -> dict:
-        return {**data_config(model, **kwargs), **norm}
-
-    engine.data_config = with_teacher_stats
-    return {k: list(v) for k, v in norm.items()}
+    return {"mean": list(stats["mean"]), "std": list(stats["std"])}
 
 
 def run_grid(plan: Plan, cells: list[Cell], jobs: int) -> None:
@@ -550,7 +541,7 @@ def diagnose(plan: Plan, images: int = 256) -> dict:
     student_root, _ = prepare_data(plan)
     spec = load_data("fashion-mnist", root=str(student_root))
     teacher_ckpt = str(plan.runs / "teacher" / "last.safetensors")
-    norm = _use_teacher_normalization(plan.teacher, plan.input_size)
+    norm = teacher_normalization(plan.teacher, plan.input_size)
     rows = {}
     for name in plan.students:
         cfg = TrainConfig(data="fashion-mnist", student=name, teacher=teacher_ckpt, in_chans=1)
@@ -558,7 +549,7 @@ def diagnose(plan: Plan, images: int = 256) -> dict:
         for method in ("linear", "cwt", "mgd"):
             torch.manual_seed(0)
             student = timm.create_model(name, num_classes=spec.num_classes, in_chans=1)
-            dcfg = {**data_config(student, input_size=plan.input_size, in_chans=1), **norm}  # as run_cell feeds it
+            dcfg = data_config(student, input_size=plan.input_size, in_chans=1, **norm)  # as run_cell feeds it
             tf = build_transform(dcfg, train=False, channels=1)
             x = torch.stack([tf(spec.train[i][0]) for i in range(images)])
             y = torch.tensor([spec.train[i][1] for i in range(images)])
@@ -579,8 +570,48 @@ def diagnose(plan: Plan, images: int = 256) -> dict:
                 "grad_task": _norm(g_task), "grad_feat_alpha": _norm(g_feat),
             }
             print(f"{name:24s} {method:7s} " + " ".join(f"{k}={v:.4g}" for k, v in rows[f'{name}/{method}'].items()))
-    _write_json(plan.results / "accuracy_diagnosis.json", {"alpha": plan.alpha, "images": images, "rows": rows})
+    _write_json(plan.results / "accuracy_diagnosis.json", {"alpha": plan.alpha, "images": images, "rows": rows,
+                                                            "teacher_input": teacher_input_check(plan)})
     return rows
+
+
+def teacher_input_check(plan: Plan, images: int = 3000) -> dict:
+    """The teacher's test top-1 on batches normalised for each student, as is and remapped by cwkd.
+
+    This is what the remap (``cwkd.Renormalize``) is for: a student whose timm statistics differ from the
+    teacher's would otherwise distil from a teacher that sees the wrong input.
+    """
+    import timm
+    import torch
+
+    from cwkd.build import build_teacher
+    from cwkd.config import TrainConfig
+    from cwkd.data import build_loaders, data_config, load_data
+    from cwkd.distiller import Renormalize
+
+    student_root, _ = prepare_data(plan)
+    spec = load_data("fashion-mnist", root=str(student_root))
+    cfg = TrainConfig(data="fashion-mnist", student=plan.students[0], in_chans=1, method="none", kd_weight=1.0,
+                      teacher=str(plan.runs / "teacher" / "last.safetensors"))
+    teacher, source = build_teacher(cfg, spec.num_classes, 1)
+    rows = {}
+    for name in plan.students:
+        dcfg = data_config(timm.create_model(name, num_classes=10, in_chans=1), input_size=plan.input_size, in_chans=1)
+        remap = Renormalize.between((dcfg["mean"], dcfg["std"]), (source["mean"], source["std"]))
+        _, loader = build_loaders(spec, dcfg, batch_size=500, workers=0)
+        hits, seen = [0, 0], 0
+        with torch.no_grad():
+            for x, y in loader:
+                if seen >= images:
+                    break
+                hits[0] += int((teacher(x).argmax(1) == y).sum())
+                hits[1] += int((teacher(remap(x) if remap is not None else x).argmax(1) == y).sum())
+                seen += len(y)
+        rows[name] = {"student_mean": list(dcfg["mean"]), "student_std": list(dcfg["std"]), "images": seen,
+                      "teacher_top1_as_is": 100 * hits[0] / seen, "teacher_top1_remapped": 100 * hits[1] / seen}
+        print(f"{name:24s} mean/std {dcfg['mean']}/{dcfg['std']}: teacher top-1 on {seen} test images "
+              f"{rows[name]['teacher_top1_as_is']:.1f}% as is, {rows[name]['teacher_top1_remapped']:.1f}% remapped")
+    return {"teacher_mean": source["mean"], "teacher_std": source["std"], "rows": rows}
 
 
 def _norm(grads) -> float:
@@ -617,7 +648,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", default=None, help="run only these cells (comma-separated keys, as in the "
                         "result file names), e.g. mobilenetv3_small_050-cwt-s1-a50")
     parser.add_argument("--report", action="store_true", help="only summarise the saved results")
-    parser.add_argument("--diagnose", action="store_true", help="compare the loss terms' gradients at init")
+    parser.add_argument("--diagnose", action="store_true", help="compare the loss terms' gradients at init, "
+                        "and the teacher's top-1 on each student's input")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     if args.seeds is not None:

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 from cwkd.aligner import Method, build_aligner
 from cwkd.config import Optimizer, Precision, TrainConfig
-from cwkd.distiller import FeatureDistiller
+from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import (
     CheckpointError,
     ConfigError,
@@ -36,7 +36,7 @@ from cwkd.models import create_model
 from cwkd.pairing import Pair, pair_layers
 
 __all__ = [
-    "CheckpointError", "ConfigError", "CwkdError", "DataError", "ExportError", "FeatureDistiller",
+    "CheckpointError", "ConfigError", "CwkdError", "DataError", "ExportError", "FeatureDistiller", "Renormalize",
     "FeatureHooks", "LayerError", "LayerInfo", "Method", "ModelNotFoundError", "Optimizer", "Pair",
     "PairingError", "Precision", "Reduction", "TrainConfig", "TrainingError", "__version__", "build_aligner",
     "convert_alpha", "create_model", "evaluate_checkpoint", "export_student", "feature_loss", "inspect_model",

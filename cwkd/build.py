@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cwkd.checkpoint import load_checkpoint
+from cwkd.checkpoint import load_checkpoint, read_metadata
 from cwkd.config import Precision, TrainConfig
+from cwkd.data import data_config
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.models import create_model, load_state_checked, resolve_name
 
@@ -85,16 +86,19 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
 def teacher_in_chans(cfg: TrainConfig) -> int | None:
     """The input channels a teacher checkpoint was trained with, if the teacher is one."""
     if cfg.teacher and is_checkpoint_path(cfg.teacher):
-        return int(_teacher_checkpoint(cfg.teacher)[1]["in_chans"])
+        return int(_teacher_checkpoint(cfg.teacher, header_only=True)[1]["in_chans"])
     return None
 
 
-def _teacher_checkpoint(path: str) -> tuple[dict, dict]:
+def _teacher_checkpoint(path: str, header_only: bool = False) -> tuple[dict, dict]:
     """A --teacher checkpoint; other weight files get the advice to use --teacher-weights."""
     if not Path(path).exists():
         raise CheckpointError(f"teacher checkpoint {path} does not exist; pass a .safetensors file from "
                               "`cwkd train` or a timm model name")
-    return load_checkpoint(path, plain_hint=f"for other weights pass --teacher MODEL_NAME --teacher-weights {path}")
+    hint = f"for other weights pass --teacher MODEL_NAME --teacher-weights {path}"
+    if header_only:
+        return {}, read_metadata(path, plain_hint=hint)
+    return load_checkpoint(path, plain_hint=hint)
 
 
 def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
@@ -102,6 +106,8 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
 
     Accepts a cwkd checkpoint, a timm name with ``--teacher-weights FILE``, or a timm name with
     pretrained weights. A randomly initialised teacher is refused unless explicitly allowed.
+    The description's ``mean`` and ``std`` are the input statistics the teacher expects: the
+    checkpoint's own, or timm's config for the model otherwise.
     """
     assert cfg.teacher is not None
     if is_checkpoint_path(cfg.teacher):
@@ -110,7 +116,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
         state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
         load_state_checked(model, state, f"the tensors in {cfg.teacher}",
                            hint="they do not match the checkpoint's own metadata; the file is damaged or edited")
-        source = {"checkpoint": str(cfg.teacher), "model": meta["model"]}
+        source = {"checkpoint": str(cfg.teacher), "model": meta["model"], "mean": meta["mean"], "std": meta["std"]}
         teacher_classes, teacher_chans = meta["num_classes"], meta["in_chans"]
     else:
         name = resolve_name(cfg.teacher)
@@ -126,8 +132,10 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
             model = create_model(name, in_chans=in_chans, pretrained=True)
         else:
             model = create_model(name, num_classes=num_classes, in_chans=in_chans)
+        stats = data_config(model, in_chans=in_chans)
         source = {"model": name, "weights": cfg.teacher_weights or
-                  ("pretrained" if cfg.teacher_pretrained else "random")}
+                  ("pretrained" if cfg.teacher_pretrained else "random"),
+                  "mean": list(stats["mean"]), "std": list(stats["std"])}
         teacher_classes, teacher_chans = _num_classes(model), in_chans
     if teacher_classes != num_classes:
         raise ConfigError(

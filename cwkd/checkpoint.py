@@ -137,6 +137,12 @@ def load_checkpoint(
     Example:
         >>> tensors, meta = load_checkpoint("out/student.safetensors")  # doctest: +SKIP
     """
+    meta = read_metadata(path, plain_hint=plain_hint)
+    return _load_safetensors(Path(path), device), meta
+
+
+def read_metadata(path: str | Path, *, plain_hint: str | None = None) -> dict:
+    """A cwkd checkpoint's checked metadata, from its header alone (no tensor is read)."""
     path = _existing_file(path)
     not_cwkd = f"not a cwkd checkpoint; {plain_hint}" if plain_hint else _NOT_CWKD
     raw = _read_header(path, other=not_cwkd).get("__metadata__")
@@ -153,7 +159,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path} has unreadable cwkd metadata ({exc}); the file is corrupt") from exc
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    return _load_safetensors(path, device), meta
+    return meta
 
 
 def _is_int(x: Any) -> bool:

@@ -43,6 +43,10 @@ Compile = Annotated[bool, typer.Option(help="torch.compile the student and teach
 InputSize = Annotated[int | None, typer.Option(help="Input height=width in pixels (default: the model's, "
                                                   "or 32 for 28-32 px data sets).")]
 InChans = Annotated[int | None, typer.Option(help="Input channels (default: the data's, 1 for gray).")]
+Mean = Annotated[str | None, typer.Option(help="Input mean per channel, comma-separated (default: the "
+                                         "model's timm config).")]
+Std = Annotated[str | None, typer.Option(help="Input std per channel, comma-separated (default: the "
+                                        "model's timm config).")]
 Workers = Annotated[int, typer.Option(help="Data loader worker processes.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
@@ -150,7 +154,8 @@ def train(
     epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
     optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
     clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
-    input_size: InputSize = None, in_chans: InChans = None, workers: Workers = 2, seed: Seed = 0,
+    input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
+    workers: Workers = 2, seed: Seed = 0,
     device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
     skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
 ) -> None:
@@ -190,7 +195,8 @@ def distill(
     epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
     optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
     clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
-    input_size: InputSize = None, in_chans: InChans = None, workers: Workers = 2, seed: Seed = 0,
+    input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
+    workers: Workers = 2, seed: Seed = 0,
     device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
     skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
 ) -> None:

@@ -67,6 +67,8 @@ class TrainConfig:
     compile: bool = False
     input_size: int | None = None
     in_chans: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     data_root: str | None = None
     download: bool = False
     skip_corrupt: bool = False
@@ -84,6 +86,7 @@ class TrainConfig:
         self.reduction = Reduction(self.reduction)
         self.optimizer = Optimizer(self.optimizer)
         self.precision = Precision(self.precision)
+        self.mean, self.std = _stats("--mean", self.mean), _stats("--std", self.std)
         if self.lr is None:
             self.lr = OPTIMIZER_DEFAULTS[self.optimizer][0]
         if self.weight_decay is None:
@@ -121,6 +124,10 @@ class TrainConfig:
             raise ConfigError(f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}")
         if self.uses_teacher and not self.teacher:
             raise ConfigError("distillation needs a teacher: pass --teacher NAME or a cwkd checkpoint")
+        for value in self.std or ():
+            _finite_at_least("--std", value, 1e-12)
+        for value in self.mean or ():
+            _finite_at_least("--mean", value, float("-inf"))
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (enums as their values)."""
@@ -135,6 +142,17 @@ class TrainConfig:
     def default_out(self, stamp: str) -> Path:
         """``runs/<timestamp>-<student>``."""
         return Path("runs") / f"{stamp}-{self.student.replace('/', '_')}"
+
+
+def _stats(flag: str, value) -> tuple[float, ...] | None:
+    """Per-channel statistics from ``"0.5,0.5,0.5"``, a number or a list (None stays None)."""
+    if value is None or value == "":
+        return None
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list | tuple) else [value]
+    try:
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be comma-separated numbers such as 0.5,0.5,0.5; got {value!r}") from None
 
 
 def _positive(name: str, value: int) -> None:

@@ -369,10 +369,13 @@ def data_config(
     input_size: int | None = None,
     in_chans: int | None = None,
     native_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict:
     """Resolve input size, mean/std, interpolation and crop_pct from the model's timm config.
 
-    ``input_size`` overrides the model's default height and width. ``native_size`` is accepted for the
+    ``input_size`` overrides the model's default height and width; ``mean`` and ``std`` override the
+    model's statistics (one value, or one per input channel). ``native_size`` is accepted for the
     caller's bookkeeping but does not change the size: the engine decides whether to train at it. mean and
     std get one entry per model input channel (gray models use the average of the RGB statistics).
 
@@ -391,8 +394,8 @@ def data_config(
         height = width = input_size
     return {
         "input_size": (chans, height, width),
-        "mean": _per_channel(cfg["mean"], chans),
-        "std": _per_channel(cfg["std"], chans),
+        "mean": _override("--mean", mean, chans) or _per_channel(cfg["mean"], chans),
+        "std": _override("--std", std, chans) or _per_channel(cfg["std"], chans),
         "interpolation": cfg.get("interpolation", "bilinear"),
         "crop_pct": float(cfg.get("crop_pct", 0.875)),
     }
@@ -401,6 +404,21 @@ def data_config(
 def _model_in_chans(model: nn.Module) -> int | None:
     """The input channels of the model's first convolution; why: timm's config says 3 even for in_chans=1."""
     return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def default_input_size(native: int | None) -> int | None:
+    """Small native images (28 px, 32 px) train at the next multiple of 32; folders use the model's size."""
+    return None if native is None else 32 * math.ceil(native / 32)
+
+
+def _override(flag: str, values: Sequence[float] | None, chans: int) -> tuple[float, ...] | None:
+    """A user's --mean/--std: one value for every channel, or exactly one per channel."""
+    if not values:
+        return None
+    if len(values) not in (1, chans):
+        raise ConfigError(f"{flag} has {len(values)} values but the model takes {chans} input channel(s); "
+                          f"give 1 or {chans} comma-separated values")
+    return tuple(float(v) for v in values) * (chans if len(values) == 1 else 1)
 
 
 def _per_channel(values: Sequence[float], chans: int) -> tuple[float, ...]:

@@ -24,6 +24,10 @@ class FeatureDistiller(nn.Module):
     outside the module tree (``None`` for plain training): it is frozen, always in eval mode,
     absent from ``parameters()``, and still follows ``.to(device)``.
 
+    ``teacher_input`` (optional, e.g. a :class:`Renormalize`) maps each batch before the teacher sees
+    it, for a teacher that was trained on other input statistics than the student's; it is held
+    outside the module tree like the teacher.
+
     ``forward(images, targets)`` returns a dict with ``loss`` (``task + alpha * feat + kd_weight
     * kd``), ``task_loss``, ``feat_loss``, ``kd_loss`` when used, one ``feat/STUDENT->TEACHER``
     entry per pair, and ``logits``.
@@ -49,6 +53,7 @@ class FeatureDistiller(nn.Module):
         kd_weight: float = 0.0,
         kd_temperature: float = 4.0,
         label_smoothing: float = 0.0,
+        teacher_input: nn.Module | None = None,
     ) -> None:
         super().__init__()
         _check_options(alpha, hidden, kd_weight, kd_temperature, label_smoothing)
@@ -65,6 +70,7 @@ class FeatureDistiller(nn.Module):
         if teacher is None and (self.method is not Method.none or self.kd_weight > 0):
             raise ConfigError("feature distillation and logit KD need a teacher; pass one, or method='none'")
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never saved
+        object.__setattr__(self, "teacher_input", teacher_input)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.pairs: list[Pair] = []
@@ -100,8 +106,9 @@ class FeatureDistiller(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .float() ... reach the teacher too, although it is not a submodule.
         super()._apply(fn, *args, **kwargs)
-        if self.teacher is not None:
-            self.teacher._apply(fn, *args, **kwargs)
+        for outside in (self.teacher, self.teacher_input):
+            if outside is not None:
+                outside._apply(fn, *args, **kwargs)
         return self
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -110,10 +117,11 @@ class FeatureDistiller(nn.Module):
         t_logits = None
         if self.uses_teacher and targets is not None:
             with torch.inference_mode():
-                t_logits = self.teacher(images)
+                t_images = images if self.teacher_input is None else self.teacher_input(images)
+                t_logits = self.teacher(t_images)
                 raw = self._t_hooks.pop()
             # Leave inference mode: clones are ordinary tensors that autograd may save.
-            t_logits = t_logits.clone()
+            t_logits = t_logits.clone() if self.kd_weight > 0 else None
             t_feats = {k: v.clone() for k, v in raw.items()}
             del raw
         logits = self.student(images)
@@ -163,6 +171,36 @@ class FeatureDistiller(nn.Module):
         return [p.to_dict() for p in self.pairs]
 
 
+class Renormalize(nn.Module):
+    """Turn images normalised with one (mean, std) into images normalised with another.
+
+    ``x * (std_from / std_to) + (mean_from - mean_to) / std_to`` per channel: exactly what
+    normalising the raw image with ``(mean_to, std_to)`` would give.
+
+    Example:
+        >>> remap = Renormalize((0.5,), (0.5,), (0.25,), (0.25,))
+        >>> remap(torch.zeros(1, 1, 2, 2)).flatten().tolist()  # raw 0.5 -> (0.5 - 0.25) / 0.25
+        [1.0, 1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, mean_from, std_from, mean_to, std_to) -> None:
+        super().__init__()
+        m0, s0, m1, s1 = (torch.as_tensor(v, dtype=torch.float32).reshape(1, -1, 1, 1)
+                          for v in (mean_from, std_from, mean_to, std_to))
+        self.register_buffer("scale", s0 / s1)
+        self.register_buffer("shift", (m0 - m1) / s1)
+
+    @classmethod
+    def between(cls, student: tuple, teacher: tuple) -> Renormalize | None:
+        """The remap from the student's ``(mean, std)`` to the teacher's, or None when they agree."""
+        same = all(len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b, strict=True))
+                   for a, b in zip(student, teacher, strict=True))
+        return None if same else cls(*student, *teacher)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
+
+
 def _key(index: int) -> str:
     return f"pair{index}"
 
@@ -181,4 +219,4 @@ def _check_options(alpha: float, hidden: int | None, kd_weight: float, temperatu
             raise ConfigError(message)
 
 
-__all__ = ["FeatureDistiller", "LayerInfo"]
+__all__ = ["FeatureDistiller", "LayerInfo", "Renormalize"]

@@ -31,8 +31,8 @@ from cwkd.build import (
 )
 from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
-from cwkd.data import EpochSampler, build_loaders, data_config, load_data
-from cwkd.distiller import FeatureDistiller
+from cwkd.data import EpochSampler, build_loaders, data_config, default_input_size, load_data
+from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import TrainingError
 
 
@@ -69,12 +69,15 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
     in_chans = cfg.in_chans or teacher_in_chans(cfg) or spec.channels
     student = build_student(cfg, spec.num_classes, in_chans)
     teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, {})
-    dcfg = data_config(student, input_size=cfg.input_size or _default_size(spec.native_size),
-                       in_chans=in_chans, native_size=spec.native_size)
+    dcfg = data_config(student, input_size=cfg.input_size or default_input_size(spec.native_size),
+                       in_chans=in_chans, native_size=spec.native_size, mean=cfg.mean, std=cfg.std)
+    # Batches are normalised for the student; a teacher trained on other statistics gets them remapped.
+    teacher_input = Renormalize.between((dcfg["mean"], dcfg["std"]), (teacher_source["mean"], teacher_source["std"])) \
+        if teacher is not None else None
     distiller = FeatureDistiller(
         teacher, student, pairs=cfg.pairs, method=cfg.method, alpha=cfg.alpha, hidden=cfg.hidden,
         input_size=dcfg["input_size"], reduction=cfg.reduction, kd_weight=cfg.kd_weight,
-        kd_temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing,
+        kd_temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, teacher_input=teacher_input,
     )
     channels_last = device.type == "cuda"
     distiller.to(device, memory_format=torch.channels_last) if channels_last else distiller.to(device)
@@ -317,14 +320,16 @@ def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: dict, d
         f"({p.teacher.channels}x{p.teacher.height}x{p.teacher.width})" for p in distiller.pairs
     ) or "none"
     kd = f", kd weight {cfg.kd_weight} T={cfg.kd_temperature}" if cfg.kd_weight else ""
+    remap = distiller.teacher_input
+    stats = (f"; input mean {_fmt_stats(dcfg['mean'])} std {_fmt_stats(dcfg['std'])}"
+             + (" (remapped to the teacher's own statistics before it sees them)" if remap is not None else ""))
     return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg['input_size'])}), "
             f"method {cfg.method.value}, alpha {cfg.alpha}{kd}, pairs: {pairs}; device {device}, "
-            f"precision {cfg.precision.value}, {rank.world} process(es)")
+            f"precision {cfg.precision.value}, {rank.world} process(es){stats}")
 
 
-def _default_size(native: int | None) -> int | None:
-    """Small native images (28 px, 32 px) train at the next multiple of 32; folders use the model's size."""
-    return None if native is None else 32 * math.ceil(native / 32)
+def _fmt_stats(values) -> str:
+    return "/".join(f"{v:.3g}" for v in values)
 
 
 def _seed_all(seed: int, *mix: int) -> None:

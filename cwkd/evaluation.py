@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from torch import nn
 from cwkd.build import resolve_device
 from cwkd.checkpoint import load_checkpoint, read_state_dict, validate_metadata
 from cwkd.config import Precision
-from cwkd.data import DataSpec, build_loaders, data_config, load_data
+from cwkd.data import DataSpec, build_loaders, data_config, default_input_size, load_data
 from cwkd.engine import evaluate
 from cwkd.errors import CheckpointError, ConfigError, DataError
 from cwkd.models import create_model, resolve_name
@@ -229,8 +228,7 @@ def _prepare(source: str | Path, weights: str | Path | None, data: str | None, d
         raise DataError(f"evaluating '{source}' with --weights needs --data (a timm model records no data set)")
     spec = load_data(data, root=data_root)
     model, meta = _timm_model(str(source), weights, spec.channels)
-    # The sizes `cwkd train` uses: small native images at the next multiple of 32, else the model's own.
-    size = input_size or (None if spec.native_size is None else 32 * math.ceil(spec.native_size / 32))
+    size = input_size or default_input_size(spec.native_size)  # the size `cwkd train` picks
     return model, meta, spec, data_config(model, input_size=size, in_chans=meta["in_chans"])
 
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from cwkd import ConfigError, FeatureDistiller, Method, create_model
+from cwkd import ConfigError, FeatureDistiller, Method, Renormalize, create_model
 from cwkd.aligner import ChannelWiseTransform, LinearTransform, MaskedGenerator
 from cwkd.losses import convert_alpha, feature_loss
 
@@ -132,3 +132,30 @@ def test_bf16_autocast_on_cpu():
         out = d(*_batch())
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
+
+
+def test_renormalize_matches_normalising_the_raw_image():
+    raw = torch.rand(2, 3, 8, 8)
+    s_mean, s_std, t_mean, t_std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+
+    def norm(x, mean, std):
+        return (x - torch.tensor(mean).reshape(1, 3, 1, 1)) / torch.tensor(std).reshape(1, 3, 1, 1)
+
+    remap = Renormalize.between((s_mean, s_std), (t_mean, t_std))
+    torch.testing.assert_close(remap(norm(raw, s_mean, s_std)), norm(raw, t_mean, t_std))
+    assert Renormalize.between((s_mean, s_std), (s_mean, s_std)) is None
+
+
+def test_teacher_input_reaches_the_teacher_only():
+    teacher, student = create_model("test_resnet"), create_model("test_efficientnet")
+    remap = Renormalize((0.0,) * 3, (1.0,) * 3, (0.5,) * 3, (2.0,) * 3)
+    d = FeatureDistiller(teacher, student, input_size=64, teacher_input=remap).to(torch.float64)
+    seen = {}
+    teacher.register_forward_pre_hook(lambda m, a: seen.update(teacher=a[0]))
+    student.register_forward_pre_hook(lambda m, a: seen.update(student=a[0]))
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    d(images, torch.tensor([0, 1]))
+    torch.testing.assert_close(seen["student"], images)
+    torch.testing.assert_close(seen["teacher"], (images - 0.5) / 2.0)
+    assert remap.scale.dtype == torch.float64  # .to() reached the remap held outside the module tree
+    assert not any(n.startswith("teacher_input") for n in d.state_dict())

@@ -95,6 +95,48 @@ def test_bf16_and_linear_and_mgd_run_on_cpu(folder, teacher_ckpt, tmp_path):
         assert result.exit_code == 0, result.output
 
 
+def test_teacher_sees_its_own_normalisation(folder, tmp_path, monkeypatch):
+    """A teacher trained on other input statistics than the student's gets batches remapped to its own."""
+    import cwkd.engine as engine
+
+    teacher = tmp_path / "teacher"
+    result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(teacher),
+                                 "--mean", "0.2", "--std", "0.4", *COMMON])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(teacher / "best.safetensors")[1]["mean"] == pytest.approx([0.2] * 3)
+    seen: dict[str, list] = {"teacher": [], "student": []}
+
+    class Spy(engine.FeatureDistiller):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for name in seen:
+                getattr(self, name).register_forward_pre_hook(lambda m, a, name=name: seen[name].append(a[0]))
+
+    monkeypatch.setattr(engine, "FeatureDistiller", Spy)
+    out = tmp_path / "student"
+    result = runner.invoke(app, ["distill", "--teacher", str(teacher / "best.safetensors"), "--student",
+                                 "test_efficientnet", "--data", str(folder), "--out", str(out), *COMMON])
+    assert result.exit_code == 0, result.output
+    s_mean, s_std = (torch.tensor(v).reshape(1, 3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    assert seen["teacher"]
+    for t_in, s_in in zip(seen["teacher"], seen["student"], strict=False):  # teacher runs first in each step
+        raw = s_in * s_std + s_mean
+        torch.testing.assert_close(t_in, (raw - 0.2) / 0.4, rtol=1e-5, atol=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["teacher"]["mean"] == pytest.approx([0.2] * 3)
+    assert load_checkpoint(out / "best.safetensors")[1]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_mean_and_std_are_checked(folder, tmp_path):
+    bad = {("--mean", "0.5,0.5"): "--mean has 2 values", ("--std", "0.5,0,0.5"): "--std must be at least",
+           ("--mean", "a,b,c"): "comma-separated numbers"}
+    for (flag, value), message in bad.items():
+        result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out",
+                                     str(tmp_path / "r"), flag, value, *COMMON])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert not (tmp_path / "r").exists()
+
+
 def test_fp16_on_cpu_is_refused(folder, tmp_path):
     result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out",
                                  str(tmp_path / "r"), "--precision", "fp16", *COMMON])
