@@ -267,6 +267,8 @@ VARIANTS: dict[str, Variant] = {
     "teacher": Variant("(b) teacher inference alone", _teacher_step),
     "cwkd": Variant("(c) cwkd, cwt aligner, pairs=last", lambda b: _cwkd_step(b, pairs="last")),
     "cwkd_all": Variant("cwkd, cwt aligner, pairs=all", lambda b: _cwkd_step(b, pairs="all")),
+    "cwkd_hidden_cs": Variant("cwkd, cwt aligner, pairs=last, --hidden = student channels",
+                              lambda b: _cwkd_step(b, pairs="last", hidden=_last_pair(b).student.channels)),
     "cwkd_linear": Variant("cwkd, linear (FitNets) aligner, pairs=last",
                            lambda b: _cwkd_step(b, pairs="last", method="linear")),
     "cwkd_logit": Variant("cwkd, logit KD only (method=none)",

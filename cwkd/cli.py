@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 from collections.abc import Iterator
+from inspect import signature
 from pathlib import Path
 from typing import Annotated
 
@@ -52,7 +53,8 @@ Seed = Annotated[int, typer.Option(help="Random seed.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Out = Annotated[str | None, typer.Option(help="Run directory. (default: runs/<time>-<student>)")]
 Overwrite = Annotated[bool, typer.Option(help="Replace the run already in --out.")]
-Resume = Annotated[str | None, typer.Option(help="Continue the run in this directory with its saved config.")]
+Resume = Annotated[str | None, typer.Option(help="Continue the run in this directory with its saved config "
+                                             "(--epochs, --workers, --device may change).")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss is NaN/inf before stopping.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
@@ -161,7 +163,7 @@ def train(
 ) -> None:
     """Train one model without a teacher: a teacher to distil from, or the baseline student."""
     with _errors():
-        cfg = _config(dict(locals()), student=model, method=Method.none, flag="--model")
+        cfg = _config(dict(locals()), student=model, method=Method.none, flag="--model", command=train)
     _run(cfg, resume)
 
 
@@ -202,28 +204,31 @@ def distill(
 ) -> None:
     """Distil a teacher into a student through channel-wise aligned features."""
     with _errors():
-        cfg = _config(dict(locals()), student=student, method=method, flag="--student")
+        cfg = _config(dict(locals()), student=student, method=method, flag="--student", command=distill)
     _run(cfg, resume)
 
 
-def _config(options: dict, *, student: str | None, method: Method, flag: str) -> TrainConfig:
+def _config(options: dict, *, student: str | None, method: Method, flag: str, command) -> TrainConfig:
     """One TrainConfig from a command's options (a resumed run takes its own saved config)."""
     resume = options.pop("resume", None)
+    defaults = {name: p.default for name, p in signature(command).parameters.items()}
+    given = {k for k, v in options.items() if v != defaults.get(k)}
     options = {k: v for k, v in options.items() if k != "model"}
-    epochs_given = options.get("epochs") is not None
+    if "pretrained" in options:  # `cwkd train` names them --pretrained / --weights
+        options["student_pretrained"] = options.pop("pretrained")
+        options["student_weights"] = options.pop("weights")
+        given = {{"pretrained": "student_pretrained", "weights": "student_weights"}.get(k, k) for k in given}
+    options["student"] = student
+    if resume:  # the options given are checked against the saved config (rundir.load_config)
+        return TrainConfig(data="-", student="-", method=Method.none, extra={
+            "resume_options": {k: v for k, v in options.items() if k in given or k == "student" and student}})
     if options["epochs"] is None:  # not `or 10`: --epochs 0 must reach the check and fail
         options["epochs"] = 10
-    if resume:
-        return TrainConfig(data=options["data"] or "-", student=student or "-", method=Method.none,
-                           epochs=options["epochs"], extra={"epochs_given": epochs_given})
     if not student:
         raise typer.BadParameter(f"{flag} is required (or --resume RUN_DIR)", param_hint=flag)
     if not options["data"]:
         raise typer.BadParameter("--data is required", param_hint="--data")
-    options.update(student=student, method=method)
-    if "pretrained" in options:  # `cwkd train` names them --pretrained / --weights
-        options["student_pretrained"] = options.pop("pretrained")
-        options["student_weights"] = options.pop("weights")
+    options.update(method=method)
     return TrainConfig(**options)
 
 

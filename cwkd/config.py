@@ -86,12 +86,17 @@ class TrainConfig:
         self.reduction = Reduction(self.reduction)
         self.optimizer = Optimizer(self.optimizer)
         self.precision = Precision(self.precision)
-        self.mean, self.std = _stats("--mean", self.mean), _stats("--std", self.std)
+        self.mean, self.std = self.parse_stats("mean", self.mean), self.parse_stats("std", self.std)
         if self.lr is None:
             self.lr = OPTIMIZER_DEFAULTS[self.optimizer][0]
         if self.weight_decay is None:
             self.weight_decay = OPTIMIZER_DEFAULTS[self.optimizer][1]
         self.validate()
+
+    @staticmethod
+    def parse_stats(key: str, value) -> tuple[float, ...] | None:
+        """Per-channel ``mean``/``std`` from ``"0.5,0.5,0.5"``, a number or a list (None stays None)."""
+        return _stats(f"--{key}", value)
 
     @property
     def uses_teacher(self) -> bool:

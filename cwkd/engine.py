@@ -55,7 +55,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
         >>> result = run(cfg)  # doctest: +SKIP
     """
     if resume is not None:
-        cfg = rundir.load_config(resume, epochs=cfg.epochs if cfg.extra.get("epochs_given") else None)
+        cfg = rundir.load_config(resume, options=cfg.extra.get("resume_options"))
     device = resolve_device(cfg.device, cfg.precision)
     rank = setup_distributed(device)
     console = console or RunConsole(quiet=cfg.quiet, enabled=rank.main)
@@ -323,9 +323,10 @@ def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: dict, d
     remap = distiller.teacher_input
     stats = (f"; input mean {_fmt_stats(dcfg['mean'])} std {_fmt_stats(dcfg['std'])}"
              + (" (remapped to the teacher's own statistics before it sees them)" if remap is not None else ""))
+    what = (f"method {cfg.method.value}, alpha {cfg.alpha}{kd}, pairs: {pairs}" if cfg.uses_teacher
+            else "plain training (no teacher)")
     return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg['input_size'])}), "
-            f"method {cfg.method.value}, alpha {cfg.alpha}{kd}, pairs: {pairs}; device {device}, "
-            f"precision {cfg.precision.value}, {rank.world} process(es){stats}")
+            f"{what}; device {device}, precision {cfg.precision.value}, {rank.world} process(es){stats}")
 
 
 def _fmt_stats(values) -> str:

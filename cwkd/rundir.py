@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -135,18 +136,51 @@ def check_space(out: Path, module: torch.nn.Module, optimizer: torch.optim.Optim
         )
 
 
-def load_config(out: str | Path, *, epochs: int | None = None) -> TrainConfig:
-    """The config a run was started with (``epochs`` may raise the total when resuming)."""
+#: Options a resumed run may change: how it runs, not what it trains.
+RESUMABLE = ("epochs", "workers", "device", "quiet", "skip_corrupt", "skip_nonfinite", "data_root", "download")
+
+
+def load_config(out: str | Path, *, options: dict | None = None) -> TrainConfig:
+    """The config a run was started with, for ``--resume``.
+
+    ``options`` are the ones given on the resuming command line: those in :data:`RESUMABLE` replace the
+    saved values (``epochs`` may raise the total); any other must equal the saved value, so a retyped
+    command line resumes, and a changed one is refused instead of being silently ignored.
+    """
     path = Path(out) / "config.json"
     try:
         saved = json.loads(path.read_text())["config"]
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"--resume {out}: cannot read {path} ({exc}); is this a cwkd run directory?") from exc
     cfg = TrainConfig.from_dict(saved)
-    if epochs is not None:
-        cfg.epochs = epochs
+    for key, value in (options or {}).items():
+        if key in RESUMABLE:
+            setattr(cfg, key, value)
+        elif not _same(key, value, getattr(cfg, key, None)):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"--resume {out}: {flag} {value} differs from the run's own {_plain(getattr(cfg, key, None))}; a "
+                f"resumed run keeps its config (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
+                "may change): drop the option, or start a new run with --out"
+            )
     cfg.out, cfg.overwrite = str(out), False
+    cfg.validate()
     return cfg
+
+
+def _plain(value):
+    return value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
+
+
+def _same(key: str, given, saved) -> bool:
+    """Whether a resuming command's option says what the saved config says."""
+    given = _plain(TrainConfig.parse_stats(key, given) if key in ("mean", "std") else given)
+    saved = _plain(saved)
+    if given == saved:
+        return True
+    if key in ("data", "teacher", "teacher_weights", "student_weights", "out") and given and saved:
+        return Path(str(given)).resolve() == Path(str(saved)).resolve()
+    return False
 
 
 def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec, teacher_source: dict) -> None:

@@ -70,6 +70,25 @@ def test_resume_continues_from_saved_epoch(folder, teacher_ckpt, tmp_path):
     assert epochs == [1, 2]
 
 
+def test_resume_takes_run_options_and_refuses_changed_ones(folder, teacher_ckpt, tmp_path):
+    from cwkd.rundir import load_config
+
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet", "--data", str(folder),
+            "--out", str(out), "--alpha", "2", *COMMON]
+    assert runner.invoke(app, args).exit_code == 0
+    changed = runner.invoke(app, ["distill", "--resume", str(out), "--alpha", "3", "--epochs", "2"])
+    assert changed.exit_code == 1 and "--alpha 3.0 differs from the run's own 2.0" in changed.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    cfg = load_config(out, options={"skip_corrupt": True, "workers": 0, "epochs": 3, "alpha": 2.0})
+    assert cfg.skip_corrupt and cfg.epochs == 3 and cfg.alpha == 2.0
+    retyped = [a if a != "1" else "2" for a in args]  # the same command line, with --epochs 2
+    result = runner.invoke(app, [*retyped, "--resume", str(out), "--skip-corrupt"])
+    assert result.exit_code == 0, result.output
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
 def test_existing_run_is_not_overwritten(folder, teacher_ckpt, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(out), *COMMON]
