@@ -307,7 +307,7 @@ def teacher_normalization(teacher: str, input_size: int) -> dict:
     """
     import timm
 
-    from cwkd.data import data_config
+    from cwkd.loaders import data_config
 
     stats = data_config(timm.create_model(teacher, num_classes=10, in_chans=1), input_size=input_size, in_chans=1)
     return {"mean": list(stats["mean"]), "std": list(stats["std"])}
@@ -534,8 +534,9 @@ def diagnose(plan: Plan, images: int = 256) -> dict:
 
     from cwkd.build import build_teacher
     from cwkd.config import TrainConfig
-    from cwkd.data import build_transform, data_config, load_data
+    from cwkd.data import load_data
     from cwkd.distiller import FeatureDistiller
+    from cwkd.loaders import build_transform, data_config
 
     torch.set_num_threads(int(os.environ.get("CWKD_BENCH_THREADS", "1")))
     student_root, _ = prepare_data(plan)
@@ -586,8 +587,9 @@ def teacher_input_check(plan: Plan, images: int = 3000) -> dict:
 
     from cwkd.build import build_teacher
     from cwkd.config import TrainConfig
-    from cwkd.data import build_loaders, data_config, load_data
+    from cwkd.data import load_data
     from cwkd.distiller import Renormalize
+    from cwkd.loaders import build_loaders, data_config
 
     student_root, _ = prepare_data(plan)
     spec = load_data("fashion-mnist", root=str(student_root))

@@ -12,8 +12,8 @@ from torch import nn
 
 from cwkd.checkpoint import load_checkpoint, read_metadata
 from cwkd.config import Precision, TrainConfig
-from cwkd.data import data_config
 from cwkd.errors import CheckpointError, ConfigError
+from cwkd.loaders import data_config
 from cwkd.models import create_model, load_state_checked, resolve_name
 
 

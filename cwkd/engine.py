@@ -31,9 +31,10 @@ from cwkd.build import (
 )
 from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
-from cwkd.data import EpochSampler, build_loaders, data_config, default_input_size, load_data
+from cwkd.data import load_data
 from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import TrainingError
+from cwkd.loaders import EpochSampler, build_loaders, data_config, default_input_size
 
 
 @dataclass
@@ -344,8 +345,8 @@ def _seed_all(seed: int, *mix: int) -> None:
 def _set_epoch(loader, seed: int, epoch: int, start: int = 0) -> None:
     """Make the epoch's order and augmentations depend on (seed, epoch) alone, from sample ``start`` on.
 
-    ``start`` (samples of this rank already trained) needs the :class:`~cwkd.data.EpochSampler` that
-    :func:`~cwkd.data.build_loaders` gives; a resumed run then finishes the epoch it was stopped in.
+    ``start`` (samples of this rank already trained) needs the :class:`~cwkd.loaders.EpochSampler` that
+    :func:`~cwkd.loaders.build_loaders` gives; a resumed run then finishes the epoch it was stopped in.
     """
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, EpochSampler):

@@ -27,9 +27,10 @@ from torch import nn
 from cwkd.build import resolve_device
 from cwkd.checkpoint import load_checkpoint, read_state_dict, validate_metadata
 from cwkd.config import Precision
-from cwkd.data import DataSpec, build_loaders, data_config, default_input_size, load_data
+from cwkd.data import DataSpec, load_data
 from cwkd.engine import evaluate
 from cwkd.errors import CheckpointError, ConfigError, DataError
+from cwkd.loaders import build_loaders, data_config, default_input_size
 from cwkd.models import create_model, resolve_name
 
 #: The ``format`` marker in the metadata of a student file written by ``cwkd export``.

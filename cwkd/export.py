@@ -26,9 +26,10 @@ from rich.table import Table
 from torch import nn
 
 from cwkd.checkpoint import atomic_write
-from cwkd.data import build_loaders, load_data
+from cwkd.data import load_data
 from cwkd.errors import CwkdError, ExportError
 from cwkd.evaluation import checkpoint_data_config, encode_student_metadata, read_student
+from cwkd.loaders import build_loaders
 
 #: ONNX opset of exported graphs (the TorchScript-based exporter supports up to 20; runtimes widely run 18).
 ONNX_OPSET = 18

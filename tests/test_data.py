@@ -12,15 +12,9 @@ import torch
 from PIL import Image
 
 from cwkd import data as cwkd_data
-from cwkd.data import (
-    ArrayDataset,
-    build_loaders,
-    build_transform,
-    data_config,
-    load_data,
-    read_idx,
-)
+from cwkd.data import ArrayDataset, load_data, read_idx
 from cwkd.errors import ConfigError, DataError
+from cwkd.loaders import build_loaders, build_transform, data_config
 from cwkd.models import create_model
 
 

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from cwkd.checkpoint import load_checkpoint
 from cwkd.cli import app
-from cwkd.data import build_loaders, data_config, load_data
+from cwkd.data import load_data
 from cwkd.engine import evaluate
+from cwkd.loaders import build_loaders, data_config
 from cwkd.models import create_model
 
 runner = CliRunner()

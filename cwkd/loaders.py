@@ -1,0 +1,266 @@
+"""Transforms and loaders: from a model's timm data config to batches, seeded for exact resume.
+
+The transform is built from the model's data config (input size, mean/std, interpolation), so the
+same data set works for 1- and 3-channel models at any input size. :class:`EpochSampler` makes each
+epoch's order depend on (seed, epoch) alone, and per-sample seeds make augmentation repeatable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from timm.data import resolve_data_config
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
+
+from cwkd.data import SMALL_IMAGE_MAX, DataSpec
+from cwkd.errors import ConfigError
+
+
+def data_config(
+    model: nn.Module,
+    *,
+    input_size: int | None = None,
+    in_chans: int | None = None,
+    native_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> dict:
+    """Resolve input size, mean/std, interpolation and crop_pct from the model's timm config.
+
+    ``input_size`` overrides the model's default height and width; ``mean`` and ``std`` override the
+    model's statistics (one value, or one per input channel). ``native_size`` is accepted for the
+    caller's bookkeeping but does not change the size: the engine decides whether to train at it. mean and
+    std get one entry per model input channel (gray models use the average of the RGB statistics).
+
+    Example:
+        >>> cfg = data_config(create_model("test_resnet", in_chans=1), input_size=32)
+        >>> cfg["input_size"], len(cfg["mean"])
+        ((1, 32, 32), 1)
+    """
+    for label, value in (("input_size", input_size), ("in_chans", in_chans), ("native_size", native_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{label} must be a positive integer, got {value}")
+    cfg = resolve_data_config(model=model)
+    chans = in_chans or _model_in_chans(model) or cfg["input_size"][0]
+    _, height, width = cfg["input_size"]
+    if input_size is not None:
+        height = width = input_size
+    return {
+        "input_size": (chans, height, width),
+        "mean": _override("--mean", mean, chans) or _per_channel(cfg["mean"], chans),
+        "std": _override("--std", std, chans) or _per_channel(cfg["std"], chans),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+    }
+
+
+def _model_in_chans(model: nn.Module) -> int | None:
+    """The input channels of the model's first convolution; why: timm's config says 3 even for in_chans=1."""
+    return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def default_input_size(native: int | None) -> int | None:
+    """Small native images (28 px, 32 px) train at the next multiple of 32; folders use the model's size."""
+    return None if native is None else 32 * math.ceil(native / 32)
+
+
+def _override(flag: str, values: Sequence[float] | None, chans: int) -> tuple[float, ...] | None:
+    """A user's --mean/--std: one value for every channel, or exactly one per channel."""
+    if not values:
+        return None
+    if len(values) not in (1, chans):
+        raise ConfigError(f"{flag} has {len(values)} values but the model takes {chans} input channel(s); "
+                          f"give 1 or {chans} comma-separated values")
+    return tuple(float(v) for v in values) * (chans if len(values) == 1 else 1)
+
+
+def _per_channel(values: Sequence[float], chans: int) -> tuple[float, ...]:
+    """One statistic per channel; a channel count the stats were not made for gets their average."""
+    return tuple(map(float, values)) if len(values) == chans else (sum(values) / len(values),) * chans
+
+
+class _ConvertMode:
+    """Convert a PIL image to ``mode`` (a class, not a lambda, so loader workers can pickle it)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+
+def _interpolation(name: str) -> T.InterpolationMode:
+    try:
+        return T.InterpolationMode("bilinear" if name == "random" else name)
+    except ValueError as exc:
+        raise ConfigError(f"unknown interpolation '{name}'; use bilinear, bicubic or nearest") from exc
+
+
+def build_transform(cfg: dict, *, train: bool, channels: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Build the image -> tensor transform for a model config from :func:`data_config`.
+
+    Channels are converted to what the model takes (gray data is replicated for RGB models, RGB data is
+    made gray for 1-channel models). Images of 64 px or less train with resize + pad-and-crop + flip; larger
+    ones with RandomResizedCrop + flip. Evaluation is deterministic: resize and center crop.
+
+    Example:
+        >>> tf = build_transform(cfg, train=False, channels=1)
+        >>> tf(spec.val[0][0]).shape
+        torch.Size([1, 32, 32])
+    """
+    chans, height, width = cfg["input_size"]
+    if chans not in (1, 3) or channels not in (1, 3):
+        raise ConfigError(f"only 1- and 3-channel data and models work (model {chans}, data {channels})")
+    if len(cfg["mean"]) != chans or len(cfg["std"]) != chans:
+        raise ConfigError(f"mean/std need {chans} entries for a {chans}-channel model; use data_config")
+    interp = _interpolation(cfg["interpolation"])
+    size = (height, width)
+    steps: list[Callable] = [_ConvertMode("L" if chans == 1 else "RGB")]
+    if max(size) <= SMALL_IMAGE_MAX:
+        steps.append(T.Resize(size, interpolation=interp))
+        if train:
+            steps += [T.RandomCrop(size, padding=min(size) // 8), T.RandomHorizontalFlip()]
+        else:
+            steps.append(T.CenterCrop(size))
+    elif train:
+        steps += [T.RandomResizedCrop(size, interpolation=interp), T.RandomHorizontalFlip()]
+    else:
+        scale = math.floor(min(size) / cfg["crop_pct"])
+        steps += [T.Resize(scale, interpolation=interp), T.CenterCrop(size)]
+    steps += [T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]
+    return T.Compose(steps)
+
+
+class _Transformed(Dataset):
+    """Apply ``transform`` to the image of each ``(image, label)`` item.
+
+    A key ``(index, seed)`` (from :class:`EpochSampler`) runs the random transform under its own seed,
+    so a sample's augmentation does not depend on which worker loads it or what was loaded before.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img, label = self.base[index]
+        if seed is None:
+            return self.transform(img), label
+        with _seeded(seed):
+            return self.transform(img), label
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG for a block (torchvision's transforms draw from it), then restore its state."""
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffle by ``(seed, epoch)`` alone and give every sample its own augmentation seed.
+
+    Why: a resumed run must see the same order and the same random crops as an uninterrupted one,
+    whatever the number of loader workers. It yields ``(index, seed)`` keys, which the loaders' datasets
+    understand. ``set_epoch(epoch, start)`` also skips the first ``start`` samples of this rank's share,
+    to finish an interrupted epoch. Outside a process group pass ``num_replicas=1, rank=0``.
+
+    Example:
+        >>> sampler = EpochSampler(dataset, seed=0, num_replicas=1, rank=0)
+        >>> sampler.set_epoch(3, start=64)  # epoch 3, from its 65th sample
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int = 0, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Use ``epoch``'s order, beginning at this rank's sample number ``start``."""
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(super().__iter__())[self.start:]
+        gen = torch.Generator().manual_seed((self.seed + 1) * 1_000_003 + self.epoch)
+        seeds = torch.randint(0, 2**62, (len(self.dataset),), generator=gen).tolist()  # type: ignore[arg-type]
+        return iter([(i, seeds[i]) for i in order])
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Loader workers leave stopping to the main process: they ignore SIGINT, and SIGTERM unless the
+    main process sent it (which is how it ends them).
+
+    Why: Ctrl-C, and a scheduler's SIGTERM, reach every process of the group; a worker that died of it
+    would make the main process fail on its next batch instead of stopping cleanly at a step boundary.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere torch's own SIGTERM handler stays
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    """Wait for SIGTERMs; exit quietly (status 0, as torch's handler does) on the main process's."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
+def build_loaders(
+    spec: DataSpec,
+    cfg: dict,
+    *,
+    batch_size: int,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    distributed: bool = False,
+    seed: int = 0,
+) -> tuple[DataLoader, DataLoader]:
+    """Build the train loader (shuffled, seeded, last partial batch dropped) and the val loader (in order).
+
+    The train loader's sampler is an :class:`EpochSampler` (sharded under ``distributed``): call
+    ``train_loader.sampler.set_epoch(epoch)`` each epoch. Its order and augmentations depend on ``seed``
+    and the epoch alone. Under ``distributed`` val uses a ``DistributedSampler`` that pads to a multiple of
+    the world size, so a few samples may be counted twice.
+
+    Example:
+        >>> train_loader, val_loader = build_loaders(spec, cfg, batch_size=64, workers=0)
+    """
+    if batch_size < 1 or workers < 0:
+        raise ConfigError(f"batch_size must be >= 1 and workers >= 0 (got {batch_size} and {workers})")
+    train = _Transformed(spec.train, build_transform(cfg, train=True, channels=spec.channels))
+    val = _Transformed(spec.val, build_transform(cfg, train=False, channels=spec.channels))
+    common = {
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "pin_memory": torch.device(device).type == "cuda",
+        "persistent_workers": workers > 0,
+        "worker_init_fn": _worker_init if workers > 0 else None,
+    }
+    shard = {} if distributed else {"num_replicas": 1, "rank": 0}
+    train_sampler = EpochSampler(train, seed=seed, **shard)
+    # The generator only seeds the workers' base RNG, which keeps loading off the global RNG.
+    gen = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(train, sampler=train_sampler, generator=gen,
+                              drop_last=len(train_sampler) >= batch_size, **common)
+    val_sampler = DistributedSampler(val, shuffle=False) if distributed else None
+    val_loader = DataLoader(val, sampler=val_sampler, shuffle=False, **common)
+    return train_loader, val_loader
