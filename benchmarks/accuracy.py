@@ -263,6 +263,7 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
 
     from cwkd.config import TrainConfig
     from cwkd.engine import run
+    from cwkd.errors import TrainingError
 
     torch.set_num_threads(int(os.environ.get("CWKD_BENCH_THREADS", "1")))
     norm = teacher_normalization(plan.teacher, plan.input_size)
@@ -278,7 +279,15 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
     )
     started = time.perf_counter()
     resume = out if (out / "state.pt").is_file() and (out / "config.json").is_file() else None
-    result = run(cfg, resume=resume)
+    try:
+        result = run(cfg, resume=resume)
+    except TrainingError as exc:  # a diverged run (non-finite loss) is a result too, and is reported as one
+        record = {**{k: v for k, v in asdict(cell).items() if k != "extra"}, "key": cell.key, "top1": None,
+                  "diverged": True, "error": str(exc), "history": [h["val_top1"] for h in _history(out)],
+                  "config": cfg.to_dict(), "versions": versions()}
+        _write_json(cell_path(plan, cell), record)
+        shutil.rmtree(out, ignore_errors=True)
+        return record
     wall = time.perf_counter() - started
     history = _history(out)
     record = {
@@ -339,7 +348,8 @@ def run_grid(plan: Plan, cells: list[Cell], jobs: int) -> None:
                 print(f"FAILED {cell.key}: {type(exc).__name__}: {exc}", flush=True)
                 continue
             elapsed = (time.perf_counter() - started) / 60
-            print(f"[{elapsed:5.1f} min] {cell.key}: {rec['top1']:.2f}% ({rec['wall_s']:.0f} s)", flush=True)
+            outcome = f"{rec['top1']:.2f}% ({rec['wall_s']:.0f} s)" if rec["top1"] is not None else "DIVERGED"
+            print(f"[{elapsed:5.1f} min] {cell.key}: {outcome}", flush=True)
 
 
 def _as_done(pending: dict[Future, Cell]):
@@ -361,11 +371,14 @@ def load_results(plan: Plan) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def _stats(values: list[float]) -> dict:
+def _stats(values: list[float | None]) -> dict:
+    """Mean, sample std and n of the finished runs; ``diverged`` counts the runs whose loss went non-finite."""
+    diverged = sum(v is None for v in values)
+    values = [v for v in values if v is not None]
     if not values:
-        return {"mean": None, "std": None, "n": 0, "values": []}
+        return {"mean": None, "std": None, "n": 0, "values": [], "diverged": diverged}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
+            "n": len(values), "values": values, "diverged": diverged}
 
 
 def summarise(plan: Plan, records: list[dict]) -> dict:
@@ -401,7 +414,8 @@ def summarise(plan: Plan, records: list[dict]) -> dict:
 def _paired_gains(plan: Plan, records: list[dict], reference: str = "none") -> dict:
     """Per-seed differences to ``reference``: a seed fixes the student's init, batch order and augmentation,
     so within a seed only the loss differs, and the spread of the differences is the fair ± range."""
-    top1 = {(r["student"], r["method"], r["seed"]): r["top1"] for r in records if r["group"] == "main"}
+    top1 = {(r["student"], r["method"], r["seed"]): r["top1"] for r in records
+            if r["group"] == "main" and r["top1"] is not None}
     gains: dict = {}
     for s in plan.students:
         for m in plan.methods:
@@ -415,9 +429,10 @@ def _paired_gains(plan: Plan, records: list[dict], reference: str = "none") -> d
 
 
 def _fmt(stat: dict) -> str:
+    diverged = f"; {stat['diverged']} diverged" if stat.get("diverged") else ""
     if not stat["n"]:
-        return "not run"
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f} (n={stat['n']})"
+        return f"not run{diverged}" if not diverged else f"all {stat['diverged']} diverged"
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f} (n={stat['n']}{diverged})"
 
 
 def _fmt_gain(gain: dict | None) -> str:
@@ -509,7 +524,7 @@ def report(plan: Plan) -> None:
     summary = summarise(plan, records)
     teacher = json.loads(teacher_json(plan).read_text()) if teacher_json(plan).is_file() else None
     _write_json(plan.results / "accuracy_summary.json",
-                {"plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+                {"plan": {k: (_relative(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
                  "pairs": PAIRS, "teacher": teacher, "cells": len(records), **summary, "versions": versions()})
     if teacher:
         print(f"teacher {teacher['model']}: {teacher['top1']:.2f}% top-1 ({teacher['command']})")
@@ -632,6 +647,11 @@ def versions() -> dict:
     return {"cwkd": cwkd.__version__, "torch": torch.__version__, "timm": timm.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": os.cpu_count()}
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the checkout when it lies inside it, so saved results name no machine's folders."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -93,11 +93,11 @@ class Settings:
 
     device: str = "cpu"
     threads: int = 1
-    repeats: int = 5
+    repeats: int = 7
     warmup: int = 2
     min_time: float = 0.3
     amp: str = "bf16"          # extra variants under autocast: bf16, fp16 or none
-    memory: tuple[str, ...] = ("student", "teacher", "cwkd", "cwkd_all", "cwkd_linear", "cwkd_logit",
+    memory: tuple[str, ...] = ("student", "teacher", "cwkd", "cwkd_all", "cwkd_hidden_cs", "cwkd_linear", "cwkd_logit",
                                "timm_logit", "timm_feature", "torchdistill_fitnet")
     memory_steps: int = 2
     peers: bool = True
@@ -615,7 +615,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small", action=argparse.BooleanOptionalAction, default=True,
                    help=f"also run the small config ({SMALL.teacher} -> {SMALL.student}, {SMALL.input_size} px, "
                         f"batch {SMALL.batch})")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; 3 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; 1 with --quick)")
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds one timed sample lasts at least (default 0.3; 0.15 with --quick)")
@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
     settings = Settings(device=args.device, threads=args.threads,
-                        repeats=args.repeats or (3 if args.quick else 5),
+                        repeats=args.repeats or (3 if args.quick else 7),
                         warmup=args.warmup or (1 if args.quick else 2),
                         min_time=args.min_time or (0.15 if args.quick else 0.3), amp=args.amp,
                         peers=not args.no_peers)
