@@ -26,6 +26,7 @@ from cwkd.build import (
     build_student,
     build_teacher,
     resolve_device,
+    reuse_freed_memory,
     setup_distributed,
     teacher_in_chans,
 )
@@ -109,7 +110,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
     console.info(_describe(cfg, distiller, spec, dcfg, device, rank))
 
     last: dict = {}
-    with rundir.StopSignals() as stop:
+    with rundir.StopSignals() as stop, reuse_freed_memory(device):
         if rank.main:
             rundir.check_space(out, distiller, optimizer)
         if start_epoch >= cfg.epochs:

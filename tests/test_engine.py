@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from cwkd.build import reuse_freed_memory
 from cwkd.checkpoint import load_checkpoint
 from cwkd.cli import app
 from cwkd.data import load_data
@@ -193,3 +195,45 @@ def test_two_process_gloo_ddp_ends_with_identical_weights(folder, teacher_ckpt, 
     a, b = load_file(out / "rank0.st"), load_file(out / "rank1.st")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert (out / "best.safetensors").is_file()
+
+
+def _resident_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def _kept_after_free(mib: int = 256) -> float:
+    """Allocate and touch ``mib`` MiB, free it, and return how much of it stayed resident."""
+    before = _resident_mib()
+    block = torch.ones(mib * 2**18)  # float32: 4 bytes each
+    del block
+    return _resident_mib() - before
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator policy is glibc's")
+def test_cpu_training_keeps_freed_memory_for_the_next_step(monkeypatch):
+    for name in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    assert _kept_after_free() < 64  # glibc's default: a big block goes back to the kernel when freed
+    with reuse_freed_memory(torch.device("cpu")) as applied:
+        assert applied
+        kept = _kept_after_free()
+        inside = _resident_mib()
+    assert kept > 200  # kept for the next step instead of being faulted in again
+    assert _resident_mib() < inside - 200  # and handed back once training is over
+    assert _kept_after_free() < 64  # glibc's defaults are back
+
+
+def test_freed_memory_policy_leaves_a_chosen_allocator_and_cuda_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    with reuse_freed_memory(torch.device("cpu")) as applied:
+        assert not applied
+    monkeypatch.delenv("MALLOC_MMAP_MAX_")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    with reuse_freed_memory(torch.device("cpu")) as applied:
+        assert not applied
+    monkeypatch.delenv("LD_PRELOAD")
+    with reuse_freed_memory(torch.device("cuda")) as applied:
+        assert not applied
