@@ -390,10 +390,24 @@ def summarise(plan: Plan, records: list[dict]) -> dict:
                 for m in plan.methods} for s in plan.students}
     abl = plan.ablation_student
     is_cwt_main = {"group": "main", "student": abl, "method": "cwt"}
-    alpha = {a: collect(lambda r, a=a: r["student"] == abl and r["method"] == "cwt" and r["alpha"] == a
-                        and r["hidden"] is None and r["group"] in ("main", "alpha")) for a in plan.alphas}
-    hidden = {h: collect(lambda r, h=h: all(r[k] == v for k, v in is_cwt_main.items()) if h == 128 else
-                         (r["group"] == "hidden" and r["hidden"] == h)) for h in plan.hiddens}
+
+    def at_alpha(a: float):
+        return lambda r: (r["student"] == abl and r["method"] == "cwt" and r["alpha"] == a and r["hidden"] is None
+                          and r["group"] in ("main", "alpha"))
+
+    def at_hidden(h: int):
+        return lambda r: (all(r[k] == v for k, v in is_cwt_main.items()) if h == 128 else
+                          (r["group"] == "hidden" and r["hidden"] == h))
+
+    alpha = {a: collect(at_alpha(a)) for a in plan.alphas}
+    hidden = {h: collect(at_hidden(h)) for h in plan.hiddens}
+    # Each ablation run against the baseline and against KD of the same seed (same init, batches, augmentation).
+    by_seed = {m: {r["seed"]: r["top1"] for r in records if r["group"] == "main" and r["student"] == abl
+                   and r["method"] == m and r["top1"] is not None} for m in ("none", "kd")}
+    paired = {"alpha": {a: {m: _paired_to(records, at_alpha(a), ref) for m, ref in by_seed.items()}
+                        for a in plan.alphas},
+              "hidden": {h: {m: _paired_to(records, at_hidden(h), ref) for m, ref in by_seed.items()}
+                         for h in plan.hiddens}}
     gains = {}
     for s in plan.students:
         base = main[s]["none"]
@@ -404,11 +418,17 @@ def summarise(plan: Plan, records: list[dict]) -> dict:
                 se = (math.sqrt(main[s][m]["std"] ** 2 / main[s][m]["n"] + base["std"] ** 2 / base["n"])
                       if min(main[s][m]["n"], base["n"]) > 1 else None)
                 gains.setdefault(s, {})[m] = {"gain": diff, "se": se, "n": main[s][m]["n"], "n_none": base["n"]}
-    return {"main": main, "alpha": alpha, "hidden": hidden, "gain_over_none": gains,
+    return {"main": main, "alpha": alpha, "hidden": hidden, "paired_ablations": paired, "gain_over_none": gains,
             "paired_gain_over_none": _paired_gains(plan, records),
             "paired_cwt_minus": {s: {m: {**g, "mean": -g["mean"], "values": [-v for v in g["values"]]}
                                      for m, g in d.items()}
                                  for s, d in _paired_gains(plan, records, reference="cwt").items()}}
+
+
+def _paired_to(records: list[dict], match, reference: dict[int, float]) -> dict:
+    """Per-seed differences between the finished runs ``match`` selects and ``reference`` ({seed: top-1})."""
+    return _stats([r["top1"] - reference[r["seed"]] for r in records
+                   if match(r) and r["top1"] is not None and r["seed"] in reference])
 
 
 def _paired_gains(plan: Plan, records: list[dict], reference: str = "none") -> dict:
@@ -465,11 +485,17 @@ def markdown(plan: Plan, summary: dict) -> str:
         cells = [summary["paired_cwt_minus"].get(s, {}).get(m) for s in plan.students]
         lines.append(f"| {m} | " + " | ".join(
             f"{g['mean']:+.2f} ± {g['std']:.2f} (n={g['n']})" if g else "-" for g in cells) + " |")
-    lines += ["", f"| cwt alpha ({plan.ablation_student}) | top-1 |", "| --- | --- |"]
-    lines += [f"| {a:g} | {_fmt(s)} |" for a, s in summary["alpha"].items()]
-    lines += ["", f"| cwt hidden width ({plan.ablation_student}, alpha {plan.alpha:g}) | top-1 |", "| --- | --- |"]
-    lines += [f"| {h} | {_fmt(s)} |" for h, s in summary["hidden"].items()]
+    paired = summary["paired_ablations"]
+    for kind, title in (("alpha", f"cwt alpha ({plan.ablation_student})"),
+                        ("hidden", f"cwt hidden width ({plan.ablation_student}, alpha {plan.alpha:g})")):
+        lines += ["", f"| {title} | top-1 | paired minus none | paired minus kd |", "| --- | --- | --- | --- |"]
+        lines += [f"| {v:g} | {_fmt(s)} | {_fmt_paired(paired[kind][v]['none'])} | "
+                  f"{_fmt_paired(paired[kind][v]['kd'])} |" for v, s in summary[kind].items()]
     return "\n".join(lines)
+
+
+def _fmt_paired(stat: dict) -> str:
+    return f"{stat['mean']:+.2f} ± {stat['std']:.2f} (n={stat['n']})" if stat["n"] else "-"
 
 
 def plot(plan: Plan, summary: dict, path: Path) -> bool:
@@ -503,6 +529,10 @@ def plot(plan: Plan, summary: dict, path: Path) -> bool:
         pts = [(a, s) for a, s in summary["alpha"].items() if s["n"]]
         ax.errorbar([a for a, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
                     marker="o", capsize=4, color="#d62728", label="cwt")
+        for a, s in pts:
+            if s.get("diverged"):
+                ax.annotate(f"{s['diverged']} of {s['n'] + s['diverged']}\ndiverged", (a, s["mean"] - s["std"]),
+                            textcoords="offset points", xytext=(0, -22), ha="center", fontsize=7)
         base = summary["main"][plan.ablation_student]["none"]
         if base["n"]:
             ax.axhline(base["mean"], color="#999999", linestyle="--", label="none (baseline)")

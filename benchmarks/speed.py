@@ -22,11 +22,18 @@ on CPU the growth of the resident set (``VmHWM`` after resetting it through
 gradients, optimizer state and allocator slack; on CUDA ``torch.cuda.max_memory_allocated`` minus
 the memory allocated once the models are built.
 
+Allocator: every variant, peers included, runs under the memory policy cwkd's engine uses for a CPU
+run (``cwkd.build.reuse_freed_memory``: glibc keeps freed memory for the next step instead of
+unmapping it). Under glibc's default a step page-faults its large activations in again every time,
+which made the 224 px steps up to 2.5 times slower and their ratios depend on what ran before;
+``--system-malloc`` measures that default instead.
+
 Target (checked and printed, not a unit test): cwkd's ratio <= 1.10 and no worse than any peer's.
 
 Usage:
     python benchmarks/speed.py                      # resnet50 -> mobilenetv1, batch 32, 224 px, + small
     python benchmarks/speed.py --quick              # the small config only, fewer rounds (< 1 min)
+    python benchmarks/speed.py --system-malloc      # the same under glibc's default allocator policy
     python benchmarks/speed.py --device cuda --out benchmarks/results/speed_cuda.json
 """
 
@@ -59,6 +66,7 @@ from rich.table import Table
 from torch import nn
 
 from cwkd.aligner import aligner_macs
+from cwkd.build import reuse_freed_memory
 from cwkd.distiller import FeatureDistiller
 from cwkd.features import probe
 from cwkd.losses import feature_loss
@@ -102,6 +110,7 @@ class Settings:
     memory_steps: int = 2
     peers: bool = True
     seed: int = 0
+    system_malloc: bool = False  # True: glibc's default policy instead of cwkd's reuse_freed_memory
 
 
 @dataclass
@@ -382,9 +391,19 @@ def _memory(cfg: Config, settings: Settings, names: list[str]) -> dict[str, dict
 
 
 def _memory_worker(name: str, cfg: Config, settings: Settings, send) -> None:
+    device = torch.device(settings.device)
+    with _malloc_policy(settings, device):
+        _measure_memory(name, cfg, settings, device, send)
+
+
+def _malloc_policy(settings: Settings, device: torch.device):
+    """What cwkd's engine does for a CPU run (keep freed memory), unless --system-malloc."""
+    return nullcontext(False) if settings.system_malloc else reuse_freed_memory(device)
+
+
+def _measure_memory(name: str, cfg: Config, settings: Settings, device: torch.device, send) -> None:
     try:
         torch.set_num_threads(settings.threads)
-        device = torch.device(settings.device)
         bench = _bench(name, cfg, settings, _models(cfg, settings), fresh=True)
         step = VARIANTS[name].build(bench)
         gc.collect()
@@ -583,13 +602,14 @@ def markdown(results: dict) -> str:
         cfg = res["config"]
         lines += [f"\n**{cfg['label']}**: {cfg['teacher']} -> {cfg['student']}, batch {cfg['batch']}, "
                   f"{cfg['input_size']} px\n",
-                  "| variant | median ms | IQR ms | c/(a+b) | per-round ratio IQR | CPU-time ratio | step MiB |",
+                  "| variant | median ms | IQR ms | c/(a+b) | per-round ratio (IQR) | CPU-time ratio | step MiB |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, row in res["variants"].items():
             ratio, mem = res["ratios"].get(name), res["memory"].get(name, {})
+            rounds = ratio["per_round"] if ratio else {}
             cells = [f"{name}: {VARIANTS[name].what}", _ms(row["median"]), _ms(row["iqr"]),
                      f"{ratio['ratio']:.3f}" if ratio else "",
-                     f"{ratio['per_round']['q1']:.3f}-{ratio['per_round']['q3']:.3f}" if ratio else "",
+                     f"{rounds['median']:.3f} ({rounds['q1']:.3f}-{rounds['q3']:.3f})" if ratio else "",
                      f"{ratio['cpu_ratio']:.3f}" if ratio else "",
                      f"{mem['step_mib']:,.0f}" if "step_mib" in mem else ""]
             lines.append("| " + " | ".join(cells) + " |")
@@ -625,16 +645,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="precision of the autocast variants (fp16 adds a GradScaler)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--no-peers", action="store_true", help="skip timm and torchdistill")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default allocator policy for every variant, instead of the one cwkd's\n"
+                        "engine uses on the CPU (cwkd.build.reuse_freed_memory: freed memory is kept for\n"
+                        "the next step); shows what that policy is worth")
     p.add_argument("--quick", action="store_true",
                    help="the small config only, fewer rounds, memory of a, b, c only: < 1 minute")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default: benchmarks/results/speed_DEVICE.json, _quick.json with --quick)")
     p.add_argument("--markdown", action="store_true", help="also print the docs table")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON",
+                   help="print the docs tables of a saved result file and exit (measures nothing)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        console.print(markdown(json.loads(args.report.read_text())), markup=False, highlight=False)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         console.print("[red]--device cuda: no CUDA device is visible to torch; use --device cpu")
         return 1
@@ -645,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
                         repeats=args.repeats or (3 if args.quick else 7),
                         warmup=args.warmup or (1 if args.quick else 2),
                         min_time=args.min_time or (0.15 if args.quick else 0.3), amp=args.amp,
-                        peers=not args.no_peers)
+                        peers=not args.no_peers, system_malloc=args.system_malloc)
     if args.no_memory or args.quick:
         settings = replace(settings, memory=() if args.no_memory else ("student", "teacher", "cwkd"))
     main_cfg = Config("main", args.teacher, args.student, args.batch, args.input_size, args.num_classes)
@@ -657,13 +686,16 @@ def main(argv: list[str] | None = None) -> int:
     if results["machine"]["load_average_start"][0] > 0.5 * (os.cpu_count() or 1):
         console.print(f"[yellow]load average {results['machine']['load_average_start'][0]:.2f} on "
                       f"{os.cpu_count()} cores: other work shares this machine, so timings will be noisy")
-    for cfg in configs:
-        result = run_config(cfg, settings)
-        results["configs"].append(result)
-        print_config(result)
+    with _malloc_policy(settings, torch.device(args.device)) as kept:
+        results["freed_memory_kept"] = kept
+        for cfg in configs:
+            result = run_config(cfg, settings)
+            results["configs"].append(result)
+            print_config(result)
     results["machine"]["load_average_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - start
-    out = args.out or RESULTS / f"speed_{args.device}{'_quick' if args.quick else ''}.json"
+    suffix = ("_system_malloc" if args.system_malloc else "") + ("_quick" if args.quick else "")
+    out = args.out or RESULTS / f"speed_{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     load = results["machine"]["load_average_start"][0], results["machine"]["load_average_end"][0]
