@@ -83,10 +83,10 @@ def reuse_freed_memory(device: torch.device) -> Iterator[bool]:
 
     glibc hands every block above its mmap threshold (32 MiB at most) back to the kernel when it is
     freed, so each training step at ImageNet sizes page-faults its activations in again: on a
-    2-core machine that made a MobileNetV1 train step (batch 32, 224 px) 2.5 times slower
-    (``benchmarks/speed.py --system-malloc``). Inside this context freed memory stays in the heap
-    (``M_MMAP_MAX=0``, trimming only above 2 GiB), at the cost of a resident set a few percent higher;
-    on exit glibc's defaults come back and the spare memory is returned. Yields whether it applied:
+    2-core machine that made a MobileNetV1 train step (batch 32, 224 px) twice as slow, 1.48 s
+    against 0.72 s (``benchmarks/speed.py --system-malloc``). Inside this context freed memory stays
+    in the heap (``M_MMAP_MAX=0``, trimming only above 2 GiB), for 4-8 % more step memory; on exit
+    glibc's defaults come back and the spare memory is returned. Yields whether it applied:
     not on CUDA, not on other C libraries, and not when glibc's ``MALLOC_*`` variables or an
     ``LD_PRELOAD``-ed allocator (jemalloc, tcmalloc, mimalloc) say you chose the allocator yourself.
 
