@@ -451,7 +451,7 @@ def _paired_gains(plan: Plan, records: list[dict], reference: str = "none") -> d
 def _fmt(stat: dict) -> str:
     diverged = f"; {stat['diverged']} diverged" if stat.get("diverged") else ""
     if not stat["n"]:
-        return f"not run{diverged}" if not diverged else f"all {stat['diverged']} diverged"
+        return f"all {stat['diverged']} diverged" if diverged else "not run"
     return f"{stat['mean']:.2f} ± {stat['std']:.2f} (n={stat['n']}{diverged})"
 
 

@@ -25,7 +25,7 @@ the memory allocated once the models are built.
 Allocator: every variant, peers included, runs under the memory policy cwkd's engine uses for a CPU
 run (``cwkd.build.reuse_freed_memory``: glibc keeps freed memory for the next step instead of
 unmapping it). Under glibc's default a step page-faults its large activations in again every time,
-which made the 224 px steps up to 2.5 times slower and their ratios depend on what ran before;
+which made the 224 px student step about twice as slow and the ratios depend on what ran before;
 ``--system-malloc`` measures that default instead.
 
 Target (checked and printed, not a unit test): cwkd's ratio <= 1.10 and no worse than any peer's.
