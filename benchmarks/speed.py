@@ -662,7 +662,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
-        console.print(markdown(json.loads(args.report.read_text())), markup=False, highlight=False)
+        try:
+            saved = json.loads(args.report.read_text())
+            console.print(markdown(saved), markup=False, highlight=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            console.print(f"[red]--report {args.report}: not a speed.py result file ({type(exc).__name__}: {exc})",
+                          highlight=False)
+            return 1
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         console.print("[red]--device cuda: no CUDA device is visible to torch; use --device cpu")
