@@ -30,6 +30,10 @@ which made the 224 px student step about twice as slow and the ratios depend on 
 
 Target (checked and printed, not a unit test): cwkd's ratio <= 1.10 and no worse than any peer's.
 
+bf16: the ``*_amp`` rows are only meaningful next to whether the machine computes bf16 natively
+(emulated bf16 measured 8-30x slower than fp32, issue 15), so the JSON's ``machine`` section records
+``bf16_native`` and the tables print it beside those rows.
+
 Usage:
     python benchmarks/speed.py                      # resnet50 -> mobilenetv1, batch 32, 224 px, + small
     python benchmarks/speed.py --quick              # the small config only, fewer rounds (< 1 min)
@@ -67,11 +71,13 @@ from torch import nn
 
 from cwkd.aligner import aligner_macs
 from cwkd.build import reuse_freed_memory
+from cwkd.config import Precision
 from cwkd.distiller import FeatureDistiller
 from cwkd.features import probe
 from cwkd.losses import feature_loss
 from cwkd.models import create_model
 from cwkd.pairing import Pair, pair_layers
+from cwkd.precision import fast_precisions
 
 TARGET_RATIO = 1.10
 PEERS = ("timm_logit", "timm_feature", "torchdistill_fitnet")
@@ -531,7 +537,22 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:,.1f}"
 
 
-def print_config(result: dict) -> None:
+def _bf16_note(results: dict) -> str:
+    """What the bf16 autocast rows add to their description: whether bf16 was native (else nothing).
+
+    Emulated bf16 is 8-30x slower than fp32 (issue 15), so a bf16 row means little without it.
+    Result files written before ``bf16_native`` was recorded count as native when their CPU flags
+    list avx512_bf16 or amx_bf16, and get no note otherwise.
+    """
+    machine = results.get("machine", {})
+    flags = set(machine.get("cpu_flags", ())) & {"avx512_bf16", "amx_bf16"}
+    native = machine.get("bf16_native", True if flags else None)
+    if results.get("settings", {}).get("amp") != "bf16" or native is None:
+        return ""
+    return ", bf16 native" if native else ", bf16 NOT native (emulated)"
+
+
+def print_config(result: dict, bf16_note: str = "") -> None:
     """A rich table of one config's variants, then its aligners and target checks."""
     cfg = result["config"]
     table = Table(title=f"{cfg['label']}: {cfg['teacher']} -> {cfg['student']}, batch {cfg['batch']}, "
@@ -543,7 +564,7 @@ def print_config(result: dict) -> None:
         ratio = result["ratios"].get(name)
         mem = result["memory"].get(name, {})
         table.add_row(
-            name, VARIANTS[name].what, _ms(row["median"]), _ms(row["iqr"]),
+            name, VARIANTS[name].what + (bf16_note if VARIANTS[name].amp else ""), _ms(row["median"]), _ms(row["iqr"]),
             f"{ratio['ratio']:.3f}" if ratio else "",
             f"{ratio['per_round']['q1']:.3f}-{ratio['per_round']['q3']:.3f}" if ratio else "",
             f"{ratio['cpu_ratio']:.3f}" if ratio else "",
@@ -589,7 +610,8 @@ def environment(settings: Settings) -> dict:
             if key.strip() == "flags" and not flags:
                 flags = sorted(f for f in value.split() if f.startswith(("avx512_bf16", "amx", "avx2")))
     machine = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-               "load_average_start": list(os.getloadavg()), "platform": platform.platform()}
+               "load_average_start": list(os.getloadavg()), "platform": platform.platform(),
+               "bf16_native": Precision.bf16 in fast_precisions(torch.device(settings.device))}
     if settings.device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
     return {"versions": versions, "machine": machine}
@@ -597,7 +619,7 @@ def environment(settings: Settings) -> dict:
 
 def markdown(results: dict) -> str:
     """The docs tables: variants (time, ratio, memory) and per-pair aligner cost, per config."""
-    lines = []
+    lines, note = [], _bf16_note(results)
     for res in results["configs"]:
         cfg = res["config"]
         lines += [f"\n**{cfg['label']}**: {cfg['teacher']} -> {cfg['student']}, batch {cfg['batch']}, "
@@ -607,7 +629,8 @@ def markdown(results: dict) -> str:
         for name, row in res["variants"].items():
             ratio, mem = res["ratios"].get(name), res["memory"].get(name, {})
             rounds = ratio["per_round"] if ratio else {}
-            cells = [f"{name}: {VARIANTS[name].what}", _ms(row["median"]), _ms(row["iqr"]),
+            cells = [f"{name}: {VARIANTS[name].what}{note if VARIANTS[name].amp else ''}", _ms(row["median"]),
+                     _ms(row["iqr"]),
                      f"{ratio['ratio']:.3f}" if ratio else "",
                      f"{rounds['median']:.3f} ({rounds['q1']:.3f}-{rounds['q3']:.3f})" if ratio else "",
                      f"{ratio['cpu_ratio']:.3f}" if ratio else "",
@@ -697,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs:
             result = run_config(cfg, settings)
             results["configs"].append(result)
-            print_config(result)
+            print_config(result, _bf16_note(results))
     results["machine"]["load_average_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - start
     suffix = ("_system_malloc" if args.system_malloc else "") + ("_quick" if args.quick else "")

@@ -19,6 +19,7 @@ from cwkd.config import Precision, TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.loaders import data_config
 from cwkd.models import create_model, load_state_checked, resolve_name
+from cwkd.precision import precision_advice
 
 
 @dataclass
@@ -67,7 +68,7 @@ def resolve_device(name: str, precision: Precision) -> torch.device:
     else:
         raise ConfigError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N")
     if precision is Precision.fp16 and device.type == "cpu":
-        raise ConfigError("--precision fp16 needs a CUDA GPU; on the CPU use --precision bf16 or fp32")
+        raise ConfigError(f"--precision fp16 needs a CUDA GPU; on this CPU use {precision_advice(device, precision)}")
     return device
 
 
@@ -119,7 +120,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def autocast_dtype(precision: Precision) -> torch.dtype | None:
-    """The autocast dtype for a precision (None for fp32)."""
+    """The autocast dtype for a precision (None for fp32); resolve ``auto`` first (cwkd.precision)."""
+    if precision is Precision.auto:
+        raise ValueError("Precision.auto has no dtype; pass resolve_precision(precision, device)")
     return {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(precision)
 
 

@@ -39,7 +39,8 @@ Opt = Annotated[Optimizer, typer.Option("--optimizer", help="SGD with Nesterov m
 Warmup = Annotated[float, typer.Option(help="Linear warmup epochs before the cosine decay.")]
 Smoothing = Annotated[float, typer.Option(help="Label smoothing for the task loss.")]
 ClipGrad = Annotated[float | None, typer.Option(help="Clip the gradient norm to this value.")]
-Prec = Annotated[Precision, typer.Option("--precision", help="fp32, or autocast bf16/fp16 (fp16 needs CUDA).")]
+Prec = Annotated[Precision, typer.Option("--precision", help="fp32, autocast bf16/fp16 (fp16 needs CUDA), "
+                                         "or auto: the fastest here (bf16 only where native).")]
 Compile = Annotated[bool, typer.Option(help="torch.compile the student and teacher.")]
 InputSize = Annotated[int | None, typer.Option(help="Input height=width in pixels (default: the model's, "
                                                   "or 32 for 28-32 px data sets).")]

@@ -17,11 +17,12 @@ from cwkd.losses import Reduction
 
 
 class Precision(str, Enum):
-    """Numeric precision of the forward pass (autocast)."""
+    """Numeric precision of the forward pass (autocast); ``auto`` is resolved per device before a run."""
 
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    auto = "auto"    # the fastest of these on the device (cwkd.precision.resolve_precision)
 
 
 class Optimizer(str, Enum):

@@ -6,6 +6,7 @@ Read it top to bottom: :func:`run` builds the pieces, then each epoch trains
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -36,6 +37,7 @@ from cwkd.data import load_data
 from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import TrainingError
 from cwkd.loaders import EpochSampler, build_loaders, data_config, default_input_size
+from cwkd.precision import precision_advice, precision_warning, resolve_precision
 
 
 @dataclass
@@ -61,6 +63,10 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
     device = resolve_device(cfg.device, cfg.precision)
     rank = setup_distributed(device)
     console = console or RunConsole(quiet=cfg.quiet, enabled=rank.main)
+    # `auto` becomes what is fast on this device; config.json saves the result, so a resume keeps it.
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+    if rank.main and (warning := precision_warning(cfg.precision, device)):
+        console.warn(warning)
     out = Path(resume) if resume is not None else Path(cfg.out or cfg.default_out(time.strftime("%Y%m%d-%H%M%S")))
     if rank.main:  # refuse a taken --out now; write nothing until data and models have loaded
         rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite, check_only=True)
@@ -131,7 +137,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
                 raise rundir.RunInterrupted(out, stop.signal_number)
             if train["batches"] and not train["steps"]:
                 raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
-                                    "--skip-nonfinite); lower --lr or use --precision bf16")
+                                    f"--skip-nonfinite); lower --lr{_fp16_advice(cfg, device, ' or ')}")
             val = evaluate(distiller.student, val_loader, device, cfg.precision, channels_last, rank)
             last = _epoch_record(epoch, train, val, optimizer, time.perf_counter() - started)
             if rank.main:
@@ -180,7 +186,7 @@ def train_one_epoch(model: nn.Module, distiller: FeatureDistiller, loader, optim
         optimizer.zero_grad(set_to_none=True)
         if not _finite_everywhere(loss):
             skipped += 1
-            _nonfinite(out, step, skipped, cfg, label)  # raises once past --skip-nonfinite
+            _nonfinite(out, step, skipped, cfg, device, label)  # raises once past --skip-nonfinite
             continue
         scaler.scale(loss).backward()
         if cfg.clip_grad:
@@ -271,17 +277,25 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _nonfinite(out: dict, step: int, count: int, cfg: TrainConfig, label: str = "this epoch") -> None:
+def _nonfinite(out: dict, step: int, count: int, cfg: TrainConfig, device: torch.device,
+               label: str = "this epoch") -> None:
     """Stop on a NaN/inf loss unless ``--skip-nonfinite`` still allows skipping this step."""
     if count <= cfg.skip_nonfinite:
         return
     parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k.endswith("loss"))
-    advice = "use --precision bf16 instead of fp16, " if cfg.precision is Precision.fp16 else ""
     raise TrainingError(
-        f"non-finite loss in {label}, step {step + 1} ({parts}); lower --lr (it was {cfg.lr:g}), {advice}"
+        f"non-finite loss in {label}, step {step + 1} ({parts}); lower --lr (it was {cfg.lr:g}), "
+        f"{_fp16_advice(cfg, device, end=', ')}"
         "add --clip-grad 1.0, or allow a few skipped steps with --skip-nonfinite N; the checkpoints of the "
         "last finished epoch are kept"
     )
+
+
+def _fp16_advice(cfg: TrainConfig, device: torch.device, start: str = "", end: str = "") -> str:
+    """Under fp16, whose range overflows first: the fast precisions to use instead (else nothing)."""
+    if cfg.precision is not Precision.fp16:
+        return ""
+    return f"{start}use {precision_advice(device, Precision.fp16)} instead of fp16{end}"
 
 
 def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:

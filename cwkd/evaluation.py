@@ -32,6 +32,7 @@ from cwkd.engine import evaluate
 from cwkd.errors import CheckpointError, ConfigError, DataError
 from cwkd.loaders import build_loaders, data_config, default_input_size
 from cwkd.models import create_model, resolve_name
+from cwkd.precision import precision_warning, resolve_precision
 
 #: The ``format`` marker in the metadata of a student file written by ``cwkd export``.
 STUDENT_FORMAT = "cwkd-student"
@@ -195,8 +196,9 @@ def evaluate_checkpoint(
     """
     split, precision = Split(split), Precision(precision)
     target = resolve_device(device, precision)
+    precision = resolve_precision(precision, target)
     model, meta, spec, dcfg = _prepare(source, weights, data, data_root, input_size)
-    notes = _check_classes(meta, spec)
+    notes = _check_classes(meta, spec) + [w for w in [precision_warning(precision, target)] if w]
     if split is Split.train:  # score train images with the deterministic validation transform
         spec = dataclasses.replace(spec, val=spec.train)
     _, loader = build_loaders(spec, dcfg, batch_size=batch_size, workers=workers, device=target)

@@ -159,9 +159,10 @@ def load_config(out: str | Path, *, options: dict | None = None) -> TrainConfig:
         elif not _same(key, value, getattr(cfg, key, None)):
             flag = "--" + key.replace("_", "-")
             raise ConfigError(
-                f"--resume {out}: {flag} {value} differs from the run's own {_plain(getattr(cfg, key, None))}; a "
-                f"resumed run keeps its config (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
-                "may change): drop the option, or start a new run with --out"
+                f"--resume {out}: {flag} {_plain(value)} differs from the run's own "
+                f"{_plain(getattr(cfg, key, None))}; a resumed run keeps its config (only "
+                f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change): drop the option, or "
+                "start a new run with --out"
             )
     cfg.out, cfg.overwrite = str(out), False
     cfg.validate()
@@ -176,7 +177,7 @@ def _same(key: str, given, saved) -> bool:
     """Whether a resuming command's option says what the saved config says."""
     given = _plain(TrainConfig.parse_stats(key, given) if key in ("mean", "std") else given)
     saved = _plain(saved)
-    if given == saved:
+    if given == saved or key == "precision" and given == "auto":  # auto was resolved when the run began
         return True
     if key in ("data", "teacher", "teacher_weights", "student_weights", "out") and given and saved:
         return Path(str(given)).resolve() == Path(str(saved)).resolve()

@@ -162,7 +162,7 @@ def test_mean_and_std_are_checked(folder, tmp_path):
 def test_fp16_on_cpu_is_refused(folder, tmp_path):
     result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out",
                                  str(tmp_path / "r"), "--precision", "fp16", *COMMON])
-    assert result.exit_code == 1 and "bf16" in result.output
+    assert result.exit_code == 1 and "fp32" in result.output
 
 
 DDP_SCRIPT = """
