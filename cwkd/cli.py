@@ -7,7 +7,6 @@ import contextlib
 import json
 import re
 from collections.abc import Iterator
-from inspect import signature
 from pathlib import Path
 from typing import Annotated
 
@@ -52,10 +51,12 @@ Std = Annotated[str | None, typer.Option(help="Input std per channel, comma-sepa
 Workers = Annotated[int, typer.Option(help="Data loader worker processes.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Out = Annotated[str | None, typer.Option(help="Run directory. (default: runs/<time>-<student>)")]
+Out = Annotated[str | None, typer.Option(help="Run directory. (default: runs/<time>-<student>-<pid>)")]
 Overwrite = Annotated[bool, typer.Option(help="Replace the run already in --out.")]
 Resume = Annotated[str | None, typer.Option(help="Continue the run in this directory with its saved config "
-                                             "(--epochs, --workers, --device may change).")]
+                                             "(--epochs, --workers, --device, --quiet, --skip-corrupt, "
+                                             "--skip-nonfinite, --data-root, --download may change; --data, "
+                                             "--teacher and weights may name a moved copy).")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss is NaN/inf before stopping.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
@@ -148,6 +149,7 @@ def _run(cfg: TrainConfig, resume: str | None) -> None:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Option("--model", help="The timm model to train.")] = None,
     data: Data = "", data_root: DataRoot = None, download: Download = False, skip_corrupt: SkipCorrupt = False,
     pretrained: StudentPretrained = False,
@@ -164,12 +166,13 @@ def train(
 ) -> None:
     """Train one model without a teacher: a teacher to distil from, or the baseline student."""
     with _errors():
-        cfg = _config(dict(locals()), student=model, method=Method.none, flag="--model", command=train)
+        cfg = _config(dict(locals()), student=model, method=Method.none, flag="--model")
     _run(cfg, resume)
 
 
 @app.command()
 def distill(
+    ctx: typer.Context,
     teacher: Annotated[str | None, typer.Option(help="Teacher: a timm name, or a checkpoint from "
                                                    "`cwkd train` (.safetensors).")] = None,
     student: Annotated[str | None, typer.Option(help="Student: a timm name.")] = None,
@@ -205,15 +208,14 @@ def distill(
 ) -> None:
     """Distil a teacher into a student through channel-wise aligned features."""
     with _errors():
-        cfg = _config(dict(locals()), student=student, method=method, flag="--student", command=distill)
+        cfg = _config(dict(locals()), student=student, method=method, flag="--student")
     _run(cfg, resume)
 
 
-def _config(options: dict, *, student: str | None, method: Method, flag: str, command) -> TrainConfig:
+def _config(options: dict, *, student: str | None, method: Method, flag: str) -> TrainConfig:
     """One TrainConfig from a command's options (a resumed run takes its own saved config)."""
     resume = options.pop("resume", None)
-    defaults = {name: p.default for name, p in signature(command).parameters.items()}
-    given = {k for k, v in options.items() if v != defaults.get(k)}
+    given = _given(options, options.pop("ctx"))
     options = {k: v for k, v in options.items() if k != "model"}
     if "pretrained" in options:  # `cwkd train` names them --pretrained / --weights
         options["student_pretrained"] = options.pop("pretrained")
@@ -231,6 +233,15 @@ def _config(options: dict, *, student: str | None, method: Method, flag: str, co
         raise typer.BadParameter("--data is required", param_hint="--data")
     options.update(method=method)
     return TrainConfig(**options)
+
+
+def _given(options: dict, ctx: typer.Context) -> set[str]:
+    """The options typed on the command line (or set by the environment), not left at their defaults.
+
+    Asked of click, not found by comparing with the default: `--alpha 1.0` on a run made with 2 is given.
+    """
+    return {k for k in options if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in
+            ("DEFAULT", "DEFAULT_MAP")}
 
 
 @app.command()

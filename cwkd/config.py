@@ -6,7 +6,11 @@ The resolved config is saved as ``config.json`` next to every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -141,13 +145,51 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        """Rebuild a config saved by :meth:`to_dict`, ignoring keys this version does not know."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Rebuild a config saved by :meth:`to_dict`, ignoring keys this version does not know.
+
+        Every known value is checked against its field's type first, so a hand-edited or foreign
+        config is one :class:`ConfigError` naming the key, never a TypeError deep in a run.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"the config is a {type(data).__name__}, not an object of option values")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                values[f.name] = _typed(f.name, data[f.name], hints[f.name])
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"the config has no '{f.name}'")
+        return cls(**values)
 
     def default_out(self, stamp: str) -> Path:
-        """``runs/<timestamp>-<student>``."""
-        return Path("runs") / f"{stamp}-{self.student.replace('/', '_')}"
+        """``runs/<timestamp>-<student>-<pid>``: the pid keeps two runs started in the same second apart."""
+        return Path("runs") / f"{stamp}-{self.student.replace('/', '_')}-{os.getpid()}"
+
+
+def _typed(key: str, value, hint):
+    """``value`` if it fits the field type ``hint`` (an int fits float, a list fits a tuple), else ConfigError."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = typing.get_args(hint) if union else (hint,)
+    for kind in kinds:
+        if kind is type(None) and value is None:
+            return value
+        if isinstance(kind, type) and issubclass(kind, Enum) and value in [m.value for m in kind]:
+            return value
+        if kind in (int, float, str, bool, dict) and isinstance(value, kind) and (
+                kind is bool or not isinstance(value, bool)):
+            return value
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typing.get_origin(kind) is tuple and isinstance(value, list | tuple):
+            return value  # parse_stats checks the items
+    expected = " or ".join("one of " + ", ".join(m.value for m in kind)
+                           if isinstance(kind, type) and issubclass(kind, Enum)
+                           else _JSON_NAMES.get(typing.get_origin(kind) or kind, str(kind)) for kind in kinds)
+    raise ConfigError(f"'{key}' is {json.dumps(value, default=str)}, expected {expected}")
+
+
+_JSON_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+               tuple: "a list of numbers", type(None): "null"}
 
 
 def _stats(flag: str, value) -> tuple[float, ...] | None:

@@ -6,6 +6,7 @@ prints how they compare. Everything runs on the CPU from data shipped inside the
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,11 @@ from pathlib import Path
 from cwkd.config import TrainConfig
 from cwkd.console import RunConsole
 from cwkd.engine import RunResult, run
+from cwkd.errors import ConfigError
+from cwkd.rundir import run_files
+
+#: Saved in each demo run's config (``config.json``: config.extra): the demo replaces only runs that carry it.
+MARK = {"made_by": "cwkd demo"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,8 @@ def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: i
              console: RunConsole | None = None) -> dict[str, RunResult]:
     """Train teacher, baseline student and CWT student on ``fashion-mnist-mini``; print a comparison.
 
-    Re-running replaces the demo's own runs under ``out``.
+    Re-running replaces the demo's own runs under ``out``; a run there that the demo did not make
+    (``out/teacher``, ``out/baseline`` or ``out/cwt``) is refused before anything is trained.
 
     Example:
         >>> results = run_demo("runs/demo", fast=True)  # doctest: +SKIP
@@ -49,8 +56,10 @@ def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: i
     plan = FAST if fast else FULL
     out = Path(out)
     console = console or RunConsole()
+    for name in ("teacher", "baseline", "cwt"):
+        _check_own_run(out / name)
     common = dict(data="fashion-mnist-mini", input_size=plan.input_size, seed=seed, workers=workers,
-                  overwrite=True, quiet=console.quiet, device="auto")
+                  overwrite=True, quiet=console.quiet, device="auto", extra=dict(MARK))
     steps = [
         ("teacher", f"1/3 training the teacher ({plan.teacher}, {plan.teacher_epochs} epochs)",
          TrainConfig(student=plan.teacher, method="none", epochs=plan.teacher_epochs,
@@ -76,6 +85,19 @@ def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: i
                      f"in {seconds[key]:.0f}s")
     _print_table(console, plan, results, seconds, fast)
     return results
+
+
+def _check_own_run(path: Path) -> None:
+    """Refuse to replace a run in ``path`` unless its config.json carries the demo's mark."""
+    if not path.is_dir() or not run_files(path):
+        return
+    try:
+        extra = json.loads((path / "config.json").read_text())["config"]["extra"]
+    except (OSError, ValueError, KeyError, TypeError):
+        extra = None
+    if not isinstance(extra, dict) or extra.get("made_by") != MARK["made_by"]:
+        raise ConfigError(f"{path} holds a run that `cwkd demo` did not make, and the demo would replace it; "
+                          "pass another --out (the default is runs/demo), or move that run away")
 
 
 def _print_table(console: RunConsole, plan: DemoPlan, results: dict[str, RunResult], seconds: dict,

@@ -38,6 +38,7 @@ from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import TrainingError
 from cwkd.loaders import EpochSampler, build_loaders, data_config, default_input_size
 from cwkd.precision import precision_advice, precision_warning, resolve_precision
+from cwkd.runlock import RunLock
 
 
 @dataclass
@@ -68,8 +69,15 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
     if rank.main and (warning := precision_warning(cfg.precision, device)):
         console.warn(warning)
     out = Path(resume) if resume is not None else Path(cfg.out or cfg.default_out(time.strftime("%Y%m%d-%H%M%S")))
+    with RunLock(out, enabled=rank.main) as lock:  # one process per run directory, released on every exit
+        return _run(cfg, out, resume, device, rank, console, lock)
+
+
+def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.device, rank: Dist,
+         console: RunConsole, lock: RunLock) -> RunResult:
+    """The run itself; ``prepare`` takes ``lock`` as soon as ``out`` exists, before anything is deleted."""
     if rank.main:  # refuse a taken --out now; write nothing until data and models have loaded
-        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite, check_only=True)
+        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite, check_only=True, cfg=cfg, lock=lock)
     _seed_all(cfg.seed)
 
     # Data, student, teacher, and the one trainable module that holds student + aligners.
@@ -97,7 +105,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
     if rank.enabled:
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
     if rank.main:
-        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite)
+        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
     train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
                                              device=device, distributed=rank.enabled, seed=cfg.seed)
 

@@ -205,13 +205,15 @@ class EpochSampler(DistributedSampler):
 
 
 def _worker_init(_worker_id: int) -> None:
-    """Loader workers leave stopping to the main process: they ignore SIGINT, and SIGTERM unless the
-    main process sent it (which is how it ends them).
+    """Loader workers leave stopping to the main process: they ignore SIGINT and SIGHUP, and SIGTERM
+    unless the main process sent it (which is how it ends them).
 
     Why: Ctrl-C, and a scheduler's SIGTERM, reach every process of the group; a worker that died of it
     would make the main process fail on its next batch instead of stopping cleanly at a step boundary.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # a dropped ssh session: the main process saves and stops
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere torch's own SIGTERM handler stays
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
         threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import cwkd
+from cwkd import runinputs
 from cwkd.checkpoint import (
     append_jsonl,
     atomic_write_text,
@@ -31,6 +32,7 @@ from cwkd.checkpoint import (
 from cwkd.config import TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.models import load_state_checked
+from cwkd.runlock import RunLock
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt")
 #: Layout version of state.pt; a file with a larger number needs a newer cwkd.
@@ -38,7 +40,7 @@ STATE_VERSION = 1
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM stopped the run at a step boundary after saving; ``exit_code`` is 128 + signal."""
+    """SIGINT/SIGTERM/SIGHUP stopped the run at a step boundary after saving; ``exit_code`` is 128 + signal."""
 
     def __init__(self, out: Path, signal_number: int) -> None:
         self.out, self.exit_code = out, 128 + signal_number
@@ -48,7 +50,10 @@ class RunInterrupted(Exception):
 
 
 class StopSignals:
-    """Turn the first SIGINT/SIGTERM into a request to stop at the next step; a second SIGINT aborts."""
+    """Turn the first SIGINT/SIGTERM/SIGHUP into a request to stop at the next step; a second SIGINT aborts.
+
+    SIGHUP is what a run started over ssh gets when the connection drops: it saves and stops like SIGTERM.
+    """
 
     def __init__(self) -> None:
         self.signal_number = 0
@@ -74,7 +79,9 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                if sig is None:  # Windows has no SIGHUP
+                    continue
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -83,35 +90,48 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def prepare(out: Path, *, resume: bool, overwrite: bool, check_only: bool = False) -> None:
+def prepare(out: Path, *, resume: bool, overwrite: bool, check_only: bool = False, cfg: TrainConfig | None = None,
+            lock: RunLock | None = None) -> None:
     """Check the run directory before any training: writable, and not another run's (unless allowed).
 
-    ``overwrite`` deletes cwkd's run files only; anything else in ``out`` stays. Temp files that a
-    killed write left behind are removed. ``check_only`` refuses what would be refused but changes
-    nothing on disk: the engine calls it first, and the real thing once data and models are known
-    to be good, so a bad option never costs an old run or leaves an empty folder.
+    ``overwrite`` deletes cwkd's run files only; anything else in ``out`` stays, and a run file that
+    ``cfg`` reads (a teacher checkpoint, a weights file) is refused rather than deleted. Temp files
+    that a killed write left behind are removed. ``check_only`` refuses what would be refused but
+    changes nothing on disk: the engine calls it first, and the real thing once data and models are
+    known to be good, so a bad option never costs an old run or leaves an empty folder. ``lock`` is
+    taken as soon as ``out`` exists (at the check for an existing folder), before anything is deleted.
     """
     if resume:
         if not (out / "config.json").is_file():
             raise ConfigError(f"--resume {out}: no config.json there; point --resume at a cwkd run directory")
-    elif out.is_dir():
-        found = [name for name in _RUN_FILES if (out / name).exists()]
+    if not check_only and not out.is_dir():
+        check_writable(out, flag="--out")  # makes the folder, or says why it cannot
+    if lock is not None and out.is_dir():
+        lock.acquire()
+    if not resume and out.is_dir():
+        found = run_files(out)
         if found and not overwrite:
             raise ConfigError(
                 f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
                 "replace it with --overwrite, or choose another --out"
             )
+        if cfg is not None:
+            runinputs.check_not_inputs([out / name for name in found], cfg, out)
         if check_only:
             return
         for name in found:
             (out / name).unlink()
     if check_only:
         return
-    if out.is_dir():
-        for name in _RUN_FILES:  # atomic_write's temp names: .<name>.<8 hex>.tmp
-            for stale in out.glob(f".{name}.????????.tmp"):
-                stale.unlink(missing_ok=True)
+    for name in _RUN_FILES:  # atomic_write's temp names: .<name>.<8 hex>.tmp
+        for stale in out.glob(f".{name}.????????.tmp"):
+            stale.unlink(missing_ok=True)
     check_writable(out, flag="--out")
+
+
+def run_files(out: Path) -> list[str]:
+    """The names of the cwkd run files in ``out`` (empty for a new or foreign folder)."""
+    return [name for name in _RUN_FILES if (out / name).exists()]
 
 
 def check_space(out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -144,18 +164,25 @@ def load_config(out: str | Path, *, options: dict | None = None) -> TrainConfig:
     """The config a run was started with, for ``--resume``.
 
     ``options`` are the ones given on the resuming command line: those in :data:`RESUMABLE` replace the
-    saved values (``epochs`` may raise the total); any other must equal the saved value, so a retyped
-    command line resumes, and a changed one is refused instead of being silently ignored.
+    saved values (``epochs`` may raise the total); a new place for a moved data folder, teacher or
+    weights file is taken when the file's content is unchanged (:func:`cwkd.runinputs.locate`); any
+    other option must equal the saved value, so a retyped command line resumes, and a changed one is
+    refused instead of being silently ignored.
     """
     path = Path(out) / "config.json"
+    record = _read_record(path, out)
     try:
-        saved = json.loads(path.read_text())["config"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"--resume {out}: cannot read {path} ({exc}); is this a cwkd run directory?") from exc
-    cfg = TrainConfig.from_dict(saved)
+        cfg = TrainConfig.from_dict(record["config"])
+    except ConfigError as exc:
+        raise ConfigError(f"--resume {out}: {path} holds a config this cwkd cannot use ({exc}); it was edited "
+                          "or written by another cwkd version: restore it, or start a new run with --out") from exc
+    entries = record.get("inputs") if isinstance(record.get("inputs"), dict) else {}
+    moved = {}
     for key, value in (options or {}).items():
         if key in RESUMABLE:
             setattr(cfg, key, value)
+        elif runinputs.movable(key, entries):
+            moved[key] = value
         elif not _same(key, value, getattr(cfg, key, None)):
             flag = "--" + key.replace("_", "-")
             raise ConfigError(
@@ -164,9 +191,22 @@ def load_config(out: str | Path, *, options: dict | None = None) -> TrainConfig:
                 f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change): drop the option, or "
                 "start a new run with --out"
             )
+    runinputs.locate(cfg, entries, moved, out)
     cfg.out, cfg.overwrite = str(out), False
     cfg.validate()
     return cfg
+
+
+def _read_record(path: Path, out: str | Path) -> dict:
+    """config.json as a dict holding a "config" dict, or a ConfigError saying what is wrong with it."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {out}: cannot read {path} ({exc}); is this a cwkd run directory?") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ConfigError(f"--resume {out}: {path} is not a cwkd run config (it has no \"config\" object); "
+                          "restore it, or start a new run with --out")
+    return record
 
 
 def _plain(value):
@@ -194,6 +234,7 @@ def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec, teach
         "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg["input_size"]),
                  "mean": list(dcfg["mean"]), "std": list(dcfg["std"])},
         "teacher": teacher_source,
+        "inputs": runinputs.record(cfg),
         "pairs": distiller.describe(),
         "trainable_params": sum(p.numel() for p in distiller.parameters()),
         "aligner_params": sum(p.numel() for p in distiller.aligners.parameters()),
