@@ -243,8 +243,11 @@ def tests(check: Check, limit: float) -> dict:
     skips = [ln for ln in lines if ln.startswith("SKIPPED")]
     result = {"commands": [done], "outcomes": outcomes, "skips": skips,
               "counts": {k: list(outcomes.values()).count(k) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}}
+    broken = [name for name, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
     if done["rc"] != 0:
-        return {"status": "failed", "reason": _failed_command([done]), **result}
+        reason = f"{len(broken)} test(s) failed: {', '.join(broken)}" if broken and not done["timed_out"] \
+            else _failed_command([done])
+        return {"status": "failed", "reason": reason, **result}
     if not result["counts"]["PASSED"]:
         return {"status": "failed", "reason": "no test ran (all skipped): is CUDA visible?", **result}
     return {"status": "passed", **result}
