@@ -39,6 +39,11 @@ Usage:
     python benchmarks/speed.py --quick              # the small config only, fewer rounds (< 1 min)
     python benchmarks/speed.py --system-malloc      # the same under glibc's default allocator policy
     python benchmarks/speed.py --device cuda --out benchmarks/results/speed_cuda.json
+    python benchmarks/speed.py --variants student,teacher,cwkd,cwkd_sync --memory-of cwkd  # a chosen few
+
+Optional variants run only when ``--variants`` names them: ``cwkd_sync`` and ``cwkd_amp_sync`` add the
+engine's per-step non-finite check (``cwkd.engine._finite_everywhere``, one host sync a step) to (c), so
+their ratio to (c) is what that sync costs on a GPU; ``timm_logit_amp`` is timm's logit task under autocast.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class Settings:
                                "timm_logit", "timm_feature", "torchdistill_fitnet")
     memory_steps: int = 2
     peers: bool = True
+    variants: tuple[str, ...] = ()  # time only these (optional ones included); empty: every default variant
     seed: int = 0
     system_malloc: bool = False  # True: glibc's default policy instead of cwkd's reuse_freed_memory
 
@@ -193,17 +199,31 @@ def _cwkd_step(b: Bench, **options) -> Step:
     return _loss_step(b, distiller, distiller.parameters())
 
 
-def _loss_step(b: Bench, module: nn.Module, params) -> Step:
-    """A train step for any module whose forward(x, y) returns a dict with "loss"."""
+def _loss_step(b: Bench, module: nn.Module, params, check: Callable[[torch.Tensor], bool] | None = None) -> Step:
+    """A train step for any module whose forward(x, y) returns a dict with "loss".
+
+    ``check(loss)``, when given, runs between forward and backward as the engine's non-finite check does;
+    a False skips the update, as the engine skips a non-finite step.
+    """
     update = b.updater(params)
     b.owners.append(module)
 
     def step():
         with b.autocast():
             loss = module(b.x, b.y)["loss"]
-        update(loss)
+        if check is None or check(loss):
+            update(loss)
         return loss.detach()
     return step
+
+
+def _cwkd_sync_step(b: Bench) -> Step:
+    """(c) with the engine's own per-step non-finite check, which reads the loss on the host."""
+    from cwkd import engine
+
+    check = engine._finite_everywhere  # looked up now: a renamed check is a setup error, not a crash mid-run
+    distiller = _place(FeatureDistiller(b.teacher, b.student, input_size=b.cfg.input_size, pairs="last"), b).train()
+    return _loss_step(b, distiller, distiller.parameters(), check=check)
 
 
 def _timm_step(b: Bench, kind: str) -> Step:
@@ -275,6 +295,7 @@ class Variant:
     build: Callable[[Bench], Step]
     amp: bool = False
     peer: bool = False
+    optional: bool = False  # timed only when --variants names it
 
 
 VARIANTS: dict[str, Variant] = {
@@ -296,12 +317,19 @@ VARIANTS: dict[str, Variant] = {
     "student_amp": Variant("(a) student, autocast", _student_step, amp=True),
     "teacher_amp": Variant("(b) teacher, autocast", _teacher_step, amp=True),
     "cwkd_amp": Variant("(c) cwkd pairs=last, autocast", lambda b: _cwkd_step(b, pairs="last"), amp=True),
+    "cwkd_sync": Variant("(c) + the engine's non-finite check (host sync)", _cwkd_sync_step, optional=True),
+    "cwkd_amp_sync": Variant("(c) autocast + the engine's non-finite check (host sync)", _cwkd_sync_step,
+                             amp=True, optional=True),
+    "timm_logit_amp": Variant("timm LogitDistillationTask, autocast", lambda b: _timm_step(b, "logit"), amp=True,
+                              peer=True, optional=True),
 }
 
 
 def _selected(settings: Settings) -> list[str]:
+    if settings.variants:
+        return [n for n in VARIANTS if n in settings.variants and (settings.peers or not VARIANTS[n].peer)]
     return [n for n, v in VARIANTS.items()
-            if (settings.peers or not v.peer) and (settings.amp != "none" or not v.amp)]
+            if (settings.peers or not v.peer) and (settings.amp != "none" or not v.amp) and not v.optional]
 
 
 def _models(cfg: Config, settings: Settings) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
@@ -492,6 +520,8 @@ def run_config(cfg: Config, settings: Settings) -> dict:
             errors[name] = f"{type(exc).__name__}: {exc}"
     rounds = _time_rounds(steps, settings, cfg.label)
     timing = rounds["variants"]
+    for row in timing.values():
+        row["images_per_s"] = cfg.batch / row["median"]
     aligner_steps, aligners = _aligner_steps(cfg, settings, models)
     aligner_timing = _time_rounds(aligner_steps, settings, f"{cfg.label} aligners")["variants"]
     base = timing["student"]["median"] + timing["teacher"]["median"]
@@ -523,12 +553,12 @@ def _ratios(timing: dict[str, dict]) -> dict[str, dict]:
 
 
 def _checks(ratios: dict[str, dict]) -> dict:
-    ours = ratios["cwkd"]["ratio"]
+    ours = ratios["cwkd"]["ratio"] if "cwkd" in ratios else None  # absent when --variants left (c) out
     peers = {n: ratios[n]["ratio"] for n in PEERS if n in ratios}
     return {"target_ratio": TARGET_RATIO, "cwkd_ratio": ours,
-            "ratio_within_target": ours <= TARGET_RATIO,
+            "ratio_within_target": ours <= TARGET_RATIO if ours is not None else None,
             "best_peer": min(peers, key=peers.get) if peers else None,
-            "no_worse_than_any_peer": all(ours <= r for r in peers.values()) if peers else None}
+            "no_worse_than_any_peer": all(ours <= r for r in peers.values()) if peers and ours is not None else None}
 
 
 # --- reporting ---
@@ -586,7 +616,8 @@ def print_config(result: dict, bf16_note: str = "") -> None:
     console.print(f"load average (1 min) over the rounds: {min(load):.2f}-{max(load):.2f}")
     checks = result["checks"]
     verdict = {True: "[green]PASS", False: "[red]FAIL", None: "[dim]n/a"}
-    console.print(f"target: cwkd ratio {checks['cwkd_ratio']:.3f} <= {TARGET_RATIO}: "
+    ratio = f"{checks['cwkd_ratio']:.3f}" if checks["cwkd_ratio"] is not None else "n/a"
+    console.print(f"target: cwkd ratio {ratio} <= {TARGET_RATIO}: "
                   f"{verdict[checks['ratio_within_target']]}[/]; no worse than any peer "
                   f"(best: {checks['best_peer']}): {verdict[checks['no_worse_than_any_peer']]}[/]\n")
 
@@ -668,6 +699,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="precision of the autocast variants (fp16 adds a GradScaler)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--no-peers", action="store_true", help="skip timm and torchdistill")
+    p.add_argument("--variants", default=None, metavar="NAMES",
+                   help="time only these, comma-separated (optional ones too: cwkd_sync, cwkd_amp_sync,\n"
+                        "timm_logit_amp); default: every non-optional variant")
+    p.add_argument("--memory-of", default=None, metavar="NAMES",
+                   help="measure the peak memory of these variants, comma-separated (default: a, b, c, the\n"
+                        "other fp32 cwkd variants and the peers)")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default allocator policy for every variant, instead of the one cwkd's\n"
                         "engine uses on the CPU (cwkd.build.reuse_freed_memory: freed memory is kept for\n"
@@ -693,6 +730,16 @@ def main(argv: list[str] | None = None) -> int:
                           highlight=False)
             return 1
         return 0
+    variants = tuple(n for n in (args.variants or "").split(",") if n)
+    memory_of = tuple(n for n in (args.memory_of or "").split(",") if n)
+    unknown = sorted(set(variants + memory_of) - set(VARIANTS))
+    if unknown:
+        console.print(f"[red]--variants/--memory-of: unknown variant(s) {', '.join(unknown)}; known: "
+                      f"{', '.join(VARIANTS)}", highlight=False)
+        return 1
+    if args.amp == "none" and any(VARIANTS[n].amp for n in variants):
+        console.print("[red]--variants names autocast variants but --amp is none; use --amp bf16 or fp16")
+        return 1
     if args.device == "cuda" and not torch.cuda.is_available():
         console.print("[red]--device cuda: no CUDA device is visible to torch; use --device cpu")
         return 1
@@ -703,9 +750,9 @@ def main(argv: list[str] | None = None) -> int:
                         repeats=args.repeats or (3 if args.quick else 7),
                         warmup=args.warmup or (1 if args.quick else 2),
                         min_time=args.min_time or (0.15 if args.quick else 0.3), amp=args.amp,
-                        peers=not args.no_peers, system_malloc=args.system_malloc)
-    if args.no_memory or args.quick:
-        settings = replace(settings, memory=() if args.no_memory else ("student", "teacher", "cwkd"))
+                        peers=not args.no_peers, system_malloc=args.system_malloc, variants=variants)
+    if args.no_memory or args.quick or memory_of:
+        settings = replace(settings, memory=() if args.no_memory else memory_of or ("student", "teacher", "cwkd"))
     main_cfg = Config("main", args.teacher, args.student, args.batch, args.input_size, args.num_classes)
     configs = [SMALL] if args.quick else [main_cfg] + ([SMALL] if args.small else [])
     results = {"command": " ".join(["python", *sys.argv]), "date": datetime.now(timezone.utc).isoformat(),
