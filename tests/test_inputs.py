@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cwkd import images
+from cwkd.checkpoint import save_checkpoint
 from cwkd.cli import app
 from cwkd.data import ArrayDataset, DataSpec, load_data
 from cwkd.errors import DataError
@@ -282,3 +283,50 @@ def test_shared_memory_failure_in_a_run_is_one_line(tmp_path, monkeypatch):
     data = _folder(tmp_path / "data", {"a": COLOUR, "b": GRAY}, train=4)
     _fails(["train", "--model", "test_resnet", "--data", data, "--out", tmp_path / "run", *FAST[:-4],
             "--workers", "2", "--device", "cpu"], "ran out of shared memory", "--workers 0", "--shm-size=2g")
+
+
+# ----------------------------------------------------------------------------- 6. paths where a model belongs
+
+
+@pytest.fixture()
+def colour_data(tmp_path):
+    return _folder(tmp_path / "data", {"a": COLOUR, "b": GRAY})
+
+
+def _distill(tmp_path, data, *args) -> list:
+    return ["distill", "--student", "test_resnet", "--data", data, "--out", tmp_path / "run", *FAST, *args]
+
+
+def test_teacher_run_directory_points_at_its_checkpoint(tmp_path, colour_data):
+    run = tmp_path / "runs" / "teacher"
+    run.mkdir(parents=True)
+    _fails(_distill(tmp_path, colour_data, "--teacher", run), f"--teacher {run} is a directory",
+           f"(e.g. --teacher {run}/best.safetensors); it has no checkpoint yet")
+    (run / "best.safetensors").write_bytes(b"")
+    _fails(_distill(tmp_path, colour_data, "--teacher", run), f"pass its best.safetensors (e.g. --teacher "
+           f"{run}/best.safetensors)")
+
+
+@pytest.mark.parametrize("value", ["runs/teacher", "teacher.pth", "t.ckpt"])
+def test_missing_teacher_path_is_not_an_unknown_model(tmp_path, colour_data, value):
+    message = _fails(_distill(tmp_path, colour_data, "--teacher", value), f"file {value} does not exist")
+    assert "unknown model" not in message
+
+
+def test_path_as_student_is_never_looked_up_as_a_model(tmp_path, colour_data):
+    weights = tmp_path / "student.pth"
+    weights.write_bytes(b"")
+    args = ["train", "--data", colour_data, "--out", tmp_path / "run", *FAST, "--model"]
+    _fails([*args, weights], f"{weights} is a file, not a model name", "--weights")
+    _fails([*args, "nets/resnet18"], "file nets/resnet18 does not exist")
+
+
+def test_cwkd_checkpoint_as_teacher_weights_says_use_teacher(tmp_path, colour_data):
+    model = create_model("test_resnet", num_classes=2)
+    ckpt = tmp_path / "best.safetensors"
+    meta = {"model": "test_resnet", "num_classes": 2, "in_chans": 3, "input_size": [3, 32, 32],
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    save_checkpoint(ckpt, {f"student.{k}": v for k, v in model.state_dict().items()}, meta)
+    message = _fails(_distill(tmp_path, colour_data, "--teacher", "test_resnet", "--teacher-weights", ckpt),
+                     f"{ckpt} is a cwkd checkpoint (of test_resnet); pass it as --teacher {ckpt}")
+    assert "classes" not in message
