@@ -18,7 +18,7 @@ from cwkd.checkpoint import load_checkpoint, read_metadata
 from cwkd.config import Precision, TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.loaders import data_config
-from cwkd.models import create_model, load_state_checked, resolve_name
+from cwkd.models import create_model, is_model_name, load_state_checked, looks_like_path, resolve_name
 from cwkd.precision import precision_advice
 
 
@@ -127,8 +127,13 @@ def autocast_dtype(precision: Precision) -> torch.dtype | None:
 
 
 def is_checkpoint_path(value: str) -> bool:
-    """True when a --teacher value names a cwkd checkpoint file rather than a timm model."""
-    return value.endswith(".safetensors") or Path(value).is_file()
+    """True when a --teacher value is a path (meant as a cwkd checkpoint) rather than a timm model name.
+
+    Anything path-like counts, existing or not, so a typo or a run directory is reported as such
+    instead of as an unknown model; so does a directory whose name is no model's.
+    """
+    path = Path(value)
+    return looks_like_path(value) or path.is_file() or (path.is_dir() and not is_model_name(value))
 
 
 def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
@@ -146,8 +151,13 @@ def teacher_in_chans(cfg: TrainConfig) -> int | None:
 
 def _teacher_checkpoint(path: str, header_only: bool = False) -> tuple[dict, dict]:
     """A --teacher checkpoint; other weight files get the advice to use --teacher-weights."""
+    if Path(path).is_dir():
+        found = [p for p in (Path(path) / "best.safetensors", Path(path) / "last.safetensors") if p.is_file()]
+        example = found[0] if found else Path(path) / "best.safetensors"
+        raise CheckpointError(f"--teacher {path} is a directory; pass its {example.name} (e.g. --teacher {example})"
+                              + ("" if found else "; it has no checkpoint yet: train the teacher first"))
     if not Path(path).exists():
-        raise CheckpointError(f"teacher checkpoint {path} does not exist; pass a .safetensors file from "
+        raise CheckpointError(f"teacher checkpoint file {path} does not exist; pass a .safetensors file from "
                               "`cwkd train` or a timm model name")
     hint = f"for other weights pass --teacher MODEL_NAME --teacher-weights {path}"
     if header_only:
@@ -181,6 +191,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
                 "--allow-random-teacher distils from random weights (for testing only)"
             )
         if cfg.teacher_weights:  # built with the head the weights have; a mismatch is caught below
+            _refuse_cwkd_checkpoint(cfg.teacher_weights)
             model = _with_weights(name, cfg.teacher_weights, in_chans)
         elif cfg.teacher_pretrained:
             model = create_model(name, in_chans=in_chans, pretrained=True)
@@ -202,6 +213,20 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
             f"pass --in-chans {teacher_chans}"
         )
     return model.eval().requires_grad_(False), source
+
+
+def _refuse_cwkd_checkpoint(path: str) -> None:
+    """A cwkd checkpoint given as --teacher-weights: say to pass it as --teacher, which reads its metadata.
+
+    Why not load it anyway: --teacher is the one way a checkpoint teacher is recorded and resumed, and
+    its metadata (classes, channels, input statistics) is what makes the teacher see the right input.
+    """
+    try:
+        meta = read_metadata(path)
+    except CheckpointError:
+        return  # not a cwkd checkpoint (or unreadable): loaded, and reported, as plain weights
+    raise ConfigError(f"{path} is a cwkd checkpoint (of {meta['model']}); pass it as --teacher {path} "
+                      "and drop --teacher-weights")
 
 
 def _with_weights(name: str, path: str, in_chans: int) -> nn.Module:

@@ -7,10 +7,12 @@ built from the model's timm data config.
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
 import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cwkd.errors import DataError
+from cwkd.images import IMAGE_ERRORS, ModeCount, open_image, scan_modes
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -38,7 +41,6 @@ _FMNIST_FILES = {
 }  # fmt: skip
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _CIFAR = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python")}
-_BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 
 
 @dataclass
@@ -51,6 +53,7 @@ class DataSpec:
     classes: list[str]
     channels: int
     native_size: int | None
+    modes: ModeCount | None = None  # image folders: what the header scan that chose ``channels`` found
 
     @property
     def num_classes(self) -> int:
@@ -109,8 +112,8 @@ class ImageFolderDataset(Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                return _open_image(path, self.mode), label
-            except _BAD_IMAGE as exc:
+                return open_image(path, self.mode), label
+            except IMAGE_ERRORS as exc:
                 if not self.skip_corrupt:
                     raise DataError(
                         f"cannot read image {path} ({type(exc).__name__}: {exc}); delete or replace it, "
@@ -121,16 +124,14 @@ class ImageFolderDataset(Dataset):
         raise DataError(f"none of the {len(self.samples)} images in this split could be read")
 
 
-def _open_image(path: Path, mode: str) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert(mode)  # convert() forces the full decode, so bad files fail here, not later
-
-
 # ----------------------------------------------------------------------------- IDX files (Fashion-MNIST)
 
 
-def read_idx(path: str | Path) -> np.ndarray:
+def read_idx(path: str | Path, fix: str = "re-download it or reinstall the data") -> np.ndarray:
     """Read an IDX file (the MNIST format), gzip-compressed or raw, into a numpy array.
+
+    A file that is cut short, not IDX, or whose size disagrees with its header raises :class:`DataError`
+    naming the file and ending with ``fix``.
 
     Example:
         >>> labels = read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
@@ -140,17 +141,21 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as exc:
-        raise DataError(f"cannot read IDX file {path} ({exc}); re-download or reinstall the data") from exc
+    except (OSError, EOFError, zlib.error) as exc:  # gzip raises EOFError for a cut-short file
+        what = "is truncated" if isinstance(exc, EOFError) else "cannot be read"
+        raise DataError(f"IDX file {path} {what} ({type(exc).__name__}: {exc}); {fix}") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number); re-download or reinstall the data")
-    ndim = raw[3]
-    shape = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'none'}); {fix}")
+    ndim, start = raw[3], 4 + 4 * raw[3]
+    if len(raw) < start:
+        raise DataError(f"{path} is truncated inside its header ({len(raw)} bytes); {fix}")
+    shape = struct.unpack(f">{ndim}i", raw[4:start])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     count = math.prod(shape)
-    body = raw[4 + 4 * ndim :]
-    if len(body) != count * dtype.itemsize:
-        raise DataError(f"{path} is truncated or padded: header says {shape}; re-download or reinstall it")
+    body = raw[start:]
+    if min(shape, default=0) < 0 or len(body) != count * dtype.itemsize:
+        raise DataError(f"{path} is truncated or padded: its header says {shape} ({count * dtype.itemsize:,} "
+                        f"bytes of data), the file has {len(body):,}; {fix}")
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -187,9 +192,21 @@ def _load_fashion_mnist(root: str | None, download: bool) -> DataSpec:
             f"Fashion-MNIST not found (looked in {looked}); run `apt-get install dataset-fashion-mnist`, "
             "point --data-root (or $CWKD_DATA) at the IDX files, or pass --download"
         )
-    return _gray_spec(
-        "fashion-mnist", {key: read_idx(path) for key, path in files.items()}, FASHION_MNIST_CLASSES
-    )
+    fix = ("delete it and pass --download to fetch it again, or reinstall the Debian package "
+           "(`apt-get install --reinstall dataset-fashion-mnist`)")
+    arrays = {key: read_idx(path, fix) for key, path in files.items()}
+    for key, path in files.items():  # a well-formed IDX file can still be the wrong one
+        _check_fashion_array(arrays[key], key.startswith("x"), path, fix)
+    return _gray_spec("fashion-mnist", arrays, FASHION_MNIST_CLASSES)
+
+
+def _check_fashion_array(array: np.ndarray, images: bool, path: Path, fix: str) -> None:
+    """Images must be uint8 ``(N, H, W)``, labels uint8 ``(N,)`` in 0-9."""
+    if array.dtype != np.uint8 or array.ndim != (3 if images else 1):
+        want = "images (N, 28, 28)" if images else "labels (N,)"
+        raise DataError(f"{path} holds {array.dtype} data of shape {array.shape}, not Fashion-MNIST {want}; {fix}")
+    if not images and array.size and int(array.max()) >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{path} holds label {int(array.max())}, but Fashion-MNIST labels are 0-9; {fix}")
 
 
 def _load_mini() -> DataSpec:
@@ -282,15 +299,17 @@ def _load_folder(data: str, skip_corrupt: bool) -> DataSpec:
         )
     train = _scan_split(train_dir, train_classes, every_class=True)
     val = _scan_split(val_dir, val_classes, every_class=False)
-    channels = _guess_channels(train)
-    mode = "L" if channels == 1 else "RGB"
+    modes = scan_modes([[p for p, _ in group] for split in (train, val)
+                        for _, group in itertools.groupby(split, key=lambda sample: sample[1])])
+    mode = "L" if modes.channels == 1 else "RGB"
     return DataSpec(
         name=str(data),
         train=ImageFolderDataset(train, train_classes, mode, skip_corrupt),
         val=ImageFolderDataset(val, val_classes, mode, skip_corrupt),
         classes=train_classes,
-        channels=channels,
+        channels=modes.channels,
         native_size=None,
+        modes=modes,
     )
 
 
@@ -315,20 +334,6 @@ def _scan_split(split: Path, classes: list[str], *, every_class: bool) -> list[t
     if not samples:
         raise DataError(f"{split} has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     return samples
-
-
-def _guess_channels(samples: list[tuple[Path, int]], probe: int = 8) -> int:
-    """1 if the first few readable images are all grayscale, else 3; why: decides the model's in_chans."""
-    modes = []
-    for path, _ in samples[: probe * 4]:
-        try:
-            with Image.open(path) as img:
-                modes.append(img.mode)
-        except _BAD_IMAGE:
-            continue  # reading it for real reports (or skips) it later
-        if len(modes) == probe:
-            break
-    return 1 if modes and all(m in ("1", "L", "LA", "I", "I;16", "F") for m in modes) else 3
 
 
 def load_data(

@@ -36,7 +36,7 @@ from cwkd.console import RunConsole
 from cwkd.data import load_data
 from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import TrainingError
-from cwkd.loaders import EpochSampler, build_loaders, data_config, default_input_size
+from cwkd.loaders import EpochSampler, build_loaders, check_split_sizes, data_config, default_input_size
 from cwkd.precision import precision_advice, precision_warning, resolve_precision
 from cwkd.runlock import RunLock
 
@@ -82,7 +82,10 @@ def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.d
 
     # Data, student, teacher, and the one trainable module that holds student + aligners.
     spec = load_data(cfg.data, root=cfg.data_root, download=cfg.download, skip_corrupt=cfg.skip_corrupt)
+    check_split_sizes(spec, rank.world)
     in_chans = cfg.in_chans or teacher_in_chans(cfg) or spec.channels
+    if spec.modes is not None:
+        console.info(spec.modes.describe(in_chans))
     student = build_student(cfg, spec.num_classes, in_chans)
     teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, {})
     dcfg = data_config(student, input_size=cfg.input_size or default_input_size(spec.native_size),

@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
+import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -22,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from cwkd.data import SMALL_IMAGE_MAX, DataSpec
-from cwkd.errors import ConfigError
+from cwkd.errors import ConfigError, DataError
+from cwkd.images import to_8bit
 
 
 def data_config(
@@ -89,12 +93,17 @@ def _per_channel(values: Sequence[float], chans: int) -> tuple[float, ...]:
 
 
 class _ConvertMode:
-    """Convert a PIL image to ``mode`` (a class, not a lambda, so loader workers can pickle it)."""
+    """Convert a PIL image to ``mode`` (a class, not a lambda, so loader workers can pickle it).
+
+    16-bit, 32-bit and float images are scaled to 8 bits first (:func:`~cwkd.images.to_8bit`): PIL's own
+    conversion would clip them.
+    """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
 
     def __call__(self, img: Image.Image) -> Image.Image:
+        img = to_8bit(img)
         return img if img.mode == self.mode else img.convert(self.mode)
 
 
@@ -226,6 +235,53 @@ def _exit_on_sigterm_from(parent: int) -> None:
             os._exit(0)
 
 
+def check_split_sizes(spec: DataSpec, world: int = 1) -> None:
+    """Refuse a data set too small to train on: each process needs 2 training images, and val one.
+
+    Why: BatchNorm cannot train on a batch of one image, and an empty val split has no score.
+    """
+    if math.ceil(len(spec.train) / world) < 2:
+        where, fix = (" per process", f" for {world} processes; add images or start fewer processes") \
+            if world > 1 else ("", "; add images")
+        raise DataError(f"training needs at least 2 training images{where}, and the train split of {spec.name} "
+                        f"has {len(spec.train)}{fix} (BatchNorm cannot train on a batch of one)")
+    if len(spec.val) == 0:
+        raise DataError(f"the val split of {spec.name} has no images; add some, as training scores the model on "
+                        "them after every epoch")
+
+
+#: How a DataLoader worker's failure reads when shared memory (/dev/shm) ran out.
+_SHM_ERROR = re.compile(r"shared memory|\bshm\b|bus error|</torch_", re.IGNORECASE)
+_SHM_FIX = "pass --workers 0, or give the machine more shared memory (Docker: docker run --shm-size=2g ...)"
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers' shared-memory failures become one :class:`DataError` with the fix."""
+
+    def __iter__(self) -> Iterator:
+        try:
+            yield from super().__iter__()
+        except RuntimeError as exc:
+            if self.num_workers == 0 or not _SHM_ERROR.search(str(exc)):
+                raise
+            first = str(exc).strip().splitlines()[0].split(". ")[0].rstrip(".")  # torch's own advice follows
+            raise DataError(f"the data loader's {self.num_workers} worker process(es) ran out of shared memory "
+                            f"(/dev/shm): {first}; {_SHM_FIX}") from exc
+
+
+def _warn_small_shm(cfg: dict, batch_size: int, workers: int, path: str = "/dev/shm") -> None:
+    """Warn when /dev/shm looks too small for the batches ``workers`` hand over (about 2 in flight each)."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return  # no /dev/shm (not Linux): torch uses another mechanism
+    need = 4 * batch_size * math.prod(cfg["input_size"]) * workers * 2  # float32, prefetch_factor 2
+    if free < need:
+        warnings.warn(f"{path} has {free / 2**20:.0f} MiB free, but {workers} loader worker(s) need about "
+                      f"{need / 2**20:.0f} MiB for batches of {batch_size}; if they crash, {_SHM_FIX}",
+                      stacklevel=3)
+
+
 def build_loaders(
     spec: DataSpec,
     cfg: dict,
@@ -257,12 +313,14 @@ def build_loaders(
         "persistent_workers": workers > 0,
         "worker_init_fn": _worker_init if workers > 0 else None,
     }
+    if workers > 0:
+        _warn_small_shm(cfg, batch_size, workers)
     shard = {} if distributed else {"num_replicas": 1, "rank": 0}
     train_sampler = EpochSampler(train, seed=seed, **shard)
     # The generator only seeds the workers' base RNG, which keeps loading off the global RNG.
     gen = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train, sampler=train_sampler, generator=gen,
+    train_loader = _Loader(train, sampler=train_sampler, generator=gen,
                               drop_last=len(train_sampler) >= batch_size, **common)
     val_sampler = DistributedSampler(val, shuffle=False) if distributed else None
-    val_loader = DataLoader(val, sampler=val_sampler, shuffle=False, **common)
+    val_loader = _Loader(val, sampler=val_sampler, shuffle=False, **common)
     return train_loader, val_loader

@@ -32,15 +32,41 @@ ALIASES: dict[str, str] = {
 }
 
 
+#: File endings of weights and checkpoints: a value ending so is a path, never a model name.
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def looks_like_path(value: str) -> bool:
+    """True when ``value`` has a path separator or a weights-file ending (timm's ``hf-hub:`` names aside)."""
+    if value.startswith(("hf-hub:", "hf_hub:")):
+        return False
+    return "/" in value or os.sep in value or value.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def _not_a_name(value: str) -> str:
+    """Why a path given where a model name belongs cannot be used, and what to pass instead."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return (f"{value} is a directory, not a model name; pass a timm model name, or a checkpoint file in it "
+                f"(e.g. {path / 'best.safetensors'}) to --teacher")
+    if not path.exists():
+        return f"file {value} does not exist (a path is never taken as a model name); check the path"
+    return (f"{value} is a file, not a model name; pass the timm model name and give the file as --weights, "
+            "--student-weights or --teacher-weights (a cwkd checkpoint goes to --teacher)")
+
+
 def resolve_name(name: str) -> str:
     """Return the timm name for ``name``, following :data:`ALIASES`.
 
-    Raises :class:`ModelNotFoundError` with the closest timm names when neither knows it.
+    Raises :class:`ModelNotFoundError` with the closest timm names when neither knows it, and says
+    what is wrong when ``name`` is a path (see :func:`looks_like_path`), which is never looked up.
 
     Example:
         >>> resolve_name("mobilenetv1")
         'mobilenetv1_100'
     """
+    if looks_like_path(name):
+        raise ModelNotFoundError(_not_a_name(name))
     resolved = ALIASES.get(name.lower(), name)
     if timm.is_model(resolved):
         return resolved
@@ -51,6 +77,11 @@ def resolve_name(name: str) -> str:
         f"unknown model '{name}'{hint} List timm's models with "
         "`python -c \"import timm; print(timm.list_models('*resnet*'))\"`"
     )
+
+
+def is_model_name(value: str) -> bool:
+    """True when timm knows ``value`` (or the alias it stands for) as a model; paths never are."""
+    return not looks_like_path(value) and timm.is_model(ALIASES.get(value.lower(), value))
 
 
 def create_model(
