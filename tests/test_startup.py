@@ -1,4 +1,5 @@
-"""Start-up: ``cwkd --version`` works, and ``--help`` never loads torch or timm (issue 10, section 6).
+"""Start-up and small things (issue 10, section 6): `cwkd --version`, a `--help` that never loads torch,
+option checks that name the right parameter, and warnings from rank 0 only.
 
 Speed itself is measured by ``benchmarks/startup.py``, not here: a timed unit test would fail on a busy
 machine. What makes ``--help`` slow is importing torch, and that is what these tests pin down.
@@ -100,3 +101,25 @@ def test_split_and_format_are_checked_as_choices(args, option):
     assert result.exit_code == 2
     assert option in result.output and "is not one of" in result.output
 
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("name", ["alpha", "kd_weight", "kd_temperature"])
+def test_distiller_names_the_parameter_that_is_not_finite(name, value):
+    from torch import nn
+
+    from cwkd import ConfigError, FeatureDistiller
+
+    with pytest.raises(ConfigError, match=f"^{name} must be a finite number .*, got {value}$"):
+        FeatureDistiller(nn.Identity(), nn.Identity(), **{name: value})
+
+
+@pytest.mark.parametrize("enabled,quiet,printed", [(True, False, True), (True, True, True), (False, False, False)])
+def test_warnings_come_from_rank_zero_only(enabled, quiet, printed):
+    import io
+
+    from cwkd.console import RunConsole
+
+    stream = io.StringIO()
+    RunConsole(quiet=quiet, enabled=enabled, stream=stream).warn("disk almost full")
+    assert ("disk almost full" in stream.getvalue()) is printed
