@@ -4,6 +4,9 @@ A small student learns to mimic a large teacher's feature maps through a learnab
 ``1x1 conv -> ReLU -> 1x1 conv`` transform on the student side, with an L2 loss:
 ``loss = task loss + alpha * feature loss``.
 
+The public names load on first use (PEP 562), so ``import cwkd`` and ``cwkd --help`` do not pay
+for torch and timm until something needs them.
+
 Example:
     >>> import cwkd
     >>> teacher = cwkd.create_model("test_resnet", num_classes=10)
@@ -11,34 +14,41 @@ Example:
     >>> distiller = cwkd.FeatureDistiller(teacher, student, alpha=1.0)
 """
 
+import importlib as _importlib
+
 __version__ = "0.1.0"
 
-from cwkd.aligner import Method, build_aligner
-from cwkd.config import Optimizer, Precision, TrainConfig
-from cwkd.distiller import FeatureDistiller, Renormalize
-from cwkd.errors import (
-    CheckpointError,
-    ConfigError,
-    CwkdError,
-    DataError,
-    ExportError,
-    LayerError,
-    ModelNotFoundError,
-    PairingError,
-    TrainingError,
-)
-from cwkd.evaluation import evaluate_checkpoint, load_student
-from cwkd.export import export_student
-from cwkd.features import FeatureHooks, LayerInfo, probe
-from cwkd.inspection import inspect_model, propose_pairs
-from cwkd.losses import Reduction, convert_alpha, feature_loss, kd_loss
-from cwkd.models import create_model
-from cwkd.pairing import Pair, pair_layers
+#: Where each public name lives: ``cwkd.NAME`` imports ``cwkd.<module>`` on first use.
+_SOURCES = {
+    "cwkd.aligner": ["build_aligner"],
+    "cwkd.choices": ["Method", "Reduction"],
+    "cwkd.config": ["Optimizer", "Precision", "TrainConfig"],
+    "cwkd.distiller": ["FeatureDistiller", "Renormalize"],
+    "cwkd.errors": ["CheckpointError", "ConfigError", "CwkdError", "DataError", "ExportError", "LayerError",
+                    "ModelNotFoundError", "PairingError", "TrainingError"],
+    "cwkd.evaluation": ["evaluate_checkpoint", "load_student"],
+    "cwkd.export": ["export_student"],
+    "cwkd.features": ["FeatureHooks", "LayerInfo", "probe"],
+    "cwkd.inspection": ["inspect_model", "propose_pairs"],
+    "cwkd.losses": ["convert_alpha", "feature_loss", "kd_loss"],
+    "cwkd.models": ["create_model"],
+    "cwkd.pairing": ["Pair", "pair_layers"],
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
 
-__all__ = [
-    "CheckpointError", "ConfigError", "CwkdError", "DataError", "ExportError", "FeatureDistiller", "Renormalize",
-    "FeatureHooks", "LayerError", "LayerInfo", "Method", "ModelNotFoundError", "Optimizer", "Pair",
-    "PairingError", "Precision", "Reduction", "TrainConfig", "TrainingError", "__version__", "build_aligner",
-    "convert_alpha", "create_model", "evaluate_checkpoint", "export_student", "feature_loss", "inspect_model",
-    "kd_loss", "load_student", "pair_layers", "probe", "propose_pairs",
-]
+__all__ = sorted([*_MODULE_OF, "__version__"])
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first use, and keep the name for the next lookup."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cwkd' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+

@@ -6,19 +6,10 @@ training only and are dropped from the exported student.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 from torch import nn
 
-
-class Method(str, Enum):
-    """How student features are aligned to the teacher's."""
-
-    cwt = "cwt"        # 1x1 conv -> ReLU -> 1x1 conv (the paper's channel-wise transform)
-    linear = "linear"  # one 1x1 conv (FitNets-style hint), for the ablation
-    mgd = "mgd"        # masked generative distillation (Yang et al. 2022), for comparison
-    none = "none"      # no feature loss: plain training, or logit KD alone
+from cwkd.choices import Method  # defined torch-free for the CLI; re-exported here
 
 
 class ChannelWiseTransform(nn.Module):

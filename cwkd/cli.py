@@ -1,5 +1,9 @@
 """The ``cwkd`` command line. Each command parses options, builds one typed config and calls one
-library function; errors from the library become one clean line and exit code 1."""
+library function; errors from the library become one clean line and exit code 1.
+
+This module imports nothing that loads torch or timm: commands import the library inside their
+bodies, so ``cwkd --help`` and ``cwkd --version`` start in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ from typing import Annotated
 
 import typer
 
-from cwkd.aligner import Method
+from cwkd import __version__
+from cwkd.choices import ExportFormat, Method, Reduction, Split
 from cwkd.config import Optimizer, Precision, TrainConfig
 from cwkd.errors import CwkdError
-from cwkd.losses import Reduction
 
 app = typer.Typer(
     name="cwkd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -63,17 +67,20 @@ StudentPretrained = Annotated[bool, typer.Option(help="Start the student from ti
                                                  "(needs the Hugging Face hub).")]
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: eager, so it runs before click asks for a command."""
+    if value:
+        typer.echo(f"cwkd {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option(help="Show full tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
 ) -> None:
     _state["debug"] = debug
-    if version:
-        from cwkd import __version__
-
-        typer.echo(__version__)
-        raise typer.Exit()
 
 
 @contextlib.contextmanager
@@ -266,7 +273,7 @@ def eval_(
                                                   "checkpoint was trained on).")] = None,
     weights: Annotated[str | None, typer.Option(help="Weights file for a timm model name (.safetensors "
                                                      "or .pth, loaded safely).")] = None,
-    split: Annotated[str, typer.Option(help="val or train (train images get the val transform).")] = "val",
+    split: Annotated[Split, typer.Option(help="val or train (train images get the val transform).")] = Split.val,
     per_class: Annotated[bool, typer.Option(help="Also show per-class accuracy and the confusion "
                                                  "matrix.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")] = False,
@@ -275,11 +282,9 @@ def eval_(
     data_root: DataRoot = None, workers: Workers = 2, device: Device = "auto",
 ) -> None:
     """Measure a checkpoint: top-1, top-5, mean loss and images/s on a data set split."""
-    from cwkd.evaluation import Split, evaluate_checkpoint, print_eval
+    from cwkd.evaluation import evaluate_checkpoint, print_eval
 
     with _errors():
-        if split not in {s.value for s in Split}:
-            raise typer.BadParameter(f"use val or train, not '{split}'", param_hint="--split")
         result = evaluate_checkpoint(checkpoint, weights=weights, data=data, data_root=data_root, split=split,
                                      batch_size=batch_size, workers=workers, device=device, precision=precision,
                                      per_class=per_class, input_size=input_size)
@@ -289,8 +294,8 @@ def eval_(
 @app.command("export")
 def export_(
     checkpoint: Annotated[str, typer.Argument(help="A cwkd checkpoint (.safetensors).")],
-    format: Annotated[str, typer.Option("--format", help="safetensors (plain timm), onnx or "
-                                                         "torchscript.")] = "safetensors",
+    format: Annotated[ExportFormat, typer.Option("--format", help="safetensors (plain timm), onnx or "
+                                                                  "torchscript.")] = ExportFormat.safetensors,
     out: Annotated[str | None, typer.Option(help="File to write (default: next to the checkpoint, "
                                                  "e.g. best.onnx).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
@@ -304,11 +309,9 @@ def export_(
     data_root: DataRoot = None,
 ) -> None:
     """Write the student alone (no aligners, no teacher) as safetensors, ONNX or TorchScript."""
-    from cwkd.export import ExportFormat, export_student, print_export
+    from cwkd.export import export_student, print_export
 
     with _errors():
-        if format not in {f.value for f in ExportFormat}:
-            raise typer.BadParameter(f"use safetensors, onnx or torchscript, not '{format}'", param_hint="--format")
         result = export_student(checkpoint, format=format, out=out, overwrite=overwrite, verify=verify,
                                 benchmark=benchmark, data=data, data_root=data_root, atol=atol)
         print_export(result)

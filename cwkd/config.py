@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from cwkd.aligner import Method
+from cwkd.choices import Method, Reduction
 from cwkd.errors import ConfigError
-from cwkd.losses import Reduction
 
 
 class Precision(str, Enum):

@@ -15,6 +15,7 @@ class RunConsole:
     """Progress and logging for one run. Only rank 0 of a distributed run should print."""
 
     def __init__(self, *, quiet: bool = False, enabled: bool = True, stream=None) -> None:
+        self.enabled = enabled  # False on every rank but 0 of a distributed run: print nothing at all
         self.quiet = quiet or not enabled
         self.console = Console(file=stream or sys.stdout, highlight=False, soft_wrap=True)
         self.tty = self.console.is_terminal
@@ -30,8 +31,9 @@ class RunConsole:
             self.console.print(message)
 
     def warn(self, message: str) -> None:
-        """A warning, printed even when quiet."""
-        self.console.print(f"[yellow]warning:[/yellow] {message}")
+        """A warning, printed even when quiet (by rank 0 only)."""
+        if self.enabled:
+            self.console.print(f"[yellow]warning:[/yellow] {message}")
 
     def start(self, label: str, total: int) -> None:
         """Begin a progress bar (or plain progress lines) over ``total`` steps."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -207,16 +208,25 @@ def _key(index: int) -> str:
 
 def _check_options(alpha: float, hidden: int | None, kd_weight: float, temperature: float,
                    smoothing: float) -> None:
+    """Refuse a value that cannot work, naming that parameter and its value."""
     checks = [
-        (alpha >= 0 and alpha == alpha, f"alpha must be a finite number >= 0, got {alpha}"),
+        (_finite(alpha) and alpha >= 0, f"alpha must be a finite number >= 0, got {alpha}"),
         (hidden is None or hidden > 0, f"hidden must be a positive channel count, got {hidden}"),
-        (kd_weight >= 0 and kd_weight == kd_weight, f"kd_weight must be >= 0, got {kd_weight}"),
-        (temperature > 0 and temperature == temperature, f"kd temperature must be > 0, got {temperature}"),
-        (0 <= smoothing < 1, f"label smoothing must be in [0, 1), got {smoothing}"),
+        (_finite(kd_weight) and kd_weight >= 0, f"kd_weight must be a finite number >= 0, got {kd_weight}"),
+        (_finite(temperature) and temperature > 0,
+         f"kd_temperature must be a finite number > 0, got {temperature}"),
+        (0 <= smoothing < 1, f"label_smoothing must be in [0, 1), got {smoothing}"),
     ]
     for ok, message in checks:
-        if not ok or any(v in (float("inf"), float("-inf")) for v in (alpha, kd_weight, temperature)):
+        if not ok:
             raise ConfigError(message)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except TypeError:
+        return False
 
 
 __all__ = ["FeatureDistiller", "LayerInfo", "Renormalize"]

@@ -14,7 +14,6 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from cwkd.build import resolve_device
 from cwkd.checkpoint import load_checkpoint, read_state_dict, validate_metadata
+from cwkd.choices import Split  # defined torch-free for the CLI; re-exported here
 from cwkd.config import Precision
 from cwkd.data import DataSpec, load_data
 from cwkd.engine import evaluate
@@ -37,13 +37,6 @@ from cwkd.precision import precision_warning, resolve_precision
 #: The ``format`` marker in the metadata of a student file written by ``cwkd export``.
 STUDENT_FORMAT = "cwkd-student"
 _JSON_KEYS = ("input_size", "mean", "std", "classes")  # stored as JSON text: safetensors metadata is str -> str
-
-
-class Split(str, Enum):
-    """Which split of the data set to score."""
-
-    val = "val"
-    train = "train"
 
 
 @dataclass

@@ -15,7 +15,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from rich.table import Table
 from torch import nn
 
 from cwkd.checkpoint import atomic_write
+from cwkd.choices import ExportFormat  # defined torch-free for the CLI; re-exported here
 from cwkd.data import load_data
 from cwkd.errors import CwkdError, ExportError
 from cwkd.evaluation import checkpoint_data_config, encode_student_metadata, read_student
@@ -38,14 +38,6 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 #: Largest max-abs difference from PyTorch fp32 logits that ``verify`` accepts.
 ATOL = 1e-4
 _INSTALL = "onnx export needs the export extra: pip install 'cwkd[export]'"
-
-
-class ExportFormat(str, Enum):
-    """What ``cwkd export`` writes."""
-
-    safetensors = "safetensors"
-    onnx = "onnx"
-    torchscript = "torchscript"
 
 
 #: Default file name next to the checkpoint: ``best.safetensors`` -> ``best.onnx`` and so on.

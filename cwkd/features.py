@@ -2,6 +2,10 @@
 
 Shapes are read from the model, never typed in: channels and reduction come from the recorded
 outputs, and stages come from timm's ``feature_info`` where the model has one.
+
+A reduction is the *nominal* stride (4, 8, 16, 32, ...), not ``input / map``: at 176 px a stride-32
+stage is 6x6 in a ResNet (padded convs round up) and 5x5 in a ConvNeXt (2x2 patch convs round down),
+and both are reduction 32, so they pair; the distiller resizes one map onto the other.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def probe(model: nn.Module, input_size: int | Iterable[int] | None = None) -> li
             for handle in handles:
                 handle.remove()
     stage_names = _timm_stage_names(model)
-    feature_chs = _timm_stage_channels(model)
+    timm_stages = _timm_stages(model)
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     layers: list[LayerInfo] = []
     seen: set[str] = set()
@@ -107,7 +111,7 @@ def probe(model: nn.Module, input_size: int | Iterable[int] | None = None) -> li
         if name in seen:  # a module called twice keeps its first output
             continue
         seen.add(name)
-        info = _describe(name, module, out, (h, w), prefix, feature_chs.get(name), order)
+        info = _describe(name, module, out, (h, w), prefix, timm_stages.get(name), order)
         if info is not None:
             layers.append(info)
     return _mark_stages(layers, stage_names)
@@ -115,16 +119,19 @@ def probe(model: nn.Module, input_size: int | Iterable[int] | None = None) -> li
 
 def _describe(
     name: str, module: nn.Module, out: torch.Tensor, hw: tuple[int, int], prefix: int,
-    stage_chs: int | None, order: int,
+    stage: tuple[int, int] | None, order: int,
 ) -> LayerInfo | None:
-    """Turn one recorded output into a :class:`LayerInfo`, or ``None`` if it is not a map."""
+    """Turn one recorded output into a :class:`LayerInfo`, or ``None`` if it is not a map.
+
+    ``stage`` is timm's ``(channels, reduction)`` for a ``feature_info`` module, else ``None``.
+    """
     if out.shape[0] != 1:  # batch of one in, so anything else is internal (windows, heads)
         return None
     if isinstance(module, _POOLS) and out.dim() == 4 and out.shape[-1] == out.shape[-2] == 1:
         return None
     if out.dim() == 4:
         tokens = 0
-        found = _map_layout(out, hw, stage_chs)
+        found = _map_layout(out, hw, stage)
         if found is None:
             return None
         layout, (ch, fh, fw), reduction = found
@@ -133,7 +140,7 @@ def _describe(
         if grid is None:
             return None
         layout, tokens, (fh, fw), ch = "nlc", grid[0], grid[1], out.shape[2]
-        reduction = _reduction(hw[0], fh)
+        reduction = stage[1] if stage else _reduction(hw[0], fh)
         if reduction is None:
             return None
     else:
@@ -161,12 +168,17 @@ def _token_grid(n: int, hw: tuple[int, int], prefix: int) -> tuple[int, tuple[in
     return None
 
 
-def _map_layout(out: torch.Tensor, hw: tuple[int, int], stage_chs: int | None):
-    """Read a 4-D output as NCHW, or else NHWC: the one whose grid matches the input's aspect."""
+def _map_layout(out: torch.Tensor, hw: tuple[int, int], stage: tuple[int, int] | None):
+    """Read a 4-D output as NCHW, or else NHWC: the one whose grid matches the input's aspect.
+
+    A timm stage (``stage`` is its ``(channels, reduction)``) is read by its channel count and keeps
+    timm's nominal reduction.
+    """
     a, b, c = (int(v) for v in out.shape[1:])
     candidates = [("nchw", (a, b, c)), ("nhwc", (c, a, b))]
-    if stage_chs is not None and a != stage_chs and c == stage_chs:
-        candidates.reverse()
+    for layout, (ch, fh, fw) in candidates:
+        if stage is not None and ch == stage[0]:
+            return layout, (ch, fh, fw), stage[1]
     for layout, (ch, fh, fw) in candidates:
         red_h, red_w = _reduction(hw[0], fh), _reduction(hw[1], fw)
         if red_h is not None and red_h == red_w:
@@ -175,16 +187,17 @@ def _map_layout(out: torch.Tensor, hw: tuple[int, int], stage_chs: int | None):
 
 
 def _reduction(size: int, feat: int) -> int | None:
-    """The stride from input to feature map, e.g. 224 -> 7 gives 32; ``ceil`` rounding allowed."""
+    """The nominal stride from input to feature map: the power of two whose map is ``feat`` within a pixel.
+
+    224 -> 7 gives 32, and so do 176 -> 6 and 176 -> 5 (strided layers round odd sizes up or down).
+    Other exact strides stay (a patch-14 ViT: 224 -> 16 gives 14). ``None``: not a map of this input.
+    """
     if feat <= 0 or feat > size:
         return None
-    if size % feat == 0:
-        return size // feat
-    for power in range(12):
-        r = 2**power
-        if math.ceil(size / r) == feat:
-            return r
-    return None
+    power = 2 ** round(math.log2(size / feat))
+    if abs(feat - size / power) <= 1:
+        return power
+    return size // feat if size % feat == 0 else None
 
 
 def _timm_feature_info(model: nn.Module) -> list[dict]:
@@ -198,8 +211,10 @@ def _timm_stage_names(model: nn.Module) -> list[str]:
     return [i["module"] for i in _timm_feature_info(model)]
 
 
-def _timm_stage_channels(model: nn.Module) -> dict[str, int]:
-    return {i["module"]: int(i["num_chs"]) for i in _timm_feature_info(model)}
+def _timm_stages(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module: (channels, nominal reduction)}`` from timm's ``feature_info``."""
+    return {i["module"]: (int(i["num_chs"]), int(i["reduction"])) for i in _timm_feature_info(model)
+            if "num_chs" in i and "reduction" in i}
 
 
 def _mark_stages(layers: list[LayerInfo], stage_names: list[str]) -> list[LayerInfo]:

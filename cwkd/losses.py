@@ -13,17 +13,10 @@ batch size, so its alpha is tiny. The two say the same thing:
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 import torch.nn.functional as F
 
-
-class Reduction(str, Enum):
-    """How the feature L2 is reduced."""
-
-    mean = "mean"  # mean over B*C*H*W; alpha near 1
-    sum = "sum"    # sum over C*H*W, divided by the batch size (the paper's form); alpha near 1e-5
+from cwkd.choices import Reduction  # defined torch-free for the CLI; re-exported here
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: Reduction | str = "mean") -> torch.Tensor:

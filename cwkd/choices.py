@@ -1,0 +1,41 @@
+"""The fixed choices of cwkd's options, as ``str`` Enums, in a module that imports nothing heavy.
+
+The CLI declares its options with these before any command runs, so ``cwkd --help`` never loads
+torch. The modules that use them re-export them: ``cwkd.aligner.Method``, ``cwkd.losses.Reduction``,
+``cwkd.evaluation.Split`` and ``cwkd.export.ExportFormat`` keep working.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Method(str, Enum):
+    """How student features are aligned to the teacher's."""
+
+    cwt = "cwt"        # 1x1 conv -> ReLU -> 1x1 conv (the paper's channel-wise transform)
+    linear = "linear"  # one 1x1 conv (FitNets-style hint), for the ablation
+    mgd = "mgd"        # masked generative distillation (Yang et al. 2022), for comparison
+    none = "none"      # no feature loss: plain training, or logit KD alone
+
+
+class Reduction(str, Enum):
+    """How the feature L2 is reduced."""
+
+    mean = "mean"  # mean over B*C*H*W; alpha near 1
+    sum = "sum"    # sum over C*H*W, divided by the batch size (the paper's form); alpha near 1e-5
+
+
+class Split(str, Enum):
+    """Which split of the data set to score."""
+
+    val = "val"
+    train = "train"
+
+
+class ExportFormat(str, Enum):
+    """What ``cwkd export`` writes."""
+
+    safetensors = "safetensors"
+    onnx = "onnx"
+    torchscript = "torchscript"
