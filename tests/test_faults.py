@@ -189,6 +189,28 @@ def test_fault_in_the_first_epoch_is_one_line_and_the_rerun_needs_no_overwrite(f
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS caps allocations on Linux only")
+def test_real_cpu_out_of_memory_through_the_cli(folder, tmp_path):
+    """A real allocator failure, made safe by an address-space limit (the kernel's OOM killer never acts)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    out = tmp_path / "r"
+    args = [sys.executable, "-m", "cwkd", "train", "--model", "test_resnet", "--data", str(folder), "--out", str(out),
+            "--epochs", "1", "--batch-size", "8", "--input-size", "4096", "--workers", "0", "--device", "cpu"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, preexec_fn=limit,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if "test_resnet on" not in proc.stdout:
+        pytest.skip(f"cannot start under a 6 GiB address-space limit here: {proc.stderr[-300:]}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: out of memory (" in proc.stderr and "use a smaller --batch-size" in proc.stderr, proc.stderr
+    print(proc.stderr.strip())
+    _ok(["train", "--model", "test_resnet", "--data", folder, "--out", out, "--epochs", "1", *FAST])  # no --overwrite
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cpu-oom", "cuda-oom"])
 def test_out_of_memory_in_eval_is_one_line(trained, monkeypatch, kind):
     make, needles = FAULTS[kind]
