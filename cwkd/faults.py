@@ -55,8 +55,9 @@ def fault_message(exc: BaseException) -> str | None:
                     "or a smaller --input-size")
         if name in ("InvalidCxxCompiler", "CppCompileError") or (
                 ("inductor" in type(err).__module__ or name == "BackendCompilerFailed") and _NO_COMPILER.search(text)):
-            return ("--compile needs a working C++ compiler, and none was found (torch.compile's inductor "
-                    f"failed: {name}); run without --compile, or install one (e.g. apt install g++)")
+            said = next((ln.strip() for ln in text.splitlines() if _NO_COMPILER.search(ln)), name)[:200]
+            return (f"--compile needs a working C++ compiler, and none was found ({said}); run without --compile, "
+                    "or install one (e.g. apt install g++; $CXX names the one to use)")
         if isinstance(err, OSError) and err.errno in _DISK_FULL + (errno.EROFS,):
             where = f" {err.filename}" if err.filename else ""
             fix = ("the file system is read-only: remount it read-write or write somewhere else"

@@ -211,6 +211,20 @@ def test_real_cpu_out_of_memory_through_the_cli(folder, tmp_path):
 
 
 @pytest.mark.slow
+def test_real_compile_without_a_compiler_through_the_cli(folder, tmp_path):
+    """$CXX names the compiler inductor uses: pointing it at nothing is a machine without one."""
+    out = tmp_path / "r"
+    args = [sys.executable, "-m", "cwkd", "train", "--model", "test_resnet", "--data", str(folder), "--out", str(out),
+            "--epochs", "1", *FAST, "--compile"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CXX": str(tmp_path / "no-such-g++")})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: --compile needs a working C++ compiler" in proc.stderr, proc.stderr
+    assert "run without --compile" in proc.stderr
+    print(proc.stderr.strip())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cpu-oom", "cuda-oom"])
 def test_out_of_memory_in_eval_is_one_line(trained, monkeypatch, kind):
     make, needles = FAULTS[kind]
