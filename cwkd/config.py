@@ -37,6 +37,7 @@ MAX_IN_CHANS = 1024
 MAX_HIDDEN = 65536  # aligner hidden width
 MAX_CLASSES = 1_000_000
 MAX_WORKERS = 256
+MAX_BATCH_SIZE = 2**20
 MAX_SEED = 2**63 - 1
 
 #: Default learning rate and weight decay per optimizer.
@@ -129,7 +130,8 @@ class TrainConfig:
             _finite_at_least("--clip-grad", self.clip_grad, 1e-12)
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs:g}")
-        check_sizes(hidden=self.hidden, input_size=self.input_size, in_chans=self.in_chans, workers=self.workers)
+        check_sizes(hidden=self.hidden, input_size=self.input_size, in_chans=self.in_chans, workers=self.workers,
+                    batch_size=self.batch_size)
         _in_range("--seed", self.seed, 0, MAX_SEED)
         if self.skip_nonfinite < 0:
             raise ConfigError(f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}")
@@ -182,6 +184,7 @@ def check_sizes(*, hidden: int | None = None, input_size: int | None = None, in_
             _in_range(name, value, 1, top, unit)
     if batch_size is not None:
         _positive("--batch-size", batch_size)
+        _in_range("--batch-size", batch_size, 1, MAX_BATCH_SIZE, " images")
     if workers is not None:
         _in_range("--workers", workers, 0, MAX_WORKERS)
 

@@ -89,6 +89,7 @@ def trained(folder, tmp_path_factory) -> Path:
     (["--input-size", "60000"], "--input-size must be from 1 to 4096 pixels, got 60000"),
     (["--input-size", "0"], "--input-size must be from 1 to 4096"),
     (["--workers", "100000"], "--workers must be from 0 to 256"),
+    (["--batch-size", str(10**20)], "--batch-size must be from 1 to 1048576 images"),  # was a ValueError traceback
 ])
 def test_out_of_range_numbers_are_refused_before_anything_is_written(folder, tmp_path, extra, needle):
     out = tmp_path / "r"
