@@ -76,10 +76,10 @@ def _main(
 
 
 @contextlib.contextmanager
-def _errors(run_dir: str | None = None) -> Iterator[None]:
+def _errors(run_dir: str | None = None, *, training: bool = False) -> Iterator[None]:
     """Library errors and machine faults become ``error: ...`` and exit 1; a stop signal exits 128 + signal.
 
-    ``run_dir`` is the run directory the command works on, if known, for the message after a Ctrl-C.
+    ``training``: the command trains, into ``run_dir`` if known; the message after a Ctrl-C says what to do.
     """
     from cwkd.rundir import RunInterrupted
 
@@ -101,7 +101,7 @@ def _errors(run_dir: str | None = None) -> Iterator[None]:
         if _state["debug"]:
             raise
         exc.__traceback__ = None  # free the interrupted frames now, so their cleanup runs while SIGINT is ignored
-        typer.echo(_interrupted(run_dir), err=True)
+        typer.echo(_interrupted(run_dir) if training else "interrupted; files already written are intact", err=True)
         raise typer.Exit(130) from None
     except Exception as exc:  # out of memory, no compiler for --compile, a read-only disk: one line too
         from cwkd.faults import fault_message
@@ -173,7 +173,7 @@ def _run(cfg: TrainConfig, resume: str | None) -> None:
     if main_thread:  # the first Ctrl-C of start-up stops it; one more while it unwinds is ignored
         signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        with _errors(resume or cfg.out):
+        with _errors(resume or cfg.out, training=True):
             from cwkd.engine import run
 
             run(cfg, resume=resume)

@@ -12,6 +12,8 @@ import errno
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -355,6 +357,20 @@ def test_double_ctrl_c_during_start_up_exits_130_cleanly(tmp_path):
     assert "--resume" not in proc.stderr, proc.stderr  # nothing to resume: no epoch finished
     assert "nothing to resume: run the same command again" in proc.stderr
     print(proc.stderr.strip())
+
+
+def test_ctrl_c_at_start_up_suggests_resume_only_for_a_run_with_state(folder, trained, tmp_path, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "load_data", ctrl_c)
+    run = shutil.copytree(trained, tmp_path / "run")
+    resumed = runner.invoke(app, ["train", "--resume", str(run)])
+    assert resumed.exit_code == 130 and f"continue the run with --resume {run}" in resumed.output, resumed.output
+    new = tmp_path / "new"
+    fresh = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(new), *FAST])
+    assert fresh.exit_code == 130 and "--resume" not in fresh.output, fresh.output  # before: "... with --resume"
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the caller's handler is back
 
 
 # ----------------------------------------------------------------------------- divergence
