@@ -84,7 +84,8 @@ def load_student(path: str | Path) -> nn.Module:
 
     The returned timm model is in eval mode, without aligners or teacher. Its ``pretrained_cfg``
     carries the checkpoint's input size, mean and std, so ``timm.data.resolve_data_config(model=m)``
-    gives the transform it was trained with.
+    gives the transform it was trained with. Weights that are NaN or infinite (a diverged run) raise
+    :class:`~cwkd.errors.CheckpointError` instead of giving a model that predicts garbage.
 
     Example:
         >>> model = cwkd.load_student("runs/cwt/best.safetensors")  # doctest: +SKIP
