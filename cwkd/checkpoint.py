@@ -6,6 +6,8 @@ Safetensors files are read by parsing their JSON header; ``.pth`` files go throu
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
@@ -20,7 +22,9 @@ from typing import Any, BinaryIO
 import safetensors.torch
 import torch
 
+from cwkd.config import MAX_CLASSES, MAX_IN_CHANS, MAX_INPUT_SIZE
 from cwkd.errors import CheckpointError, ConfigError
+from cwkd.strict_json import json_text
 
 #: Version of the checkpoint layout; a file with a larger number needs a newer cwkd.
 FORMAT_VERSION = 1
@@ -52,10 +56,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"could not write {path}: {exc}; check free space and permissions") from exc
+        _remove_quietly(tmp)
+        raise ConfigError(f"could not write {path}: {exc}; {_write_advice(exc)}") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
     try:  # make the rename itself durable; some platforms cannot open a directory, which is fine
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -65,6 +69,21 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _remove_quietly(tmp: Path) -> None:
+    """Remove a temp file; where that fails too (a read-only file system), the first error is the one to report."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
+def _write_advice(exc: OSError) -> str:
+    """The fix for a failed write, by its cause."""
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only: remount it read-write or write somewhere else"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space or write somewhere else; the previous file is intact"
+    return "check free space and permissions"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -82,10 +101,13 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         >>> append_jsonl("out/metrics.jsonl", {"epoch": 1, "loss": 0.42})  # doctest: +SKIP
     """
     path = Path(path)
-    old = path.read_bytes() if path.is_file() else b""
+    try:
+        old = path.read_bytes() if path.is_file() else b""
+    except OSError as exc:
+        raise ConfigError(f"could not read {path}: {exc}; {_write_advice(exc)}") from exc
     if old and not old.endswith(b"\n"):
         old += b"\n"  # never glue a record onto a line someone else left unfinished
-    line = json.dumps(record, default=_json_default).encode("utf-8") + b"\n"
+    line = json_text(record).encode("utf-8") + b"\n"
     atomic_write(path, lambda f: f.write(old + line))
 
 
@@ -208,11 +230,12 @@ def validate_metadata(meta: dict) -> dict:
     if missing:
         raise CheckpointError(f"checkpoint metadata lacks {missing}")
     _check(meta, "model", isinstance(meta["model"], str) and bool(meta["model"]), "a model name")
-    for key in ("num_classes", "in_chans"):
-        _check(meta, key, _is_int(meta[key]) and meta[key] > 0, "a positive integer")
+    for key, top in (("num_classes", MAX_CLASSES), ("in_chans", MAX_IN_CHANS)):
+        _check(meta, key, _is_int(meta[key]) and 0 < meta[key] <= top, f"an integer from 1 to {top}")
     chans, size = meta["in_chans"], meta["input_size"]
-    ok = isinstance(size, list) and len(size) == 3 and all(_is_int(v) and v > 0 for v in size)
-    _check(meta, "input_size", ok and size[0] == chans, f"[{chans}, height, width] with positive sizes")
+    ok = isinstance(size, list) and len(size) == 3 and all(_is_int(v) and 0 < v <= MAX_INPUT_SIZE for v in size)
+    _check(meta, "input_size", ok and size[0] == chans, f"[{chans}, height, width] with sizes from 1 to "
+           f"{MAX_INPUT_SIZE}")
     for key in ("mean", "std"):
         v = meta[key]
         ok = isinstance(v, list) and len(v) == chans and all(_is_num(x) for x in v)

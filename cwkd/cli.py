@@ -8,8 +8,9 @@ bodies, so ``cwkd --help`` and ``cwkd --version`` start in a fraction of a secon
 from __future__ import annotations
 
 import contextlib
-import json
 import re
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -84,8 +85,11 @@ def _main(
 
 
 @contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Library errors become ``error: ...`` and exit 1; a stop signal exits 128 + signal."""
+def _errors(run_dir: str | None = None, *, training: bool = False) -> Iterator[None]:
+    """Library errors and machine faults become ``error: ...`` and exit 1; a stop signal exits 128 + signal.
+
+    ``training``: the command trains, into ``run_dir`` if known; the message after a Ctrl-C says what to do.
+    """
     from cwkd.rundir import RunInterrupted
 
     try:
@@ -101,12 +105,36 @@ def _errors() -> Iterator[None]:
     except RunInterrupted as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C: files saved so far stay
+    except KeyboardInterrupt as exc:  # Ctrl-C before training started, or a second Ctrl-C: files saved stay
+        _ignore_sigint()  # a further Ctrl-C while exiting would only print "Exception ignored ..."
         if _state["debug"]:
             raise
-        typer.echo("interrupted; files already written are intact (a run continues with --resume RUN_DIR)",
-                   err=True)
+        exc.__traceback__ = None  # free the interrupted frames now, so their cleanup runs while SIGINT is ignored
+        typer.echo(_interrupted(run_dir) if training else "interrupted; files already written are intact", err=True)
         raise typer.Exit(130) from None
+    except Exception as exc:  # out of memory, no compiler for --compile, a read-only disk: one line too
+        from cwkd.faults import fault_message
+
+        message = None if _state["debug"] else fault_message(exc)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _interrupted(run_dir: str | None) -> str:
+    """What a Ctrl-C outside training leaves: suggest --resume only for a run that has something to resume."""
+    if run_dir is None:  # a default --out: the engine named it, and printed it if it got that far
+        return "interrupted; files already written are intact (a run that finished an epoch continues with --resume)"
+    if (Path(run_dir) / "config.json").is_file() and (Path(run_dir) / "state.pt").is_file():
+        return f"interrupted; files already written are intact; continue the run with --resume {run_dir}"
+    return "interrupted before the first epoch finished; nothing to resume: run the same command again"
+
+
+def _ignore_sigint() -> None:
+    """Ignore further SIGINTs (main thread only: signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @app.command()
@@ -128,6 +156,7 @@ def inspect(
     """List a model's hookable layers, or the layer pairs for a teacher and a student."""
     from cwkd import report
     from cwkd.inspection import inspect_model, propose_pairs
+    from cwkd.strict_json import json_text
 
     with _errors():
         if teacher or student:
@@ -135,23 +164,36 @@ def inspect(
                 raise typer.BadParameter("give MODEL alone, or both --teacher and --student")
             result = propose_pairs(teacher, student, pairs=pairs, method=method, hidden=hidden,
                                    input_size=input_size, in_chans=in_chans)
-            typer.echo(json.dumps(result, indent=2)) if as_json else report.print_pairs(result)
+            typer.echo(json_text(result, indent=2)) if as_json else report.print_pairs(result)
             return
         if not model:
             raise typer.BadParameter("give a MODEL name, or --teacher and --student")
         layers, size = inspect_model(model, input_size=input_size, in_chans=in_chans)
         if as_json:
-            typer.echo(json.dumps({"model": model, "input_size": list(size),
+            typer.echo(json_text({"model": model, "input_size": list(size),
                                    "layers": [layer.to_dict() for layer in layers]}, indent=2))
         else:
             report.print_layers(model, layers, size, all_layers=all_layers)
 
 
 def _run(cfg: TrainConfig, resume: str | None) -> None:
-    from cwkd.engine import run
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    if main_thread:  # the first Ctrl-C of start-up stops it; one more while it unwinds is ignored
+        signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        with _errors(resume or cfg.out, training=True):
+            from cwkd.engine import run
 
-    with _errors():
-        run(cfg, resume=resume)
+            run(cfg, resume=resume)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)  # CliRunner and library callers get their handler back
+
+
+def _interrupt_once(_signum, _frame) -> None:
+    _ignore_sigint()
+    raise KeyboardInterrupt
 
 
 @app.command()
@@ -283,12 +325,13 @@ def eval_(
 ) -> None:
     """Measure a checkpoint: top-1, top-5, mean loss and images/s on a data set split."""
     from cwkd.evaluation import evaluate_checkpoint, print_eval
+    from cwkd.strict_json import json_text
 
     with _errors():
         result = evaluate_checkpoint(checkpoint, weights=weights, data=data, data_root=data_root, split=split,
                                      batch_size=batch_size, workers=workers, device=device, precision=precision,
                                      per_class=per_class, input_size=input_size)
-        typer.echo(json.dumps(result.to_dict())) if as_json else print_eval(result)
+        typer.echo(json_text(result.to_dict())) if as_json else print_eval(result)
 
 
 @app.command("export")
@@ -319,7 +362,12 @@ def export_(
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code == 130:  # interrupted: the interpreter's shutdown must not be interrupted again
+            _ignore_sigint()
+        raise
 
 
 if __name__ == "__main__":

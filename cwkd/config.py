@@ -35,6 +35,15 @@ class Optimizer(str, Enum):
     adamw = "adamw"
 
 
+#: Largest sizes cwkd accepts: beyond them a run cannot allocate its tensors (or is a typo).
+MAX_INPUT_SIZE = 4096  # pixels per side
+MAX_IN_CHANS = 1024
+MAX_HIDDEN = 65536  # aligner hidden width
+MAX_CLASSES = 1_000_000
+MAX_WORKERS = 256
+MAX_BATCH_SIZE = 2**20
+MAX_SEED = 2**63 - 1
+
 #: Default learning rate and weight decay per optimizer.
 OPTIMIZER_DEFAULTS = {Optimizer.sgd: (0.05, 5e-4), Optimizer.adamw: (1e-3, 0.05)}
 
@@ -123,12 +132,11 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
         if self.clip_grad is not None:
             _finite_at_least("--clip-grad", self.clip_grad, 1e-12)
-        for name, value in (("--hidden", self.hidden), ("--input-size", self.input_size),
-                            ("--in-chans", self.in_chans)):
-            if value is not None:
-                _positive(name, value)
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs:g}")
+        check_sizes(hidden=self.hidden, input_size=self.input_size, in_chans=self.in_chans, workers=self.workers,
+                    batch_size=self.batch_size)
+        _in_range("--seed", self.seed, 0, MAX_SEED)
         if self.skip_nonfinite < 0:
             raise ConfigError(f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}")
         if self.uses_teacher and not self.teacher:
@@ -200,6 +208,32 @@ def _stats(flag: str, value) -> tuple[float, ...] | None:
         return tuple(float(v) for v in items)
     except (TypeError, ValueError):
         raise ConfigError(f"{flag} must be comma-separated numbers such as 0.5,0.5,0.5; got {value!r}") from None
+
+
+def check_sizes(*, hidden: int | None = None, input_size: int | None = None, in_chans: int | None = None,
+                batch_size: int | None = None, workers: int | None = None) -> None:
+    """Refuse sizes that are not positive or too large to allocate; None means "the default" (not checked).
+
+    Example:
+        >>> check_sizes(input_size=60000)
+        Traceback (most recent call last):
+        cwkd.errors.ConfigError: --input-size must be from 1 to 4096 pixels, got 60000
+    """
+    for name, value, top, unit in (("--hidden", hidden, MAX_HIDDEN, " channels"),
+                                   ("--input-size", input_size, MAX_INPUT_SIZE, " pixels"),
+                                   ("--in-chans", in_chans, MAX_IN_CHANS, " channels")):
+        if value is not None:
+            _in_range(name, value, 1, top, unit)
+    if batch_size is not None:
+        _positive("--batch-size", batch_size)
+        _in_range("--batch-size", batch_size, 1, MAX_BATCH_SIZE, " images")
+    if workers is not None:
+        _in_range("--workers", workers, 0, MAX_WORKERS)
+
+
+def _in_range(name: str, value: int, low: int, high: int, unit: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{name} must be from {low} to {high}{unit}, got {value}")
 
 
 def _positive(name: str, value: int) -> None:

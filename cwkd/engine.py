@@ -31,6 +31,7 @@ from cwkd.build import (
     setup_distributed,
     teacher_in_chans,
 )
+from cwkd.checkpoint import append_jsonl
 from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
 from cwkd.data import load_data
@@ -151,6 +152,7 @@ def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.d
                                     f"--skip-nonfinite); lower --lr{_fp16_advice(cfg, device, ' or ')}")
             val = evaluate(distiller.student, val_loader, device, cfg.precision, channels_last, rank)
             last = _epoch_record(epoch, train, val, optimizer, time.perf_counter() - started)
+            _check_diverged(distiller, last, cfg, out, rank.main)  # poisoned weights never become last or best
             if rank.main:
                 best = rundir.save_epoch(out, distiller, optimizer, scheduler, scaler, meta, last, best)
             console.info(_epoch_line(last, cfg.epochs))
@@ -294,8 +296,10 @@ def _nonfinite(out: dict, step: int, count: int, cfg: TrainConfig, device: torch
     if count <= cfg.skip_nonfinite:
         return
     parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k.endswith("loss"))
+    cause = _likely_cause(out, cfg)
+    cause = f"{cause}; otherwise " if cause else ""
     raise TrainingError(
-        f"non-finite loss in {label}, step {step + 1} ({parts}); lower --lr (it was {cfg.lr:g}), "
+        f"non-finite loss in {label}, step {step + 1} ({parts}); {cause}lower --lr (it was {cfg.lr:g}), "
         f"{_fp16_advice(cfg, device, end=', ')}"
         "add --clip-grad 1.0, or allow a few skipped steps with --skip-nonfinite N; the checkpoints of the "
         "last finished epoch are kept"
@@ -307,6 +311,48 @@ def _fp16_advice(cfg: TrainConfig, device: torch.device, start: str = "", end: s
     if cfg.precision is not Precision.fp16:
         return ""
     return f"{start}use {precision_advice(device, Precision.fp16)} instead of fp16{end}"
+
+
+def _check_diverged(distiller: FeatureDistiller, record: dict, cfg: TrainConfig, out: Path, main: bool) -> None:
+    """Stop, keeping the last good checkpoints, when the weights or the val loss went non-finite this epoch.
+
+    The epoch's metrics line is still written (its non-finite values as null), so the user can see it.
+    Every rank sees the same weights and the all-reduced val loss, so ranks stop together.
+    """
+    poisoned = [name for name, t in distiller.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not poisoned and math.isfinite(record["val_loss"]):
+        return
+    if main:
+        append_jsonl(out / "metrics.jsonl", record)
+    what = (f"{len(poisoned)} weight tensor(s) became non-finite (e.g. {poisoned[0]})" if poisoned
+            else f"the validation loss is {record['val_loss']}")
+    parts = {"feat_loss": math.inf} if poisoned and all(n.startswith("aligners.") for n in poisoned) else {}
+    cause = _likely_cause(parts, cfg, distiller.teacher) or (
+        f"the task loss or the weights blew up: --lr {cfg.lr:g} is likely too large; lower it or add --clip-grad 1.0")
+    kept = ("the checkpoints of the last finished epoch are kept (not overwritten with these weights)"
+            if record["epoch"] > 1 else "no checkpoint was written")
+    raise TrainingError(f"training diverged in epoch {record['epoch']}/{cfg.epochs}: {what}; {cause}; {kept}")
+
+
+def _likely_cause(parts: dict, cfg: TrainConfig, teacher: nn.Module | None = None) -> str | None:
+    """Which loss term went non-finite, as advice: the teacher, the feature loss (alpha) or logit KD.
+
+    None when none of those explains it: then the task loss did, and the learning rate is the likely cause.
+    """
+    def bad(key: str) -> bool:
+        value = parts.get(key)
+        return value is not None and not math.isfinite(float(value))
+
+    if teacher is not None and any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+                                   for t in teacher.state_dict().values()):
+        return "the teacher's weights are non-finite, so its outputs are: check --teacher / --teacher-weights"
+    if bad("feat_loss") and not bad("task_loss"):
+        return (f"the feature loss went non-finite while the task loss did not: --alpha {cfg.alpha:g} is likely "
+                "too large (or the teacher's outputs are non-finite or huge); lower --alpha")
+    if bad("kd_loss") and not bad("task_loss"):
+        return f"the logit-KD loss went non-finite first: lower --kd-weight (it was {cfg.kd_weight:g})"
+    return None
 
 
 def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from torch import nn
 from cwkd.build import resolve_device
 from cwkd.checkpoint import load_checkpoint, read_state_dict, validate_metadata
 from cwkd.choices import Split  # defined torch-free for the CLI; re-exported here
-from cwkd.config import Precision
+from cwkd.config import Precision, check_sizes
 from cwkd.data import DataSpec, load_data
 from cwkd.engine import evaluate
 from cwkd.errors import CheckpointError, ConfigError, DataError
@@ -77,7 +78,8 @@ def load_student(path: str | Path) -> nn.Module:
 
     The returned timm model is in eval mode, without aligners or teacher. Its ``pretrained_cfg``
     carries the checkpoint's input size, mean and std, so ``timm.data.resolve_data_config(model=m)``
-    gives the transform it was trained with.
+    gives the transform it was trained with. Weights that are NaN or infinite (a diverged run) raise
+    :class:`~cwkd.errors.CheckpointError` instead of giving a model that predicts garbage.
 
     Example:
         >>> model = cwkd.load_student("runs/cwt/best.safetensors")  # doctest: +SKIP
@@ -109,8 +111,17 @@ def read_student(path: str | Path, *, plain_hint: str | None = None) -> tuple[nn
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"the student weights in {path} do not fit {meta['model']} ({first}); "
                               "the file was changed or written by another cwkd") from exc
+    _refuse_nonfinite(state, path)
     _set_pretrained_cfg(model, meta)
     return model.eval(), meta
+
+
+def _refuse_nonfinite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A diverged student (NaN/inf weights) scores and exports as garbage: say so instead."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite student weights ({len(bad)} tensor(s), e.g. {bad[0]}); the "
+                              "run that wrote it diverged: use an earlier checkpoint, or retrain with a lower --lr")
 
 
 def _header_metadata(path: Path) -> dict:
@@ -188,6 +199,7 @@ def evaluate_checkpoint(
         >>> r.top1, r.images  # doctest: +SKIP
     """
     split, precision = Split(split), Precision(precision)
+    check_sizes(batch_size=batch_size, workers=workers, input_size=input_size)  # the limits a run has
     target = resolve_device(device, precision)
     precision = resolve_precision(precision, target)
     model, meta, spec, dcfg = _prepare(source, weights, data, data_root, input_size)
@@ -202,6 +214,10 @@ def evaluate_checkpoint(
     with confusion.recording(model) if confusion else contextlib.nullcontext():
         scores = evaluate(model, confusion.tee(loader) if confusion else loader, target, precision, channels_last)
     seconds = time.perf_counter() - started
+    if not math.isfinite(scores["loss"]):
+        raise CheckpointError(f"{meta['model']} from {source} gives non-finite outputs (loss {scores['loss']}) on "
+                              f"{spec.name}; its top-1 ({scores['top1']:.2f}%) would be meaningless; the model "
+                              "diverged: evaluate an earlier checkpoint or retrain with a lower --lr")
     return EvalResult(
         model=meta["model"], source=str(source), data=spec.name, split=split.value, top1=scores["top1"],
         top5=scores["top5"], loss=scores["loss"], images=scores["images"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import statistics
 import time
 import warnings
@@ -76,6 +77,8 @@ def export_student(
         >>> r.path, r.max_abs_diff  # doctest: +SKIP
     """
     fmt = ExportFormat(format)
+    if not (math.isfinite(atol) and atol >= 0):
+        raise ExportError(f"--atol must be a finite number of at least 0, got {atol}")
     if fmt is ExportFormat.onnx:
         _require_onnx()
     model, meta = read_student(checkpoint, plain_hint="export starts from a checkpoint of `cwkd train` or "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from cwkd.aligner import Method, aligner_macs, build_aligner
+from cwkd.config import check_sizes
 from cwkd.features import LayerInfo, as_size, probe
 from cwkd.models import create_model, default_input_size, model_name
 from cwkd.pairing import pair_layers
@@ -30,6 +31,7 @@ def inspect_model(model: str | nn.Module, *, input_size: int | None = None,
         >>> [(l.name, l.channels, l.reduction) for l in layers if l.is_stage][-1]
         ('layer4', 96, 32)
     """
+    check_sizes(input_size=input_size, in_chans=in_chans)  # 0 is refused, not taken as "the default"
     module = _model(model, in_chans)
     size = _size(module, input_size, in_chans)
     return probe(module, size), size
@@ -46,6 +48,7 @@ def propose_pairs(teacher: str | nn.Module, student: str | nn.Module, *, pairs: 
         'layer4'
     """
     method = Method(method)
+    check_sizes(hidden=hidden, input_size=input_size, in_chans=in_chans)
     t_model, s_model = _model(teacher, in_chans), _model(student, in_chans)
     size = _size(s_model, input_size, in_chans)
     t_layers, s_layers = probe(t_model, size), probe(s_model, size)

@@ -110,7 +110,7 @@ def prepare(out: Path, *, resume: bool, overwrite: bool, check_only: bool = Fals
         lock.acquire()
     if not resume and out.is_dir():
         found = run_files(out)
-        if found and not overwrite:
+        if found and not overwrite and not _never_finished_an_epoch(found):
             raise ConfigError(
                 f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
                 "replace it with --overwrite, or choose another --out"
@@ -132,6 +132,16 @@ def prepare(out: Path, *, resume: bool, overwrite: bool, check_only: bool = Fals
 def run_files(out: Path) -> list[str]:
     """The names of the cwkd run files in ``out`` (empty for a new or foreign folder)."""
     return [name for name in _RUN_FILES if (out / name).exists()]
+
+
+def _never_finished_an_epoch(found: list[str]) -> bool:
+    """Whether the run files ``found`` are only what a start that failed before its first save leaves.
+
+    Such a start (out of memory, a Ctrl-C, a kill, a first epoch that diverged) leaves config.json and maybe
+    metrics.jsonl, but no checkpoint and no state.pt (``--resume`` would start over anyway); a rerun replaces
+    them without --overwrite.
+    """
+    return set(found) <= {"config.json", "metrics.jsonl"}
 
 
 def check_space(out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
