@@ -177,10 +177,12 @@ def tiny_demo(monkeypatch, folder):
 def test_demo_replaces_its_own_runs_but_not_one_a_user_put_there(tmp_path, tiny_demo, folder):
     out = tmp_path / "demo"
     _ok(["demo", "--fast", "--out", out])
-    first = {name: (out / name / "config.json").stat().st_ino for name in ("teacher", "baseline", "cwt")}
     assert json.loads((out / "cwt" / "config.json").read_text())["config"]["extra"] == {"made_by": "cwkd demo"}
+    for name in ("teacher", "baseline", "cwt"):  # a line the first demo did not write: gone once the run is redone
+        with open(out / name / "metrics.jsonl", "a") as f:
+            f.write('{"marker": "first demo"}\n')
     _ok(["demo", "--fast", "--out", out])  # the demo's own runs are replaced (written anew)
-    assert all((out / name / "config.json").stat().st_ino != ino for name, ino in first.items())
+    assert not any("first demo" in (out / n / "metrics.jsonl").read_text() for n in ("teacher", "baseline", "cwt"))
     # A user trains into the demo's folder with --overwrite: that run is theirs now, and the demo keeps off.
     _ok(["train", "--model", "test_resnet", "--data", folder, "--out", out / "baseline", *COMMON, "--overwrite"])
     before = (out / "baseline" / "best.safetensors").read_bytes()
