@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,11 @@ def test_collate_keeps_lists_of_different_sizes(tmp_path):
     data = TransformedDetections(spec.train, DetectionTransform(train=False))
     images, targets = collate_detection([data[0], (torch.zeros(3, 32, 48), data[1][1])])
     assert [tuple(i.shape) for i in images] == [(3, 64, 64), (3, 32, 48)] and len(targets) == 2
+
+
+def test_compressed_rle_without_pycocotools_names_the_extra(tmp_path, monkeypatch):
+    root = coco2017(tmp_path)
+    _edit(root, "train", lambda coco: coco["annotations"][0].update(segmentation={"size": [64, 64], "counts": "PP"}))
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    with pytest.raises(DataError, match=r"compressed RLE mask, which needs pycocotools; .*cwkd\[detection\]"):
+        load_coco(root, masks=True).train[0]
