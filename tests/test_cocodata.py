@@ -1,0 +1,157 @@
+"""COCO instances data: both layouts, label mapping, degenerate boxes, empty images, masks, joint transforms."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cwkd.cocodata import DetectionTransform, TransformedDetections, collate_detection, load_coco
+from cwkd.composite import write_dense_dataset
+from cwkd.errors import DataError
+from tests.test_composite import _items
+
+
+def composited(tmp_path: Path) -> Path:
+    """cwkd's composited layout: annotations/instances_{train,val}.json and {train,val}/, 64 px canvases."""
+    return write_dense_dataset(tmp_path / "fm", _items(), canvas=64, counts={"train": 4, "val": 2}, seed=0)
+
+
+def coco2017(tmp_path: Path, id_of=lambda cid: cid * 3 + 5) -> Path:
+    """The composited set moved into COCO 2017's layout, with category ids remapped to non-contiguous ones."""
+    source, root = composited(tmp_path), tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copytree(source / split, root / f"{split}2017")
+        coco = json.loads((source / "annotations" / f"instances_{split}.json").read_text())
+        for item in coco["categories"]:
+            item["id"] = id_of(item["id"])
+        for ann in coco["annotations"]:
+            ann["category_id"] = id_of(ann["category_id"])
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
+    return root
+
+
+def _edit(root: Path, split: str, change) -> None:
+    path = root / "annotations" / f"instances_{split}2017.json"
+    coco = json.loads(path.read_text())
+    change(coco)
+    path.write_text(json.dumps(coco))
+
+
+def _mask_box(mask: torch.Tensor) -> list[int]:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_composited_layout_gives_images_boxes_labels_and_masks_that_agree(tmp_path):
+    spec = load_coco(composited(tmp_path), masks=True)
+    assert (spec.num_classes, len(spec.train), len(spec.val)) == (11, 4, 2)
+    image, target = spec.train[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+    assert target["labels"].dtype == torch.int64 and 1 <= target["labels"].min() <= target["labels"].max() <= 10
+    assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (len(target["labels"]), 64, 64)
+    for box, mask in zip(target["boxes"], target["masks"], strict=True):
+        assert box.tolist() == _mask_box(mask)  # xyxy, the mask's extent
+
+
+def test_coco2017_layout_maps_non_contiguous_ids_to_labels_1_to_k(tmp_path):
+    plain, coco = load_coco(composited(tmp_path / "a")), load_coco(coco2017(tmp_path / "b"))
+    assert coco.train.category_ids == [i * 3 + 5 for i in range(1, 11)]
+    assert coco.num_classes == 11
+    for index in range(len(plain.train)):
+        assert torch.equal(plain.train[index][1]["labels"], coco.train[index][1]["labels"])
+
+
+def test_degenerate_boxes_are_dropped_and_counted_and_empty_images_stay(tmp_path):
+    root = coco2017(tmp_path)
+
+    def change(coco):
+        first = coco["images"][0]["id"]
+        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != first]  # image 1: no objects
+        coco["annotations"][0]["bbox"][2] = 1  # 1 px wide
+        coco["annotations"][1]["bbox"][3] = 0.5
+    _edit(root, "train", change)
+    spec = load_coco(root, masks=True)
+    assert spec.train.dropped == 2
+    image, target = spec.train[0]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    assert target["masks"].shape == (0, 64, 64)
+
+
+def test_polygon_and_compressed_rle_masks_are_read(tmp_path):
+    root = coco2017(tmp_path)
+
+    def change(coco):
+        coco["annotations"][0]["segmentation"] = [[10, 10, 30, 10, 30, 20, 10, 20]]
+        coco["annotations"][0]["bbox"] = [10, 10, 20, 10]
+    _edit(root, "train", change)
+    spec = load_coco(root, masks=True)
+    mask = spec.train[0][1]["masks"][0]
+    assert _mask_box(mask) == [10, 10, 31, 21]  # PIL fills the polygon and its outline
+    assert mask.sum() == 21 * 11
+
+    coco_mask = pytest.importorskip("pycocotools.mask")
+    square = np.zeros((64, 64), dtype=np.uint8, order="F")
+    square[5:15, 40:50] = 1
+    encoded = coco_mask.encode(square)
+
+    def compressed(coco):
+        coco["annotations"][0]["segmentation"] = {"size": [64, 64], "counts": encoded["counts"].decode()}
+    _edit(root, "train", compressed)
+    assert np.array_equal(load_coco(root, masks=True).train[0][1]["masks"][0].numpy(), square)
+
+
+def test_a_mask_of_another_size_is_one_clear_error(tmp_path):
+    root = coco2017(tmp_path)
+    _edit(root, "train", lambda coco: coco["annotations"][0]["segmentation"].update(size=[32, 64]))
+    with pytest.raises(DataError, match=r"mask is 64x32 but its image .* is 64x64; a mask must have its image's size"):
+        load_coco(root, masks=True).train[0]
+    load_coco(root).train[0]  # boxes only: the mask is never read
+
+
+def test_layout_and_category_problems_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="neither annotations/instances_train2017.json"):
+        load_coco(tmp_path)
+    root = coco2017(tmp_path)
+    _edit(root, "val", lambda coco: coco["categories"].pop())
+    with pytest.raises(DataError, match="both splits must list the same categories"):
+        load_coco(root)
+    _edit(root, "train", lambda coco: coco["annotations"][0].update(category_id=999))
+    with pytest.raises(DataError, match="annotation 1 names image 1 and category 999"):
+        load_coco(root)
+
+
+def test_flip_and_scale_jitter_move_boxes_with_their_masks(tmp_path):
+    spec = load_coco(composited(tmp_path), masks=True)
+    image, target = spec.train[1]
+    flipped, moved = DetectionTransform(train=True, flip=1.0, scale=(1.0, 1.0))(image, target)
+    assert torch.equal(flipped, image.flip(-1))
+    for box, mask in zip(moved["boxes"], moved["masks"], strict=True):
+        assert box.tolist() == _mask_box(mask)
+    for factor in ((0.5, 0.5), (1.5, 1.5)):
+        scaled, moved = DetectionTransform(train=True, flip=0.0, scale=factor)(image, target)
+        assert scaled.shape == image.shape and len(moved["boxes"]) == len(moved["masks"]) == len(moved["labels"])
+        for box, mask in zip(moved["boxes"], moved["masks"], strict=True):
+            assert np.allclose(box.tolist(), _mask_box(mask), atol=1.0)
+    assert DetectionTransform(train=False)(image, target)[1] is target
+
+
+def test_collate_keeps_lists_of_different_sizes(tmp_path):
+    spec = load_coco(composited(tmp_path))
+    data = TransformedDetections(spec.train, DetectionTransform(train=False))
+    images, targets = collate_detection([data[0], (torch.zeros(3, 32, 48), data[1][1])])
+    assert [tuple(i.shape) for i in images] == [(3, 64, 64), (3, 32, 48)] and len(targets) == 2
+
+
+def test_compressed_rle_without_pycocotools_names_the_extra(tmp_path, monkeypatch):
+    root = coco2017(tmp_path)
+    _edit(root, "train", lambda coco: coco["annotations"][0].update(segmentation={"size": [64, 64], "counts": "PP"}))
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    with pytest.raises(DataError, match=r"compressed RLE mask, which needs pycocotools; .*cwkd\[detection\]"):
+        load_coco(root, masks=True).train[0]
