@@ -294,7 +294,7 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
         **{k: v for k, v in asdict(cell).items() if k != "extra"}, "key": cell.key, "cwkd_method": method,
         "kd_weight": kd_weight, "pairs": cfg.pairs if feature else None, "epochs": plan.epochs,
         "train_images": plan.train_subset, "test_images": plan.test_subset or 10000,
-        "top1": result.last["val_top1"], "best_top1": result.best_top1, "best_epoch": result.best_epoch,
+        "top1": result.last["val_top1"], "best_top1": result.best_value, "best_epoch": result.best_epoch,
         "history": [h["val_top1"] for h in history],
         "last_train": {k: v for k, v in history[-1].items() if k.startswith("train_")},
         "wall_s": round(sum(h["epoch_s"] for h in history), 1), "wall_s_this_call": round(wall, 1),
@@ -603,7 +603,7 @@ def diagnose(plan: Plan, images: int = 256) -> dict:
                                  input_size=plan.input_size)
             out = d(x, y)
             weights = [p for p in student.parameters() if p.requires_grad]
-            logits_loss = torch.nn.functional.cross_entropy(out["logits"], y)
+            logits_loss = torch.nn.functional.cross_entropy(out["outputs"], y)
             feat = out["loss"] - logits_loss  # alpha * feature loss, with its graph (the dict's parts are detached)
             g_task = torch.autograd.grad(logits_loss, weights, retain_graph=True, allow_unused=True)
             g_feat = torch.autograd.grad(feat, weights, allow_unused=True)

@@ -18,7 +18,7 @@ from cwkd.checkpoint import load_checkpoint, read_metadata
 from cwkd.config import Precision, TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.loaders import data_config
-from cwkd.models import create_model, is_model_name, load_state_checked, looks_like_path, resolve_name
+from cwkd.models import create_model, is_model_name, load_state_checked, looks_like_path
 from cwkd.precision import precision_advice
 
 
@@ -137,9 +137,12 @@ def is_checkpoint_path(value: str) -> bool:
 
 
 def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """The student: from scratch, timm's pretrained weights, or a local weights file to fine-tune."""
-    return create_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
-                        pretrained=cfg.student_pretrained, weights=cfg.student_weights, new_head=True)
+    """The student of the run's task: from scratch, pretrained weights, or a local weights file to fine-tune."""
+    from cwkd.tasks import get_task
+
+    return get_task(cfg.task).build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
+                                          pretrained=cfg.student_pretrained, weights=cfg.student_weights,
+                                          new_head=True)
 
 
 def teacher_in_chans(cfg: TrainConfig) -> int | None:
@@ -173,17 +176,25 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
     The description's ``mean`` and ``std`` are the input statistics the teacher expects: the
     checkpoint's own, or timm's config for the model otherwise.
     """
+    from cwkd.tasks import get_task
+
     assert cfg.teacher is not None
+    task = get_task(cfg.task)
     if is_checkpoint_path(cfg.teacher):
         tensors, meta = _teacher_checkpoint(cfg.teacher)
-        model = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+        if get_task(meta.get("task")).name is not task.name:
+            raise ConfigError(f"--teacher {cfg.teacher} is a {get_task(meta.get('task')).name.value} checkpoint "
+                              f"but this run is {task.name.value}; pass a teacher trained for "
+                              f"{task.name.value} (or --task)")
+        model = get_task(meta.get("task")).build_model(meta["model"], num_classes=meta["num_classes"],
+                                                       in_chans=meta["in_chans"])
         state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
         load_state_checked(model, state, f"the tensors in {cfg.teacher}",
                            hint="they do not match the checkpoint's own metadata; the file is damaged or edited")
         source = {"checkpoint": str(cfg.teacher), "model": meta["model"], "mean": meta["mean"], "std": meta["std"]}
         teacher_classes, teacher_chans = meta["num_classes"], meta["in_chans"]
     else:
-        name = resolve_name(cfg.teacher)
+        name = task.resolve_name(cfg.teacher)
         if not (cfg.teacher_weights or cfg.teacher_pretrained or cfg.allow_random_teacher):
             raise ConfigError(
                 f"teacher '{name}' has no weights: pass --teacher-weights FILE, --teacher-pretrained "
@@ -192,11 +203,12 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
             )
         if cfg.teacher_weights:  # built with the head the weights have; a mismatch is caught below
             _refuse_cwkd_checkpoint(cfg.teacher_weights)
-            model = _with_weights(name, cfg.teacher_weights, in_chans)
+            model = _with_weights(name, cfg.teacher_weights, in_chans) if task.has_logits else \
+                task.build_model(name, num_classes=num_classes, in_chans=in_chans, weights=cfg.teacher_weights)
         elif cfg.teacher_pretrained:
-            model = create_model(name, in_chans=in_chans, pretrained=True)
+            model = task.build_model(name, in_chans=in_chans, pretrained=True)
         else:
-            model = create_model(name, num_classes=num_classes, in_chans=in_chans)
+            model = task.build_model(name, num_classes=num_classes, in_chans=in_chans)
         stats = data_config(model, in_chans=in_chans)
         source = {"model": name, "weights": cfg.teacher_weights or
                   ("pretrained" if cfg.teacher_pretrained else "random"),

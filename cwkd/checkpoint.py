@@ -203,7 +203,8 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "classes": (_list_of(str), "a list of strings"),
     "cwkd_version": (lambda v: isinstance(v, str), "a string"),
     "epoch": (_is_int, "an integer"),
-    "val_top1": (_is_num, "a number"),
+    "task": (lambda v: isinstance(v, str), "a string"),
+    "best_metric": (lambda v: isinstance(v, str), "a string"),
     "kind": (lambda v: v in ("student", "distill"), "'student' or 'distill'"),
 }
 
@@ -244,6 +245,9 @@ def validate_metadata(meta: dict) -> dict:
     for key, (test, expected) in _OPTIONAL.items():
         if meta.get(key) is not None:
             _check(meta, key, test(meta[key]), expected)
+    for key in meta:
+        if key.startswith("val_") and meta[key] is not None:  # the best metric's value: val_top1, val_miou, ...
+            _check(meta, key, _is_num(meta[key]), "a number")
     return meta
 
 

@@ -39,3 +39,10 @@ class ExportFormat(str, Enum):
     safetensors = "safetensors"
     onnx = "onnx"
     torchscript = "torchscript"
+
+
+class Task(str, Enum):
+    """What a model is trained to do; each has its module under ``cwkd/tasks/``."""
+
+    classification = "classification"  # one label per image; top-1
+    segmentation = "segmentation"      # one label per pixel; mIoU

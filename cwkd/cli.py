@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from cwkd import __version__
-from cwkd.choices import ExportFormat, Method, Reduction, Split
+from cwkd.choices import ExportFormat, Method, Reduction, Split, Task
 from cwkd.config import Optimizer, Precision, TrainConfig
 from cwkd.errors import CwkdError
 
@@ -30,7 +30,10 @@ _state = {"debug": False}
 
 # Reusable option types -------------------------------------------------------------------------
 Data = Annotated[str, typer.Option("--data", help="ImageFolder dir (train/ + val/), fashion-mnist, "
-                                   "fashion-mnist-mini (bundled), cifar10 or cifar100.")]
+                                   "fashion-mnist-mini (bundled), cifar10 or cifar100; for segmentation a "
+                                   "VOC-style dir or one with train/images + train/masks.")]
+TaskOpt = Annotated[Task | None, typer.Option("--task", help="classification or segmentation (default: "
+                                              "inferred from the model name, e.g. pspnet_* is segmentation).")]
 DataRoot = Annotated[str | None, typer.Option(help="Where to look for fashion-mnist/cifar files "
                                                  "(else $CWKD_DATA, then system paths).")]
 Download = Annotated[bool, typer.Option(help="Let torchvision download cifar/fashion-mnist (needs internet).")]
@@ -151,6 +154,7 @@ def inspect(
     in_chans: Annotated[int | None, typer.Option(help="Input channels. (default: 3)")] = None,
     all_layers: Annotated[bool, typer.Option("--all", help="List every layer, not just the top two levels.")]
     = False,
+    task: TaskOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List a model's hookable layers, or the layer pairs for a teacher and a student."""
@@ -163,12 +167,12 @@ def inspect(
             if not (teacher and student) or model:
                 raise typer.BadParameter("give MODEL alone, or both --teacher and --student")
             result = propose_pairs(teacher, student, pairs=pairs, method=method, hidden=hidden,
-                                   input_size=input_size, in_chans=in_chans)
+                                   input_size=input_size, in_chans=in_chans, task=task)
             typer.echo(json_text(result, indent=2)) if as_json else report.print_pairs(result)
             return
         if not model:
             raise typer.BadParameter("give a MODEL name, or --teacher and --student")
-        layers, size = inspect_model(model, input_size=input_size, in_chans=in_chans)
+        layers, size = inspect_model(model, input_size=input_size, in_chans=in_chans, task=task)
         if as_json:
             typer.echo(json_text({"model": model, "input_size": list(size),
                                    "layers": [layer.to_dict() for layer in layers]}, indent=2))
@@ -199,7 +203,9 @@ def _interrupt_once(_signum, _frame) -> None:
 @app.command()
 def train(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Option("--model", help="The timm model to train.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="The model to train: a timm name, or a "
+                                              "segmentation model such as pspnet_resnet18.")] = None,
+    task: TaskOpt = None,
     data: Data = "", data_root: DataRoot = None, download: Download = False, skip_corrupt: SkipCorrupt = False,
     pretrained: StudentPretrained = False,
     weights: Annotated[str | None, typer.Option(help="Start from a local weights file (.safetensors or .pth, "
@@ -224,7 +230,9 @@ def distill(
     ctx: typer.Context,
     teacher: Annotated[str | None, typer.Option(help="Teacher: a timm name, or a checkpoint from "
                                                    "`cwkd train` (.safetensors).")] = None,
-    student: Annotated[str | None, typer.Option(help="Student: a timm name.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student: a timm name (or a segmentation model "
+                                                   "such as pspnet_resnet18).")] = None,
+    task: TaskOpt = None,
     data: Data = "", data_root: DataRoot = None, download: Download = False, skip_corrupt: SkipCorrupt = False,
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights file (.safetensors or "
                                                            ".pth, loaded safely).")] = None,
@@ -317,7 +325,8 @@ def eval_(
                                                      "or .pth, loaded safely).")] = None,
     split: Annotated[Split, typer.Option(help="val or train (train images get the val transform).")] = Split.val,
     per_class: Annotated[bool, typer.Option(help="Also show per-class accuracy and the confusion "
-                                                 "matrix.")] = False,
+                                                 "matrix (segmentation: per-class IoU).")] = False,
+    task: TaskOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")] = False,
     batch_size: BatchSize = 64, precision: Prec = Precision.fp32, input_size: Annotated[
         int | None, typer.Option(help="Input size for a timm name (default: as `cwkd train` picks).")] = None,
@@ -330,7 +339,7 @@ def eval_(
     with _errors():
         result = evaluate_checkpoint(checkpoint, weights=weights, data=data, data_root=data_root, split=split,
                                      batch_size=batch_size, workers=workers, device=device, precision=precision,
-                                     per_class=per_class, input_size=input_size)
+                                     per_class=per_class, input_size=input_size, task=task)
         typer.echo(json_text(result.to_dict())) if as_json else print_eval(result)
 
 
@@ -350,13 +359,14 @@ def export_(
     data: Annotated[str | None, typer.Option(help="Real images for --verify (default: the checkpoint's "
                                                   "data set).")] = None,
     data_root: DataRoot = None,
+    task: TaskOpt = None,
 ) -> None:
     """Write the student alone (no aligners, no teacher) as safetensors, ONNX or TorchScript."""
     from cwkd.export import export_student, print_export
 
     with _errors():
         result = export_student(checkpoint, format=format, out=out, overwrite=overwrite, verify=verify,
-                                benchmark=benchmark, data=data, data_root=data_root, atol=atol)
+                                benchmark=benchmark, data=data, data_root=data_root, atol=atol, task=task)
         print_export(result)
 
 

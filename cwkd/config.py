@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from cwkd.choices import Method, Reduction
+from cwkd.choices import Method, Reduction, Task
 from cwkd.errors import ConfigError
 
 
@@ -54,6 +54,7 @@ class TrainConfig:
 
     data: str
     student: str
+    task: Task | None = None  # None: inferred from the student's name (cwkd.tasks.infer_task)
     teacher: str | None = None
     teacher_weights: str | None = None
     teacher_pretrained: bool = False
@@ -95,6 +96,9 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from cwkd.tasks import infer_task  # imports no torch until a name needs checking
+
+        self.task = infer_task(self.student, self.task, other=self.teacher)
         self.method = Method(self.method)
         self.reduction = Reduction(self.reduction)
         self.optimizer = Optimizer(self.optimizer)

@@ -50,7 +50,7 @@ def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: i
 
     Example:
         >>> results = run_demo("runs/demo", fast=True)  # doctest: +SKIP
-        >>> results["cwt"].best_top1 > 0
+        >>> results["cwt"].best_value > 0
         True
     """
     plan = FAST if fast else FULL
@@ -81,7 +81,7 @@ def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: i
         started = time.perf_counter()
         results[key] = run(cfg, console=console)  # progress bars and one line per epoch
         seconds[key] = time.perf_counter() - started
-        console.info(f"    final val top-1 {results[key].last['val_top1']:.2f}% (best {results[key].best_top1:.2f}%) "
+        console.info(f"    final val top-1 {results[key].last['val_top1']:.2f}% (best {results[key].best_value:.2f}%) "
                      f"in {seconds[key]:.0f}s")
     _print_table(console, plan, results, seconds, fast)
     return results
@@ -107,7 +107,7 @@ def _print_table(console: RunConsole, plan: DemoPlan, results: dict[str, RunResu
         result = results[key]
         rows.append([label, plan.teacher if key == "teacher" else plan.student,
                      f"{sum(p.numel() for p in result.student.parameters()) / 1e6:.2f}M",
-                     f"{result.last['val_top1']:.2f}", f"{result.best_top1:.2f}", f"{seconds[key]:.0f}s"])
+                     f"{result.last['val_top1']:.2f}", f"{result.best_value:.2f}", f"{seconds[key]:.0f}s"])
     console.table(f"cwkd demo: val top-1 (%) after the last epoch, and the best epoch's; cwkd student: cwt, "
                   f"alpha {plan.alpha:g}", ["run", "model", "params", "top-1", "best", "time"], rows)
     if fast:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,11 @@ from cwkd.features import FeatureHooks, LayerInfo, as_size, probe, to_map
 from cwkd.losses import Reduction, feature_loss, kd_loss
 from cwkd.models import default_input_size, model_name
 from cwkd.pairing import Pair, pair_layers
+
+
+def _identity(outputs: torch.Tensor) -> torch.Tensor:
+    """A classifier's output is its logits."""
+    return outputs
 
 
 class FeatureDistiller(nn.Module):
@@ -29,9 +35,17 @@ class FeatureDistiller(nn.Module):
     it, for a teacher that was trained on other input statistics than the student's; it is held
     outside the module tree like the teacher.
 
+    ``task_loss(outputs, targets)`` gives the task's loss parts as a dict whose ``task_loss`` is
+    optimised (default: a classifier's cross-entropy, with ``label_smoothing``); ``logits_of(outputs)``
+    gives the logits logit KD matches (default: the outputs themselves; None: the task has none, and
+    ``kd_weight`` must be 0). ``feature_prefix`` restricts ``pairs="last"``/``"all"`` to the layers under
+    it (a segmentation model's ``"backbone."``); explicit pairs may name any layer. Pass all three from a
+    task: ``task = cwkd.tasks.get_task("segmentation")``, then ``task_loss=task.loss_fn(),
+    logits_of=None, feature_prefix=task.feature_prefix(student)``.
+
     ``forward(images, targets)`` returns a dict with ``loss`` (``task + alpha * feat + kd_weight
-    * kd``), ``task_loss``, ``feat_loss``, ``kd_loss`` when used, one ``feat/STUDENT->TEACHER``
-    entry per pair, and ``logits``.
+    * kd``), ``task_loss`` and the task's other parts, ``feat_loss``, ``kd_loss`` when used, one
+    ``feat/STUDENT->TEACHER`` entry per pair, and ``outputs`` (the student's own output).
 
     Example:
         >>> import timm
@@ -55,6 +69,9 @@ class FeatureDistiller(nn.Module):
         kd_temperature: float = 4.0,
         label_smoothing: float = 0.0,
         teacher_input: nn.Module | None = None,
+        task_loss: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+        logits_of: Callable[[Any], torch.Tensor] | None = _identity,
+        feature_prefix: str = "",
     ) -> None:
         super().__init__()
         _check_options(alpha, hidden, kd_weight, kd_temperature, label_smoothing)
@@ -64,6 +81,15 @@ class FeatureDistiller(nn.Module):
         self.kd_weight = float(kd_weight)
         self.kd_temperature = float(kd_temperature)
         self.label_smoothing = float(label_smoothing)
+        if task_loss is None:  # the default task (a classifier's cross-entropy), as before tasks existed
+            from cwkd.tasks import get_task
+
+            task_loss = get_task(None).loss_fn(self.label_smoothing)
+        self.task_loss = task_loss
+        self.logits_of = logits_of
+        if self.kd_weight > 0 and logits_of is None:
+            raise ConfigError(f"logit KD (kd_weight {kd_weight:g}) needs class logits, and this task's model "
+                              "has none; set kd_weight 0 and distil features")
         size = as_size(input_size, default_input_size(student)[0]) if input_size is not None \
             else default_input_size(student)
         self.input_size = size
@@ -76,7 +102,8 @@ class FeatureDistiller(nn.Module):
             teacher.eval().requires_grad_(False)
         self.pairs: list[Pair] = []
         if self.method is not Method.none:
-            s_layers, t_layers = probe(student, size), probe(teacher, size)
+            within = feature_prefix if isinstance(pairs, str) and pairs in ("last", "all") else ""
+            s_layers, t_layers = probe(student, size, within=within), probe(teacher, size, within=within)
             self.pairs = pair_layers(
                 s_layers, t_layers, pairs,
                 student_label=model_name(student), teacher_label=model_name(teacher),
@@ -112,33 +139,33 @@ class FeatureDistiller(nn.Module):
                 outside._apply(fn, *args, **kwargs)
         return self
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One distillation step's losses (or just ``logits`` when ``targets`` is None)."""
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        """One distillation step's losses (or just the student's ``outputs`` when ``targets`` is None)."""
         t_feats: dict[str, torch.Tensor] = {}
         t_logits = None
         if self.uses_teacher and targets is not None:
             with torch.inference_mode():
                 t_images = images if self.teacher_input is None else self.teacher_input(images)
-                t_logits = self.teacher(t_images)
+                t_outputs = self.teacher(t_images)
                 raw = self._t_hooks.pop()
             # Leave inference mode: clones are ordinary tensors that autograd may save.
-            t_logits = t_logits.clone() if self.kd_weight > 0 else None
+            t_logits = self.logits_of(t_outputs).clone() if self.kd_weight > 0 else None
             t_feats = {k: v.clone() for k, v in raw.items()}
-            del raw
-        logits = self.student(images)
+            del raw, t_outputs
+        outputs = self.student(images)
         s_feats = self._s_hooks.pop()
-        out: dict[str, torch.Tensor] = {"logits": logits}
+        out: dict = {"outputs": outputs}
         if targets is None:
             return out
-        task = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-        loss = task
-        out["task_loss"] = task.detach()
+        parts = self.task_loss(outputs, targets)
+        loss = parts["task_loss"]
+        out.update({k: v.detach() for k, v in parts.items()})
         if self.pairs:
             feat = self._feature_losses(s_feats, t_feats, out)
             loss = loss + self.alpha * feat
             out["feat_loss"] = feat.detach()
         if self.kd_weight > 0 and t_logits is not None:
-            kd = kd_loss(logits, t_logits, self.kd_temperature)
+            kd = kd_loss(self.logits_of(outputs), t_logits, self.kd_temperature)
             loss = loss + self.kd_weight * kd
             out["kd_loss"] = kd.detach()
         out["loss"] = loss

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -34,20 +33,22 @@ from cwkd.build import (
 from cwkd.checkpoint import append_jsonl
 from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
-from cwkd.data import load_data
 from cwkd.distiller import FeatureDistiller, Renormalize
-from cwkd.errors import TrainingError
-from cwkd.loaders import EpochSampler, build_loaders, check_split_sizes, data_config, default_input_size
+from cwkd.errors import ConfigError, TrainingError
+from cwkd.loaders import EpochSampler, build_loaders, check_split_sizes, data_config
 from cwkd.precision import precision_advice, precision_warning, resolve_precision
 from cwkd.runlock import RunLock
+from cwkd.tasks import get_task
+from cwkd.tasks.base import TaskSpec
 
 
 @dataclass
 class RunResult:
-    """Where a finished run's files are, and how good its best checkpoint is."""
+    """Where a finished run's files are, and how good its best checkpoint is (``best_metric``: its task's)."""
 
     out: Path
-    best_top1: float
+    best_metric: str
+    best_value: float
     best_epoch: int
     last: dict
     student: nn.Module
@@ -82,14 +83,18 @@ def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.d
     _seed_all(cfg.seed)
 
     # Data, student, teacher, and the one trainable module that holds student + aligners.
-    spec = load_data(cfg.data, root=cfg.data_root, download=cfg.download, skip_corrupt=cfg.skip_corrupt)
+    task = get_task(cfg.task)
+    if cfg.kd_weight > 0 and not task.has_logits:
+        raise ConfigError(f"--kd-weight {cfg.kd_weight:g}: logit KD needs class logits, and {task.name.value} "
+                          "models have none; drop --kd-weight (feature distillation works as it is)")
+    spec = task.load_data(cfg.data, root=cfg.data_root, download=cfg.download, skip_corrupt=cfg.skip_corrupt)
     check_split_sizes(spec, rank.world)
     in_chans = cfg.in_chans or teacher_in_chans(cfg) or spec.channels
     if spec.modes is not None:
         console.info(spec.modes.describe(in_chans))
     student = build_student(cfg, spec.num_classes, in_chans)
     teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, {})
-    dcfg = data_config(student, input_size=cfg.input_size or default_input_size(spec.native_size),
+    dcfg = data_config(student, input_size=cfg.input_size or task.default_input_size(spec),
                        in_chans=in_chans, native_size=spec.native_size, mean=cfg.mean, std=cfg.std)
     # Batches are normalised for the student; a teacher trained on other statistics gets them remapped.
     teacher_input = Renormalize.between((dcfg["mean"], dcfg["std"]), (teacher_source["mean"], teacher_source["std"])) \
@@ -98,6 +103,8 @@ def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.d
         teacher, student, pairs=cfg.pairs, method=cfg.method, alpha=cfg.alpha, hidden=cfg.hidden,
         input_size=dcfg["input_size"], reduction=cfg.reduction, kd_weight=cfg.kd_weight,
         kd_temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, teacher_input=teacher_input,
+        task_loss=task.loss_fn(cfg.label_smoothing), logits_of=task.logits if task.has_logits else None,
+        feature_prefix=task.feature_prefix(student),
     )
     channels_last = device.type == "cuda"
     distiller.to(device, memory_format=torch.channels_last) if channels_last else distiller.to(device)
@@ -111,7 +118,8 @@ def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.d
     if rank.main:
         rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
     train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
-                                             device=device, distributed=rank.enabled, seed=cfg.seed)
+                                             device=device, distributed=rank.enabled, seed=cfg.seed,
+                                             datasets=task.datasets(spec, dcfg))
 
     # Optimizer, schedule and loss scaler; then the saved state when resuming.
     steps_per_epoch = len(train_loader)
@@ -119,9 +127,10 @@ def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.d
     scheduler = _scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16)
     meta = rundir.checkpoint_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source)
-    start_epoch, start_step, best = 0, 0, {"val_top1": -1.0, "epoch": -1}
+    start_epoch, start_step, best = 0, 0, rundir.no_best(task.best_metric)
     if resume is not None:
-        start_epoch, start_step, best = rundir.restore(out, distiller, optimizer, scheduler, scaler, device)
+        start_epoch, start_step, best = rundir.restore(out, distiller, optimizer, scheduler, scaler, device,
+                                                       task.best_metric)
         console.info(f"resuming {out} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
     elif rank.main:
         rundir.write_config(out, cfg, distiller, dcfg, spec, teacher_source)
@@ -150,22 +159,22 @@ def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.d
             if train["batches"] and not train["steps"]:
                 raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
                                     f"--skip-nonfinite); lower --lr{_fp16_advice(cfg, device, ' or ')}")
-            val = evaluate(distiller.student, val_loader, device, cfg.precision, channels_last, rank)
-            last = _epoch_record(epoch, train, val, optimizer, time.perf_counter() - started)
+            val = evaluate(distiller.student, val_loader, device, cfg.precision, channels_last, rank, task=task.name)
+            last = _epoch_record(epoch, train, val, optimizer, time.perf_counter() - started, task)
             _check_diverged(distiller, last, cfg, out, rank.main)  # poisoned weights never become last or best
             if rank.main:
                 best = rundir.save_epoch(out, distiller, optimizer, scheduler, scaler, meta, last, best)
-            console.info(_epoch_line(last, cfg.epochs))
+            console.info(_epoch_line(last, cfg.epochs, task))
             bad = sum(getattr(split, "skipped", 0) for split in (spec.train, spec.val))
             if bad > reported_bad:
                 console.warn(f"skipped {bad} unreadable image(s) so far (--skip-corrupt); their paths are above")
                 reported_bad = bad
             if stop.requested and epoch + 1 < cfg.epochs:  # the signal came after the last step: epoch saved
                 raise rundir.RunInterrupted(out, stop.signal_number)
-    console.table("cwkd run summary", ["best val top-1", "at epoch", "run directory"],
-                  [[f"{best['val_top1']:.2f}%", best["epoch"] + 1, str(out)]])
-    return RunResult(out=out, best_top1=best["val_top1"], best_epoch=best["epoch"] + 1, last=last,
-                     student=distiller.student)
+    console.table("cwkd run summary", [f"best val {task.metrics[task.best_metric]}", "at epoch", "run directory"],
+                  [[f"{best['value']:.2f}%", best["epoch"] + 1, str(out)]])
+    return RunResult(out=out, best_metric=task.best_metric, best_value=best["value"], best_epoch=best["epoch"] + 1,
+                     last=last, student=distiller.student)
 
 
 def train_one_epoch(model: nn.Module, distiller: FeatureDistiller, loader, optimizer, scheduler, scaler,
@@ -178,6 +187,7 @@ def train_one_epoch(model: nn.Module, distiller: FeatureDistiller, loader, optim
     step, rank), so a run resumed mid-epoch draws what an uninterrupted run would.
     """
     distiller.train()
+    task = get_task(cfg.task)
     amp = autocast_dtype(cfg.precision)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
@@ -191,8 +201,7 @@ def train_one_epoch(model: nn.Module, distiller: FeatureDistiller, loader, optim
             break
         step, used = first_step + used, used + 1
         _seed_all(cfg.seed, epoch, step, rank)
-        images = batch[0].to(device, non_blocking=True, memory_format=memory_format)
-        targets = batch[1].to(device, non_blocking=True)
+        images, targets = task.batch_to(batch, device, memory_format)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(images, targets)
         loss = out["loss"]
@@ -212,7 +221,7 @@ def train_one_epoch(model: nn.Module, distiller: FeatureDistiller, loader, optim
             if key in out:
                 sums[key] += out[key].detach()
         done += 1
-        images_seen += images.shape[0]
+        images_seen += len(images)
         if done % 10 == 0 or used == steps:  # done > 0 here: this step counted
             seconds = time.perf_counter() - started
             parts = {k.removesuffix("_loss") if k != "loss" else k: v.item() / done for k, v in sums.items()}
@@ -232,39 +241,14 @@ def _finite_everywhere(loss: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
-             channels_last: bool = False, rank: Dist | None = None) -> dict:
-    """Top-1, top-5 (percent) and mean cross-entropy of ``model`` over ``loader``.
+             channels_last: bool = False, rank: Dist | None = None, *, task: str | None = None) -> dict:
+    """The task's validation scores of ``model`` over ``loader`` (its loss, metrics and image count).
 
-    Under DDP each rank scores its shard and the sums are added; the distributed sampler may pad
-    a few duplicates so shards are equal.
+    ``task`` defaults to classification (top-1, top-5 and mean cross-entropy). Under DDP each rank
+    scores its shard and the sums are added.
     """
-    was_training = model.training
-    model.eval()
-    amp = autocast_dtype(precision)
-    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top5, count
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True,
-                            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(images)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top.eq(targets[:, None])
-        totals += torch.stack([
-            F.cross_entropy(logits, targets, reduction="sum").double(),
-            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-            torch.tensor(float(targets.numel()), device=device, dtype=torch.float64),
-        ])
-    if rank is not None and rank.enabled:
-        dist.all_reduce(totals)
-    model.train(was_training)
-    loss_sum, top1, top5, count = totals.tolist()
-    count = max(count, 1.0)
-    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(count)}
+    return get_task(task).evaluate(model, loader, device, precision, channels_last, rank)
 
 
 def _optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -366,24 +350,25 @@ def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]
     return {k: v / count for k, v in zip(keys, packed[:-1].tolist(), strict=True)}
 
 
-def _epoch_record(epoch: int, train: dict, val: dict, optimizer, seconds: float) -> dict:
+def _epoch_record(epoch: int, train: dict, val: dict, optimizer, seconds: float, task: TaskSpec) -> dict:
     record = {"epoch": epoch + 1}
     for key in ("loss", "task_loss", "feat_loss", "kd_loss"):
         if key in train:
             record[f"train_{key}"] = train[key]
     record.update({
-        "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+        "val_loss": val["loss"], **{f"val_{name}": val[name] for name in task.metrics},
         "lr": optimizer.param_groups[0]["lr"], "images_per_s": train["images_per_s"], "epoch_s": seconds,
     })
     return record
 
 
-def _epoch_line(rec: dict, epochs: int) -> str:
+def _epoch_line(rec: dict, epochs: int, task: TaskSpec) -> str:
     feat = f" feat {rec['train_feat_loss']:.4f}" if "train_feat_loss" in rec else ""
     kd = f" kd {rec['train_kd_loss']:.4f}" if "train_kd_loss" in rec else ""
+    scores = " ".join(f"{label} {rec[f'val_{name}']:.2f}%" for name, label in task.metrics.items())
     return (f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.4f} (task "
-            f"{rec['train_task_loss']:.4f}{feat}{kd})  val top-1 {rec['val_top1']:.2f}% top-5 "
-            f"{rec['val_top5']:.2f}% loss {rec['val_loss']:.4f}  {rec['images_per_s']:.0f} img/s "
+            f"{rec['train_task_loss']:.4f}{feat}{kd})  val {scores} loss {rec['val_loss']:.4f}  "
+            f"{rec['images_per_s']:.0f} img/s "
             f"{rec['epoch_s']:.1f}s")
 
 

@@ -28,12 +28,13 @@ from cwkd.build import resolve_device
 from cwkd.checkpoint import load_checkpoint, read_state_dict, validate_metadata
 from cwkd.choices import Split  # defined torch-free for the CLI; re-exported here
 from cwkd.config import Precision, check_sizes
-from cwkd.data import DataSpec, load_data
+from cwkd.data import DataSpec
 from cwkd.engine import evaluate
 from cwkd.errors import CheckpointError, ConfigError, DataError
-from cwkd.loaders import build_loaders, data_config, default_input_size
+from cwkd.loaders import build_loaders, data_config
 from cwkd.models import create_model, resolve_name
 from cwkd.precision import precision_warning, resolve_precision
+from cwkd.tasks import get_task, infer_task
 
 #: The ``format`` marker in the metadata of a student file written by ``cwkd export``.
 STUDENT_FORMAT = "cwkd-student"
@@ -42,14 +43,14 @@ _JSON_KEYS = ("input_size", "mean", "std", "classes")  # stored as JSON text: sa
 
 @dataclass
 class EvalResult:
-    """What ``cwkd eval`` measured. ``top1``/``top5`` are percent, as ``val_top1`` in metrics.jsonl."""
+    """What ``cwkd eval`` measured. ``scores`` are the task's metrics in percent, as ``val_<name>`` in
+    metrics.jsonl (classification: ``top1``, ``top5``; segmentation: ``miou``, ``pixel_acc``)."""
 
     model: str
     source: str
     data: str
     split: str
-    top1: float
-    top5: float
+    scores: dict[str, float]
     loss: float
     images: int
     images_per_s: float
@@ -59,14 +60,28 @@ class EvalResult:
     per_class: list[dict] | None = None
     confusion: list[list[int]] | None = None
     notes: list[str] = field(default_factory=list)
+    task: str = "classification"
+
+    @property
+    def top1(self) -> float | None:
+        """A classifier's top-1 (percent)."""
+        return self.scores.get("top1")
+
+    @property
+    def top5(self) -> float | None:
+        """A classifier's top-5 (percent)."""
+        return self.scores.get("top5")
 
     def to_dict(self) -> dict:
-        """One flat JSON object; ``per_class`` and ``confusion`` are added only when measured."""
-        out = {k: getattr(self, k) for k in ("top1", "top5", "loss", "images", "images_per_s", "model", "source",
-                                              "data", "split", "device", "precision")}
+        """One flat JSON object; ``per_class`` (and a classifier's ``confusion``) are added only when measured."""
+        out = {**self.scores, **{k: getattr(self, k) for k in ("loss", "images", "images_per_s", "model", "source",
+                                                              "data", "split", "device", "precision")}}
+        if self.task != "classification":
+            out["task"] = self.task
         if self.per_class is not None:
             out["per_class"] = self.per_class
-            out["confusion"] = self.confusion
+            if self.confusion is not None:
+                out["confusion"] = self.confusion
         return out
 
 
@@ -104,7 +119,8 @@ def read_student(path: str | Path, *, plain_hint: str | None = None) -> tuple[nn
         if not state:
             raise CheckpointError(f"{path} holds no student weights (no 'student.*' tensors); is it a cwkd run's "
                                   "last.safetensors or best.safetensors?")
-    model = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    model = get_task(meta.get("task")).build_model(meta["model"], num_classes=meta["num_classes"],
+                                                   in_chans=meta["in_chans"])
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -139,7 +155,8 @@ def encode_student_metadata(meta: dict) -> dict[str, str]:
     """Checkpoint metadata as the str -> str mapping a student file stores (JSON text for lists)."""
     out = {"format": STUDENT_FORMAT}
     for key in ("model", "num_classes", "in_chans", "input_size", "mean", "std", "classes", "interpolation",
-                "crop_pct", "dataset", "method", "epoch", "val_top1", "cwkd_version"):
+                "crop_pct", "dataset", "method", "epoch", "task", "best_metric", "cwkd_version",
+                *[k for k in meta if k.startswith("val_")]):
         value = meta.get(key)
         if value is not None:
             out[key] = json.dumps(value) if key in _JSON_KEYS else str(value)
@@ -151,10 +168,11 @@ def decode_student_metadata(raw: dict[str, str], path: str | Path = "student fil
     try:
         meta: dict = {k: json.loads(raw[k]) for k in _JSON_KEYS if k in raw}
         meta.update({k: int(raw[k]) for k in ("num_classes", "in_chans", "epoch") if k in raw})
-        meta.update({k: float(raw[k]) for k in ("crop_pct", "val_top1") if k in raw})
+        meta.update({k: float(raw[k]) for k in raw if k == "crop_pct" or k.startswith("val_")})
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path} has unreadable student metadata ({exc}); export it again") from exc
-    meta.update({k: raw[k] for k in ("model", "interpolation", "dataset", "method", "cwkd_version") if k in raw})
+    meta.update({k: raw[k] for k in ("model", "interpolation", "dataset", "method", "task", "best_metric",
+                                     "cwkd_version") if k in raw})
     try:
         return validate_metadata(meta)
     except CheckpointError as exc:
@@ -188,11 +206,13 @@ def evaluate_checkpoint(
     source: str | Path, *, weights: str | Path | None = None, data: str | None = None, data_root: str | None = None,
     split: Split | str = Split.val, batch_size: int = 64, workers: int = 2, device: str = "auto",
     precision: Precision | str = Precision.fp32, per_class: bool = False, input_size: int | None = None,
+    task: str | None = None,
 ) -> EvalResult:
     """Score a cwkd checkpoint, or a timm model name with a ``weights`` file, on a data set split.
 
     For a checkpoint, the model, classes and transforms come from its metadata and ``data`` defaults to
-    the data set it was trained on. ``per_class`` adds per-class accuracy and confusion-matrix counts.
+    the data set it was trained on. ``per_class`` adds per-class accuracy and confusion-matrix counts (a
+    segmentation model: per-class IoU). ``task`` is the checkpoint's own, or inferred from a model name.
 
     Example:
         >>> r = evaluate_checkpoint("runs/cwt/best.safetensors", workers=0)  # doctest: +SKIP
@@ -202,34 +222,45 @@ def evaluate_checkpoint(
     check_sizes(batch_size=batch_size, workers=workers, input_size=input_size)  # the limits a run has
     target = resolve_device(device, precision)
     precision = resolve_precision(precision, target)
-    model, meta, spec, dcfg = _prepare(source, weights, data, data_root, input_size)
+    model, meta, spec, dcfg = _prepare(source, weights, data, data_root, input_size, task)
+    spec_task = get_task(meta.get("task"))
     notes = _check_classes(meta, spec) + [w for w in [precision_warning(precision, target)] if w]
     if split is Split.train:  # score train images with the deterministic validation transform
         spec = dataclasses.replace(spec, val=spec.train)
-    _, loader = build_loaders(spec, dcfg, batch_size=batch_size, workers=workers, device=target)
+    _, loader = build_loaders(spec, dcfg, batch_size=batch_size, workers=workers, device=target,
+                              datasets=spec_task.datasets(spec, dcfg))
     channels_last = target.type == "cuda"  # as the engine does
     model.to(target, memory_format=torch.channels_last) if channels_last else model.to(target)
-    confusion = _Confusion(spec.num_classes) if per_class else None
+    confusion = _Confusion(spec.num_classes) if per_class and spec_task.has_logits else None
     started = time.perf_counter()
     with confusion.recording(model) if confusion else contextlib.nullcontext():
-        scores = evaluate(model, confusion.tee(loader) if confusion else loader, target, precision, channels_last)
+        scores = evaluate(model, confusion.tee(loader) if confusion else loader, target, precision, channels_last,
+                          task=spec_task.name)
     seconds = time.perf_counter() - started
     if not math.isfinite(scores["loss"]):
         raise CheckpointError(f"{meta['model']} from {source} gives non-finite outputs (loss {scores['loss']}) on "
-                              f"{spec.name}; its top-1 ({scores['top1']:.2f}%) would be meaningless; the model "
+                              f"{spec.name}; its {spec_task.metrics[spec_task.best_metric]} "
+                              f"({scores[spec_task.best_metric]:.2f}%) would be meaningless; the model "
                               "diverged: evaluate an earlier checkpoint or retrain with a lower --lr")
     return EvalResult(
-        model=meta["model"], source=str(source), data=spec.name, split=split.value, top1=scores["top1"],
-        top5=scores["top5"], loss=scores["loss"], images=scores["images"],
+        model=meta["model"], source=str(source), data=spec.name, split=split.value,
+        scores={k: scores[k] for k in spec_task.metrics}, loss=scores["loss"], images=scores["images"],
         images_per_s=scores["images"] / max(seconds, 1e-9), device=str(target), precision=precision.value,
         classes=list(spec.classes), notes=notes,
-        per_class=confusion.per_class(spec.classes) if confusion else None,
-        confusion=confusion.counts.tolist() if confusion else None,
+        per_class=confusion.per_class(spec.classes) if confusion else _iou_rows(scores, spec.classes, per_class),
+        confusion=confusion.counts.tolist() if confusion else None, task=spec_task.name.value,
     )
 
 
+def _iou_rows(scores: dict, classes: list[str], wanted: bool) -> list[dict] | None:
+    """Per-class IoU rows (percent; None for a class in neither the masks nor the predictions)."""
+    if not wanted or "iou" not in scores:
+        return None
+    return [{"class": name, "iou": iou} for name, iou in zip(classes, scores["iou"], strict=False)]
+
+
 def _prepare(source: str | Path, weights: str | Path | None, data: str | None, data_root: str | None,
-             input_size: int | None) -> tuple[nn.Module, dict, DataSpec, dict]:
+             input_size: int | None, task: str | None = None) -> tuple[nn.Module, dict, DataSpec, dict]:
     """Model, metadata, data and data config: from a checkpoint, or from a timm name and weights."""
     if weights is None:
         if input_size is not None:
@@ -238,9 +269,16 @@ def _prepare(source: str | Path, weights: str | Path | None, data: str | None, d
         return model, meta, _load_recorded_data(data, meta, data_root), checkpoint_data_config(model, meta)
     if data is None:
         raise DataError(f"evaluating '{source}' with --weights needs --data (a timm model records no data set)")
-    spec = load_data(data, root=data_root)
-    model, meta = _timm_model(str(source), weights, spec.channels)
-    size = input_size or default_input_size(spec.native_size)  # the size `cwkd train` picks
+    spec_task = get_task(infer_task(str(source), task))
+    spec = spec_task.load_data(data, root=data_root)
+    if spec_task.has_logits:
+        model, meta = _timm_model(str(source), weights, spec.channels)
+    else:
+        model = spec_task.build_model(str(source), num_classes=spec.num_classes, in_chans=spec.channels,
+                                      weights=str(weights)).eval()
+        meta = {"model": str(source), "num_classes": spec.num_classes, "in_chans": spec.channels, "classes": None}
+    meta["task"] = spec_task.name.value
+    size = input_size or spec_task.default_input_size(spec)  # the size `cwkd train` picks
     return model, meta, spec, data_config(model, input_size=size, in_chans=meta["in_chans"])
 
 
@@ -279,12 +317,12 @@ def _shape_of(model: nn.Module, state: dict, module: nn.Module | None, dim: int)
 def _load_recorded_data(data: str | None, meta: dict, root: str | None) -> DataSpec:
     """Load ``data``, or the data set the checkpoint records, naming the fix if it has moved."""
     if data is not None:
-        return load_data(data, root=root)
+        return get_task(meta.get("task")).load_data(data, root=root)
     recorded = meta.get("dataset")
     if not recorded:
         raise DataError("the checkpoint records no data set; pass --data")
     try:
-        return load_data(recorded, root=root)
+        return get_task(meta.get("task")).load_data(recorded, root=root)
     except DataError as exc:
         raise DataError(f"the checkpoint was trained on '{recorded}', which cannot be loaded here ({exc}); "
                         "pass --data (and --data-root) to point at it") from exc
@@ -350,16 +388,19 @@ _MATRIX_MAX = 20  # a confusion matrix wider than this does not fit a terminal; 
 
 
 def print_eval(result: EvalResult, console: Console | None = None) -> None:
-    """The summary table, then (when measured) per-class accuracy and the confusion matrix."""
+    """The summary table, then (when measured) per-class scores and a classifier's confusion matrix."""
     console = console or Console(highlight=False, soft_wrap=True)
+    labels = get_task(result.task).metrics
     table = Table(title=escape(f"cwkd eval: {result.model} on {result.data} ({result.split})"))
-    for column in ("top-1", "top-5", "loss", "images", "images/s", "device", "precision"):
+    for column in (*(labels[k] for k in result.scores), "loss", "images", "images/s", "device", "precision"):
         table.add_column(column, justify="right")
-    table.add_row(f"{result.top1:.2f}%", f"{result.top5:.2f}%", f"{result.loss:.4f}", str(result.images),
+    table.add_row(*(f"{v:.2f}%" for v in result.scores.values()), f"{result.loss:.4f}", str(result.images),
                   f"{result.images_per_s:.0f}", result.device, result.precision)
     console.print(table)
     for note in result.notes:
         console.print(f"note: {note}", style="yellow", markup=False)
+    if result.per_class is not None and result.confusion is None:
+        _print_iou(result.per_class, console)
     if result.per_class is None or result.confusion is None:
         return
     table = Table(title="per-class accuracy")
@@ -378,4 +419,14 @@ def print_eval(result: EvalResult, console: Console | None = None) -> None:
         table.add_column(str(i), justify="right")
     for i, row in enumerate(result.confusion):
         table.add_row(str(i), *(str(v) for v in row))
+    console.print(table)
+
+
+def _print_iou(rows: list[dict], console: Console) -> None:
+    """Per-class IoU of a segmentation model."""
+    table = Table(title="per-class IoU")
+    for column in ("#", "class", "IoU"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for i, row in enumerate(rows):
+        table.add_row(str(i), escape(row["class"]), "-" if row["iou"] is None else f"{row['iou']:.2f}%")
     console.print(table)

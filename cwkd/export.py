@@ -27,15 +27,16 @@ from torch import nn
 
 from cwkd.checkpoint import atomic_write
 from cwkd.choices import ExportFormat  # defined torch-free for the CLI; re-exported here
-from cwkd.data import load_data
 from cwkd.errors import CwkdError, ExportError
 from cwkd.evaluation import checkpoint_data_config, encode_student_metadata, read_student
 from cwkd.loaders import build_loaders
+from cwkd.tasks import get_task
 
 #: ONNX opset of exported graphs (the TorchScript-based exporter supports up to 20; runtimes widely run 18).
 ONNX_OPSET = 18
-#: Names of the ONNX graph's input (``[batch, C, H, W]`` float32, normalised) and output (``[batch, classes]``).
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+#: Names of a classifier's ONNX input (``[batch, C, H, W]`` float32, normalised) and output (``[batch, classes]``);
+#: other tasks name theirs in ``TaskSpec.export_io`` (segmentation: ``out``, ``[batch, classes, H, W]``).
+INPUT_NAME, OUTPUT_NAME = get_task(None).export_io[:2]
 #: Largest max-abs difference from PyTorch fp32 logits that ``verify`` accepts.
 ATOL = 1e-4
 _INSTALL = "onnx export needs the export extra: pip install 'cwkd[export]'"
@@ -60,17 +61,19 @@ class ExportResult:
     max_abs_diff: dict[str, float] | None = None  # "random" / "real" inputs -> max |exported - eager|
     speed: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    io: tuple[str, str, str] = (INPUT_NAME, OUTPUT_NAME, "[batch, classes]")  # input, output, output shape
 
 
 def export_student(
     checkpoint: str | Path, *, format: ExportFormat | str = ExportFormat.safetensors, out: str | Path | None = None,
     overwrite: bool = False, verify: bool = False, benchmark: bool = True, data: str | None = None,
-    data_root: str | None = None, atol: float = ATOL,
+    data_root: str | None = None, atol: float = ATOL, task: str | None = None,
 ) -> ExportResult:
     """Export the student of a cwkd checkpoint; with ``verify``, fail unless it matches PyTorch to ``atol``.
 
     ``data`` (default: the data set the checkpoint records) supplies the real images ``verify`` uses.
     ``benchmark`` times the exported model against PyTorch eager at batch 1 and 8 on this machine.
+    ``task``, when given, must be the checkpoint's own (a check, as the checkpoint records its task).
 
     Example:
         >>> r = export_student("runs/cwt/best.safetensors", format="onnx", verify=True)  # doctest: +SKIP
@@ -81,21 +84,26 @@ def export_student(
         raise ExportError(f"--atol must be a finite number of at least 0, got {atol}")
     if fmt is ExportFormat.onnx:
         _require_onnx()
-    model, meta = read_student(checkpoint, plain_hint="export starts from a checkpoint of `cwkd train` or "
-                                                    "`cwkd distill` (a run's best.safetensors)")
+    student, meta = read_student(checkpoint, plain_hint="export starts from a checkpoint of `cwkd train` or "
+                                                      "`cwkd distill` (a run's best.safetensors)")
+    if task is not None and get_task(task).name is not get_task(meta.get("task")).name:
+        raise ExportError(f"--task {get_task(task).name.value}: {checkpoint} holds a "
+                          f"{get_task(meta.get('task')).name.value} model; drop --task")
+    model = get_task(meta.get("task")).export_model(student)  # one tensor in, one out
     path = _output_path(Path(checkpoint), fmt, out, overwrite)
     example = torch.randn(2, *meta["input_size"])
     with _quiet_torch_warnings():
-        payload = _SERIALIZE[fmt](model, meta, example)
+        payload = _SERIALIZE[fmt](student if fmt is ExportFormat.safetensors else model, meta, example)
         # Load the bytes back as a user would; a safetensors file loads into the same eager model, so
         # only verify needs it, and its speed is eager's.
         timed = fmt is not ExportFormat.safetensors
         runner = _LOAD[fmt](payload, meta) if verify or (benchmark and timed) else None
     result = ExportResult(path=path, format=fmt.value, model=meta["model"], size_bytes=len(payload),
                           params=sum(p.numel() for p in model.parameters()), input_size=tuple(meta["input_size"]),
-                          atol=atol)
+                          atol=atol, io=get_task(meta.get("task")).export_io)
     if verify:
-        result.max_abs_diff = _verify(model, runner, meta, data, data_root, atol, result.notes)
+        result.max_abs_diff = _verify(model, runner, meta, _real_batch(student, meta, data, data_root, result.notes),
+                                      atol)
     atomic_write(path, lambda f: f.write(payload))
     if benchmark:
         result.speed = _benchmark(model, runner if timed else None, fmt, meta)
@@ -145,9 +153,10 @@ def _onnx_bytes(model: nn.Module, meta: dict, example: torch.Tensor) -> bytes:
 
     buffer = io.BytesIO()
     try:  # dynamo=False: the TorchScript-based exporter, which needs no onnxscript
+        inp, output, _ = get_task(meta.get("task")).export_io
         torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                          input_names=[inp], output_names=[output],
+                          dynamic_axes={inp: {0: "batch"}, output: {0: "batch"}})
     except Exception as exc:  # unsupported operators and tracing failures come in many types
         raise ExportError(f"ONNX export of {meta['model']} failed ({type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); "
@@ -174,12 +183,11 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _load_safetensors(payload: bytes, meta: dict) -> Runner:
-    """The exported state dict in a freshly built plain timm model, as a user would load it."""
-    import timm
-
-    model = timm.create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    """The exported state dict in a freshly built plain model (timm's, or cwkd.heads'), as a user would load it."""
+    task = get_task(meta.get("task"))
+    model = task.build_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
     model.load_state_dict(safetensors.torch.load(payload))
-    return model.eval()
+    return task.export_model(model.eval())
 
 
 def _load_onnx(payload: bytes, meta: dict) -> Runner:
@@ -188,7 +196,8 @@ def _load_onnx(payload: bytes, meta: dict) -> Runner:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads PyTorch uses, for a fair race
     session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+    inp, output, _ = get_task(meta.get("task")).export_io
+    return lambda x: torch.from_numpy(session.run([output], {inp: x.numpy()})[0])
 
 
 def _load_torchscript(payload: bytes, meta: dict) -> Runner:
@@ -204,11 +213,9 @@ _LOAD = {ExportFormat.safetensors: _load_safetensors, ExportFormat.onnx: _load_o
 # ----------------------------------------------------------------------------- verify and benchmark
 
 
-def _verify(model: nn.Module, runner: Runner, meta: dict, data: str | None, data_root: str | None, atol: float,
-            notes: list[str]) -> dict[str, float]:
-    """Max |exported - eager| on random inputs (batch 3, not the traced 2) and real validation images."""
+def _verify(model: nn.Module, runner: Runner, meta: dict, real: torch.Tensor | None, atol: float) -> dict[str, float]:
+    """Max |exported - eager| on random inputs (batch 3, not the traced 2) and ``real`` validation images."""
     inputs = {"random": torch.randn(3, *meta["input_size"], generator=torch.Generator().manual_seed(0))}
-    real = _real_batch(model, meta, data, data_root, notes)
     if real is not None:
         inputs["real"] = real
     diffs, scale = {}, 0.0
@@ -237,8 +244,10 @@ def _real_batch(model: nn.Module, meta: dict, data: str | None, data_root: str |
         notes.append("no data set recorded: verified on random inputs only (pass --data for real images)")
         return None
     try:
-        spec = load_data(name, root=data_root)
-        _, loader = build_loaders(spec, checkpoint_data_config(model, meta), batch_size=count, workers=0)
+        task = get_task(meta.get("task"))
+        spec = task.load_data(name, root=data_root)
+        dcfg = checkpoint_data_config(model, meta)
+        _, loader = build_loaders(spec, dcfg, batch_size=count, workers=0, datasets=task.datasets(spec, dcfg))
         return next(iter(loader))[0]
     except (CwkdError, StopIteration) as exc:
         notes.append(f"could not load data '{name}' ({str(exc).splitlines()[0] if str(exc) else 'empty'}): "
@@ -287,8 +296,9 @@ def print_export(result: ExportResult, console: Console | None = None) -> None:
     say(f"wrote {result.path} ({result.format}, {result.size_bytes / 2**20:.2f} MiB, {result.params:,} parameters, "
         f"{result.model}, input {'x'.join(map(str, result.input_size))})")
     if result.format == ExportFormat.onnx.value:
-        say(f"onnx: input '{INPUT_NAME}' [batch, {', '.join(map(str, result.input_size))}] float32 (normalised), "
-            f"output '{OUTPUT_NAME}' [batch, classes], opset {ONNX_OPSET}")
+        inp, output, shape = result.io
+        say(f"onnx: input '{inp}' [batch, {', '.join(map(str, result.input_size))}] float32 (normalised), "
+            f"output '{output}' {shape}, opset {ONNX_OPSET}")
     for note in result.notes:
         say(f"note: {note}", style="yellow")
     if result.max_abs_diff is not None:

@@ -64,8 +64,11 @@ def as_size(input_size: int | Iterable[int] | None, in_chans: int = 3) -> tuple[
     raise LayerError(f"input size {input_size!r} is not H, (H, W) or (C, H, W)")
 
 
-def probe(model: nn.Module, input_size: int | Iterable[int] | None = None) -> list[LayerInfo]:
+def probe(model: nn.Module, input_size: int | Iterable[int] | None = None, *, within: str = "") -> list[LayerInfo]:
     """Run one dummy forward pass and return every layer whose output is a feature map.
+
+    ``within`` (e.g. ``"backbone."``) keeps only the layers under that submodule, with stages from its
+    own ``feature_info``: a segmentation model's head is then never taken for a stage.
 
     Hooks are removed afterwards and the model's train/eval mode is put back as it was.
 
@@ -88,7 +91,7 @@ def probe(model: nn.Module, input_size: int | Iterable[int] | None = None) -> li
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    named = [(n, m) for n, m in model.named_modules() if n]
+    named = [(n, m) for n, m in model.named_modules() if n and n.startswith(within)]
     with _restore_mode(model), torch.no_grad():
         model.eval()
         handles = [m.register_forward_hook(make_hook(n, m)) for n, m in named]
@@ -102,8 +105,9 @@ def probe(model: nn.Module, input_size: int | Iterable[int] | None = None) -> li
         finally:
             for handle in handles:
                 handle.remove()
-    stage_names = _timm_stage_names(model)
-    timm_stages = _timm_stages(model)
+    part = model.get_submodule(within.rstrip(".")) if within else model
+    stage_names = [within + n for n in _timm_stage_names(part)]
+    timm_stages = {within + n: v for n, v in _timm_stages(part).items()}
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     layers: list[LayerInfo] = []
     seen: set[str] = set()
@@ -202,6 +206,8 @@ def _reduction(size: int, feat: int) -> int | None:
 
 def _timm_feature_info(model: nn.Module) -> list[dict]:
     info = getattr(model, "feature_info", None)
+    if hasattr(info, "get_dicts"):  # a features_only body's FeatureInfo: its chosen stages
+        info = info.get_dicts()
     if isinstance(info, list) and all(isinstance(i, dict) and "module" in i for i in info):
         return info
     return []

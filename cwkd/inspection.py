@@ -7,14 +7,20 @@ from torch import nn
 from cwkd.aligner import Method, aligner_macs, build_aligner
 from cwkd.config import check_sizes
 from cwkd.features import LayerInfo, as_size, probe
-from cwkd.models import create_model, default_input_size, model_name
+from cwkd.models import default_input_size, model_name
 from cwkd.pairing import pair_layers
+from cwkd.tasks import Task, get_task, infer_task
+from cwkd.tasks.base import TaskSpec
 
 
-def _model(model: str | nn.Module, in_chans: int | None) -> nn.Module:
+def _model(model: str | nn.Module, in_chans: int | None, task: TaskSpec) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    return create_model(model, in_chans=in_chans or 3)
+    return task.build_model(model, in_chans=in_chans or 3)
+
+
+def _name(model: str | nn.Module) -> str:
+    return model if isinstance(model, str) else model_name(model)
 
 
 def _size(model: nn.Module, input_size: int | None, in_chans: int | None) -> tuple[int, int, int]:
@@ -22,9 +28,11 @@ def _size(model: nn.Module, input_size: int | None, in_chans: int | None) -> tup
     return as_size(input_size or default[1:], in_chans or default[0])
 
 
-def inspect_model(model: str | nn.Module, *, input_size: int | None = None,
-                  in_chans: int | None = None) -> tuple[list[LayerInfo], tuple[int, int, int]]:
+def inspect_model(model: str | nn.Module, *, input_size: int | None = None, in_chans: int | None = None,
+                  task: Task | str | None = None) -> tuple[list[LayerInfo], tuple[int, int, int]]:
     """Probe a model (randomly initialised: shapes need no weights); return its layers and input size.
+
+    ``task`` (default: inferred from the name) says how to build a model given by name.
 
     Example:
         >>> layers, size = inspect_model("test_resnet")
@@ -32,15 +40,19 @@ def inspect_model(model: str | nn.Module, *, input_size: int | None = None,
         ('layer4', 96, 32)
     """
     check_sizes(input_size=input_size, in_chans=in_chans)  # 0 is refused, not taken as "the default"
-    module = _model(model, in_chans)
+    module = _model(model, in_chans, get_task(infer_task(_name(model), task)))
     size = _size(module, input_size, in_chans)
     return probe(module, size), size
 
 
 def propose_pairs(teacher: str | nn.Module, student: str | nn.Module, *, pairs: str = "last",
                   method: Method | str = Method.cwt, hidden: int | None = None,
-                  input_size: int | None = None, in_chans: int | None = None) -> dict:
+                  input_size: int | None = None, in_chans: int | None = None,
+                  task: Task | str | None = None) -> dict:
     """The pairs cwkd would distil, with aligner parameters and extra FLOPs per image.
+
+    ``task`` (default: inferred from the names) builds the models and says where stages are found
+    (a segmentation model's backbone, never its head).
 
     Example:
         >>> report = propose_pairs("test_resnet", "test_efficientnet")
@@ -49,9 +61,11 @@ def propose_pairs(teacher: str | nn.Module, student: str | nn.Module, *, pairs: 
     """
     method = Method(method)
     check_sizes(hidden=hidden, input_size=input_size, in_chans=in_chans)
-    t_model, s_model = _model(teacher, in_chans), _model(student, in_chans)
+    spec = get_task(infer_task(_name(student), task, other=_name(teacher)))
+    t_model, s_model = _model(teacher, in_chans, spec), _model(student, in_chans, spec)
     size = _size(s_model, input_size, in_chans)
-    t_layers, s_layers = probe(t_model, size), probe(s_model, size)
+    within = spec.feature_prefix(s_model) if pairs in ("last", "all") else ""
+    t_layers, s_layers = probe(t_model, size, within=within), probe(s_model, size, within=within)
     found = pair_layers(s_layers, t_layers, pairs, student_label=model_name(s_model),
                         teacher_label=model_name(t_model))
     rows, total_params, total_macs = [], 0, 0

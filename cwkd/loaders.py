@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -168,19 +169,27 @@ class _Transformed(Dataset):
         img, label = self.base[index]
         if seed is None:
             return self.transform(img), label
-        with _seeded(seed):
+        with seeded(seed):
             return self.transform(img), label
 
 
+def transformed_datasets(spec: DataSpec, cfg: dict) -> tuple[Dataset, Dataset]:
+    """The train and val splits of ``(image, label)`` items through :func:`build_transform`."""
+    return (_Transformed(spec.train, build_transform(cfg, train=True, channels=spec.channels)),
+            _Transformed(spec.val, build_transform(cfg, train=False, channels=spec.channels)))
+
+
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU RNG for a block (torchvision's transforms draw from it), then restore its state."""
-    state = torch.get_rng_state()
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG and Python's ``random`` for a block (transforms draw from them), then restore both."""
+    state, py_state = torch.get_rng_state(), random.getstate()
     torch.default_generator.manual_seed(seed)
+    random.seed(seed)
     try:
         yield
     finally:
         torch.set_rng_state(state)
+        random.setstate(py_state)
 
 
 class EpochSampler(DistributedSampler):
@@ -291,21 +300,22 @@ def build_loaders(
     device: torch.device | str = "cpu",
     distributed: bool = False,
     seed: int = 0,
+    datasets: tuple[Dataset, Dataset] | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """Build the train loader (shuffled, seeded, last partial batch dropped) and the val loader (in order).
 
     The train loader's sampler is an :class:`EpochSampler` (sharded under ``distributed``): call
     ``train_loader.sampler.set_epoch(epoch)`` each epoch. Its order and augmentations depend on ``seed``
     and the epoch alone. Under ``distributed`` val uses a ``DistributedSampler`` that pads to a multiple of
-    the world size, so a few samples may be counted twice.
+    the world size, so a few samples may be counted twice. ``datasets`` (a task's transformed train and
+    val sets) replace the image transform of :func:`transformed_datasets`.
 
     Example:
         >>> train_loader, val_loader = build_loaders(spec, cfg, batch_size=64, workers=0)
     """
     if batch_size < 1 or workers < 0:
         raise ConfigError(f"batch_size must be >= 1 and workers >= 0 (got {batch_size} and {workers})")
-    train = _Transformed(spec.train, build_transform(cfg, train=True, channels=spec.channels))
-    val = _Transformed(spec.val, build_transform(cfg, train=False, channels=spec.channels))
+    train, val = datasets or transformed_datasets(spec, cfg)
     common = {
         "batch_size": batch_size,
         "num_workers": workers,

@@ -265,6 +265,7 @@ def checkpoint_metadata(cfg: TrainConfig, distiller, dcfg: dict, spec, in_chans:
         "crop_pct": float(dcfg.get("crop_pct", 1.0)),
         "pairs": distiller.describe(),
         "method": cfg.method.value,
+        "task": cfg.task.value,
         "dataset": spec.name,
         "classes": list(spec.classes),
         "cwkd_version": cwkd.__version__,
@@ -273,15 +274,21 @@ def checkpoint_metadata(cfg: TrainConfig, distiller, dcfg: dict, spec, in_chans:
     }
 
 
+def no_best(metric: str) -> dict:
+    """The best record before any epoch: ``{"metric": metric, "value": -1.0, "epoch": -1}``."""
+    return {"metric": metric, "value": -1.0, "epoch": -1}
+
+
 def save_epoch(out: Path, distiller, optimizer, scheduler, scaler, meta: dict, record: dict, best: dict) -> dict:
-    """After an epoch: metrics line, last (and maybe best) checkpoint, then the resume state."""
+    """After an epoch: metrics line, last (and maybe best, by ``val_<best["metric"]>``) checkpoint, then the state."""
     epoch = record["epoch"] - 1
-    meta = {**meta, "epoch": record["epoch"], "val_top1": record["val_top1"]}
+    key = f"val_{best['metric']}"
+    meta = {**meta, "epoch": record["epoch"], "best_metric": best["metric"], key: record[key]}
     tensors = distiller.state_dict()
     append_jsonl(out / "metrics.jsonl", record)
     save_checkpoint(out / "last.safetensors", tensors, meta)
-    if record["val_top1"] > best["val_top1"]:
-        best = {"val_top1": record["val_top1"], "epoch": epoch}
+    if record[key] > best["value"]:
+        best = {"metric": best["metric"], "value": record[key], "epoch": epoch}
         save_checkpoint(out / "best.safetensors", tensors, meta)
     _save_state(out, distiller, optimizer, scheduler, scaler, epoch + 1, 0, best)
     return best
@@ -302,15 +309,16 @@ def _save_state(out: Path, distiller, optimizer, scheduler, scaler, epoch: int, 
     })
 
 
-def restore(out: Path, distiller, optimizer, scheduler, scaler, device) -> tuple[int, int, dict]:
+def restore(out: Path, distiller, optimizer, scheduler, scaler, device, metric: str = "top1") -> tuple[int, int, dict]:
     """Load state.pt into the run's objects; return (epoch, step, best) to continue from.
 
-    A run killed before its first epoch ended has no state.pt: it starts again from the beginning.
+    ``metric`` is the task's best metric. A run killed before its first epoch ended has no state.pt:
+    it starts again from the beginning.
     """
     path = out / "state.pt"
     if not path.exists():
         _truncate_metrics(out / "metrics.jsonl", 0)
-        return 0, 0, {"val_top1": -1.0, "epoch": -1}
+        return 0, 0, no_best(metric)
     state = load_state(path)
     epoch, step, best = _check_state(state, path)
     load_state_checked(distiller, state["model"], f"the weights in {path}",
@@ -336,12 +344,15 @@ def _check_state(state: dict, path: Path) -> tuple[int, int, dict]:
     missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "best") if not isinstance(state.get(k), dict)]
     epoch, step, best = state.get("epoch"), state.get("step"), state.get("best", {})
     ok = not missing and _is_int(epoch) and epoch >= 0 and _is_int(step) and step >= 0
-    ok = ok and isinstance(best.get("val_top1"), int | float) and _is_int(best.get("epoch"))
+    if "value" not in best and "val_top1" in best:  # written before tasks existed: a classifier's top-1
+        best = {"metric": "top1", "value": best["val_top1"], "epoch": best.get("epoch")}
+    ok = ok and isinstance(best.get("metric"), str) and isinstance(best.get("value"), int | float)
+    ok = ok and _is_int(best.get("epoch"))
     ok = ok and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items())
     if not ok:
         raise CheckpointError(f"{path} is damaged: its epoch, step, best or state dicts are missing or of the "
                               "wrong type; start a new run")
-    return epoch, step, {"val_top1": float(best["val_top1"]), "epoch": best["epoch"]}
+    return epoch, step, {"metric": best["metric"], "value": float(best["value"]), "epoch": best["epoch"]}
 
 
 def _is_int(value) -> bool:

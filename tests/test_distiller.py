@@ -54,7 +54,7 @@ def test_teacher_is_frozen_and_out_of_the_optimizer():
 def test_forward_returns_all_loss_parts():
     d = _pair(kd_weight=0.5)
     out = d(*_batch())
-    assert {"loss", "task_loss", "feat_loss", "kd_loss", "logits", "feat/blocks.4->layer4"} <= set(out)
+    assert {"loss", "task_loss", "feat_loss", "kd_loss", "outputs", "feat/blocks.4->layer4"} <= set(out)
     expected = out["task_loss"] + d.alpha * out["feat_loss"] + 0.5 * out["kd_loss"]
     assert torch.allclose(out["loss"].detach(), expected)
 

@@ -341,7 +341,8 @@ def load_data(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(30)
 
-cwkd.engine.load_data = load_data
+import cwkd.tasks.classification  # where the engine's task loads classification data
+cwkd.tasks.classification.load_data = load_data
 sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", "unused", "--out", sys.argv[1],
             "--device", "cpu", "--workers", "0"]
 from cwkd.cli import main
@@ -365,7 +366,7 @@ def test_ctrl_c_at_start_up_suggests_resume_only_for_a_run_with_state(folder, tr
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "load_data", ctrl_c)
+    monkeypatch.setattr("cwkd.tasks.classification.load_data", ctrl_c)
     run = shutil.copytree(trained, tmp_path / "run")
     resumed = runner.invoke(app, ["train", "--resume", str(run)])
     assert resumed.exit_code == 130 and f"continue the run with --resume {run}" in resumed.output, resumed.output

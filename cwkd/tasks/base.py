@@ -1,0 +1,86 @@
+"""The interface a task implements: what the engine, the distiller, eval and export ask of it.
+
+A detector fits it too: its ``batch_to`` moves a list of images and target dicts, its ``loss`` reads
+the loss dict its model returns in train mode, and its ``feature_prefix`` points at the FPN outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from cwkd.choices import Task
+from cwkd.data import DataSpec
+
+
+class TaskSpec:
+    """One task. Subclasses set the class attributes and implement the methods marked as required."""
+
+    name: Task
+    #: The metric (a key of :meth:`evaluate`'s dict) that picks ``best.safetensors``; higher is better.
+    best_metric: str
+    #: The metrics written to metrics.jsonl as ``val_<name>`` (after ``val_loss``), with their labels.
+    metrics: dict[str, str]
+    #: Names of the exported graph's input and output, and the output's shape in words.
+    export_io: tuple[str, str, str] = ("input", "output", "[batch, ...]")
+    #: Whether :meth:`logits` gives class logits, so logit KD (``--kd-weight``) can work.
+    has_logits: bool = False
+
+    def load_data(self, data: str, *, root: str | None = None, download: bool = False,
+                  skip_corrupt: bool = False) -> DataSpec:
+        """The data set ``data`` names, as train/val items and class names (required)."""
+        raise NotImplementedError
+
+    def resolve_name(self, name: str) -> str:
+        """The model name a user typed, checked (and de-aliased); an unknown one is a ModelNotFoundError (required)."""
+        raise NotImplementedError
+
+    def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
+                    pretrained: bool = False, weights: str | None = None, new_head: bool = False) -> nn.Module:
+        """A model of this task by name (required). ``model.num_classes`` and ``model.cwkd_name`` are set."""
+        raise NotImplementedError
+
+    def default_input_size(self, spec: DataSpec) -> int | None:
+        """The training input size when ``--input-size`` is not given (None: the model's own)."""
+        return None
+
+    def datasets(self, spec: DataSpec, dcfg: dict) -> tuple[Dataset, Dataset]:
+        """The train and val data sets transformed to tensors for a data config (required).
+
+        Items must accept ``(index, seed)`` keys from :class:`~cwkd.loaders.EpochSampler`.
+        """
+        raise NotImplementedError
+
+    def batch_to(self, batch, device: torch.device, memory_format: torch.memory_format) -> tuple:
+        """``(inputs, targets)`` of a loader batch on ``device``; ``len(inputs)`` is the batch size."""
+        images, targets = batch[0], batch[1]
+        return (images.to(device, non_blocking=True, memory_format=memory_format),
+                targets.to(device, non_blocking=True))
+
+    def loss(self, outputs, targets, *, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+        """The task's loss parts: ``task_loss`` (what is optimised) and any parts it sums (required)."""
+        raise NotImplementedError
+
+    def logits(self, outputs) -> torch.Tensor | None:
+        """The class logits that logit KD matches, or None where the task has none."""
+        return None
+
+    def loss_fn(self, label_smoothing: float = 0.0) -> Callable:
+        """:meth:`loss` with its options bound, as :class:`~cwkd.distiller.FeatureDistiller` takes it."""
+        return lambda outputs, targets: self.loss(outputs, targets, label_smoothing=label_smoothing)
+
+    def evaluate(self, model: nn.Module, loader, device: torch.device, precision, channels_last: bool = False,
+                 rank=None) -> dict:
+        """``loss``, each of :attr:`metrics` and ``images`` over ``loader`` (required; summed over DDP ranks)."""
+        raise NotImplementedError
+
+    def feature_prefix(self, model: nn.Module) -> str:
+        """Where ``--pairs last``/``all`` look for stages: ``""`` (the whole model) or a submodule's ``name.``."""
+        return ""
+
+    def export_model(self, model: nn.Module) -> nn.Module:
+        """The model as a graph of one tensor in, one tensor out (for ONNX and TorchScript)."""
+        return model

@@ -1,0 +1,121 @@
+"""Semantic segmentation end to end: train, distill, resume, eval, export and inspect on a tiny generated VOC set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from typer.testing import CliRunner
+
+from cwkd.cli import app
+from cwkd.composite import Items, write_dense_dataset
+from cwkd.errors import ConfigError
+from cwkd.heads import create_segmentation_model
+from cwkd.inspection import propose_pairs
+from cwkd.tasks import Task, get_task, infer_task
+
+runner = CliRunner()
+MODEL = "pspnet_test_resnet"  # timm's tiny ResNet body, dilated to stride 8, with a PSPNet head
+FAST = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "-q"]
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 255, (20, 28, 28)).astype(np.uint8) for s in ("train", "val")}
+    labels = {s: rng.integers(0, 10, 20) for s in ("train", "val")}
+    return write_dense_dataset(tmp_path_factory.mktemp("seg") / "voc", Items(images, labels, [f"c{i}" for i in
+                               range(10)]), canvas=48, counts={"train": 8, "val": 4})
+
+
+def _ok(args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher(voc, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t") / "run"
+    _ok(["train", "--model", MODEL, "--data", voc, "--out", out, *FAST])
+    return out
+
+
+@pytest.mark.slow
+def test_train_writes_miou_and_picks_best_by_it(teacher):
+    (record,) = _records(teacher)
+    assert {"val_loss", "val_miou", "val_pixel_acc"} <= set(record) and "val_top1" not in record
+    meta = safetensors.safe_open(str(teacher / "best.safetensors"), "pt").metadata()
+    saved = json.loads(meta["cwkd"])
+    assert saved["task"] == "segmentation" and saved["best_metric"] == "miou"
+    assert saved["val_miou"] == pytest.approx(record["val_miou"])
+    assert json.loads((teacher / "config.json").read_text())["config"]["task"] == "segmentation"
+
+
+@pytest.mark.slow
+def test_distill_pairs_the_last_backbone_stage_resumes_and_eval_reproduces_miou(voc, teacher, tmp_path):
+    out = tmp_path / "cwt"
+    _ok(["distill", "--teacher", teacher / "best.safetensors", "--student", MODEL, "--method", "cwt", "--data", voc,
+         "--out", out, *FAST])
+    pairs = json.loads((out / "config.json").read_text())["pairs"]
+    assert [(p["student"], p["teacher"]) for p in pairs] == [("backbone.layer4", "backbone.layer4")]
+    _ok(["distill", "--resume", out, "--epochs", "2", "-q"])  # a finished run goes on to a larger --epochs
+    records = _records(out)
+    assert [r["epoch"] for r in records] == [1, 2] and all("train_feat_loss" in r for r in records)
+    best = max(records, key=lambda r: r["val_miou"])
+    report = json.loads(_ok(["eval", out / "best.safetensors", "--workers", "0", "--json", "--per-class"]))
+    assert report["miou"] == pytest.approx(best["val_miou"]) and report["task"] == "segmentation"
+    assert len(report["per_class"]) == 11 and "iou" in report["per_class"][0]
+
+
+@pytest.mark.slow
+def test_export_safetensors_loads_in_the_plain_builder_and_torchscript_verifies(teacher, tmp_path):
+    path = tmp_path / "student.safetensors"
+    _ok(["export", teacher / "best.safetensors", "--out", path, "--verify", "--no-benchmark"])
+    model = create_segmentation_model(MODEL, num_classes=11)
+    model.load_state_dict(safetensors.torch.load_file(path))
+    assert model.eval()(torch.zeros(1, 3, 48, 48))["out"].shape == (1, 11, 48, 48)
+    output = _ok(["export", teacher / "best.safetensors", "--format", "torchscript", "--out", tmp_path / "m.pt",
+                  "--verify", "--no-benchmark"])
+    assert "real inputs" in output and ": ok" in output
+    traced = torch.jit.load(str(tmp_path / "m.pt"))
+    assert traced(torch.zeros(2, 3, 48, 48)).shape == (2, 11, 48, 48)  # one tensor out: the 'out' logits
+
+
+@pytest.mark.slow
+def test_kd_weight_is_refused_for_segmentation(voc, teacher, tmp_path):
+    result = runner.invoke(app, ["distill", "--teacher", str(teacher / "best.safetensors"), "--student", MODEL,
+                                 "--data", str(voc), "--kd-weight", "1", "--out", str(tmp_path / "kd"), *FAST])
+    assert result.exit_code == 1 and "logit KD needs class logits" in result.output, result.output
+
+
+def test_inspect_pairs_backbone_stages_at_reduction_8():
+    report = propose_pairs("pspnet_resnet18", MODEL, input_size=64)
+    (pair,) = report["pairs"]
+    assert (pair["student"], pair["teacher"], pair["reduction"]) == ("backbone.layer4", "backbone.layer4", 8)
+    every = propose_pairs("pspnet_resnet18", MODEL, input_size=64, pairs="all")["pairs"]
+    assert all(p["student"].startswith("backbone.") for p in every)
+
+
+def test_task_inference_and_mismatch():
+    assert infer_task("pspnet_resnet18") is Task.segmentation
+    assert infer_task("lraspp_mobilenet_v3_large") is Task.segmentation
+    assert infer_task("resnet18") is Task.classification
+    assert infer_task("resnet18", "segmentation") is Task.segmentation  # an explicit --task wins
+    with pytest.raises(ConfigError, match="pick two models of one task"):
+        infer_task("resnet18", other="pspnet_resnet50")
+    with pytest.raises(ConfigError, match="unknown task"):
+        get_task("detection-ish")
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "fcn_resnet50"])
+def test_torchvision_models_build_by_name_without_downloading(name):
+    model = get_task("segmentation").build_model(name, num_classes=5)
+    assert model.eval()(torch.zeros(1, 3, 64, 64))["out"].shape == (1, 5, 64, 64)
