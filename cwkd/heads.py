@@ -34,6 +34,38 @@ TORCHVISION_MODELS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "de
 TIMM_HEADS = ("pspnet", "deeplabv3")
 
 
+class GridPool(nn.Module):
+    """Adaptive average pooling to a ``bins`` x ``bins`` grid that also exports to ONNX.
+
+    PyTorch's ONNX exporter cannot export adaptive pooling to a grid that does not divide the map
+    ("input size not accessible"). While a graph is traced for export, the same averages are taken as
+    two matrix products with averaging matrices built from the (then fixed) map size; in eager mode it
+    is ``F.adaptive_avg_pool2d`` itself, so training is untouched.
+    """
+
+    def __init__(self, bins: int) -> None:
+        super().__init__()
+        self.bins = bins
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():
+            return F.adaptive_avg_pool2d(x, self.bins)
+        rows, cols = (_averaging(self.bins, int(n), x.dtype, x.device) for n in x.shape[-2:])
+        return rows @ x @ cols.T
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}"
+
+
+def _averaging(bins: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(bins, size): row i averages cells floor(i*size/bins) .. ceil((i+1)*size/bins)-1, as adaptive pooling does."""
+    matrix = torch.zeros(bins, size, dtype=dtype, device=device)
+    for i in range(bins):
+        start, end = (i * size) // bins, -((-(i + 1) * size) // bins)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
 class PyramidPooling(nn.Module):
     """PSPNet's head: the map pooled to 1x1, 2x2, 3x3 and 6x6 grids, upsampled, concatenated, classified."""
 
@@ -41,7 +73,7 @@ class PyramidPooling(nn.Module):
         super().__init__()
         branch = max(channels // len(bins), 1)
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(channels, branch, 1, bias=False),
+            nn.Sequential(GridPool(b), nn.Conv2d(channels, branch, 1, bias=False),
                           nn.BatchNorm2d(branch), nn.ReLU(inplace=True)) for b in bins
         )
         mid = max(channels // 4, 64)

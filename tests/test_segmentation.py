@@ -90,6 +90,45 @@ def test_export_safetensors_loads_in_the_plain_builder_and_torchscript_verifies(
 
 
 @pytest.mark.slow
+def test_onnx_export_of_a_pspnet_verifies(teacher, tmp_path):
+    pytest.importorskip("onnxruntime")
+    output = _ok(["export", teacher / "best.safetensors", "--format", "onnx", "--out", tmp_path / "m.onnx",
+                  "--verify", "--no-benchmark"])
+    assert "real inputs" in output and ": ok" in output and (tmp_path / "m.onnx").is_file()
+
+
+def test_grid_pool_traces_to_the_same_averages_as_adaptive_pooling():
+    from cwkd.heads import GridPool
+
+    x = torch.randn(2, 4, 8, 11)
+    for bins in (1, 2, 3, 6):
+        traced = torch.jit.trace(GridPool(bins), x)  # the path the ONNX exporter takes
+        assert torch.allclose(traced(x), torch.nn.functional.adaptive_avg_pool2d(x, bins), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(voc, tmp_path, monkeypatch):
+    from cwkd import rundir
+    from cwkd.checkpoint import load_state
+
+    from .test_reliability import _assert_same_weights, _StopAfter
+
+    args = ["train", "--model", MODEL, "--data", voc, "--epochs", "2", "--batch-size", "2", "--workers", "0",
+            "--device", "cpu", "-q"]
+    _ok([*args, "--out", tmp_path / "whole"])
+    reference = safetensors.torch.load_file(tmp_path / "whole" / "last.safetensors")
+    monkeypatch.setattr(rundir, "StopSignals", _StopAfter(7))  # the flag is read ~5 times an epoch of 4 steps
+    stopped = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "cut"]])
+    assert stopped.exit_code == 130, stopped.output
+    monkeypatch.undo()
+    state = load_state(tmp_path / "cut" / "state.pt")
+    assert state["epoch"] == 1 and 0 < state["step"] < 4  # stopped inside epoch 2
+    _ok(["train", "--resume", tmp_path / "cut"])
+    _assert_same_weights(tmp_path / "cut" / "last.safetensors", reference)
+    assert [r["epoch"] for r in _records(tmp_path / "cut")] == [1, 2]
+
+
+@pytest.mark.slow
 def test_kd_weight_is_refused_for_segmentation(voc, teacher, tmp_path):
     result = runner.invoke(app, ["distill", "--teacher", str(teacher / "best.safetensors"), "--student", MODEL,
                                  "--data", str(voc), "--kd-weight", "1", "--out", str(tmp_path / "kd"), *FAST])

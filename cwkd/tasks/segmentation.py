@@ -129,8 +129,12 @@ class Segmentation(TaskSpec):
         return "backbone." if isinstance(getattr(model, "backbone", None), nn.Module) else ""
 
     def export_model(self, model: nn.Module) -> nn.Module:
-        """The model returning its ``out`` logits alone, as a tensor."""
-        return _OutOnly(model)
+        """The model returning its ``out`` logits alone, as a tensor, in the model's own train/eval mode.
+
+        The mode matters: the ONNX exporter puts the module it was given back into that module's mode
+        afterwards, and a wrapper left in train mode would switch the model's BatchNorm to batch statistics.
+        """
+        return _OutOnly(model).train(model.training)
 
 
 class _OutOnly(nn.Module):
