@@ -42,7 +42,7 @@ Usage:
     python benchmarks/speed.py --variants student,teacher,cwkd,cwkd_sync --memory-of cwkd  # a chosen few
 
 Optional variants run only when ``--variants`` names them: ``cwkd_sync`` and ``cwkd_amp_sync`` add the
-engine's per-step non-finite check (``cwkd.engine._finite_everywhere``, one host sync a step) to (c), so
+engine's per-step non-finite check (``cwkd.nonfinite.finite_everywhere``, one host sync a step) to (c), so
 their ratio to (c) is what that sync costs on a GPU; ``timm_logit_amp`` is timm's logit task under autocast.
 """
 
@@ -219,9 +219,9 @@ def _loss_step(b: Bench, module: nn.Module, params, check: Callable[[torch.Tenso
 
 def _cwkd_sync_step(b: Bench) -> Step:
     """(c) with the engine's own per-step non-finite check, which reads the loss on the host."""
-    from cwkd import engine
+    from cwkd import nonfinite
 
-    check = engine._finite_everywhere  # looked up now: a renamed check is a setup error, not a crash mid-run
+    check = nonfinite.finite_everywhere  # looked up now: a renamed check is a setup error, not a crash mid-run
     distiller = _place(FeatureDistiller(b.teacher, b.student, input_size=b.cfg.input_size, pairs="last"), b).train()
     return _loss_step(b, distiller, distiller.parameters(), check=check)
 

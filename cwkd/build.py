@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,18 @@ def autocast_dtype(precision: Precision) -> torch.dtype | None:
     if precision is Precision.auto:
         raise ValueError("Precision.auto has no dtype; pass resolve_precision(precision, device)")
     return {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(precision)
+
+
+def autocast(device: torch.device, precision: Precision) -> Callable[[], torch.autocast]:
+    """The autocast context for ``precision`` on ``device``, built once: call it to enter a forward pass.
+
+    Example:
+        >>> amp = autocast(torch.device("cpu"), Precision.fp32)
+        >>> with amp():
+        ...     pass
+    """
+    amp = autocast_dtype(precision)
+    return functools.partial(torch.autocast, device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def is_checkpoint_path(value: str) -> bool:

@@ -11,7 +11,8 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cwkd import rundir
 from cwkd.build import (
     Dist,
-    autocast_dtype,
+    autocast,
     build_student,
     build_teacher,
     resolve_device,
@@ -30,13 +31,13 @@ from cwkd.build import (
     setup_distributed,
     teacher_in_chans,
 )
-from cwkd.checkpoint import append_jsonl
 from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
 from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import ConfigError, TrainingError
 from cwkd.loaders import EpochSampler, build_loaders, check_split_sizes, data_config
-from cwkd.precision import precision_advice, precision_warning, resolve_precision
+from cwkd.nonfinite import NonfiniteWatch, check_diverged, finite_everywhere, fp16_advice, raise_nonfinite
+from cwkd.precision import precision_warning, resolve_precision
 from cwkd.runlock import RunLock
 from cwkd.tasks import get_task
 from cwkd.tasks.base import TaskSpec
@@ -52,6 +53,28 @@ class RunResult:
     best_epoch: int
     last: dict
     student: nn.Module
+
+
+@dataclass
+class _Pieces:
+    """Everything a run's loop uses, built once by :func:`_build` (the nanoGPT-style setup block)."""
+
+    task: TaskSpec
+    spec: object                     # the task's data spec (splits, classes, channels)
+    dcfg: dict                       # the student's input: size, mean, std, interpolation, crop
+    distiller: FeatureDistiller      # student + aligners (+ frozen teacher): the one trainable module
+    model: nn.Module                 # the distiller, or its DDP wrapper
+    train_loader: object
+    val_loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], torch.autocast]  # built once per run; call it around a forward pass
+    channels_last: bool              # the memory format of batches (on CUDA)
+    meta: dict                       # checkpoint metadata
+    start_epoch: int = 0
+    start_step: int = 0              # steps of start_epoch done before a stop
+    best: dict = field(default_factory=dict)
 
 
 def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConsole | None = None) -> RunResult:
@@ -72,17 +95,26 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConso
         console.warn(warning)
     out = Path(resume) if resume is not None else Path(cfg.out or cfg.default_out(time.strftime("%Y%m%d-%H%M%S")))
     with RunLock(out, enabled=rank.main) as lock:  # one process per run directory, released on every exit
-        return _run(cfg, out, resume, device, rank, console, lock)
+        if rank.main:  # refuse a taken --out now; write nothing until data and models have loaded
+            rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite, check_only=True, cfg=cfg,
+                           lock=lock)
+        _seed_all(cfg.seed)
+        p = _build(cfg, out, resume is not None, device, rank, console, lock)
+        console.info(_describe(cfg, p.distiller, p.spec, p.dcfg, device, rank))
+        with rundir.StopSignals() as stop, reuse_freed_memory(device):
+            if rank.main:
+                rundir.check_space(out, p.distiller, p.optimizer)
+            last = _loop(p, cfg, out, device, rank, console, stop)
+    best = p.best
+    console.table("cwkd run summary", [f"best val {p.task.metrics[p.task.best_metric]}", "at epoch", "run directory"],
+                  [[f"{best['value']:.2f}%", best["epoch"] + 1, str(out)]])
+    return RunResult(out=out, best_metric=p.task.best_metric, best_value=best["value"], best_epoch=best["epoch"] + 1,
+                     last=last, student=p.distiller.student)
 
 
-def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.device, rank: Dist,
-         console: RunConsole, lock: RunLock) -> RunResult:
-    """The run itself; ``prepare`` takes ``lock`` as soon as ``out`` exists, before anything is deleted."""
-    if rank.main:  # refuse a taken --out now; write nothing until data and models have loaded
-        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite, check_only=True, cfg=cfg, lock=lock)
-    _seed_all(cfg.seed)
-
-    # Data, student, teacher, and the one trainable module that holds student + aligners.
+def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, rank: Dist, console: RunConsole,
+           lock: RunLock) -> _Pieces:
+    """Data, models, loaders, optimizer and saved state; ``out`` is prepared once they all loaded."""
     task = get_task(cfg.task)
     if cfg.kd_weight > 0 and not task.has_logits:
         raise ConfigError(f"--kd-weight {cfg.kd_weight:g}: logit KD needs class logits, and {task.name.value} "
@@ -92,6 +124,35 @@ def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.d
     in_chans = cfg.in_chans or teacher_in_chans(cfg) or spec.channels
     if spec.modes is not None:
         console.info(spec.modes.describe(in_chans))
+    distiller, dcfg, teacher_source = _distiller(cfg, task, spec, in_chans, device)
+    model: nn.Module = distiller
+    if rank.enabled:
+        model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank.main:
+        rundir.prepare(out, resume=resuming, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
+    train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
+                                             device=device, distributed=rank.enabled, seed=cfg.seed,
+                                             datasets=task.datasets(spec, dcfg))
+    optimizer = _optimizer(distiller, cfg)
+    p = _Pieces(task=task, spec=spec, dcfg=dcfg, distiller=distiller, model=model, train_loader=train_loader,
+                val_loader=val_loader, optimizer=optimizer, scheduler=_scheduler(optimizer, cfg, len(train_loader)),
+                scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16),
+                autocast=autocast(device, cfg.precision),
+                channels_last=device.type == "cuda", best=rundir.no_best(task.best_metric),
+                meta=rundir.checkpoint_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source))
+    if resuming:
+        p.start_epoch, p.start_step, p.best = rundir.restore(out, distiller, optimizer, p.scheduler, p.scaler,
+                                                             device, task.best_metric)
+        console.info(f"resuming {out} at epoch {p.start_epoch + 1}"
+                     + (f", step {p.start_step}" if p.start_step else ""))
+    elif rank.main:
+        rundir.write_config(out, cfg, distiller, dcfg, spec, teacher_source)
+    return p
+
+
+def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
+               device: torch.device) -> tuple[FeatureDistiller, dict, dict]:
+    """Student, teacher and aligners in one module on ``device``; also the input config and teacher source."""
     student = build_student(cfg, spec.num_classes, in_chans)
     teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, {})
     dcfg = data_config(student, input_size=cfg.input_size or task.default_input_size(spec),
@@ -106,139 +167,123 @@ def _run(cfg: TrainConfig, out: Path, resume: str | Path | None, device: torch.d
         task_loss=task.loss_fn(cfg.label_smoothing), logits_of=task.logits if task.has_logits else None,
         feature_prefix=task.feature_prefix(student),
     )
-    channels_last = device.type == "cuda"
-    distiller.to(device, memory_format=torch.channels_last) if channels_last else distiller.to(device)
+    if device.type == "cuda":
+        distiller.to(device, memory_format=torch.channels_last)
+    else:
+        distiller.to(device)
     if cfg.compile:  # compile in place: the module objects stay, so the feature hooks still fire
         distiller.student.compile()
         if teacher is not None:
             teacher.compile()
-    model: nn.Module = distiller
-    if rank.enabled:
-        model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
-    if rank.main:
-        rundir.prepare(out, resume=resume is not None, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
-    train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
-                                             device=device, distributed=rank.enabled, seed=cfg.seed,
-                                             datasets=task.datasets(spec, dcfg))
+    return distiller, dcfg, teacher_source
 
-    # Optimizer, schedule and loss scaler; then the saved state when resuming.
-    steps_per_epoch = len(train_loader)
-    optimizer = _optimizer(distiller, cfg)
-    scheduler = _scheduler(optimizer, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16)
-    meta = rundir.checkpoint_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source)
-    start_epoch, start_step, best = 0, 0, rundir.no_best(task.best_metric)
-    if resume is not None:
-        start_epoch, start_step, best = rundir.restore(out, distiller, optimizer, scheduler, scaler, device,
-                                                       task.best_metric)
-        console.info(f"resuming {out} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
-    elif rank.main:
-        rundir.write_config(out, cfg, distiller, dcfg, spec, teacher_source)
-    console.info(_describe(cfg, distiller, spec, dcfg, device, rank))
 
+def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: Dist, console: RunConsole,
+          stop: rundir.StopSignals) -> dict:
+    """The epochs: train, stop-and-save if asked, evaluate, save; returns the last epoch's record."""
+    if p.start_epoch >= cfg.epochs:
+        console.info(f"{out} already finished {p.start_epoch} epochs; resume with a larger --epochs to go on")
     last: dict = {}
-    with rundir.StopSignals() as stop, reuse_freed_memory(device):
-        if rank.main:
-            rundir.check_space(out, distiller, optimizer)
-        if start_epoch >= cfg.epochs:
-            console.info(f"{out} already finished {start_epoch} epochs; resume with a larger --epochs to go on")
-        reported_bad = 0
-        for epoch in range(start_epoch, cfg.epochs):
-            skip = start_step if epoch == start_epoch else 0  # steps of this epoch done before a stop
-            _set_epoch(train_loader, cfg.seed, epoch, skip * cfg.batch_size)
-            started = time.perf_counter()
-            train = train_one_epoch(model, distiller, train_loader, optimizer, scheduler, scaler, cfg, device,
-                                    steps=steps_per_epoch - skip, stop=stop, console=console,
-                                    label=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch, first_step=skip,
-                                    rank=rank.rank)
-            if stop.requested and skip + train["batches"] < steps_per_epoch:
-                if rank.main:
-                    rundir.save_interrupted(out, distiller, optimizer, scheduler, scaler, meta, epoch,
-                                            skip + train["batches"], best)
-                raise rundir.RunInterrupted(out, stop.signal_number)
-            if train["batches"] and not train["steps"]:
-                raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
-                                    f"--skip-nonfinite); lower --lr{_fp16_advice(cfg, device, ' or ')}")
-            val = evaluate(distiller.student, val_loader, device, cfg.precision, channels_last, rank, task=task.name)
-            last = _epoch_record(epoch, train, val, optimizer, time.perf_counter() - started, task)
-            _check_diverged(distiller, last, cfg, out, rank.main)  # poisoned weights never become last or best
+    steps_per_epoch, reported_bad = len(p.train_loader), 0
+    for epoch in range(p.start_epoch, cfg.epochs):
+        skip = p.start_step if epoch == p.start_epoch else 0  # steps of this epoch done before a stop
+        _set_epoch(p.train_loader, cfg.seed, epoch, skip * cfg.batch_size)
+        started = time.perf_counter()
+        train = train_one_epoch(p, cfg, device, steps=steps_per_epoch - skip, stop=stop, console=console,
+                                label=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch, first_step=skip,
+                                rank=rank.rank)
+        if stop.requested and skip + train["batches"] < steps_per_epoch:
             if rank.main:
-                best = rundir.save_epoch(out, distiller, optimizer, scheduler, scaler, meta, last, best)
-            console.info(_epoch_line(last, cfg.epochs, task))
-            bad = sum(getattr(split, "skipped", 0) for split in (spec.train, spec.val))
-            if bad > reported_bad:
-                console.warn(f"skipped {bad} unreadable image(s) so far (--skip-corrupt); their paths are above")
-                reported_bad = bad
-            if stop.requested and epoch + 1 < cfg.epochs:  # the signal came after the last step: epoch saved
-                raise rundir.RunInterrupted(out, stop.signal_number)
-    console.table("cwkd run summary", [f"best val {task.metrics[task.best_metric]}", "at epoch", "run directory"],
-                  [[f"{best['value']:.2f}%", best["epoch"] + 1, str(out)]])
-    return RunResult(out=out, best_metric=task.best_metric, best_value=best["value"], best_epoch=best["epoch"] + 1,
-                     last=last, student=distiller.student)
+                rundir.save_interrupted(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, epoch,
+                                        skip + train["batches"], p.best)
+            raise rundir.RunInterrupted(out, stop.signal_number)
+        if train["batches"] and not train["steps"]:
+            raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
+                                f"--skip-nonfinite); lower --lr{fp16_advice(cfg, device, ' or ')}")
+        val = evaluate(p.distiller.student, p.val_loader, device, cfg.precision, p.channels_last, rank,
+                       task=p.task.name)
+        last = _epoch_record(epoch, train, val, p.optimizer, time.perf_counter() - started, p.task)
+        check_diverged(p.distiller, last, cfg, out, rank.main)  # poisoned weights never become last or best
+        if rank.main:
+            p.best = rundir.save_epoch(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, last, p.best)
+        console.info(_epoch_line(last, cfg.epochs, p.task))
+        bad = sum(getattr(split, "skipped", 0) for split in (p.spec.train, p.spec.val))
+        if bad > reported_bad:
+            console.warn(f"skipped {bad} unreadable image(s) so far (--skip-corrupt); their paths are above")
+            reported_bad = bad
+        if stop.requested and epoch + 1 < cfg.epochs:  # the signal came after the last step: epoch saved
+            raise rundir.RunInterrupted(out, stop.signal_number)
+    return last
 
 
-def train_one_epoch(model: nn.Module, distiller: FeatureDistiller, loader, optimizer, scheduler, scaler,
-                    cfg: TrainConfig, device: torch.device, *, steps: int, stop, console: RunConsole,
-                    label: str, epoch: int = 0, first_step: int = 0, rank: int = 0) -> dict:
-    """Train on up to ``steps`` batches of ``loader``, which starts at step ``first_step`` of ``epoch``.
+def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps: int, stop,
+                    console: RunConsole, label: str, epoch: int = 0, first_step: int = 0, rank: int = 0) -> dict:
+    """Train on up to ``steps`` batches, starting at step ``first_step`` of ``epoch``.
 
     Returns the mean loss parts, images/s, the optimizer ``steps`` done and the ``batches`` used (a
     skipped non-finite step uses a batch but is no step). Each step reseeds the RNG from (seed, epoch,
     step, rank), so a run resumed mid-epoch draws what an uninterrupted run would.
     """
-    distiller.train()
-    task = get_task(cfg.task)
-    amp = autocast_dtype(cfg.precision)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    p.distiller.train()
+    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    watch = None if _checks_each_step(cfg, device) else NonfiniteWatch(device)
     done = used = images_seen = skipped = 0
     started = time.perf_counter()
     console.start(label, steps)
-    batches = iter(loader)
+    batches = iter(p.train_loader)
     while used < steps and not stop.requested:  # asked before fetching, so a stop never waits on data
         batch = next(batches, None)
         if batch is None:
             break
         step, used = first_step + used, used + 1
         _seed_all(cfg.seed, epoch, step, rank)
-        images, targets = task.batch_to(batch, device, memory_format)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(images, targets)
-        loss = out["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        if not _finite_everywhere(loss):
+        images, targets = p.task.batch_to(batch, device, memory_format)
+        with p.autocast():
+            out = p.model(images, targets)
+        p.optimizer.zero_grad(set_to_none=True)
+        if watch is not None:
+            watch.see(out, step)
+        elif not finite_everywhere(out["loss"]):
             skipped += 1
-            _nonfinite(out, step, skipped, cfg, device, label)  # raises once past --skip-nonfinite
+            raise_nonfinite(out, step, skipped, cfg, device, label)  # raises once past --skip-nonfinite
             continue
-        scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(distiller.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        _update(p, out["loss"], cfg)
         for key in ("loss", "task_loss", "feat_loss", "kd_loss"):
             if key in out:
                 sums[key] += out[key].detach()
-        done += 1
-        images_seen += len(images)
+        done, images_seen = done + 1, images_seen + len(images)
         if done % 10 == 0 or used == steps:  # done > 0 here: this step counted
-            seconds = time.perf_counter() - started
+            if watch is not None:
+                watch.check(cfg, device, label)
             parts = {k.removesuffix("_loss") if k != "loss" else k: v.item() / done for k, v in sums.items()}
-            console.advance(used, {**parts, "img/s": images_seen / seconds})
+            console.advance(used, {**parts, "img/s": images_seen / (time.perf_counter() - started)})
     console.stop()
-    means = _reduce_means(sums, done)
-    seconds = time.perf_counter() - started
+    if watch is not None:
+        watch.check(cfg, device, label)  # a stop may have come between two progress updates
+    means, seconds = _reduce_means(sums, done), time.perf_counter() - started
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {**means, "steps": done, "batches": used, "images_per_s": images_seen * world / max(seconds, 1e-9)}
 
 
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank (ranks must agree to skip a step, or DDP would hang)."""
-    finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+def _checks_each_step(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether each step's loss is checked on the host before ``backward`` (a host sync every step).
+
+    Skipping a step (``--skip-nonfinite``) needs that, and on a CPU it costs nothing; otherwise the first
+    bad step is only recorded on the device and reported at the next progress update (every 10 steps).
+    """
+    return cfg.skip_nonfinite > 0 or device.type == "cpu"
+
+
+def _update(p: _Pieces, loss: torch.Tensor, cfg: TrainConfig) -> None:
+    """Backward, clip, optimizer and schedule step (the scaler is a no-op unless fp16)."""
+    p.scaler.scale(loss).backward()
+    if cfg.clip_grad:
+        p.scaler.unscale_(p.optimizer)
+        nn.utils.clip_grad_norm_(p.distiller.parameters(), cfg.clip_grad)
+    p.scaler.step(p.optimizer)
+    p.scaler.update()
+    p.scheduler.step()
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
@@ -272,71 +317,6 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epo
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _nonfinite(out: dict, step: int, count: int, cfg: TrainConfig, device: torch.device,
-               label: str = "this epoch") -> None:
-    """Stop on a NaN/inf loss unless ``--skip-nonfinite`` still allows skipping this step."""
-    if count <= cfg.skip_nonfinite:
-        return
-    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k.endswith("loss"))
-    cause = _likely_cause(out, cfg)
-    cause = f"{cause}; otherwise " if cause else ""
-    raise TrainingError(
-        f"non-finite loss in {label}, step {step + 1} ({parts}); {cause}lower --lr (it was {cfg.lr:g}), "
-        f"{_fp16_advice(cfg, device, end=', ')}"
-        "add --clip-grad 1.0, or allow a few skipped steps with --skip-nonfinite N; the checkpoints of the "
-        "last finished epoch are kept"
-    )
-
-
-def _fp16_advice(cfg: TrainConfig, device: torch.device, start: str = "", end: str = "") -> str:
-    """Under fp16, whose range overflows first: the fast precisions to use instead (else nothing)."""
-    if cfg.precision is not Precision.fp16:
-        return ""
-    return f"{start}use {precision_advice(device, Precision.fp16)} instead of fp16{end}"
-
-
-def _check_diverged(distiller: FeatureDistiller, record: dict, cfg: TrainConfig, out: Path, main: bool) -> None:
-    """Stop, keeping the last good checkpoints, when the weights or the val loss went non-finite this epoch.
-
-    The epoch's metrics line is still written (its non-finite values as null), so the user can see it.
-    Every rank sees the same weights and the all-reduced val loss, so ranks stop together.
-    """
-    poisoned = [name for name, t in distiller.state_dict().items()
-                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if not poisoned and math.isfinite(record["val_loss"]):
-        return
-    if main:
-        append_jsonl(out / "metrics.jsonl", record)
-    what = (f"{len(poisoned)} weight tensor(s) became non-finite (e.g. {poisoned[0]})" if poisoned
-            else f"the validation loss is {record['val_loss']}")
-    parts = {"feat_loss": math.inf} if poisoned and all(n.startswith("aligners.") for n in poisoned) else {}
-    cause = _likely_cause(parts, cfg, distiller.teacher) or (
-        f"the task loss or the weights blew up: --lr {cfg.lr:g} is likely too large; lower it or add --clip-grad 1.0")
-    kept = ("the checkpoints of the last finished epoch are kept (not overwritten with these weights)"
-            if record["epoch"] > 1 else "no checkpoint was written")
-    raise TrainingError(f"training diverged in epoch {record['epoch']}/{cfg.epochs}: {what}; {cause}; {kept}")
-
-
-def _likely_cause(parts: dict, cfg: TrainConfig, teacher: nn.Module | None = None) -> str | None:
-    """Which loss term went non-finite, as advice: the teacher, the feature loss (alpha) or logit KD.
-
-    None when none of those explains it: then the task loss did, and the learning rate is the likely cause.
-    """
-    def bad(key: str) -> bool:
-        value = parts.get(key)
-        return value is not None and not math.isfinite(float(value))
-
-    if teacher is not None and any(t.is_floating_point() and not bool(torch.isfinite(t).all())
-                                   for t in teacher.state_dict().values()):
-        return "the teacher's weights are non-finite, so its outputs are: check --teacher / --teacher-weights"
-    if bad("feat_loss") and not bad("task_loss"):
-        return (f"the feature loss went non-finite while the task loss did not: --alpha {cfg.alpha:g} is likely "
-                "too large (or the teacher's outputs are non-finite or huge); lower --alpha")
-    if bad("kd_loss") and not bad("task_loss"):
-        return f"the logit-KD loss went non-finite first: lower --kd-weight (it was {cfg.kd_weight:g})"
-    return None
 
 
 def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:

@@ -55,22 +55,34 @@ class StopSignals:
     SIGHUP is what a run started over ssh gets when the connection drops: it saves and stops like SIGTERM.
     """
 
+    #: Under DDP the ranks agree on the flag every this many reads (an all-reduce is a host sync).
+    SYNC_EVERY = 10
+
     def __init__(self) -> None:
         self.signal_number = 0
         self._old: dict = {}
+        self._reads = 0
+        self._agreed = 0
 
     @property
     def requested(self) -> bool:
-        """True once a signal arrived on any rank (ranks agree, so DDP never hangs on a collective)."""
-        flag = self.signal_number
-        if dist.is_initialized():
-            t = torch.tensor([flag], dtype=torch.int64)
+        """True once a signal arrived (on any rank under DDP: ranks agree, so DDP never hangs on a collective).
+
+        One process reads its own flag, which costs nothing. Under DDP every rank reads the flag at the
+        same steps, and each :attr:`SYNC_EVERY`-th read all-reduces it, so a stop comes at most that many
+        steps late while a GPU step never waits on the host for it.
+        """
+        if not dist.is_initialized():
+            return self.signal_number != 0
+        self._reads += 1
+        if not self._agreed and self._reads % self.SYNC_EVERY == 1:
+            t = torch.tensor([self.signal_number], dtype=torch.int64)
             if dist.get_backend() == "nccl":
                 t = t.cuda()
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
-            self.signal_number = self.signal_number or flag
-        return flag != 0
+            self._agreed = int(t.item())
+            self.signal_number = self.signal_number or self._agreed
+        return self._agreed != 0
 
     def _handle(self, signum, _frame) -> None:
         if self.signal_number and signum == signal.SIGINT:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cwkd import checkpoint, engine
+from cwkd import checkpoint, engine, nonfinite
 from cwkd.checkpoint import atomic_write, load_checkpoint, load_state, save_checkpoint, validate_metadata
 from cwkd.cli import app
 from cwkd.distiller import FeatureDistiller
@@ -439,7 +439,7 @@ def test_feature_loss_overflow_names_alpha():
     cfg = engine.TrainConfig(data="-", student="-", teacher="t", alpha=1e30)
     parts = {"task_loss": torch.tensor(0.5), "feat_loss": torch.tensor(float("inf")), "loss": torch.tensor(math.inf)}
     with pytest.raises(engine.TrainingError, match="feature loss went non-finite.*--alpha 1e\\+30"):
-        engine._nonfinite(parts, 0, 1, cfg, "epoch 1/1")
+        nonfinite.raise_nonfinite(parts, 0, 1, cfg, torch.device("cpu"), "epoch 1/1")
 
 
 def test_nonfinite_teacher_is_named(folder):
@@ -447,7 +447,7 @@ def test_nonfinite_teacher_is_named(folder):
     with torch.no_grad():
         teacher.weight.fill_(float("nan"))
     cfg = engine.TrainConfig(data="-", student="-", teacher="t")
-    assert "teacher's weights are non-finite" in engine._likely_cause({"feat_loss": math.nan}, cfg, teacher)
+    assert "teacher's weights are non-finite" in nonfinite.likely_cause({"feat_loss": math.nan}, cfg, teacher)
 
 
 def test_eval_refuses_a_checkpoint_with_nonfinite_weights(trained, tmp_path):

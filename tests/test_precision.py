@@ -16,8 +16,8 @@ from cwkd import precision
 from cwkd.build import autocast_dtype, resolve_device
 from cwkd.cli import app
 from cwkd.config import Precision, TrainConfig
-from cwkd.engine import _nonfinite
 from cwkd.errors import ConfigError, TrainingError
+from cwkd.nonfinite import raise_nonfinite
 from cwkd.precision import fast_precisions, precision_warning, resolve_precision
 
 runner = CliRunner()
@@ -100,11 +100,11 @@ def test_nonfinite_advice_names_a_fast_precision(gpu_bf16, bf16_ok, advice):
     gpu_bf16(bf16_ok)
     cfg = TrainConfig(data="-", student="-", method="none", precision="fp16")
     with pytest.raises(TrainingError) as err:
-        _nonfinite({"loss": torch.tensor(float("nan"))}, 0, 1, cfg, CUDA)
+        raise_nonfinite({"loss": torch.tensor(float("nan"))}, 0, 1, cfg, CUDA)
     assert advice in str(err.value)
     cfg = TrainConfig(data="-", student="-", method="none", precision="fp32")
     with pytest.raises(TrainingError) as err:
-        _nonfinite({"loss": torch.tensor(float("nan"))}, 0, 1, cfg, CPU)
+        raise_nonfinite({"loss": torch.tensor(float("nan"))}, 0, 1, cfg, CPU)
     assert "--precision" not in str(err.value)
 
 

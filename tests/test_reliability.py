@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cwkd import rundir
+from cwkd import engine, rundir
 from cwkd.checkpoint import load_checkpoint, load_state
 from cwkd.cli import app
 from cwkd.distiller import FeatureDistiller
@@ -403,7 +403,10 @@ def nan_after(monkeypatch):
     return install
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, nan_after):
+@pytest.mark.parametrize("each_step", [True, False], ids=["checked-each-step", "checked-on-device"])
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, nan_after, monkeypatch,
+                                                                 each_step):
+    monkeypatch.setattr(engine, "_checks_each_step", lambda cfg, device: each_step)  # False: the GPU path
     nan_after(3)  # 2 steps per epoch: epoch 1 is fine, epoch 2 fails at its second step
     out = tmp_path / "r"
     _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, *FAST, "--epochs", "3"],
@@ -548,3 +551,21 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(signal_folder, 
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, REF_EPOCHS + 1))
     assert not list(out.glob(".*.tmp"))
+
+
+def test_under_ddp_the_stop_flag_is_agreed_every_few_reads_only(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        reduces = []
+        all_reduce = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: (reduces.append(1), all_reduce(t, **kw))[1])
+        stop, every = rundir.StopSignals(), rundir.StopSignals.SYNC_EVERY
+        assert not any(stop.requested for _ in range(2 * every))
+        assert len(reduces) == 2  # one host sync per SYNC_EVERY steps, not one a step
+        stop.signal_number = signal.SIGTERM
+        seen = [stop.requested for _ in range(every)]
+        assert seen[-1] and seen.index(True) < every  # noticed within SYNC_EVERY reads, then kept
+    finally:
+        dist.destroy_process_group()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.build import autocast_dtype
+from cwkd.build import autocast
 from cwkd.choices import Task
 from cwkd.config import Precision
 from cwkd.data import DataSpec, load_data
@@ -68,13 +68,13 @@ class Classification(TaskSpec):
         """
         was_training = model.training
         model.eval()
-        amp = autocast_dtype(precision)
+        amp = autocast(device, precision)
         totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top5, count
         for images, targets in loader:
             images = images.to(device, non_blocking=True,
                                 memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with amp():
                 logits = model(images)
             logits = logits.float()
             k = min(5, logits.shape[1])

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.build import autocast_dtype
+from cwkd.build import autocast
 from cwkd.checkpoint import read_state_dict
 from cwkd.choices import Task
 from cwkd.config import Precision
@@ -101,14 +101,14 @@ class Segmentation(TaskSpec):
         """mIoU and pixel accuracy (percent), per-class IoU (``iou``) and mean cross-entropy per labelled pixel."""
         was_training = model.training
         model.eval()
-        amp = autocast_dtype(precision)
+        amp = autocast(device, precision)
         score = None
         totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, images
         for images, targets in loader:
             images = images.to(device, non_blocking=True,
                                 memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with amp():
                 logits = model(images)["out"].float()
             score = score or SegmentationScore(logits.shape[1], device)
             score.update(logits, targets)
