@@ -35,6 +35,7 @@ from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
 from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import ConfigError, TrainingError
+from cwkd.evaluation import evaluate
 from cwkd.loaders import EpochSampler, build_loaders, check_split_sizes, data_config
 from cwkd.nonfinite import NonfiniteWatch, check_diverged, finite_everywhere, fp16_advice, raise_nonfinite
 from cwkd.precision import precision_warning, resolve_precision
@@ -284,16 +285,6 @@ def _update(p: _Pieces, loss: torch.Tensor, cfg: TrainConfig) -> None:
     p.scaler.step(p.optimizer)
     p.scaler.update()
     p.scheduler.step()
-
-
-def evaluate(model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
-             channels_last: bool = False, rank: Dist | None = None, *, task: str | None = None) -> dict:
-    """The task's validation scores of ``model`` over ``loader`` (its loss, metrics and image count).
-
-    ``task`` defaults to classification (top-1, top-5 and mean cross-entropy). Under DDP each rank
-    scores its shard and the sums are added.
-    """
-    return get_task(task).evaluate(model, loader, device, precision, channels_last, rank)
 
 
 def _optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -24,12 +24,11 @@ from rich.table import Table
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from cwkd.build import resolve_device
+from cwkd.build import Dist, resolve_device
 from cwkd.checkpoint import load_checkpoint, read_state_dict, validate_metadata
 from cwkd.choices import Split  # defined torch-free for the CLI; re-exported here
 from cwkd.config import Precision, check_sizes
 from cwkd.data import DataSpec
-from cwkd.engine import evaluate
 from cwkd.errors import CheckpointError, ConfigError, DataError
 from cwkd.loaders import build_loaders, data_config
 from cwkd.models import create_model, resolve_name
@@ -200,6 +199,16 @@ def checkpoint_data_config(model: nn.Module, meta: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- evaluating
+
+
+def evaluate(model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
+             channels_last: bool = False, rank: Dist | None = None, *, task: str | None = None) -> dict:
+    """The task's validation scores of ``model`` over ``loader`` (its loss, metrics and image count).
+
+    ``task`` defaults to classification (top-1, top-5 and mean cross-entropy). Under DDP each rank
+    scores its shard and the sums are added.
+    """
+    return get_task(task).evaluate(model, loader, device, precision, channels_last, rank)
 
 
 def evaluate_checkpoint(

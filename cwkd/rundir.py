@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import cwkd
-from cwkd import runinputs
+from cwkd import __version__, runinputs
 from cwkd.checkpoint import (
     append_jsonl,
     atomic_write_text,
@@ -250,7 +249,7 @@ def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec, teach
     """config.json: the resolved config, versions, git hash, data settings and layer pairs."""
     record = {
         "config": cfg.to_dict(),
-        "cwkd_version": cwkd.__version__,
+        "cwkd_version": __version__,
         "versions": _versions(),
         "git": _git_hash(),
         "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg["input_size"]),
@@ -280,7 +279,7 @@ def checkpoint_metadata(cfg: TrainConfig, distiller, dcfg: dict, spec, in_chans:
         "task": cfg.task.value,
         "dataset": spec.name,
         "classes": list(spec.classes),
-        "cwkd_version": cwkd.__version__,
+        "cwkd_version": __version__,
         "kind": "distill",
         "teacher": teacher_source.get("model"),
     }
@@ -396,7 +395,7 @@ def _versions() -> dict:
     import torchvision
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "cwkd": cwkd.__version__}
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "cwkd": __version__}
 
 
 def _git_hash() -> str | None:

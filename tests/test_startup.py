@@ -123,3 +123,15 @@ def test_warnings_come_from_rank_zero_only(enabled, quiet, printed):
     stream = io.StringIO()
     RunConsole(quiet=quiet, enabled=enabled, stream=stream).warn("disk almost full")
     assert ("disk almost full" in stream.getvalue()) is printed
+
+
+@pytest.mark.parametrize("module, never", [
+    ("cwkd.export", ["cwkd.engine", "cwkd.rundir", "cwkd.distiller"]),  # exporting needs no training engine
+    ("cwkd.evaluation", ["cwkd.engine", "cwkd.rundir"]),
+    ("cwkd.rundir", ["cwkd.evaluation", "cwkd.engine"]),  # the old cycle: rundir -> evaluation -> engine -> rundir
+])
+def test_modules_import_only_what_they_use(module, never):
+    result = _run_python(f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('cwkd')))")
+    assert result.returncode == 0, result.stderr
+    loaded = result.stdout
+    assert not [m for m in never if f"'{m}'" in loaded], loaded
