@@ -333,7 +333,8 @@ def eval_(
     data_root: DataRoot = None, workers: Workers = 2, device: Device = "auto",
 ) -> None:
     """Measure a checkpoint: top-1, top-5, mean loss and images/s on a data set split."""
-    from cwkd.evaluation import evaluate_checkpoint, print_eval
+    from cwkd.evaluation import evaluate_checkpoint
+    from cwkd.report import print_eval
     from cwkd.strict_json import json_text
 
     with _errors():

@@ -18,9 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -389,53 +386,3 @@ class _Confusion:
             rows.append({"class": name, "images": total, "correct": correct,
                          "top1": 100 * correct / total if total else None})
         return rows
-
-
-# ----------------------------------------------------------------------------- printing
-
-_MATRIX_MAX = 20  # a confusion matrix wider than this does not fit a terminal; --json has it whole
-
-
-def print_eval(result: EvalResult, console: Console | None = None) -> None:
-    """The summary table, then (when measured) per-class scores and a classifier's confusion matrix."""
-    console = console or Console(highlight=False, soft_wrap=True)
-    labels = get_task(result.task).metrics
-    table = Table(title=escape(f"cwkd eval: {result.model} on {result.data} ({result.split})"))
-    for column in (*(labels[k] for k in result.scores), "loss", "images", "images/s", "device", "precision"):
-        table.add_column(column, justify="right")
-    table.add_row(*(f"{v:.2f}%" for v in result.scores.values()), f"{result.loss:.4f}", str(result.images),
-                  f"{result.images_per_s:.0f}", result.device, result.precision)
-    console.print(table)
-    for note in result.notes:
-        console.print(f"note: {note}", style="yellow", markup=False)
-    if result.per_class is not None and result.confusion is None:
-        _print_iou(result.per_class, console)
-    if result.per_class is None or result.confusion is None:
-        return
-    table = Table(title="per-class accuracy")
-    for column in ("#", "class", "images", "correct", "top-1"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for i, row in enumerate(result.per_class):
-        top1 = "-" if row["top1"] is None else f"{row['top1']:.2f}%"
-        table.add_row(str(i), escape(row["class"]), str(row["images"]), str(row["correct"]), top1)
-    console.print(table)
-    if len(result.confusion) > _MATRIX_MAX:
-        console.print(f"confusion matrix: {len(result.confusion)} classes is too wide to print; use --json")
-        return
-    table = Table(title="confusion matrix (rows: true class, columns: predicted)")
-    table.add_column("true \\ pred", justify="right")
-    for i in range(len(result.confusion)):
-        table.add_column(str(i), justify="right")
-    for i, row in enumerate(result.confusion):
-        table.add_row(str(i), *(str(v) for v in row))
-    console.print(table)
-
-
-def _print_iou(rows: list[dict], console: Console) -> None:
-    """Per-class IoU of a segmentation model."""
-    table = Table(title="per-class IoU")
-    for column in ("#", "class", "IoU"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for i, row in enumerate(rows):
-        table.add_row(str(i), escape(row["class"]), "-" if row["iou"] is None else f"{row['iou']:.2f}%")
-    console.print(table)

@@ -1,11 +1,18 @@
-"""Rich tables for ``cwkd inspect``."""
+"""Rich tables for ``cwkd inspect`` and ``cwkd eval``."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cwkd.features import LayerInfo
+from cwkd.tasks import get_task
+
+if TYPE_CHECKING:
+    from cwkd.evaluation import EvalResult
 
 
 def _count(n: float) -> str:
@@ -55,3 +62,55 @@ def print_pairs(report: dict, console: Console | None = None) -> None:
         f"{_count(report['extra_flops_per_image'])} FLOPs per image; student: "
         f"{_count(report['student_params'])} parameters"
     )
+
+
+_MATRIX_MAX = 20  # a confusion matrix wider than this does not fit a terminal; --json has it whole
+
+
+def print_eval(result: EvalResult, console: Console | None = None) -> None:
+    """The summary table, then (when measured) per-class scores and a classifier's confusion matrix."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    labels = get_task(result.task).metrics
+    table = Table(title=escape(f"cwkd eval: {result.model} on {result.data} ({result.split})"))
+    for column in (*(labels[k] for k in result.scores), "loss", "images", "images/s", "device", "precision"):
+        table.add_column(column, justify="right")
+    table.add_row(*(f"{v:.2f}%" for v in result.scores.values()), f"{result.loss:.4f}", str(result.images),
+                  f"{result.images_per_s:.0f}", result.device, result.precision)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", style="yellow", markup=False)
+    if result.per_class is not None and result.confusion is None:
+        _print_iou(result.per_class, console)
+    if result.per_class is not None and result.confusion is not None:
+        _print_accuracy(result.per_class, result.confusion, console)
+
+
+def _print_accuracy(rows: list[dict], confusion: list[list[int]], console: Console) -> None:
+    """Per-class top-1 of a classifier, then its confusion matrix when it fits a terminal."""
+    table = Table(title="per-class accuracy")
+    for column in ("#", "class", "images", "correct", "top-1"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for i, row in enumerate(rows):
+        top1 = "-" if row["top1"] is None else f"{row['top1']:.2f}%"
+        table.add_row(str(i), escape(row["class"]), str(row["images"]), str(row["correct"]), top1)
+    console.print(table)
+    if len(confusion) > _MATRIX_MAX:
+        console.print(f"confusion matrix: {len(confusion)} classes is too wide to print; use --json")
+        return
+    table = Table(title="confusion matrix (rows: true class, columns: predicted)")
+    table.add_column("true \\ pred", justify="right")
+    for i in range(len(confusion)):
+        table.add_column(str(i), justify="right")
+    for i, row in enumerate(confusion):
+        table.add_row(str(i), *(str(v) for v in row))
+    console.print(table)
+
+
+def _print_iou(rows: list[dict], console: Console) -> None:
+    """Per-class IoU of a segmentation model."""
+    table = Table(title="per-class IoU")
+    for column in ("#", "class", "IoU"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for i, row in enumerate(rows):
+        table.add_row(str(i), escape(row["class"]), "-" if row["iou"] is None else f"{row['iou']:.2f}%")
+    console.print(table)
