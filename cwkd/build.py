@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cwkd.checkpoint import load_checkpoint, read_metadata
+from cwkd.checkpoint import load_checkpoint, read_metadata, student_state
 from cwkd.config import Precision, TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.loaders import data_config
@@ -201,7 +201,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
                               f"{task.name.value} (or --task)")
         model = get_task(meta.get("task")).build_model(meta["model"], num_classes=meta["num_classes"],
                                                        in_chans=meta["in_chans"])
-        state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+        state = student_state(tensors)
         load_state_checked(model, state, f"the tensors in {cfg.teacher}",
                            hint="they do not match the checkpoint's own metadata; the file is damaged or edited")
         source = {"checkpoint": str(cfg.teacher), "model": meta["model"], "mean": meta["mean"], "std": meta["std"]}

@@ -184,8 +184,14 @@ def read_metadata(path: str | Path, *, plain_hint: str | None = None) -> dict:
     return meta
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
+    """Whether ``x`` is a whole number read from JSON or a pickle (``True`` is no number here)."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def student_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The student's own weights from a run checkpoint's tensors (``student.*``, prefix dropped)."""
+    return {k.removeprefix("student."): v for k, v in tensors.items() if k.startswith("student.")}
 
 
 def _is_num(x: Any) -> bool:
@@ -202,7 +208,7 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset": (lambda v: isinstance(v, str), "a string"),
     "classes": (_list_of(str), "a list of strings"),
     "cwkd_version": (lambda v: isinstance(v, str), "a string"),
-    "epoch": (_is_int, "an integer"),
+    "epoch": (is_int, "an integer"),
     "task": (lambda v: isinstance(v, str), "a string"),
     "best_metric": (lambda v: isinstance(v, str), "a string"),
     "kind": (lambda v: v in ("student", "distill"), "'student' or 'distill'"),
@@ -232,9 +238,9 @@ def validate_metadata(meta: dict) -> dict:
         raise CheckpointError(f"checkpoint metadata lacks {missing}")
     _check(meta, "model", isinstance(meta["model"], str) and bool(meta["model"]), "a model name")
     for key, top in (("num_classes", MAX_CLASSES), ("in_chans", MAX_IN_CHANS)):
-        _check(meta, key, _is_int(meta[key]) and 0 < meta[key] <= top, f"an integer from 1 to {top}")
+        _check(meta, key, is_int(meta[key]) and 0 < meta[key] <= top, f"an integer from 1 to {top}")
     chans, size = meta["in_chans"], meta["input_size"]
-    ok = isinstance(size, list) and len(size) == 3 and all(_is_int(v) and 0 < v <= MAX_INPUT_SIZE for v in size)
+    ok = isinstance(size, list) and len(size) == 3 and all(is_int(v) and 0 < v <= MAX_INPUT_SIZE for v in size)
     _check(meta, "input_size", ok and size[0] == chans, f"[{chans}, height, width] with sizes from 1 to "
            f"{MAX_INPUT_SIZE}")
     for key in ("mean", "std"):

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cwkd.build import Dist, resolve_device
-from cwkd.checkpoint import load_checkpoint, read_state_dict, validate_metadata
+from cwkd.checkpoint import load_checkpoint, read_state_dict, student_state, validate_metadata
 from cwkd.choices import Split  # defined torch-free for the CLI; re-exported here
 from cwkd.config import Precision, check_sizes
 from cwkd.data import DataSpec
@@ -111,7 +111,7 @@ def read_student(path: str | Path, *, plain_hint: str | None = None) -> tuple[nn
         state = read_state_dict(path)
     else:
         tensors, meta = load_checkpoint(path, plain_hint=plain_hint)  # its errors say what the file is
-        state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+        state = student_state(tensors)
         if not state:
             raise CheckpointError(f"{path} holds no student weights (no 'student.*' tensors); is it a cwkd run's "
                                   "last.safetensors or best.safetensors?")

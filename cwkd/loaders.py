@@ -28,6 +28,7 @@ from torchvision import transforms as T
 from cwkd.data import SMALL_IMAGE_MAX, DataSpec
 from cwkd.errors import ConfigError, DataError
 from cwkd.images import to_8bit
+from cwkd.models import input_channels
 
 
 def data_config(
@@ -55,7 +56,7 @@ def data_config(
         if value is not None and value < 1:
             raise ConfigError(f"{label} must be a positive integer, got {value}")
     cfg = resolve_data_config(model=model)
-    chans = in_chans or _model_in_chans(model) or cfg["input_size"][0]
+    chans = in_chans or input_channels(model) or cfg["input_size"][0]
     _, height, width = cfg["input_size"]
     if input_size is not None:
         height = width = input_size
@@ -66,11 +67,6 @@ def data_config(
         "interpolation": cfg.get("interpolation", "bilinear"),
         "crop_pct": float(cfg.get("crop_pct", 0.875)),
     }
-
-
-def _model_in_chans(model: nn.Module) -> int | None:
-    """The input channels of the model's first convolution; why: timm's config says 3 even for in_chans=1."""
-    return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
 
 def default_input_size(native: int | None) -> int | None:

@@ -24,6 +24,7 @@ from cwkd.checkpoint import (
     append_jsonl,
     atomic_write_text,
     check_writable,
+    is_int,
     load_state,
     save_checkpoint,
     save_state,
@@ -348,26 +349,22 @@ def restore(out: Path, distiller, optimizer, scheduler, scaler, device, metric: 
 def _check_state(state: dict, path: Path) -> tuple[int, int, dict]:
     """Validate state.pt's layout before any of it is used; return its (epoch, step, best)."""
     version = state.get("format_version")
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise CheckpointError(f"{path} is not cwkd training state (format_version {version!r}); start a new run")
     if version > STATE_VERSION:
         raise CheckpointError(f"{path} was written by a newer cwkd (state format {version}); upgrade cwkd")
     missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "best") if not isinstance(state.get(k), dict)]
     epoch, step, best = state.get("epoch"), state.get("step"), state.get("best", {})
-    ok = not missing and _is_int(epoch) and epoch >= 0 and _is_int(step) and step >= 0
+    ok = not missing and is_int(epoch) and epoch >= 0 and is_int(step) and step >= 0
     if "value" not in best and "val_top1" in best:  # written before tasks existed: a classifier's top-1
         best = {"metric": "top1", "value": best["val_top1"], "epoch": best.get("epoch")}
     ok = ok and isinstance(best.get("metric"), str) and isinstance(best.get("value"), int | float)
-    ok = ok and _is_int(best.get("epoch"))
+    ok = ok and is_int(best.get("epoch"))
     ok = ok and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items())
     if not ok:
         raise CheckpointError(f"{path} is damaged: its epoch, step, best or state dicts are missing or of the "
                               "wrong type; start a new run")
     return epoch, step, {"metric": best["metric"], "value": float(best["value"]), "epoch": best["epoch"]}
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -387,7 +384,7 @@ def _epoch_of(line: str) -> int:
     except ValueError:
         return 0
     epoch = record.get("epoch") if isinstance(record, dict) else None
-    return epoch if _is_int(epoch) else 0
+    return epoch if is_int(epoch) else 0
 
 
 def _versions() -> dict:
