@@ -32,25 +32,12 @@ from cwkd.errors import CheckpointError, ConfigError
 from cwkd.faults import fault_message
 from cwkd.strict_json import json_text
 
+from .helpers import cli_fails as _fails
 from .helpers import make_image_folder
 
 runner = CliRunner()
 FAST = ["--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu"]
 SMALL_DISTILL = ["distill", "--teacher", "test_resnet", "--allow-random-teacher", "--student", "test_resnet"]
-
-
-def _fails(args: list, *needles: str) -> str:
-    """Run the CLI in-process; expect exit 1 with exactly one ``error:`` line holding every needle."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    print(errors[0])  # `pytest -rP` shows the messages that docs/reliability.md quotes
-    return errors[0]
 
 
 def _ok(args: list):

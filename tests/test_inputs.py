@@ -21,22 +21,10 @@ from cwkd.errors import DataError
 from cwkd.loaders import build_loaders, build_transform, check_split_sizes, data_config
 from cwkd.models import create_model
 
+from .helpers import cli_fails as _fails
+
 runner = CliRunner()
 FAST = ["--epochs", "1", "--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu"]
-
-
-def _fails(args: list, *needles: str) -> str:
-    """Run the CLI, expect one clean ``error:`` line (exit 1, no traceback) holding every needle."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    print(errors[0])  # `pytest -rP` shows it: the source of the messages in docs/reliability.md
-    return errors[0]
 
 
 def _save(path: Path, pixels: np.ndarray) -> None:

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from cwkd.errors import ConfigError
 from cwkd.models import create_model
 
 from .helpers import make_image_folder
+from .helpers import wait_for as _wait_for
 
 runner = CliRunner()
 FAST = ["--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu"]
@@ -503,19 +503,6 @@ def _start(args: list) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "cwkd", *map(str, args)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Poll until ``path`` exists (the run has finished an epoch), failing if the run ends first."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before {path.name} appeared:\n"
-                        f"{proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path} did not appear in {timeout} s")
-        time.sleep(0.01)
 
 
 @pytest.mark.slow

@@ -29,25 +29,13 @@ from cwkd.errors import ConfigError
 from cwkd.models import create_model
 from cwkd.runlock import RunLock
 
+from .helpers import cli_fails as _fails
 from .helpers import make_image_folder
+from .helpers import wait_for as _wait_for
 
 runner = CliRunner()
 FAST = ["--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu"]
 COMMON = ["--epochs", "1", *FAST]
-
-
-def _fails(args: list, *needles: str) -> str:
-    """Run the CLI in-process; expect exit 1 with one ``error:`` line holding every needle."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    print(errors[0])  # `pytest -rP` shows the messages docs/reliability.md quotes
-    return errors[0]
 
 
 def _ok(args: list):
@@ -78,18 +66,6 @@ def _one_error(stderr: str, *needles: str) -> str:
         assert needle in errors[0], errors[0]
     print(errors[0])
     return errors[0]
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before {path.name} appeared:\n"
-                        f"{proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path} did not appear in {timeout} s")
-        time.sleep(0.02)
 
 
 def _epochs(run: Path) -> list[int]:
