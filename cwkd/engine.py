@@ -78,15 +78,19 @@ class _Pieces:
     best: dict = field(default_factory=dict)
 
 
-def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConsole | None = None) -> RunResult:
+def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: dict | None = None,
+        console: RunConsole | None = None) -> RunResult:
     """Train or distill as ``cfg`` says, writing a run directory; ``resume`` continues one.
+
+    ``resume_options`` are options given again when resuming (``{"epochs": 20}``): those a resumed run
+    may change replace the saved ones, any other must equal the saved value (:func:`cwkd.rundir.load_config`).
 
     Example:
         >>> cfg = TrainConfig(data="fashion-mnist-mini", student="test_resnet", method="none", epochs=1)
         >>> result = run(cfg)  # doctest: +SKIP
     """
     if resume is not None:
-        cfg = rundir.load_config(resume, options=cfg.extra.get("resume_options"))
+        cfg = rundir.load_config(resume, options=resume_options)
     device = resolve_device(cfg.device, cfg.precision)
     rank = setup_distributed(device)
     console = console or RunConsole(quiet=cfg.quiet, enabled=rank.main)
