@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cwkd.checkpoint import load_checkpoint, read_metadata, student_state
+from cwkd.checkpoint import load_checkpoint, read_metadata, read_state_dict, student_state
 from cwkd.config import Precision, TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.loaders import data_config
-from cwkd.models import create_model, is_model_name, load_state_checked, looks_like_path
+from cwkd.models import create_model, is_model_name, load_state_checked, looks_like_path, shape_of_weights
 from cwkd.precision import precision_advice
 
 
@@ -256,17 +256,7 @@ def _refuse_cwkd_checkpoint(path: str) -> None:
 
 def _with_weights(name: str, path: str, in_chans: int) -> nn.Module:
     """Build ``name`` with the classifier size the weights file has, then load it."""
-    from cwkd.checkpoint import read_state_dict
-
-    state = read_state_dict(path)
-    probe = create_model(name, in_chans=in_chans)
-    head = probe.get_classifier() if hasattr(probe, "get_classifier") else None
-    classes = None
-    if isinstance(head, nn.Linear):
-        head_keys = [k for k, p in probe.named_parameters() if p is head.weight]
-        key = head_keys[0] if head_keys else None
-        if key and key in state:
-            classes = int(state[key].shape[0])
+    classes, _ = shape_of_weights(name, read_state_dict(path), in_chans)
     return create_model(name, num_classes=classes, in_chans=in_chans, weights=path)
 
 

@@ -76,15 +76,23 @@ class LossSettings:
     kd_temperature: float = 4.0
     label_smoothing: float = 0.0
 
-    def validate(self) -> None:
-        """Refuse weights and sizes that cannot work (the one place that checks these options)."""
-        _finite_at_least("--alpha", self.alpha, 0.0)
-        _finite_at_least("--kd-weight", self.kd_weight, 0.0)
-        _finite_at_least("--kd-temperature", self.kd_temperature, 1e-6)
-        _finite_at_least("--label-smoothing", self.label_smoothing, 0.0)
+    def validate(self, *, flags: bool = True) -> None:
+        """Refuse weights and sizes that cannot work: the one place that checks these options.
+
+        Messages name the CLI option (``--kd-weight``), or with ``flags=False`` the Python parameter
+        (``kd_weight``), as :class:`~cwkd.distiller.FeatureDistiller` reports them.
+        """
+        def name(key: str) -> str:
+            return "--" + key.replace("_", "-") if flags else key
+
+        _finite_at_least(name("alpha"), self.alpha, 0.0)
+        _finite_at_least(name("kd_weight"), self.kd_weight, 0.0)
+        _finite_at_least(name("kd_temperature"), self.kd_temperature, 1e-6)
+        _finite_at_least(name("label_smoothing"), self.label_smoothing, 0.0)
         if self.label_smoothing >= 1:
-            raise ConfigError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
-        check_sizes(hidden=self.hidden)
+            raise ConfigError(f"{name('label_smoothing')} must be below 1, got {self.label_smoothing}")
+        if self.hidden is not None:
+            _in_range(name("hidden"), self.hidden, 1, MAX_HIDDEN, " channels")
 
 
 @dataclass(frozen=True)
@@ -341,7 +349,8 @@ def _positive(name: str, value: int) -> None:
 
 
 def _finite_at_least(name: str, value: float, low: float) -> None:
-    if value is None or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        bound = f" of at least {low:g}" if math.isfinite(low) else ""
+        raise ConfigError(f"{name} must be a finite number{bound}, got {value}")
     if value < low:
         raise ConfigError(f"{name} must be at least {low:g}, got {value:g}")
