@@ -644,7 +644,7 @@ def teacher_input_check(plan: Plan, images: int = 3000) -> dict:
     rows = {}
     for name in plan.students:
         dcfg = data_config(timm.create_model(name, num_classes=10, in_chans=1), input_size=plan.input_size, in_chans=1)
-        remap = Renormalize.between((dcfg["mean"], dcfg["std"]), (source["mean"], source["std"]))
+        remap = Renormalize.between((dcfg["mean"], dcfg["std"]), (source.mean, source.std))
         _, loader = build_loaders(spec, dcfg, batch_size=500, workers=0)
         hits, seen = [0, 0], 0
         with torch.no_grad():
@@ -658,7 +658,7 @@ def teacher_input_check(plan: Plan, images: int = 3000) -> dict:
                       "teacher_top1_as_is": 100 * hits[0] / seen, "teacher_top1_remapped": 100 * hits[1] / seen}
         print(f"{name:24s} mean/std {dcfg['mean']}/{dcfg['std']}: teacher top-1 on {seen} test images "
               f"{rows[name]['teacher_top1_as_is']:.1f}% as is, {rows[name]['teacher_top1_remapped']:.1f}% remapped")
-    return {"teacher_mean": source["mean"], "teacher_std": source["std"], "rows": rows}
+    return {"teacher_mean": list(source.mean), "teacher_std": list(source.std), "rows": rows}
 
 
 def _norm(grads) -> float:

@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cwkd.checkpoint import load_checkpoint, read_metadata, student_state
+from cwkd.checkpoint import load_checkpoint, read_metadata, read_state_dict, student_state
 from cwkd.config import Precision, TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.loaders import data_config
-from cwkd.models import create_model, is_model_name, load_state_checked, looks_like_path
+from cwkd.models import create_model, is_model_name, load_state_checked, looks_like_path, shape_of_weights
 from cwkd.precision import precision_advice
 
 
@@ -181,7 +181,24 @@ def _teacher_checkpoint(path: str, header_only: bool = False) -> tuple[dict, dic
     return load_checkpoint(path, plain_hint=hint)
 
 
-def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a teacher's weights came from, and the input statistics it expects (config.json's "teacher")."""
+
+    model: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    checkpoint: str | None = None  # a cwkd checkpoint given as --teacher
+    weights: str | None = None     # else a --teacher-weights file, "pretrained" or "random"
+
+    def to_dict(self) -> dict:
+        """The JSON layout config.json has always had (the keys that apply, means as lists)."""
+        values = {"checkpoint": self.checkpoint, "model": self.model, "weights": self.weights,
+                  "mean": list(self.mean), "std": list(self.std)}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, TeacherSource]:
     """The frozen teacher and a short description of where its weights came from.
 
     Accepts a cwkd checkpoint, a timm name with ``--teacher-weights FILE``, or a timm name with
@@ -204,7 +221,8 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
         state = student_state(tensors)
         load_state_checked(model, state, f"the tensors in {cfg.teacher}",
                            hint="they do not match the checkpoint's own metadata; the file is damaged or edited")
-        source = {"checkpoint": str(cfg.teacher), "model": meta["model"], "mean": meta["mean"], "std": meta["std"]}
+        source = TeacherSource(checkpoint=str(cfg.teacher), model=meta["model"], mean=tuple(meta["mean"]),
+                               std=tuple(meta["std"]))
         teacher_classes, teacher_chans = meta["num_classes"], meta["in_chans"]
     else:
         name = task.resolve_name(cfg.teacher)
@@ -223,14 +241,14 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
         else:
             model = task.build_model(name, num_classes=num_classes, in_chans=in_chans)
         stats = data_config(model, in_chans=in_chans)
-        source = {"model": name, "weights": cfg.teacher_weights or
-                  ("pretrained" if cfg.teacher_pretrained else "random"),
-                  "mean": list(stats["mean"]), "std": list(stats["std"])}
+        source = TeacherSource(model=name, weights=cfg.teacher_weights or
+                               ("pretrained" if cfg.teacher_pretrained else "random"),
+                               mean=tuple(stats["mean"]), std=tuple(stats["std"]))
         teacher_classes, teacher_chans = _num_classes(model), in_chans
     if teacher_classes != num_classes:
         raise ConfigError(
             f"the teacher predicts {teacher_classes} classes but the data has {num_classes}; fine-tune it "
-            f"first with `cwkd train --model {source['model']} --data {cfg.data} ...` and pass that checkpoint"
+            f"first with `cwkd train --model {source.model} --data {cfg.data} ...` and pass that checkpoint"
         )
     if teacher_chans != in_chans:
         raise ConfigError(
@@ -256,17 +274,7 @@ def _refuse_cwkd_checkpoint(path: str) -> None:
 
 def _with_weights(name: str, path: str, in_chans: int) -> nn.Module:
     """Build ``name`` with the classifier size the weights file has, then load it."""
-    from cwkd.checkpoint import read_state_dict
-
-    state = read_state_dict(path)
-    probe = create_model(name, in_chans=in_chans)
-    head = probe.get_classifier() if hasattr(probe, "get_classifier") else None
-    classes = None
-    if isinstance(head, nn.Linear):
-        head_keys = [k for k, p in probe.named_parameters() if p is head.weight]
-        key = head_keys[0] if head_keys else None
-        if key and key in state:
-            classes = int(state[key].shape[0])
+    classes, _ = shape_of_weights(name, read_state_dict(path), in_chans)
     return create_model(name, num_classes=classes, in_chans=in_chans, weights=path)
 
 

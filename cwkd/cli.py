@@ -180,7 +180,7 @@ def inspect(
             report.print_layers(model, layers, size, all_layers=all_layers)
 
 
-def _run(cfg: TrainConfig, resume: str | None) -> None:
+def _run(cfg: TrainConfig, resume: str | None, options: dict | None) -> None:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main_thread else None
     if main_thread:  # the first Ctrl-C of start-up stops it; one more while it unwinds is ignored
@@ -189,7 +189,7 @@ def _run(cfg: TrainConfig, resume: str | None) -> None:
         with _errors(resume or cfg.out, training=True):
             from cwkd.engine import run
 
-            run(cfg, resume=resume)
+            run(cfg, resume=resume, resume_options=options)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)  # CliRunner and library callers get their handler back
@@ -221,8 +221,8 @@ def train(
 ) -> None:
     """Train one model without a teacher: a teacher to distil from, or the baseline student."""
     with _errors():
-        cfg = _config(dict(locals()), student=model, method=Method.none, flag="--model")
-    _run(cfg, resume)
+        cfg, options = _config(dict(locals()), student=model, method=Method.none, flag="--model")
+    _run(cfg, resume, options)
 
 
 @app.command()
@@ -265,12 +265,13 @@ def distill(
 ) -> None:
     """Distil a teacher into a student through channel-wise aligned features."""
     with _errors():
-        cfg = _config(dict(locals()), student=student, method=method, flag="--student")
-    _run(cfg, resume)
+        cfg, options = _config(dict(locals()), student=student, method=method, flag="--student")
+    _run(cfg, resume, options)
 
 
-def _config(options: dict, *, student: str | None, method: Method, flag: str) -> TrainConfig:
-    """One TrainConfig from a command's options (a resumed run takes its own saved config)."""
+def _config(options: dict, *, student: str | None, method: Method,
+            flag: str) -> tuple[TrainConfig, dict | None]:
+    """One TrainConfig from a command's options; for --resume, the options given (checked against the saved config)."""
     resume = options.pop("resume", None)
     given = _given(options, options.pop("ctx"))
     options = {k: v for k, v in options.items() if k != "model"}
@@ -280,8 +281,8 @@ def _config(options: dict, *, student: str | None, method: Method, flag: str) ->
         given = {{"pretrained": "student_pretrained", "weights": "student_weights"}.get(k, k) for k in given}
     options["student"] = student
     if resume:  # the options given are checked against the saved config (rundir.load_config)
-        return TrainConfig(data="-", student="-", method=Method.none, extra={
-            "resume_options": {k: v for k, v in options.items() if k in given or k == "student" and student}})
+        return (TrainConfig(data="-", student="-", method=Method.none),
+                {k: v for k, v in options.items() if k in given or k == "student" and student})
     if options["epochs"] is None:  # not `or 10`: --epochs 0 must reach the check and fail
         options["epochs"] = 10
     if not student:
@@ -289,7 +290,7 @@ def _config(options: dict, *, student: str | None, method: Method, flag: str) ->
     if not options["data"]:
         raise typer.BadParameter("--data is required", param_hint="--data")
     options.update(method=method)
-    return TrainConfig(**options)
+    return TrainConfig(**options), None
 
 
 def _given(options: dict, ctx: typer.Context) -> set[str]:

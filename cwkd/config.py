@@ -11,7 +11,7 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -46,6 +46,108 @@ MAX_SEED = 2**63 - 1
 
 #: Default learning rate and weight decay per optimizer.
 OPTIMIZER_DEFAULTS = {Optimizer.sgd: (0.05, 5e-4), Optimizer.adamw: (1e-3, 0.05)}
+
+
+# TrainConfig keeps one flat field per CLI option: that is how users build it (`TrainConfig(data=..., alpha=...)`)
+# and how config.json stores it. Its parts below are typed, read-only views of those fields, grouped by
+# concern, and each checks its own values.
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """Which teacher, and where its weights come from."""
+
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    teacher_pretrained: bool = False
+    allow_random_teacher: bool = False
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the student learns: the feature method, its weight and pairs, and logit KD."""
+
+    method: Method = Method.cwt
+    alpha: float = 1.0
+    pairs: str = "last"
+    hidden: int | None = None
+    reduction: Reduction = Reduction.mean
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
+    label_smoothing: float = 0.0
+
+    def validate(self, *, flags: bool = True) -> None:
+        """Refuse weights and sizes that cannot work: the one place that checks these options.
+
+        Messages name the CLI option (``--kd-weight``), or with ``flags=False`` the Python parameter
+        (``kd_weight``), as :class:`~cwkd.distiller.FeatureDistiller` reports them.
+        """
+        def name(key: str) -> str:
+            return "--" + key.replace("_", "-") if flags else key
+
+        _finite_at_least(name("alpha"), self.alpha, 0.0)
+        _finite_at_least(name("kd_weight"), self.kd_weight, 0.0)
+        _finite_at_least(name("kd_temperature"), self.kd_temperature, 1e-6)
+        _finite_at_least(name("label_smoothing"), self.label_smoothing, 0.0)
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"{name('label_smoothing')} must be below 1, got {self.label_smoothing}")
+        if self.hidden is not None:
+            _in_range(name("hidden"), self.hidden, 1, MAX_HIDDEN, " channels")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """How long and how fast: epochs, batch, optimizer and schedule."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: Optimizer = Optimizer.sgd
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    clip_grad: float | None = None
+
+    def validate(self) -> None:
+        """Refuse a schedule that cannot run."""
+        _positive("--epochs", self.epochs)
+        check_sizes(batch_size=self.batch_size)
+        _finite_at_least("--lr", self.lr, 1e-12)
+        _finite_at_least("--weight-decay", self.weight_decay, 0.0)
+        _finite_at_least("--momentum", self.momentum, 0.0)
+        _finite_at_least("--warmup-epochs", self.warmup_epochs, 0.0)
+        if self.clip_grad is not None:
+            _finite_at_least("--clip-grad", self.clip_grad, 1e-12)
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs:g}")
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """The data set and what the model is fed."""
+
+    data: str = ""
+    data_root: str | None = None
+    download: bool = False
+    skip_corrupt: bool = False
+    input_size: int | None = None
+    in_chans: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    workers: int = 2
+
+    def validate(self) -> None:
+        """Refuse sizes and statistics that cannot work."""
+        check_sizes(input_size=self.input_size, in_chans=self.in_chans, workers=self.workers)
+        for value in self.std or ():
+            _finite_at_least("--std", value, 1e-12)
+        for value in self.mean or ():
+            _finite_at_least("--mean", value, float("-inf"))
+
+
+def _part(kind: type, cfg: TrainConfig):
+    """The ``kind`` view of ``cfg``: its fields of that name."""
+    return kind(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(kind)})
 
 
 @dataclass
@@ -93,7 +195,7 @@ class TrainConfig:
     overwrite: bool = False
     skip_nonfinite: int = 0
     quiet: bool = False
-    extra: dict = field(default_factory=dict)
+    made_by: str | None = None  # who started the run, when not a person: "cwkd demo" (cwkd.demo replaces only its own)
 
     def __post_init__(self) -> None:
         from cwkd.tasks import infer_task  # imports no torch until a name needs checking
@@ -120,35 +222,36 @@ class TrainConfig:
         """Whether the run needs a teacher (feature distillation or logit KD)."""
         return self.method is not Method.none or self.kd_weight > 0
 
+    @property
+    def teacher_part(self) -> TeacherSettings:
+        """Which teacher, and where its weights come from."""
+        return _part(TeacherSettings, self)
+
+    @property
+    def loss_part(self) -> LossSettings:
+        """What the student learns: the method, its weights and the pairs."""
+        return _part(LossSettings, self)
+
+    @property
+    def optim_part(self) -> OptimSettings:
+        """How long and how fast: epochs, batch, optimizer and schedule."""
+        return _part(OptimSettings, self)
+
+    @property
+    def input_part(self) -> InputSettings:
+        """The data and what the model is fed."""
+        return _part(InputSettings, self)
+
     def validate(self) -> None:
-        """Refuse values that cannot work, with the option name and the fix."""
-        _positive("--epochs", self.epochs)
-        _positive("--batch-size", self.batch_size)
-        _finite_at_least("--alpha", self.alpha, 0.0)
-        _finite_at_least("--kd-weight", self.kd_weight, 0.0)
-        _finite_at_least("--kd-temperature", self.kd_temperature, 1e-6)
-        _finite_at_least("--lr", self.lr, 1e-12)
-        _finite_at_least("--weight-decay", self.weight_decay, 0.0)
-        _finite_at_least("--momentum", self.momentum, 0.0)
-        _finite_at_least("--warmup-epochs", self.warmup_epochs, 0.0)
-        _finite_at_least("--label-smoothing", self.label_smoothing, 0.0)
-        if self.label_smoothing >= 1:
-            raise ConfigError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
-        if self.clip_grad is not None:
-            _finite_at_least("--clip-grad", self.clip_grad, 1e-12)
-        if self.warmup_epochs > self.epochs:
-            raise ConfigError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs:g}")
-        check_sizes(hidden=self.hidden, input_size=self.input_size, in_chans=self.in_chans, workers=self.workers,
-                    batch_size=self.batch_size)
+        """Refuse values that cannot work, with the option name and the fix (each part checks its own)."""
+        self.loss_part.validate()
+        self.optim_part.validate()
+        self.input_part.validate()
         _in_range("--seed", self.seed, 0, MAX_SEED)
         if self.skip_nonfinite < 0:
             raise ConfigError(f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}")
         if self.uses_teacher and not self.teacher:
             raise ConfigError("distillation needs a teacher: pass --teacher NAME or a cwkd checkpoint")
-        for value in self.std or ():
-            _finite_at_least("--std", value, 1e-12)
-        for value in self.mean or ():
-            _finite_at_least("--mean", value, float("-inf"))
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (enums as their values)."""
@@ -246,7 +349,8 @@ def _positive(name: str, value: int) -> None:
 
 
 def _finite_at_least(name: str, value: float, low: float) -> None:
-    if value is None or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        bound = f" of at least {low:g}" if math.isfinite(low) else ""
+        raise ConfigError(f"{name} must be a finite number{bound}, got {value}")
     if value < low:
         raise ConfigError(f"{name} must be at least {low:g}, got {value:g}")

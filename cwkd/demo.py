@@ -17,8 +17,8 @@ from cwkd.engine import RunResult, run
 from cwkd.errors import ConfigError
 from cwkd.rundir import run_files
 
-#: Saved in each demo run's config (``config.json``: config.extra): the demo replaces only runs that carry it.
-MARK = {"made_by": "cwkd demo"}
+#: Saved in each demo run's config (``config.json``: config.made_by): the demo replaces only runs that carry it.
+MADE_BY = "cwkd demo"
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: i
     for name in ("teacher", "baseline", "cwt"):
         _check_own_run(out / name)
     common = dict(data="fashion-mnist-mini", input_size=plan.input_size, seed=seed, workers=workers,
-                  overwrite=True, quiet=console.quiet, device="auto", extra=dict(MARK))
+                  overwrite=True, quiet=console.quiet, device="auto", made_by=MADE_BY)
     steps = [
         ("teacher", f"1/3 training the teacher ({plan.teacher}, {plan.teacher_epochs} epochs)",
          TrainConfig(student=plan.teacher, method="none", epochs=plan.teacher_epochs,
@@ -92,10 +92,12 @@ def _check_own_run(path: Path) -> None:
     if not path.is_dir() or not run_files(path):
         return
     try:
-        extra = json.loads((path / "config.json").read_text())["config"]["extra"]
-    except (OSError, ValueError, KeyError, TypeError):
-        extra = None
-    if not isinstance(extra, dict) or extra.get("made_by") != MARK["made_by"]:
+        saved = json.loads((path / "config.json").read_text())["config"]
+        # cwkd 0.1.0 kept the mark in an untyped "extra" object; demo runs it made still count as the demo's.
+        made_by = saved.get("made_by") or (saved.get("extra") or {}).get("made_by")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        made_by = None
+    if made_by != MADE_BY:
         raise ConfigError(f"{path} holds a run that `cwkd demo` did not make, and the demo would replace it; "
                           "pass another --out (the default is runs/demo), or move that run away")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cwkd.aligner import Method, build_aligner
+from cwkd.config import LossSettings
 from cwkd.errors import ConfigError
 from cwkd.features import FeatureHooks, LayerInfo, as_size, probe, to_map
 from cwkd.losses import Reduction, feature_loss, kd_loss
@@ -74,7 +74,8 @@ class FeatureDistiller(nn.Module):
         feature_prefix: str = "",
     ) -> None:
         super().__init__()
-        _check_options(alpha, hidden, kd_weight, kd_temperature, label_smoothing)
+        LossSettings(alpha=alpha, hidden=hidden, kd_weight=kd_weight, kd_temperature=kd_temperature,
+                     label_smoothing=label_smoothing).validate(flags=False)
         self.method = Method(method)
         self.alpha = float(alpha)
         self.reduction = Reduction(reduction)
@@ -231,29 +232,6 @@ class Renormalize(nn.Module):
 
 def _key(index: int) -> str:
     return f"pair{index}"
-
-
-def _check_options(alpha: float, hidden: int | None, kd_weight: float, temperature: float,
-                   smoothing: float) -> None:
-    """Refuse a value that cannot work, naming that parameter and its value."""
-    checks = [
-        (_finite(alpha) and alpha >= 0, f"alpha must be a finite number >= 0, got {alpha}"),
-        (hidden is None or hidden > 0, f"hidden must be a positive channel count, got {hidden}"),
-        (_finite(kd_weight) and kd_weight >= 0, f"kd_weight must be a finite number >= 0, got {kd_weight}"),
-        (_finite(temperature) and temperature > 0,
-         f"kd_temperature must be a finite number > 0, got {temperature}"),
-        (0 <= smoothing < 1, f"label_smoothing must be in [0, 1), got {smoothing}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def _finite(value: float) -> bool:
-    try:
-        return math.isfinite(value)
-    except TypeError:
-        return False
 
 
 __all__ = ["FeatureDistiller", "LayerInfo", "Renormalize"]

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cwkd import rundir
 from cwkd.build import (
     Dist,
+    TeacherSource,
     autocast,
     build_student,
     build_teacher,
@@ -78,15 +79,19 @@ class _Pieces:
     best: dict = field(default_factory=dict)
 
 
-def run(cfg: TrainConfig, *, resume: str | Path | None = None, console: RunConsole | None = None) -> RunResult:
+def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: dict | None = None,
+        console: RunConsole | None = None) -> RunResult:
     """Train or distill as ``cfg`` says, writing a run directory; ``resume`` continues one.
+
+    ``resume_options`` are options given again when resuming (``{"epochs": 20}``): those a resumed run
+    may change replace the saved ones, any other must equal the saved value (:func:`cwkd.rundir.load_config`).
 
     Example:
         >>> cfg = TrainConfig(data="fashion-mnist-mini", student="test_resnet", method="none", epochs=1)
         >>> result = run(cfg)  # doctest: +SKIP
     """
     if resume is not None:
-        cfg = rundir.load_config(resume, options=cfg.extra.get("resume_options"))
+        cfg = rundir.load_config(resume, options=resume_options)
     device = resolve_device(cfg.device, cfg.precision)
     rank = setup_distributed(device)
     console = console or RunConsole(quiet=cfg.quiet, enabled=rank.main)
@@ -152,14 +157,14 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
 
 
 def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
-               device: torch.device) -> tuple[FeatureDistiller, dict, dict]:
+               device: torch.device) -> tuple[FeatureDistiller, dict, TeacherSource | None]:
     """Student, teacher and aligners in one module on ``device``; also the input config and teacher source."""
     student = build_student(cfg, spec.num_classes, in_chans)
-    teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, {})
+    teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, None)
     dcfg = data_config(student, input_size=cfg.input_size or task.default_input_size(spec),
                        in_chans=in_chans, native_size=spec.native_size, mean=cfg.mean, std=cfg.std)
     # Batches are normalised for the student; a teacher trained on other statistics gets them remapped.
-    teacher_input = Renormalize.between((dcfg["mean"], dcfg["std"]), (teacher_source["mean"], teacher_source["std"])) \
+    teacher_input = Renormalize.between((dcfg["mean"], dcfg["std"]), (teacher_source.mean, teacher_source.std)) \
         if teacher is not None else None
     distiller = FeatureDistiller(
         teacher, student, pairs=cfg.pairs, method=cfg.method, alpha=cfg.alpha, hidden=cfg.hidden,

@@ -28,7 +28,7 @@ from cwkd.config import Precision, check_sizes
 from cwkd.data import DataSpec
 from cwkd.errors import CheckpointError, ConfigError, DataError
 from cwkd.loaders import build_loaders, data_config
-from cwkd.models import create_model, resolve_name
+from cwkd.models import create_model, resolve_name, shape_of_weights
 from cwkd.precision import precision_warning, resolve_precision
 from cwkd.tasks import get_task, infer_task
 
@@ -300,24 +300,12 @@ def _checkpoint_path(source: str | Path) -> Path:
 
 def _timm_model(name: str, weights: str | Path, data_chans: int) -> tuple[nn.Module, dict]:
     """A timm model built to the shape of its weights file: classifier size and input channels."""
-    state = read_state_dict(weights)
-    probe = create_model(name, in_chans=data_chans)
-    num_classes = _shape_of(probe, state, probe.get_classifier() if hasattr(probe, "get_classifier") else None, 0)
-    first_conv = next((m for m in probe.modules() if isinstance(m, nn.Conv2d)), None)
-    in_chans = _shape_of(probe, state, first_conv, 1) or data_chans
+    num_classes, in_chans = shape_of_weights(name, read_state_dict(weights), data_chans)
+    in_chans = in_chans or data_chans
     model = create_model(name, num_classes=num_classes, in_chans=in_chans, weights=weights).eval()
     meta = {"model": model.cwkd_name, "num_classes": getattr(model, "num_classes", num_classes),
             "in_chans": in_chans, "classes": None}
     return model, meta
-
-
-def _shape_of(model: nn.Module, state: dict, module: nn.Module | None, dim: int) -> int | None:
-    """Size ``dim`` of ``module.weight`` as the weights file has it, if the file has that tensor."""
-    weight = getattr(module, "weight", None)
-    name = next((k for k, p in model.named_parameters() if p is weight), None) if weight is not None else None
-    # The same wrapper prefixes load_weights strips: DDP's, a cwkd checkpoint's, a training script's.
-    key = next((p + name for p in ("", "module.", "student.", "model.") if name and p + name in state), None)
-    return int(state[key].shape[dim]) if key is not None and state[key].ndim > dim else None
 
 
 def _load_recorded_data(data: str | None, meta: dict, root: str | None) -> DataSpec:

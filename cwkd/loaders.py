@@ -69,11 +69,6 @@ def data_config(
     }
 
 
-def default_input_size(native: int | None) -> int | None:
-    """Small native images (28 px, 32 px) train at the next multiple of 32; folders use the model's size."""
-    return None if native is None else 32 * math.ceil(native / 32)
-
-
 def _override(flag: str, values: Sequence[float] | None, chans: int) -> tuple[float, ...] | None:
     """A user's --mean/--std: one value for every channel, or exactly one per channel."""
     if not values:
@@ -146,33 +141,45 @@ def build_transform(cfg: dict, *, train: bool, channels: int) -> Callable[[Image
     return T.Compose(steps)
 
 
-class _Transformed(Dataset):
-    """Apply ``transform`` to the image of each ``(image, label)`` item.
+class Transformed(Dataset):
+    """Apply ``transform`` to each item of ``base`` (``transform(*item)``): the one transformed data set of every task.
 
     A key ``(index, seed)`` (from :class:`EpochSampler`) runs the random transform under its own seed,
     so a sample's augmentation does not depend on which worker loads it or what was loaded before.
+
+    Example:
+        >>> masks = Transformed(spec.train, JointTransform(64, mean, std, train=True))  # doctest: +SKIP
     """
 
-    def __init__(self, base: Dataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, base: Dataset, transform: Callable) -> None:
         self.base = base
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]):
         index, seed = key if isinstance(key, tuple) else (key, None)
-        img, label = self.base[index]
         if seed is None:
-            return self.transform(img), label
+            return self.transform(*self.base[index])
         with seeded(seed):
-            return self.transform(img), label
+            return self.transform(*self.base[index])
+
+
+class _OnImage:
+    """An image transform applied to the image of an ``(image, label)`` item (a class: workers pickle it)."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, img: Image.Image, label: int) -> tuple[torch.Tensor, int]:
+        return self.transform(img), label
 
 
 def transformed_datasets(spec: DataSpec, cfg: dict) -> tuple[Dataset, Dataset]:
     """The train and val splits of ``(image, label)`` items through :func:`build_transform`."""
-    return (_Transformed(spec.train, build_transform(cfg, train=True, channels=spec.channels)),
-            _Transformed(spec.val, build_transform(cfg, train=False, channels=spec.channels)))
+    return (Transformed(spec.train, _OnImage(build_transform(cfg, train=True, channels=spec.channels))),
+            Transformed(spec.val, _OnImage(build_transform(cfg, train=False, channels=spec.channels))))
 
 
 @contextlib.contextmanager

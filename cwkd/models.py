@@ -207,6 +207,27 @@ def _strip_prefixes(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
     return state
 
 
+def shape_of_weights(name: str, state: dict[str, torch.Tensor], in_chans: int) -> tuple[int | None, int | None]:
+    """The classifier size and input channels ``state`` was saved with, for model ``name`` (None: it does not say).
+
+    Example:
+        >>> shape_of_weights("test_resnet", {"fc.weight": torch.zeros(7, 64)}, 3)  # doctest: +SKIP
+        (7, None)
+    """
+    probe = create_model(name, in_chans=in_chans)
+    state = _strip_prefixes(state, probe)
+    head = probe.get_classifier() if hasattr(probe, "get_classifier") else None
+    first_conv = next((m for m in probe.modules() if isinstance(m, nn.Conv2d)), None)
+    return _size_in(probe, state, head, 0), _size_in(probe, state, first_conv, 1)
+
+
+def _size_in(model: nn.Module, state: dict[str, torch.Tensor], module: nn.Module | None, dim: int) -> int | None:
+    """Size ``dim`` of ``module.weight`` as ``state`` has it, if ``state`` has that tensor."""
+    weight = getattr(module, "weight", None)
+    key = next((k for k, p in model.named_parameters() if p is weight), None) if weight is not None else None
+    return int(state[key].shape[dim]) if key in state and state[key].ndim > dim else None
+
+
 def _compare_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     own = set(model.state_dict())
     return sorted(own - set(state)), sorted(set(state) - own)

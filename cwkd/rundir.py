@@ -15,6 +15,7 @@ import subprocess
 import threading
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,9 @@ from cwkd.config import TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.models import load_state_checked
 from cwkd.runlock import RunLock
+
+if TYPE_CHECKING:  # build imports torch's distributed helpers; rundir needs only the type
+    from cwkd.build import TeacherSource
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt")
 #: Layout version of state.pt; a file with a larger number needs a newer cwkd.
@@ -246,7 +250,8 @@ def _same(key: str, given, saved) -> bool:
     return False
 
 
-def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec, teacher_source: dict) -> None:
+def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec,
+                 teacher_source: TeacherSource | None) -> None:
     """config.json: the resolved config, versions, git hash, data settings and layer pairs."""
     record = {
         "config": cfg.to_dict(),
@@ -255,7 +260,7 @@ def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec, teach
         "git": _git_hash(),
         "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg["input_size"]),
                  "mean": list(dcfg["mean"]), "std": list(dcfg["std"])},
-        "teacher": teacher_source,
+        "teacher": teacher_source.to_dict() if teacher_source else {},
         "inputs": runinputs.record(cfg),
         "pairs": distiller.describe(),
         "trainable_params": sum(p.numel() for p in distiller.parameters()),
@@ -264,7 +269,8 @@ def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec, teach
     atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
 
 
-def checkpoint_metadata(cfg: TrainConfig, distiller, dcfg: dict, spec, in_chans: int, teacher_source: dict) -> dict:
+def checkpoint_metadata(cfg: TrainConfig, distiller, dcfg: dict, spec, in_chans: int,
+                        teacher_source: TeacherSource | None) -> dict:
     """What every checkpoint carries so it can be evaluated and exported on its own."""
     return {
         "model": getattr(distiller.student, "cwkd_name", cfg.student),
@@ -282,7 +288,7 @@ def checkpoint_metadata(cfg: TrainConfig, distiller, dcfg: dict, spec, in_chans:
         "classes": list(spec.classes),
         "cwkd_version": __version__,
         "kind": "distill",
-        "teacher": teacher_source.get("model"),
+        "teacher": teacher_source.model if teacher_source else None,
     }
 
 

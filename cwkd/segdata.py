@@ -13,7 +13,7 @@ from ``classes.txt`` (one per line, background first) when the folder has one, e
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,16 +204,3 @@ def _pad_to(pixels: torch.Tensor, target: torch.Tensor, size: int) -> tuple[torc
         pixels = F.pad(pixels, (0, pad_w, 0, pad_h), value=0.0)
         target = F.pad(target, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
     return pixels, target
-
-
-class TransformedMasks(Dataset):
-    """A :class:`MaskDataset` through a :class:`JointTransform`."""
-
-    def __init__(self, base: Dataset, transform: Callable) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(*self.base[index])

@@ -159,3 +159,14 @@ def test_teacher_input_reaches_the_teacher_only():
     torch.testing.assert_close(seen["teacher"], (images - 0.5) / 2.0)
     assert remap.scale.dtype == torch.float64  # .to() reached the remap held outside the module tree
     assert not any(n.startswith("teacher_input") for n in d.state_dict())
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("kd_weight", float("inf"), "kd_weight must be a finite number"),
+    ("alpha", -1.0, "alpha must be at least 0"),
+    ("hidden", 70000, "hidden must be from 1 to 65536 channels"),  # the CLI's limit, now the library's too
+    ("label_smoothing", 1.0, "label_smoothing must be below 1"),
+])
+def test_bad_options_are_refused_by_the_same_checks_as_the_cli(option, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _pair(**{option: value})

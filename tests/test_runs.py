@@ -153,7 +153,7 @@ def tiny_demo(monkeypatch, folder):
 def test_demo_replaces_its_own_runs_but_not_one_a_user_put_there(tmp_path, tiny_demo, folder):
     out = tmp_path / "demo"
     _ok(["demo", "--fast", "--out", out])
-    assert json.loads((out / "cwt" / "config.json").read_text())["config"]["extra"] == {"made_by": "cwkd demo"}
+    assert json.loads((out / "cwt" / "config.json").read_text())["config"]["made_by"] == "cwkd demo"
     for name in ("teacher", "baseline", "cwt"):  # a line the first demo did not write: gone once the run is redone
         with open(out / name / "metrics.jsonl", "a") as f:
             f.write('{"marker": "first demo"}\n')

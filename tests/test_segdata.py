@@ -9,8 +9,9 @@ from PIL import Image
 
 from cwkd.composite import Items, write_dense_dataset
 from cwkd.errors import DataError
+from cwkd.loaders import Transformed
 from cwkd.miou import SegmentationScore
-from cwkd.segdata import IGNORE_INDEX, JointTransform, TransformedMasks, load_segmentation
+from cwkd.segdata import IGNORE_INDEX, JointTransform, load_segmentation
 
 
 def _voc(tmp_path, n=4):
@@ -87,7 +88,7 @@ def test_joint_transform_keeps_image_and_mask_aligned(tmp_path):
 
 def test_transformed_masks_batch(tmp_path):
     spec = load_segmentation(_voc(tmp_path))
-    data = TransformedMasks(spec.train, JointTransform(24, (0.5,) * 3, (0.5,) * 3, train=True))
+    data = Transformed(spec.train, JointTransform(24, (0.5,) * 3, (0.5,) * 3, train=True))
     images, masks = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
     assert images.shape == (4, 3, 24, 24) and masks.shape == (4, 24, 24)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from cwkd.build import autocast
 from cwkd.choices import Task
 from cwkd.config import Precision
 from cwkd.data import DataSpec, load_data
-from cwkd.loaders import default_input_size, transformed_datasets
+from cwkd.loaders import transformed_datasets
 from cwkd.models import create_model, resolve_name
 from cwkd.tasks.base import TaskSpec
 
@@ -42,8 +44,8 @@ class Classification(TaskSpec):
                             weights=weights, new_head=new_head)
 
     def default_input_size(self, spec: DataSpec) -> int | None:
-        """28-32 px data sets train at 32 px; folders at the model's own size."""
-        return default_input_size(spec.native_size)
+        """Small native images (28 px, 32 px) train at the next multiple of 32; folders at the model's own size."""
+        return None if spec.native_size is None else 32 * math.ceil(spec.native_size / 32)
 
     def datasets(self, spec: DataSpec, dcfg: dict) -> tuple[Dataset, Dataset]:
         """Images through the model's timm transform (random crops and flips for training)."""

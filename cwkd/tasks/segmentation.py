@@ -21,7 +21,7 @@ from cwkd.config import Precision
 from cwkd.data import DataSpec
 from cwkd.errors import ConfigError, ModelNotFoundError
 from cwkd.heads import TORCHVISION_MODELS, create_segmentation_model, is_segmentation_name
-from cwkd.loaders import seeded
+from cwkd.loaders import Transformed
 from cwkd.miou import SegmentationScore
 from cwkd.models import load_state_checked
 from cwkd.segdata import IGNORE_INDEX, JointTransform, load_segmentation
@@ -79,7 +79,7 @@ class Segmentation(TaskSpec):
     def datasets(self, spec: DataSpec, dcfg: dict) -> tuple[Dataset, Dataset]:
         """Image and mask through one :class:`~cwkd.segdata.JointTransform` (random scale, crop, flip)."""
         chans, size, _ = dcfg["input_size"]
-        return tuple(_Masks(split, JointTransform(size, dcfg["mean"], dcfg["std"], train=train, channels=chans))
+        return tuple(Transformed(split, JointTransform(size, dcfg["mean"], dcfg["std"], train=train, channels=chans))
                      for split, train in ((spec.train, True), (spec.val, False)))  # type: ignore[return-value]
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, *,
@@ -146,20 +146,3 @@ class _OutOnly(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)["out"]
-
-
-class _Masks(Dataset):
-    """(image, mask) items through a joint transform; ``(index, seed)`` keys make the augmentation repeatable."""
-
-    def __init__(self, base: Dataset, transform: JointTransform) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is None:
-            return self.transform(*self.base[index])
-        with seeded(seed):
-            return self.transform(*self.base[index])
