@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from cwkd.composite import rle_decode
 from cwkd.errors import DataError
-from cwkd.segdata import _open
+from cwkd.segdata import read_image
 
 #: The smallest box side kept, in pixels: thinner boxes are degenerate.
 MIN_BOX_SIDE = 1.0
@@ -89,7 +89,7 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         record = self.records[index]
         path = self.images / record["file_name"]
-        image = _open(path).convert("RGB")
+        image = read_image(path)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
         anns = self._objects.get(record["id"], [])
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)

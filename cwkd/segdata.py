@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cwkd.errors import DataError
+from cwkd.images import IMAGE_ERRORS, open_image
 
 #: Mask value that the loss and the metric skip.
 IGNORE_INDEX = 255
@@ -56,7 +57,7 @@ class MaskDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
         image_path, mask_path = self.pairs[index]
-        image = _open(image_path).convert("RGB")
+        image = read_image(image_path)
         mask = read_mask(mask_path)
         if mask.shape != (image.height, image.width):
             raise DataError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
@@ -86,11 +87,20 @@ def _check_values(mask: np.ndarray, path: Path, num_classes: int) -> None:
                         "classes.txt")
 
 
+def read_image(path: Path) -> Image.Image:
+    """An RGB image for a dense task; 16-bit, 32-bit and float images scaled to 8 bits as for classification."""
+    try:
+        return open_image(path, "RGB")
+    except IMAGE_ERRORS as exc:
+        raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete or replace it") from exc
+
+
 def _open(path: Path) -> Image.Image:
+    """A mask file as stored (its values are class indices, never rescaled)."""
     try:
         image = Image.open(path)
         image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except IMAGE_ERRORS as exc:
         raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete or replace it") from exc
     return image
 

@@ -48,6 +48,15 @@ def test_plain_layout_numbers_classes_from_the_masks(tmp_path):
     assert spec.val[1][1][2, 3] == 3
 
 
+def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
+    mask = np.zeros((12, 16), np.uint8)
+    root = _plain(tmp_path, [mask])
+    Image.fromarray(np.full((12, 16), 32896, np.uint16)).save(root / "train" / "images" / "0.png")  # mid-gray
+    (root / "train" / "images" / "0.jpg").unlink()
+    image, _ = load_segmentation(root).train[0]
+    assert image.mode == "RGB" and np.asarray(image).max() == 128
+
+
 def test_bad_masks_get_one_clear_error(tmp_path):
     mask = np.zeros((12, 16), np.uint8)
     root = _plain(tmp_path, [mask])
