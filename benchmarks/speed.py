@@ -235,7 +235,9 @@ def _timm_step(b: Bench, kind: str) -> Step:
         task = LogitDistillationTask(b.student, b.teacher, temperature=4.0, **common)
     else:  # pooled pre-logits MSE, with a Linear projection when the widths differ
         task = FeatureDistillationTask(b.student, b.teacher, **common)
-    task = _place(task, b).train()
+    # the models are already placed (channels_last on CUDA); moving the task itself to channels_last failed on
+    # an H100 ("required rank 4 tensor to use channels_last format")
+    task = task.train()
     return _loss_step(b, task, task.trainable_module.parameters())
 
 
@@ -382,6 +384,7 @@ def _time_rounds(steps: dict[str, Step], settings: Settings, label: str) -> dict
     for w in range(settings.warmup):
         for name in steps:
             wall, _, _ = _clock(steps[name], 1, device)
+            _progress(f"{label}: warm-up {w + 1}/{settings.warmup}, {name} {wall * 1e3:.1f} ms")
             inner[name] = max(1, math.ceil(settings.min_time / wall)) if w == settings.warmup - 1 else 1
     walls: dict[str, list[float]] = {n: [] for n in steps}
     cpus: dict[str, list[float]] = {n: [] for n in steps}
@@ -397,10 +400,17 @@ def _time_rounds(steps: dict[str, Step], settings: Settings, label: str) -> dict
                 walls[name].append(wall)
                 cpus[name].append(cpu)
             load.append(os.getloadavg()[0])
+            _progress(f"{label}: round {r + 1}/{settings.repeats} timed")
     return {"load_1min_per_round": load, "variants": {
         n: {**_stats(walls[n]), "cpu_median": statistics.median(cpus[n]), "inner": inner[n],
             "samples_s": walls[n], "cpu_samples_s": cpus[n], "last_loss": losses[n]}
         for n in steps}}
+
+
+def _progress(message: str) -> None:
+    """A plain line where no live status line shows (a log file, a remote run): its tail says how far it got."""
+    if not console.is_terminal:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _stats(values: list[float]) -> dict:
@@ -421,6 +431,7 @@ def _memory(cfg: Config, settings: Settings, names: list[str]) -> dict[str, dict
             send.close()
             results[name] = receive.recv() if receive.poll(600) else {"error": "no answer in 600 s"}
             process.join()
+        _progress(f"{cfg.label}: peak memory of {name}: {results[name]}")
     return results
 
 

@@ -355,7 +355,8 @@ def export_(
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     verify: Annotated[bool, typer.Option(help="Fail unless the export matches PyTorch to --atol on random "
                                               "and real images.")] = False,
-    atol: Annotated[float, typer.Option(help="Largest max-abs logit difference --verify accepts.")] = 1e-4,
+    atol: Annotated[float, typer.Option(help="Largest max-abs logit difference --verify accepts, "
+                                                        "times max(1, largest |logit|).")] = 1e-4,
     benchmark: Annotated[bool, typer.Option(help="Time the export against PyTorch eager (batch 1 and "
                                                  "8).")] = True,
     data: Annotated[str | None, typer.Option(help="Real images for --verify (default: the checkpoint's "

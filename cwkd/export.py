@@ -214,25 +214,27 @@ _LOAD = {ExportFormat.safetensors: _load_safetensors, ExportFormat.onnx: _load_o
 
 
 def _verify(model: nn.Module, runner: Runner, meta: dict, real: torch.Tensor | None, atol: float) -> dict[str, float]:
-    """Max |exported - eager| on random inputs (batch 3, not the traced 2) and ``real`` validation images."""
+    """Max |exported - eager| on random inputs (batch 3, not the traced 2) and ``real`` validation images.
+
+    The limit is ``atol`` times the largest |output| of that input, where that is above 1: fp32 kernels of two
+    runtimes differ in the last bits, and on logits of size 30 those bits are 1e-4 (seen on CUDA-trained
+    students exported next to onnxruntime 1.30).
+    """
     inputs = {"random": torch.randn(3, *meta["input_size"], generator=torch.Generator().manual_seed(0))}
     if real is not None:
         inputs["real"] = real
-    diffs, scale = {}, 0.0
+    diffs, limits = {}, {}
     with torch.inference_mode(), _quiet_torch_warnings():
         for name, x in inputs.items():
             expected = model(x).float()
             diffs[name] = (runner(x).float() - expected).abs().max().item()
-            scale = max(scale, expected.abs().max().item())
-    bad = {k: v for k, v in diffs.items() if not v <= atol}  # "not <=" also catches NaN
+            limits[name] = atol * max(1.0, expected.abs().max().item())
+    bad = {k: v for k, v in diffs.items() if not v <= limits[k]}  # "not <=" also catches NaN
     if bad:
-        worst = ", ".join(f"{k} inputs {v:.3g}" for k, v in bad.items())
-        hint = "export without --verify to inspect it, or try another --format"
-        if scale > 1e3 and max(bad.values()) < 1e-5 * scale:  # fp32 cannot resolve 1e-4 on such logits
-            hint = (f"the logits reach {scale:.3g}, so fp32 rounding alone explains differences this size (is the "
-                    f"model diverged?); accept them with --atol {max(bad.values()):.1g}")
-        raise ExportError(f"the exported model differs from PyTorch by more than {atol:g} ({worst}); the file was "
-                          f"not written; {hint}")
+        worst = ", ".join(f"{k} inputs {v:.3g} > {limits[k]:.3g}" for k, v in bad.items())
+        raise ExportError(f"the exported model differs from PyTorch by more than {atol:g} x max(1, |output|) "
+                          f"({worst}); the file was not written; export without --verify to inspect it, or try "
+                          "another --format")
     return diffs
 
 
@@ -303,7 +305,7 @@ def print_export(result: ExportResult, console: Console | None = None) -> None:
         say(f"note: {note}", style="yellow")
     if result.max_abs_diff is not None:
         diffs = ", ".join(f"{k} inputs {v:.2e}" for k, v in result.max_abs_diff.items())
-        say(f"verify: max |exported - pytorch| {diffs} (limit {result.atol:g}): ok")
+        say(f"verify: max |exported - pytorch| {diffs} (limit {result.atol:g} x max(1, |logit|)): ok")
     if result.speed:
         table = Table(title=f"inference speed on this machine (CPU, fp32, {torch.get_num_threads()} threads, median)")
         for column in ("runtime", "batch", "ms / batch", "images/s", "vs eager"):
