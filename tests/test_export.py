@@ -159,3 +159,29 @@ def test_export_from_python_and_unknown_format(ckpt):
     assert torch.jit.load(buffer)(torch.randn(1, 3, 32, 32)).shape == (1, 2)
     bad = runner.invoke(app, ["export", str(ckpt), "--format", "tflite"])
     assert bad.exit_code != 0 and "tflite" in bad.output
+
+
+class _Scaled(torch.nn.Module):
+    """Logits of size ``scale`` (a CUDA-trained student's reach about 30)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * 0 + self.scale
+
+
+@pytest.mark.parametrize(("scale", "off", "passes"), [(1.0, 5e-5, True), (1.0, 2e-4, False), (30.0, 2e-4, True),
+                                                      (30.0, 4e-3, False), (0.01, 2e-4, False)])
+def test_verify_limit_scales_with_the_logits(scale, off, passes):
+    from cwkd.export import _verify
+
+    model = _Scaled(scale)
+    meta = {"input_size": [1, 8, 8]}
+    run = lambda x: model(x) + off  # noqa: E731 - an exported runtime that differs by ``off``
+    if passes:
+        assert _verify(model, run, meta, None, atol=1e-4)["random"] == pytest.approx(off, rel=1e-2)
+    else:
+        with pytest.raises(ExportError, match=r"more than 0.0001 x max\(1, \|output\|\)"):
+            _verify(model, run, meta, None, atol=1e-4)
