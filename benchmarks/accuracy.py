@@ -127,7 +127,7 @@ class Cell:
     def key(self) -> str:
         parts = [self.student, self.method.replace("+", "_"), f"s{self.seed}"]
         if METHODS[self.method][1]:
-            parts.append(f"a{self.alpha:g}")
+            parts.append(f"a{self.alpha:g}" if isinstance(self.alpha, int | float) else f"a{self.alpha}")  # a7, aauto
         if self.hidden is not None:
             parts.append(f"h{self.hidden}")
         return "-".join(parts)
@@ -290,6 +290,7 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
         return record
     wall = time.perf_counter() - started
     history = _history(out)
+    saved = json.loads((out / "config.json").read_text())["config"]  # for `auto`, the number the run picked
     record = {
         **{k: v for k, v in asdict(cell).items() if k != "extra"}, "key": cell.key, "cwkd_method": method,
         "kd_weight": kd_weight, "pairs": cfg.pairs if feature else None, "epochs": plan.epochs,
@@ -298,6 +299,7 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
         "history": [h["val_top1"] for h in history],
         "last_train": {k: v for k, v in history[-1].items() if k.startswith("train_")},
         "wall_s": round(sum(h["epoch_s"] for h in history), 1), "wall_s_this_call": round(wall, 1),
+        "alpha_used": saved["alpha"], "alpha_auto": saved.get("alpha_auto", False),
         "resumed": resume is not None, "threads": torch.get_num_threads(), "normalization": norm,
         "config": cfg.to_dict(), "versions": versions(),
     }

@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 #: Where each public name lives: ``cwkd.NAME`` imports ``cwkd.<module>`` on first use.
 _SOURCES = {
     "cwkd.aligner": ["build_aligner"],
+    "cwkd.autoalpha": ["AutoAlpha", "pick_alpha"],
     "cwkd.choices": ["Method", "Reduction"],
     "cwkd.config": ["Optimizer", "Precision", "TrainConfig"],
     "cwkd.distiller": ["FeatureDistiller", "Renormalize"],

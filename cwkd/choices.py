@@ -26,6 +26,12 @@ class Reduction(str, Enum):
     sum = "sum"    # sum over C*H*W, divided by the batch size (the paper's form); alpha near 1e-5
 
 
+class AlphaChoice(str, Enum):
+    """The word ``--alpha`` takes instead of a number."""
+
+    auto = "auto"  # picked from the first batches' gradients (cwkd.autoalpha)
+
+
 class Split(str, Enum):
     """Which split of the data set to score."""
 

@@ -245,8 +245,9 @@ def distill(
                                                         "(classifier replaced if its size differs).")] = None,
     method: Annotated[Method, typer.Option(help="cwt (ours), linear (FitNets 1x1), mgd, or none (KD only).")]
     = Method.cwt,
-    alpha: Annotated[float, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md).")]
-    = 1.0,
+    alpha: Annotated[str, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md), or "
+                                            "auto: picked from the first 5 batches' gradients (docs/training.md).")]
+    = "1.0",
     pairs: Annotated[str, typer.Option(help="last, all, or STUDENT_LAYER:TEACHER_LAYER,...")] = "last",
     hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. (default: teacher channels)")]
     = None,
@@ -274,6 +275,8 @@ def _config(options: dict, *, student: str | None, method: Method,
     """One TrainConfig from a command's options; for --resume, the options given (checked against the saved config)."""
     resume = options.pop("resume", None)
     given = _given(options, options.pop("ctx"))
+    if "alpha" in options:  # `--alpha 7` or `--alpha auto`
+        options["alpha"] = TrainConfig.parse_alpha(options["alpha"])
     options = {k: v for k, v in options.items() if k != "model"}
     if "pretrained" in options:  # `cwkd train` names them --pretrained / --weights
         options["student_pretrained"] = options.pop("pretrained")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from cwkd.choices import Method, Reduction, Task
+from cwkd.choices import AlphaChoice, Method, Reduction, Task
 from cwkd.errors import ConfigError
 
 
@@ -68,7 +68,7 @@ class LossSettings:
     """What the student learns: the feature method, its weight and pairs, and logit KD."""
 
     method: Method = Method.cwt
-    alpha: float = 1.0
+    alpha: float | AlphaChoice = 1.0
     pairs: str = "last"
     hidden: int | None = None
     reduction: Reduction = Reduction.mean
@@ -85,7 +85,10 @@ class LossSettings:
         def name(key: str) -> str:
             return "--" + key.replace("_", "-") if flags else key
 
-        _finite_at_least(name("alpha"), self.alpha, 0.0)
+        if isinstance(self.alpha, str) and self.alpha != AlphaChoice.auto:
+            raise ConfigError(f"{name('alpha')} must be a number of at least 0, or auto; got {self.alpha!r}")
+        if self.alpha != AlphaChoice.auto:
+            _finite_at_least(name("alpha"), self.alpha, 0.0)
         _finite_at_least(name("kd_weight"), self.kd_weight, 0.0)
         _finite_at_least(name("kd_temperature"), self.kd_temperature, 1e-6)
         _finite_at_least(name("label_smoothing"), self.label_smoothing, 0.0)
@@ -164,7 +167,8 @@ class TrainConfig:
     student_pretrained: bool = False
     student_weights: str | None = None
     method: Method = Method.cwt
-    alpha: float = 1.0
+    alpha: float | AlphaChoice = 1.0  # "auto": picked at the start of the run (cwkd.autoalpha), then a number
+    alpha_auto: bool = False  # alpha is the number "auto" picked (set by the run; a resume keeps it)
     pairs: str = "last"
     hidden: int | None = None
     reduction: Reduction = Reduction.mean
@@ -202,6 +206,8 @@ class TrainConfig:
 
         self.task = infer_task(self.student, self.task, other=self.teacher)
         self.method = Method(self.method)
+        if self.alpha == AlphaChoice.auto:
+            self.alpha = AlphaChoice.auto.value  # a plain "auto", however it was given
         self.reduction = Reduction(self.reduction)
         self.optimizer = Optimizer(self.optimizer)
         self.precision = Precision(self.precision)
@@ -216,6 +222,21 @@ class TrainConfig:
     def parse_stats(key: str, value) -> tuple[float, ...] | None:
         """Per-channel ``mean``/``std`` from ``"0.5,0.5,0.5"``, a number or a list (None stays None)."""
         return _stats(f"--{key}", value)
+
+    @staticmethod
+    def parse_alpha(value: str | float) -> float | str:
+        """``--alpha`` as typed: a number, or ``"auto"`` (checked by :meth:`validate`).
+
+        Example:
+            >>> TrainConfig.parse_alpha("7"), TrainConfig.parse_alpha("Auto")
+            (7.0, 'auto')
+        """
+        if isinstance(value, str) and value.strip().lower() == AlphaChoice.auto.value:
+            return AlphaChoice.auto.value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--alpha must be a number of at least 0, or auto; got {value!r}") from None
 
     @property
     def uses_teacher(self) -> bool:
@@ -250,6 +271,8 @@ class TrainConfig:
         _in_range("--seed", self.seed, 0, MAX_SEED)
         if self.skip_nonfinite < 0:
             raise ConfigError(f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}")
+        if self.alpha == AlphaChoice.auto and self.method is Method.none:
+            raise ConfigError("--alpha auto weighs the feature loss, and --method none has none; drop --alpha auto")
         if self.uses_teacher and not self.teacher:
             raise ConfigError("distillation needs a teacher: pass --teacher NAME or a cwkd checkpoint")
 

@@ -61,7 +61,7 @@ class FeatureDistiller(nn.Module):
         *,
         pairs: str | list[tuple[str, str]] = "last",
         method: Method | str = Method.cwt,
-        alpha: float = 1.0,
+        alpha: float | str = 1.0,
         hidden: int | None = None,
         input_size: int | Iterable[int] | None = None,
         reduction: Reduction | str = Reduction.mean,
@@ -77,7 +77,8 @@ class FeatureDistiller(nn.Module):
         LossSettings(alpha=alpha, hidden=hidden, kd_weight=kd_weight, kd_temperature=kd_temperature,
                      label_smoothing=label_smoothing).validate(flags=False)
         self.method = Method(method)
-        self.alpha = float(alpha)
+        # "auto": cwkd.autoalpha.pick_alpha sets the number from the first batches (cwkd.run does).
+        self.alpha: float | None = None if alpha == "auto" else float(alpha)
         self.reduction = Reduction(reduction)
         self.kd_weight = float(kd_weight)
         self.kd_temperature = float(kd_temperature)
@@ -140,8 +141,15 @@ class FeatureDistiller(nn.Module):
                 outside._apply(fn, *args, **kwargs)
         return self
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
-        """One distillation step's losses (or just the student's ``outputs`` when ``targets`` is None)."""
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None, *, detach: bool = True) -> dict:
+        """One distillation step's losses (or just the student's ``outputs`` when ``targets`` is None).
+
+        ``detach=False`` keeps the graph of ``task_loss`` and ``feat_loss`` (``cwkd.autoalpha`` differentiates
+        each term on its own).
+        """
+        if self.alpha is None and targets is not None and self.pairs:
+            raise ConfigError("alpha='auto' is not picked yet: call cwkd.pick_alpha(distiller, batches) "
+                              "before training (cwkd's run does it for you)")
         t_feats: dict[str, torch.Tensor] = {}
         t_logits = None
         if self.uses_teacher and targets is not None:
@@ -160,11 +168,11 @@ class FeatureDistiller(nn.Module):
             return out
         parts = self.task_loss(outputs, targets)
         loss = parts["task_loss"]
-        out.update({k: v.detach() for k, v in parts.items()})
+        out.update({k: v.detach() if detach else v for k, v in parts.items()})
         if self.pairs:
             feat = self._feature_losses(s_feats, t_feats, out)
             loss = loss + self.alpha * feat
-            out["feat_loss"] = feat.detach()
+            out["feat_loss"] = feat.detach() if detach else feat
         if self.kd_weight > 0 and t_logits is not None:
             kd = kd_loss(self.logits_of(outputs), t_logits, self.kd_temperature)
             loss = loss + self.kd_weight * kd

@@ -7,6 +7,7 @@ Read it top to bottom: :func:`run` builds the pieces, then each epoch trains
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import time
@@ -139,6 +140,8 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
     train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
                                              device=device, distributed=rank.enabled, seed=cfg.seed,
                                              datasets=task.datasets(spec, dcfg))
+    if cfg.alpha == "auto":  # a resumed run has the number its first start picked, and never probes again
+        _auto_alpha(cfg, task, distiller, train_loader, device, console)
     optimizer = _optimizer(distiller, cfg)
     p = _Pieces(task=task, spec=spec, dcfg=dcfg, distiller=distiller, model=model, train_loader=train_loader,
                 val_loader=val_loader, optimizer=optimizer, scheduler=_scheduler(optimizer, cfg, len(train_loader)),
@@ -154,6 +157,23 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
     elif rank.main:
         rundir.write_config(out, cfg, distiller, dcfg, spec, teacher_source)
     return p
+
+
+def _auto_alpha(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller, loader, device: torch.device,
+                console: RunConsole) -> None:
+    """``--alpha auto``: measure the first batches (no weight changes) and run with the number picked.
+
+    ``cfg`` is this run's own copy: the number and ``alpha_auto`` go into config.json and the checkpoints.
+    """
+    from cwkd.autoalpha import BATCHES, pick_alpha
+
+    _seed_all(cfg.seed)
+    _set_epoch(loader, cfg.seed, 0)  # the first batches of epoch 0, whatever the loader drew before
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    batches = (task.batch_to(b, device, memory_format) for b in itertools.islice(loader, BATCHES))
+    picked = pick_alpha(distiller, batches, autocast=autocast(device, cfg.precision))
+    cfg.alpha, cfg.alpha_auto = picked.alpha, True
+    console.info(picked.line())
 
 
 def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
@@ -357,7 +377,8 @@ def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: dict, d
     remap = distiller.teacher_input
     stats = (f"; input mean {_fmt_stats(dcfg['mean'])} std {_fmt_stats(dcfg['std'])}"
              + (" (remapped to the teacher's own statistics before it sees them)" if remap is not None else ""))
-    what = (f"method {cfg.method.value}, alpha {cfg.alpha}{kd}, pairs: {pairs}" if cfg.uses_teacher
+    alpha = f"{cfg.alpha:.4g} (auto)" if cfg.alpha_auto else cfg.alpha
+    what = (f"method {cfg.method.value}, alpha {alpha}{kd}, pairs: {pairs}" if cfg.uses_teacher
             else "plain training (no teacher)")
     return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg['input_size'])}), "
             f"{what}; device {device}, precision {cfg.precision.value}, {rank.world} process(es){stats}")

@@ -209,6 +209,8 @@ def load_config(out: str | Path, *, options: dict | None = None) -> TrainConfig:
             setattr(cfg, key, value)
         elif runinputs.movable(key, entries):
             moved[key] = value
+        elif key == "alpha" and value == "auto" and cfg.alpha_auto:
+            continue  # the number this run's `--alpha auto` picked at its start
         elif not _same(key, value, getattr(cfg, key, None)):
             flag = "--" + key.replace("_", "-")
             raise ConfigError(
@@ -283,6 +285,8 @@ def checkpoint_metadata(cfg: TrainConfig, distiller, dcfg: dict, spec, in_chans:
         "crop_pct": float(dcfg.get("crop_pct", 1.0)),
         "pairs": distiller.describe(),
         "method": cfg.method.value,
+        "alpha": cfg.alpha,
+        "alpha_auto": cfg.alpha_auto,  # alpha was picked by `--alpha auto` (cwkd.autoalpha)
         "task": cfg.task.value,
         "dataset": spec.name,
         "classes": list(spec.classes),

@@ -1,0 +1,169 @@
+"""``--alpha auto`` against a fair alpha sweep for cwt, linear and MGD (issue 13), on the accuracy benchmark.
+
+Reuses ``benchmarks/accuracy.py`` (same data, teacher, pairs, schedule, seeds and result files): every
+cell (student, method, alpha, seed) writes ``benchmarks/results/accuracy/<cell>.json`` and is skipped
+when that file exists, so the grid resumes, and the cwt sweep already run there is reused. ``auto``
+cells (key ``...-aauto``) record the alpha the run picked as ``alpha_used``.
+
+The report compares, per student and method, ``auto`` with the best swept alpha (the highest mean
+top-1 over seeds), as the mean ± std of the per-seed differences (paired: a seed fixes the init,
+batches and augmentation), and with the baseline of the same seed.
+
+Usage:
+    python benchmarks/alpha.py --quick          # smoke: one student, cwt at alpha 7 and auto, 1 seed (~2 min)
+    python benchmarks/alpha.py --jobs 2         # the whole grid (resumable), then the report
+    python benchmarks/alpha.py --report         # only the report, from the saved results
+    python benchmarks/alpha.py --probe          # what the rule measures and picks, per student and method
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import accuracy  # noqa: E402  (the benchmark this one extends)
+from accuracy import PAIRS, Cell, Plan, _stats, _write_json, load_results  # noqa: E402
+
+FEATURE_METHODS = ("cwt", "linear", "mgd")
+ALPHAS = (0.5, 2.0, 7.0, 20.0, 50.0, 200.0)
+FULL = Plan(methods=("none", *FEATURE_METHODS), alphas=ALPHAS)
+QUICK = replace(accuracy.QUICK, methods=("none", "cwt"), alphas=(7.0,))
+
+
+def grid(plan: Plan) -> list[Cell]:
+    """Baselines, then ``auto`` and the sweep, seed by seed (a grid cut short still pairs within a seed)."""
+    cells = []
+    for seed in plan.seeds:
+        for student in plan.students:
+            cells.append(Cell("main", student, "none", seed))
+            for method in (m for m in plan.methods if m != "none"):
+                cells.append(Cell("auto", student, method, seed, alpha="auto"))
+                cells += [Cell("alpha", student, method, seed, alpha=a) for a in plan.alphas]
+    return cells
+
+
+def summarise(plan: Plan, records: list[dict]) -> dict:
+    """Per student and method: top-1 per alpha, the best swept alpha, auto's picks and its paired differences."""
+    top1 = {(r["student"], r["method"], r["alpha"] if r["method"] != "none" else None, r["seed"]): r
+            for r in records if r.get("hidden") is None}
+    out: dict = {}
+    for s in plan.students:
+        base = {seed: top1[(s, "none", None, seed)]["top1"] for seed in plan.seeds if (s, "none", None, seed) in top1}
+        for m in (m for m in plan.methods if m != "none"):
+            runs = {a: {seed: top1[(s, m, a, seed)] for seed in plan.seeds if (s, m, a, seed) in top1}
+                    for a in (*plan.alphas, "auto")}
+            swept = {a: _stats([r["top1"] for r in runs[a].values()]) for a in plan.alphas}
+            finished = {a: st for a, st in swept.items() if st["n"] and not st["diverged"]}
+            best = max(finished, key=lambda a: finished[a]["mean"]) if finished else None
+            auto = runs["auto"]
+            out.setdefault(s, {})[m] = {
+                "swept": swept, "best_alpha": best, "auto": _stats([r["top1"] for r in auto.values()]),
+                "auto_picked": {seed: r.get("alpha_used") for seed, r in auto.items()},
+                "auto_minus_best": _paired(auto, runs[best]) if best is not None else _stats([]),
+                "auto_minus_default": _paired(auto, runs[7.0]) if 7.0 in runs else _stats([]),
+                "auto_minus_none": _stats([r["top1"] - base[seed] for seed, r in auto.items()
+                                           if r["top1"] is not None and seed in base]),
+            }
+    return out
+
+
+def _paired(runs: dict[int, dict], reference: dict[int, dict]) -> dict:
+    """Per-seed differences of the finished runs in both."""
+    return _stats([r["top1"] - reference[seed]["top1"] for seed, r in runs.items()
+                   if seed in reference and r["top1"] is not None and reference[seed]["top1"] is not None])
+
+
+def markdown(plan: Plan, summary: dict) -> str:
+    """One table per student: the sweep, the best alpha, and auto."""
+    fmt, lines = accuracy._fmt, []
+    for s, methods in summary.items():
+        lines += [f"| {s} | " + " | ".join(f"alpha {a:g}" for a in plan.alphas)
+                  + " | best | auto (picked) | auto minus best | auto minus alpha 7 | auto minus none |",
+                  "| --- |" + " --- |" * (len(plan.alphas) + 5)]
+        for m, row in methods.items():
+            picked = ", ".join(f"{v:.3g}" for v in row["auto_picked"].values() if v is not None) or "-"
+            lines.append(f"| {m} | " + " | ".join(fmt(row["swept"][a]) for a in plan.alphas)
+                         + f" | {row['best_alpha'] if row['best_alpha'] is not None else '-'} | {fmt(row['auto'])} "
+                         f"({picked}) | " + " | ".join(accuracy._fmt_paired(row[k]) for k in (
+                             "auto_minus_best", "auto_minus_default", "auto_minus_none")) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(plan: Plan) -> None:
+    summary = summarise(plan, load_results(plan))
+    _write_json(plan.results / "alpha_summary.json", {"students": plan.students, "alphas": plan.alphas, **summary})
+    print(markdown(plan, summary))
+
+
+def probe(plan: Plan, batches: int = 5) -> dict:
+    """What ``--alpha auto`` measures and picks on the benchmark's first training batches (no training)."""
+    import timm
+    import torch
+
+    from cwkd.autoalpha import MAX_LOSS_RATIO, RATIO, measure, pick_alpha
+    from cwkd.build import build_teacher
+    from cwkd.config import TrainConfig
+    from cwkd.data import load_data
+    from cwkd.distiller import FeatureDistiller
+    from cwkd.loaders import build_loaders, data_config
+
+    student_root, teacher_root = accuracy.prepare_data(plan)
+    accuracy.train_teacher(plan, teacher_root)
+    spec = load_data("fashion-mnist", root=str(student_root))
+    teacher_ckpt = str(plan.runs / "teacher" / "last.safetensors")
+    norm = accuracy.teacher_normalization(plan.teacher, plan.input_size)
+    rows = {}
+    for name in FULL.students:  # both students, also with --quick (its smaller teacher)
+        cfg = TrainConfig(data="fashion-mnist", student=name, teacher=teacher_ckpt, in_chans=1)
+        teacher, _ = build_teacher(cfg, spec.num_classes, 1)
+        for method in FEATURE_METHODS:
+            for reduction in ("mean", "sum"):
+                torch.manual_seed(0)
+                student = timm.create_model(name, num_classes=spec.num_classes, in_chans=1)
+                dcfg = data_config(student, input_size=plan.input_size, in_chans=1, **norm)
+                loader, _ = build_loaders(spec, dcfg, batch_size=plan.batch_size, workers=0, seed=0)
+                data = [b for _, b in zip(range(batches), loader, strict=False)]
+                d = FeatureDistiller(teacher, student, pairs=PAIRS[name], method=method, alpha="auto",
+                                     input_size=plan.input_size, reduction=reduction)
+                picked = pick_alpha(d, data)
+                per_batch = measure(d, data)
+                rows[f"{name}/{method}/{reduction}"] = {**asdict(picked), "ratios": [
+                    r["grad_task"] / r["grad_feat"] for r in per_batch]}
+                print(f"{name:22s} {method:6s} {reduction:4s} {picked.line()}; loss task {picked.task_loss:.3g} "
+                      f"feat {picked.feat_loss:.3g}", flush=True)
+    teacher = json.loads(accuracy.teacher_json(plan).read_text())
+    _write_json(accuracy.RESULTS / "alpha_probe.json",  # committed: it names the plan and teacher it measured
+                {"plan": plan.name, "batches": batches, "batch_size": plan.batch_size, "ratio": RATIO,
+                 "max_loss_ratio": MAX_LOSS_RATIO,
+                 "teacher": {k: teacher[k] for k in ("model", "top1", "epochs", "train_images")}, "rows": rows})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke: one student, cwt at alpha 7 and auto, 1 seed")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
+    parser.add_argument("--seeds", type=int, default=None, help="use only the first N seeds")
+    parser.add_argument("--report", action="store_true", help="only summarise the saved results")
+    parser.add_argument("--probe", action="store_true", help="what auto measures and picks (no training)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.seeds is not None:
+        plan = replace(plan, seeds=plan.seeds[:args.seeds])
+    if args.probe:
+        probe(plan)
+        return
+    if not args.report:
+        cells = grid(plan)
+        accuracy.run_grid(plan, cells, max(1, args.jobs))
+    report(plan)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""``--alpha auto``: the rule, the probe's promises (no weight changes, every aligner and loss form), the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from cwkd.autoalpha import MAX_LOSS_RATIO, RATIO, choose, pick_alpha
+from cwkd.checkpoint import read_metadata
+from cwkd.cli import app
+from cwkd.composite import Items, write_dense_dataset
+from cwkd.distiller import FeatureDistiller
+from cwkd.errors import ConfigError, TrainingError
+
+from .helpers import cli_fails
+
+runner = CliRunner()
+COMMON = ["--epochs", "1", "--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu"]
+
+
+def _row(g_task: float, g_feat: float, task: float = 2.0, feat: float = 1.0) -> dict:
+    return {"grad_task": g_task, "grad_feat": g_feat, "task_loss": task, "feat_loss": feat}
+
+
+def test_the_rule_is_the_median_gradient_ratio_times_ratio():
+    rows = [_row(6.0, 2.0), _row(8.0, 2.0), _row(1000.0, 1.0)]  # ratios 3, 4, 1000: the outlier is ignored
+    assert choose(rows, ratio=1.0).alpha == pytest.approx(4.0)
+    assert choose(rows, ratio=0.5).alpha == pytest.approx(2.0)
+    assert choose(rows).alpha == pytest.approx(4.0 * RATIO)
+
+
+def test_the_rule_caps_alpha_where_the_feature_loss_would_swamp_the_task_loss():
+    picked = choose([_row(1e6, 1.0, task=2.0, feat=1.0)])
+    assert picked.capped and picked.alpha == pytest.approx(MAX_LOSS_RATIO * 2.0)
+    assert "capped" in picked.line()
+
+
+@pytest.mark.parametrize("row, needle", [
+    (_row(5.0, 0.0), "no gradient on the student"),
+    (_row(5.0, math.nan), "non-finite"),
+    (_row(math.inf, 1.0), "non-finite"),
+    (_row(0.0, 1.0), "task loss puts no gradient"),
+])
+def test_the_rule_never_gives_a_non_finite_or_zero_alpha(row, needle):
+    with pytest.raises(TrainingError, match=needle):
+        choose([row])
+
+
+def _distiller(method: str = "cwt", reduction: str = "mean") -> FeatureDistiller:
+    torch.manual_seed(0)
+    teacher, student = timm.create_model("test_resnet", num_classes=4), timm.create_model("test_efficientnet",
+                                                                                            num_classes=4)
+    return FeatureDistiller(teacher, student, method=method, alpha="auto", reduction=reduction, input_size=32)
+
+
+def _batches(count: int = 3) -> list[tuple]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 4, (4,), generator=gen))
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("method", ["cwt", "linear", "mgd"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_aligner_and_loss_form_gets_a_finite_positive_alpha_and_nothing_changes(method, reduction):
+    d = _distiller(method, reduction)
+    d.eval()
+    before = {k: v.clone() for k, v in d.state_dict().items()}  # weights and BatchNorm statistics
+    picked = pick_alpha(d, _batches())
+    assert math.isfinite(picked.alpha) and picked.alpha > 0 and d.alpha == picked.alpha
+    assert all(torch.equal(before[k], v) for k, v in d.state_dict().items())
+    assert all(p.grad is None for p in d.parameters()) and not d.training  # mode restored, no .grad left
+    assert torch.isfinite(d(*_batches(1)[0])["loss"])
+
+
+def test_the_sum_form_picks_the_mean_forms_alpha_over_the_map_size():
+    """Known answer: the summed loss is the mean one times C*H*W, so its alpha is that much smaller."""
+    mean, total = (pick_alpha(_distiller(reduction=r), _batches()) for r in ("mean", "sum"))
+    pair = _distiller().pairs[0].teacher
+    assert total.alpha * pair.channels * pair.height * pair.width == pytest.approx(mean.alpha, rel=1e-3)
+
+
+def test_the_same_batches_pick_the_same_alpha():
+    assert pick_alpha(_distiller(), _batches()).alpha == pick_alpha(_distiller(), _batches()).alpha
+
+
+def test_an_unpicked_auto_alpha_is_refused_before_training():
+    with pytest.raises(ConfigError, match="pick_alpha"):
+        _distiller()(*_batches(1)[0])
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(out), *COMMON])
+    assert result.exit_code == 0, result.output
+    return out / "best.safetensors"
+
+
+def _distill(folder, teacher_ckpt, out, *extra) -> str:
+    result = runner.invoke(app, ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet",
+                                 "--data", str(folder), "--out", str(out), *COMMON, *extra])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.slow
+def test_cli_auto_prints_saves_and_resumes_with_the_picked_alpha(folder, teacher_ckpt, tmp_path):
+    output = _distill(folder, teacher_ckpt, tmp_path / "a", "--alpha", "auto")
+    line = next(line for line in output.splitlines() if line.startswith("alpha auto: picked"))
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["config"]
+    assert isinstance(config["alpha"], float) and config["alpha"] > 0 and config["alpha_auto"] is True
+    assert f"picked {config['alpha']:.4g} " in line and "over 4 batches" in line  # 16 images, batch 4
+    meta = read_metadata(tmp_path / "a" / "last.safetensors")
+    assert meta["alpha"] == config["alpha"] and meta["alpha_auto"] is True
+    # the same seed picks the same alpha
+    _distill(folder, teacher_ckpt, tmp_path / "b", "--alpha", "auto")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["config"]["alpha"] == config["alpha"]
+    # a resume keeps the number and does not probe again, with or without `--alpha auto` retyped
+    resumed = runner.invoke(app, ["distill", "--resume", str(tmp_path / "a"), "--epochs", "2", "--alpha", "auto"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "alpha auto: picked" not in resumed.output and f"alpha {config['alpha']:.4g} (auto)" in resumed.output
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["alpha"] == config["alpha"]
+
+
+@pytest.mark.slow
+def test_cli_number_alpha_still_works_and_is_saved(folder, teacher_ckpt, tmp_path):
+    _distill(folder, teacher_ckpt, tmp_path / "r", "--alpha", "7")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert config["alpha"] == 7.0 and config["alpha_auto"] is False
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("-1", "--alpha must be at least 0, got -1"),
+    ("abc", "--alpha must be a number of at least 0, or auto; got 'abc'"),
+])
+def test_bad_alpha_values_are_one_clean_line(folder, value, needle):
+    cli_fails(["distill", "--teacher", "test_resnet", "--student", "test_efficientnet", "--data", folder,
+               "--alpha", value, *COMMON], needle)
+
+
+@pytest.mark.slow
+def test_auto_without_a_feature_loss_is_one_clean_line(folder, teacher_ckpt, tmp_path):
+    """Refused before the run directory is made."""
+    cli_fails(["distill", "--teacher", teacher_ckpt, "--student", "test_efficientnet", "--data", folder,
+               "--method", "none", "--kd-weight", "1", "--alpha", "auto", "--out", tmp_path / "n", *COMMON],
+              "--alpha auto weighs the feature loss, and --method none has none; drop --alpha auto")
+    assert not (tmp_path / "n").exists()
+
+
+@pytest.mark.slow
+def test_segmentation_distill_with_auto_alpha(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 255, (20, 28, 28)).astype(np.uint8) for s in ("train", "val")}
+    labels = {s: rng.integers(0, 10, 20) for s in ("train", "val")}
+    voc = write_dense_dataset(tmp_path / "voc", Items(images, labels, [f"c{i}" for i in range(10)]), canvas=48,
+                              counts={"train": 8, "val": 4})
+    fast = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
+    teacher = tmp_path / "t"
+    assert runner.invoke(app, ["train", "--model", "pspnet_test_resnet", "--data", str(voc), "--out", str(teacher),
+                               *fast, "-q"]).exit_code == 0
+    result = runner.invoke(app, ["distill", "--teacher", str(teacher / "best.safetensors"), "--student",
+                                 "pspnet_test_resnet", "--data", str(voc), "--out", str(tmp_path / "s"),
+                                 "--alpha", "auto", *fast])
+    assert result.exit_code == 0, result.output
+    assert "alpha auto: picked" in result.output
+    config = json.loads((tmp_path / "s" / "config.json").read_text())["config"]
+    assert math.isfinite(config["alpha"]) and config["alpha"] > 0 and config["alpha_auto"] is True
