@@ -36,13 +36,16 @@ QUICK = replace(accuracy.QUICK, methods=("none", "cwt"), alphas=(7.0,))
 
 
 def grid(plan: Plan) -> list[Cell]:
-    """Baselines, then ``auto`` and the sweep, seed by seed (a grid cut short still pairs within a seed)."""
+    """Baselines and ``auto`` for every seed first, then the sweep seed by seed (a grid cut short still pairs)."""
+    methods = [m for m in plan.methods if m != "none"]
     cells = []
     for seed in plan.seeds:
         for student in plan.students:
             cells.append(Cell("main", student, "none", seed))
-            for method in (m for m in plan.methods if m != "none"):
-                cells.append(Cell("auto", student, method, seed, alpha="auto"))
+            cells += [Cell("auto", student, method, seed, alpha="auto") for method in methods]
+    for seed in plan.seeds:
+        for student in plan.students:
+            for method in methods:
                 cells += [Cell("alpha", student, method, seed, alpha=a) for a in plan.alphas]
     return cells
 
@@ -145,17 +148,31 @@ def probe(plan: Plan, batches: int = 5) -> dict:
     return rows
 
 
+def _subset(given: str, known: tuple[str, ...], option: str) -> list[str]:
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"error: {option}: unknown {', '.join(unknown) or '(none given)'}; use {', '.join(known)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke: one student, cwt at alpha 7 and auto, 1 seed")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (1 thread each)")
     parser.add_argument("--seeds", type=int, default=None, help="use only the first N seeds")
+    parser.add_argument("--students", default=None, help="comma-separated subset of the students (default: both)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of cwt,linear,mgd (default: all)")
     parser.add_argument("--report", action="store_true", help="only summarise the saved results")
     parser.add_argument("--probe", action="store_true", help="what auto measures and picks (no training)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.seeds is not None:
         plan = replace(plan, seeds=plan.seeds[:args.seeds])
+    if args.students:
+        plan = replace(plan, students=tuple(_subset(args.students, plan.students, "--students")))
+    if args.methods:
+        plan = replace(plan, methods=("none", *_subset(args.methods, FEATURE_METHODS, "--methods")))
     if args.probe:
         probe(plan)
         return
