@@ -321,7 +321,7 @@ def teacher_normalization(teacher: str, input_size: int) -> dict:
     from cwkd.loaders import data_config
 
     stats = data_config(timm.create_model(teacher, num_classes=10, in_chans=1), input_size=input_size, in_chans=1)
-    return {"mean": list(stats["mean"]), "std": list(stats["std"])}
+    return {"mean": list(stats.mean), "std": list(stats.std)}
 
 
 def run_grid(plan: Plan, cells: list[Cell], jobs: int) -> None:
@@ -646,7 +646,7 @@ def teacher_input_check(plan: Plan, images: int = 3000) -> dict:
     rows = {}
     for name in plan.students:
         dcfg = data_config(timm.create_model(name, num_classes=10, in_chans=1), input_size=plan.input_size, in_chans=1)
-        remap = Renormalize.between((dcfg["mean"], dcfg["std"]), (source.mean, source.std))
+        remap = Renormalize.between((dcfg.mean, dcfg.std), (source.mean, source.std))
         _, loader = build_loaders(spec, dcfg, batch_size=500, workers=0)
         hits, seen = [0, 0], 0
         with torch.no_grad():
@@ -656,9 +656,9 @@ def teacher_input_check(plan: Plan, images: int = 3000) -> dict:
                 hits[0] += int((teacher(x).argmax(1) == y).sum())
                 hits[1] += int((teacher(remap(x) if remap is not None else x).argmax(1) == y).sum())
                 seen += len(y)
-        rows[name] = {"student_mean": list(dcfg["mean"]), "student_std": list(dcfg["std"]), "images": seen,
+        rows[name] = {"student_mean": list(dcfg.mean), "student_std": list(dcfg.std), "images": seen,
                       "teacher_top1_as_is": 100 * hits[0] / seen, "teacher_top1_remapped": 100 * hits[1] / seen}
-        print(f"{name:24s} mean/std {dcfg['mean']}/{dcfg['std']}: teacher top-1 on {seen} test images "
+        print(f"{name:24s} mean/std {dcfg.mean}/{dcfg.std}: teacher top-1 on {seen} test images "
               f"{rows[name]['teacher_top1_as_is']:.1f}% as is, {rows[name]['teacher_top1_remapped']:.1f}% remapped")
     return {"teacher_mean": list(source.mean), "teacher_std": list(source.std), "rows": rows}
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,8 +20,12 @@ from cwkd.checkpoint import load_checkpoint, read_metadata, read_state_dict, stu
 from cwkd.config import Precision, TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.loaders import data_config
+from cwkd.metadata import CheckpointMeta
 from cwkd.models import create_model, is_model_name, load_state_checked, looks_like_path, shape_of_weights
 from cwkd.precision import precision_advice
+
+if TYPE_CHECKING:  # the tasks import build; the teacher needs only the type
+    from cwkd.tasks.base import TaskSpec
 
 
 @dataclass
@@ -161,11 +166,11 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
 def teacher_in_chans(cfg: TrainConfig) -> int | None:
     """The input channels a teacher checkpoint was trained with, if the teacher is one."""
     if cfg.teacher and is_checkpoint_path(cfg.teacher):
-        return int(_teacher_checkpoint(cfg.teacher, header_only=True)[1]["in_chans"])
+        return _teacher_checkpoint(cfg.teacher, header_only=True)[1].in_chans
     return None
 
 
-def _teacher_checkpoint(path: str, header_only: bool = False) -> tuple[dict, dict]:
+def _teacher_checkpoint(path: str, header_only: bool = False) -> tuple[dict, CheckpointMeta]:
     """A --teacher checkpoint; other weight files get the advice to use --teacher-weights."""
     if Path(path).is_dir():
         found = [p for p in (Path(path) / "best.safetensors", Path(path) / "last.safetensors") if p.is_file()]
@@ -211,19 +216,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
     assert cfg.teacher is not None
     task = get_task(cfg.task)
     if is_checkpoint_path(cfg.teacher):
-        tensors, meta = _teacher_checkpoint(cfg.teacher)
-        if get_task(meta.get("task")).name is not task.name:
-            raise ConfigError(f"--teacher {cfg.teacher} is a {get_task(meta.get('task')).name.value} checkpoint "
-                              f"but this run is {task.name.value}; pass a teacher trained for "
-                              f"{task.name.value} (or --task)")
-        model = get_task(meta.get("task")).build_model(meta["model"], num_classes=meta["num_classes"],
-                                                       in_chans=meta["in_chans"])
-        state = student_state(tensors)
-        load_state_checked(model, state, f"the tensors in {cfg.teacher}",
-                           hint="they do not match the checkpoint's own metadata; the file is damaged or edited")
-        source = TeacherSource(checkpoint=str(cfg.teacher), model=meta["model"], mean=tuple(meta["mean"]),
-                               std=tuple(meta["std"]))
-        teacher_classes, teacher_chans = meta["num_classes"], meta["in_chans"]
+        model, source, teacher_classes, teacher_chans = _checkpoint_teacher(cfg.teacher, task)
     else:
         name = task.resolve_name(cfg.teacher)
         if not (cfg.teacher_weights or cfg.teacher_pretrained or cfg.allow_random_teacher):
@@ -243,7 +236,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
         stats = data_config(model, in_chans=in_chans)
         source = TeacherSource(model=name, weights=cfg.teacher_weights or
                                ("pretrained" if cfg.teacher_pretrained else "random"),
-                               mean=tuple(stats["mean"]), std=tuple(stats["std"]))
+                               mean=tuple(stats.mean), std=tuple(stats.std))
         teacher_classes, teacher_chans = _num_classes(model), in_chans
     if teacher_classes != num_classes:
         raise ConfigError(
@@ -258,6 +251,22 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
     return model.eval().requires_grad_(False), source
 
 
+def _checkpoint_teacher(path: str, task: TaskSpec) -> tuple[nn.Module, TeacherSource, int, int]:
+    """A teacher from a cwkd checkpoint of ``task``: its model, source, classes and input channels."""
+    from cwkd.tasks import get_task
+
+    tensors, meta = _teacher_checkpoint(path)
+    if get_task(meta.task).name is not task.name:
+        raise ConfigError(f"--teacher {path} is a {get_task(meta.task).name.value} checkpoint "
+                          f"but this run is {task.name.value}; pass a teacher trained for "
+                          f"{task.name.value} (or --task)")
+    model = get_task(meta.task).build_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans)
+    load_state_checked(model, student_state(tensors), f"the tensors in {path}",
+                       hint="they do not match the checkpoint's own metadata; the file is damaged or edited")
+    source = TeacherSource(checkpoint=str(path), model=meta.model, mean=meta.mean, std=meta.std)
+    return model, source, meta.num_classes, meta.in_chans
+
+
 def _refuse_cwkd_checkpoint(path: str) -> None:
     """A cwkd checkpoint given as --teacher-weights: say to pass it as --teacher, which reads its metadata.
 
@@ -268,7 +277,7 @@ def _refuse_cwkd_checkpoint(path: str) -> None:
         meta = read_metadata(path)
     except CheckpointError:
         return  # not a cwkd checkpoint (or unreadable): loaded, and reported, as plain weights
-    raise ConfigError(f"{path} is a cwkd checkpoint (of {meta['model']}); pass it as --teacher {path} "
+    raise ConfigError(f"{path} is a cwkd checkpoint (of {meta.model}); pass it as --teacher {path} "
                       "and drop --teacher-weights")
 
 

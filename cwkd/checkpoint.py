@@ -22,17 +22,13 @@ from typing import Any, BinaryIO
 import safetensors.torch
 import torch
 
-from cwkd.config import MAX_CLASSES, MAX_IN_CHANS, MAX_INPUT_SIZE
 from cwkd.errors import CheckpointError, ConfigError
+from cwkd.metadata import CheckpointMeta
 from cwkd.strict_json import json_text
-
-#: Version of the checkpoint layout; a file with a larger number needs a newer cwkd.
-FORMAT_VERSION = 1
 
 _CONTAINER_KEYS = ("state_dict", "model", "model_state", "state_dict_ema")  # first one present wins
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header
 _NOT_CWKD = "not a cwkd checkpoint; to load plain weights use --weights / a timm name"
-_REQUIRED = ("model", "num_classes", "in_chans", "input_size", "mean", "std")
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -111,29 +107,16 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     atomic_write(path, lambda f: f.write(old + line))
 
 
-def _json_default(obj: Any) -> Any:
-    """JSON for the few other values cwkd records: 0-d tensors, numpy scalars, paths."""
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata: CheckpointMeta) -> None:
     """Write ``tensors`` and ``metadata`` to a safetensors checkpoint at ``path``, atomically.
 
-    Tensors go to the CPU, contiguous, and tied weights are copied. ``metadata`` must pass
-    :func:`validate_metadata` (else :class:`CheckpointError`), so an unloadable checkpoint is never written.
+    Tensors go to the CPU, contiguous, and tied weights are copied. ``metadata`` must pass the checks of a
+    load (else :class:`CheckpointError`), so an unloadable checkpoint is never written.
 
     Example:
         >>> save_checkpoint("out/student.safetensors", model.state_dict(), meta)  # doctest: +SKIP
     """
-    try:
-        text = json.dumps(metadata, default=_json_default)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint metadata for {path} is not JSON-able: {exc}") from exc
-    validate_metadata(json.loads(text))  # validate what will be read back (tuples become lists)
+    header = metadata.to_header(path)
     seen: set[int] = set()
     flat: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -143,14 +126,13 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata
             t = t.clone()  # safetensors refuses tensors that share memory
         seen.add(ptr)
         flat[name] = t.contiguous()
-    header = {"format": "cwkd", "format_version": str(FORMAT_VERSION), "cwkd": text}
     data = safetensors.torch.save(flat, metadata=header)
     atomic_write(path, lambda f: f.write(data))
 
 
 def load_checkpoint(
     path: str | Path, *, device: str | torch.device = "cpu", plain_hint: str | None = None
-) -> tuple[dict[str, torch.Tensor], dict]:
+) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """Read a cwkd checkpoint as ``(tensors, metadata)``, checking the file before using anything in it.
 
     ``plain_hint`` replaces the advice given when the file holds other weights (a ``.pth`` file, plain
@@ -163,98 +145,17 @@ def load_checkpoint(
     return _load_safetensors(Path(path), device), meta
 
 
-def read_metadata(path: str | Path, *, plain_hint: str | None = None) -> dict:
+def read_metadata(path: str | Path, *, plain_hint: str | None = None) -> CheckpointMeta:
     """A cwkd checkpoint's checked metadata, from its header alone (no tensor is read)."""
     path = _existing_file(path)
     not_cwkd = f"not a cwkd checkpoint; {plain_hint}" if plain_hint else _NOT_CWKD
     raw = _read_header(path, other=not_cwkd).get("__metadata__")
-    if not isinstance(raw, dict) or raw.get("format") != "cwkd" or not isinstance(raw.get("cwkd"), str):
-        raise CheckpointError(f"{path} is a safetensors file but {not_cwkd}")
-    version = str(raw.get("format_version"))
-    if not (version.isascii() and version.isdigit() and int(version) >= 1):
-        raise CheckpointError(f"{path} has an invalid format_version {version!r}; the file is corrupt")
-    if int(version) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer cwkd (format {version}); upgrade cwkd")
-    try:
-        meta = validate_metadata(json.loads(raw["cwkd"]))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} has unreadable cwkd metadata ({exc}); the file is corrupt") from exc
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    return meta
-
-
-def is_int(x: Any) -> bool:
-    """Whether ``x`` is a whole number read from JSON or a pickle (``True`` is no number here)."""
-    return isinstance(x, int) and not isinstance(x, bool)
+    return CheckpointMeta.from_header(raw, path, not_cwkd)
 
 
 def student_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The student's own weights from a run checkpoint's tensors (``student.*``, prefix dropped)."""
     return {k.removeprefix("student."): v for k, v in tensors.items() if k.startswith("student.")}
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _list_of(kind: type) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, list) and all(isinstance(x, kind) for x in v)
-
-
-_OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "pairs": (_list_of(dict), "a list of objects"),
-    "method": (lambda v: isinstance(v, str), "a string"),
-    "dataset": (lambda v: isinstance(v, str), "a string"),
-    "classes": (_list_of(str), "a list of strings"),
-    "cwkd_version": (lambda v: isinstance(v, str), "a string"),
-    "epoch": (is_int, "an integer"),
-    "task": (lambda v: isinstance(v, str), "a string"),
-    "best_metric": (lambda v: isinstance(v, str), "a string"),
-    "kind": (lambda v: v in ("student", "distill"), "'student' or 'distill'"),
-}
-
-
-def _check(meta: dict, key: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise CheckpointError(f"checkpoint metadata '{key}' should be {expected}, got {meta[key]!r}")
-
-
-def validate_metadata(meta: dict) -> dict:
-    """Check the keys and types of checkpoint metadata and return it unchanged.
-
-    Optional keys may be missing or ``None``; unknown keys are allowed (a later cwkd may add some).
-    ``input_size[0]``, ``len(mean)`` and ``len(std)`` must all equal ``in_chans``.
-
-    Example:
-        >>> validate_metadata({"model": "resnet18", "num_classes": 10, "in_chans": 3,
-        ...     "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})["model"]
-        'resnet18'
-    """
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint metadata should be a JSON object, got {type(meta).__name__}")
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise CheckpointError(f"checkpoint metadata lacks {missing}")
-    _check(meta, "model", isinstance(meta["model"], str) and bool(meta["model"]), "a model name")
-    for key, top in (("num_classes", MAX_CLASSES), ("in_chans", MAX_IN_CHANS)):
-        _check(meta, key, is_int(meta[key]) and 0 < meta[key] <= top, f"an integer from 1 to {top}")
-    chans, size = meta["in_chans"], meta["input_size"]
-    ok = isinstance(size, list) and len(size) == 3 and all(is_int(v) and 0 < v <= MAX_INPUT_SIZE for v in size)
-    _check(meta, "input_size", ok and size[0] == chans, f"[{chans}, height, width] with sizes from 1 to "
-           f"{MAX_INPUT_SIZE}")
-    for key in ("mean", "std"):
-        v = meta[key]
-        ok = isinstance(v, list) and len(v) == chans and all(_is_num(x) for x in v)
-        ok = ok and (key == "mean" or all(x > 0 for x in v))
-        _check(meta, key, ok, f"a list of {chans} {'numbers' if key == 'mean' else 'positive numbers'}")
-    for key, (test, expected) in _OPTIONAL.items():
-        if meta.get(key) is not None:
-            _check(meta, key, test(meta[key]), expected)
-    for key in meta:
-        if key.startswith("val_") and meta[key] is not None:  # the best metric's value: val_top1, val_miou, ...
-            _check(meta, key, _is_num(meta[key]), "a number")
-    return meta
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -38,7 +38,8 @@ from cwkd.console import RunConsole
 from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import ConfigError, TrainingError
 from cwkd.evaluation import evaluate
-from cwkd.loaders import EpochSampler, build_loaders, check_split_sizes, data_config
+from cwkd.loaders import DataConfig, EpochSampler, build_loaders, check_split_sizes, data_config
+from cwkd.metadata import CheckpointMeta, run_metadata
 from cwkd.nonfinite import NonfiniteWatch, check_diverged, finite_everywhere, fp16_advice, raise_nonfinite
 from cwkd.precision import precision_warning, resolve_precision
 from cwkd.runlock import RunLock
@@ -64,7 +65,7 @@ class _Pieces:
 
     task: TaskSpec
     spec: object                     # the task's data spec (splits, classes, channels)
-    dcfg: dict                       # the student's input: size, mean, std, interpolation, crop
+    dcfg: DataConfig                 # the student's input: size, mean, std, interpolation, crop
     distiller: FeatureDistiller      # student + aligners (+ frozen teacher): the one trainable module
     model: nn.Module                 # the distiller, or its DDP wrapper
     train_loader: object
@@ -74,7 +75,7 @@ class _Pieces:
     scaler: torch.amp.GradScaler
     autocast: Callable[[], torch.autocast]  # built once per run; call it around a forward pass
     channels_last: bool              # the memory format of batches (on CUDA)
-    meta: dict                       # checkpoint metadata
+    meta: CheckpointMeta             # checkpoint metadata
     start_epoch: int = 0
     start_step: int = 0              # steps of start_epoch done before a stop
     best: dict = field(default_factory=dict)
@@ -148,7 +149,7 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
                 scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16),
                 autocast=autocast(device, cfg.precision),
                 channels_last=device.type == "cuda", best=rundir.no_best(task.best_metric),
-                meta=rundir.checkpoint_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source))
+                meta=run_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source))
     if resuming:
         p.start_epoch, p.start_step, p.best = rundir.restore(out, distiller, optimizer, p.scheduler, p.scaler,
                                                              device, task.best_metric)
@@ -177,18 +178,18 @@ def _auto_alpha(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller, l
 
 
 def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
-               device: torch.device) -> tuple[FeatureDistiller, dict, TeacherSource | None]:
+               device: torch.device) -> tuple[FeatureDistiller, DataConfig, TeacherSource | None]:
     """Student, teacher and aligners in one module on ``device``; also the input config and teacher source."""
     student = build_student(cfg, spec.num_classes, in_chans)
     teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, None)
     dcfg = data_config(student, input_size=cfg.input_size or task.default_input_size(spec),
                        in_chans=in_chans, native_size=spec.native_size, mean=cfg.mean, std=cfg.std)
     # Batches are normalised for the student; a teacher trained on other statistics gets them remapped.
-    teacher_input = Renormalize.between((dcfg["mean"], dcfg["std"]), (teacher_source.mean, teacher_source.std)) \
+    teacher_input = Renormalize.between((dcfg.mean, dcfg.std), (teacher_source.mean, teacher_source.std)) \
         if teacher is not None else None
     distiller = FeatureDistiller(
         teacher, student, pairs=cfg.pairs, method=cfg.method, alpha=cfg.alpha, hidden=cfg.hidden,
-        input_size=dcfg["input_size"], reduction=cfg.reduction, kd_weight=cfg.kd_weight,
+        input_size=dcfg.input_size, reduction=cfg.reduction, kd_weight=cfg.kd_weight,
         kd_temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, teacher_input=teacher_input,
         task_loss=task.loss_fn(cfg.label_smoothing), logits_of=task.logits if task.has_logits else None,
         feature_prefix=task.feature_prefix(student),
@@ -368,19 +369,19 @@ def _epoch_line(rec: dict, epochs: int, task: TaskSpec) -> str:
             f"{rec['epoch_s']:.1f}s")
 
 
-def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: dict, device, rank: Dist) -> str:
+def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: DataConfig, device, rank: Dist) -> str:
     pairs = ", ".join(
         f"{p.student.name} ({p.student.channels}x{p.student.height}x{p.student.width}) -> {p.teacher.name} "
         f"({p.teacher.channels}x{p.teacher.height}x{p.teacher.width})" for p in distiller.pairs
     ) or "none"
     kd = f", kd weight {cfg.kd_weight} T={cfg.kd_temperature}" if cfg.kd_weight else ""
     remap = distiller.teacher_input
-    stats = (f"; input mean {_fmt_stats(dcfg['mean'])} std {_fmt_stats(dcfg['std'])}"
+    stats = (f"; input mean {_fmt_stats(dcfg.mean)} std {_fmt_stats(dcfg.std)}"
              + (" (remapped to the teacher's own statistics before it sees them)" if remap is not None else ""))
     alpha = f"{cfg.alpha:.4g} (auto)" if cfg.alpha_auto else cfg.alpha
     what = (f"method {cfg.method.value}, alpha {alpha}{kd}, pairs: {pairs}" if cfg.uses_teacher
             else "plain training (no teacher)")
-    return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg['input_size'])}), "
+    return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg.input_size)}), "
             f"{what}; device {device}, precision {cfg.precision.value}, {rank.world} process(es){stats}")
 
 

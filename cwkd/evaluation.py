@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -22,19 +21,16 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from cwkd.build import Dist, resolve_device
-from cwkd.checkpoint import load_checkpoint, read_state_dict, student_state, validate_metadata
+from cwkd.checkpoint import load_checkpoint, read_state_dict, student_state
 from cwkd.choices import Split  # defined torch-free for the CLI; re-exported here
 from cwkd.config import Precision, check_sizes
 from cwkd.data import DataSpec
 from cwkd.errors import CheckpointError, ConfigError, DataError
-from cwkd.loaders import build_loaders, data_config
+from cwkd.loaders import DataConfig, build_loaders, data_config
+from cwkd.metadata import CheckpointMeta, is_student_file
 from cwkd.models import create_model, resolve_name, shape_of_weights
 from cwkd.precision import precision_warning, resolve_precision
 from cwkd.tasks import get_task, infer_task
-
-#: The ``format`` marker in the metadata of a student file written by ``cwkd export``.
-STUDENT_FORMAT = "cwkd-student"
-_JSON_KEYS = ("input_size", "mean", "std", "classes")  # stored as JSON text: safetensors metadata is str -> str
 
 
 @dataclass
@@ -99,15 +95,15 @@ def load_student(path: str | Path) -> nn.Module:
     return read_student(path)[0]
 
 
-def read_student(path: str | Path, *, plain_hint: str | None = None) -> tuple[nn.Module, dict]:
+def read_student(path: str | Path, *, plain_hint: str | None = None) -> tuple[nn.Module, CheckpointMeta]:
     """The student model (eval mode) and its checkpoint metadata, from either kind of cwkd file.
 
     ``plain_hint`` is the advice given when ``path`` holds other weights (see :func:`load_checkpoint`).
     """
     path = Path(path)
     raw = _header_metadata(path)
-    if raw.get("format") == STUDENT_FORMAT:
-        meta = decode_student_metadata(raw, path)
+    if is_student_file(raw):
+        meta = CheckpointMeta.from_strings(raw, path)
         state = read_state_dict(path)
     else:
         tensors, meta = load_checkpoint(path, plain_hint=plain_hint)  # its errors say what the file is
@@ -115,13 +111,12 @@ def read_student(path: str | Path, *, plain_hint: str | None = None) -> tuple[nn
         if not state:
             raise CheckpointError(f"{path} holds no student weights (no 'student.*' tensors); is it a cwkd run's "
                                   "last.safetensors or best.safetensors?")
-    model = get_task(meta.get("task")).build_model(meta["model"], num_classes=meta["num_classes"],
-                                                   in_chans=meta["in_chans"])
+    model = get_task(meta.task).build_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"the student weights in {path} do not fit {meta['model']} ({first}); "
+        raise CheckpointError(f"the student weights in {path} do not fit {meta.model} ({first}); "
                               "the file was changed or written by another cwkd") from exc
     _refuse_nonfinite(state, path)
     _set_pretrained_cfg(model, meta)
@@ -147,52 +142,23 @@ def _header_metadata(path: Path) -> dict:
         return {}  # load_checkpoint reads it again and says what is wrong
 
 
-def encode_student_metadata(meta: dict) -> dict[str, str]:
-    """Checkpoint metadata as the str -> str mapping a student file stores (JSON text for lists)."""
-    out = {"format": STUDENT_FORMAT}
-    for key in ("model", "num_classes", "in_chans", "input_size", "mean", "std", "classes", "interpolation",
-                "crop_pct", "dataset", "method", "epoch", "task", "best_metric", "cwkd_version",
-                *[k for k in meta if k.startswith("val_")]):
-        value = meta.get(key)
-        if value is not None:
-            out[key] = json.dumps(value) if key in _JSON_KEYS else str(value)
-    return out
-
-
-def decode_student_metadata(raw: dict[str, str], path: str | Path = "student file") -> dict:
-    """Read back what :func:`encode_student_metadata` wrote, checked like any checkpoint's metadata."""
-    try:
-        meta: dict = {k: json.loads(raw[k]) for k in _JSON_KEYS if k in raw}
-        meta.update({k: int(raw[k]) for k in ("num_classes", "in_chans", "epoch") if k in raw})
-        meta.update({k: float(raw[k]) for k in raw if k == "crop_pct" or k.startswith("val_")})
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path} has unreadable student metadata ({exc}); export it again") from exc
-    meta.update({k: raw[k] for k in ("model", "interpolation", "dataset", "method", "task", "best_metric",
-                                     "cwkd_version") if k in raw})
-    try:
-        return validate_metadata(meta)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}; export it again") from exc
-
-
-def _set_pretrained_cfg(model: nn.Module, meta: dict) -> None:
+def _set_pretrained_cfg(model: nn.Module, meta: CheckpointMeta) -> None:
     """Record the trained input size and normalisation where timm's data helpers look for them."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg.update(input_size=tuple(meta["input_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-               num_classes=meta["num_classes"])
-    for key in ("interpolation", "crop_pct"):
-        if meta.get(key) is not None:
-            cfg[key] = meta[key]
+    cfg.update(input_size=meta.input_size, mean=meta.mean, std=meta.std, num_classes=meta.num_classes)
+    if meta.interpolation is not None:
+        cfg["interpolation"] = meta.interpolation
+    if meta.crop_pct is not None:
+        cfg["crop_pct"] = meta.crop_pct
     model.pretrained_cfg = cfg
 
 
-def checkpoint_data_config(model: nn.Module, meta: dict) -> dict:
+def checkpoint_data_config(model: nn.Module, meta: CheckpointMeta) -> DataConfig:
     """The evaluation data config a run used, rebuilt from its checkpoint metadata."""
-    chans, height, _ = meta["input_size"]
+    chans, height, _ = meta.input_size
     base = data_config(model, input_size=height, in_chans=chans)
-    return {**base, "input_size": tuple(meta["input_size"]), "mean": tuple(meta["mean"]),
-            "std": tuple(meta["std"]), "interpolation": meta.get("interpolation") or base["interpolation"],
-            "crop_pct": meta.get("crop_pct") or base["crop_pct"]}
+    return DataConfig(input_size=meta.input_size, mean=meta.mean, std=meta.std,
+                      interpolation=meta.interpolation or base.interpolation, crop_pct=meta.crop_pct or base.crop_pct)
 
 
 # ----------------------------------------------------------------------------- evaluating
@@ -229,7 +195,7 @@ def evaluate_checkpoint(
     target = resolve_device(device, precision)
     precision = resolve_precision(precision, target)
     model, meta, spec, dcfg = _prepare(source, weights, data, data_root, input_size, task)
-    spec_task = get_task(meta.get("task"))
+    spec_task = get_task(meta.task)
     notes = _check_classes(meta, spec) + [w for w in [precision_warning(precision, target)] if w]
     if split is Split.train:  # score train images with the deterministic validation transform
         spec = dataclasses.replace(spec, val=spec.train)
@@ -244,12 +210,12 @@ def evaluate_checkpoint(
                           task=spec_task.name)
     seconds = time.perf_counter() - started
     if not math.isfinite(scores["loss"]):
-        raise CheckpointError(f"{meta['model']} from {source} gives non-finite outputs (loss {scores['loss']}) on "
+        raise CheckpointError(f"{meta.model} from {source} gives non-finite outputs (loss {scores['loss']}) on "
                               f"{spec.name}; its {spec_task.metrics[spec_task.best_metric]} "
                               f"({scores[spec_task.best_metric]:.2f}%) would be meaningless; the model "
                               "diverged: evaluate an earlier checkpoint or retrain with a lower --lr")
     return EvalResult(
-        model=meta["model"], source=str(source), data=spec.name, split=split.value,
+        model=meta.model, source=str(source), data=spec.name, split=split.value,
         scores={k: scores[k] for k in spec_task.metrics}, loss=scores["loss"], images=scores["images"],
         images_per_s=scores["images"] / max(seconds, 1e-9), device=str(target), precision=precision.value,
         classes=list(spec.classes), notes=notes,
@@ -266,7 +232,8 @@ def _iou_rows(scores: dict, classes: list[str], wanted: bool) -> list[dict] | No
 
 
 def _prepare(source: str | Path, weights: str | Path | None, data: str | None, data_root: str | None,
-             input_size: int | None, task: str | None = None) -> tuple[nn.Module, dict, DataSpec, dict]:
+             input_size: int | None, task: str | None = None
+             ) -> tuple[nn.Module, CheckpointMeta, DataSpec, DataConfig]:
     """Model, metadata, data and data config: from a checkpoint, or from a timm name and weights."""
     if weights is None:
         if input_size is not None:
@@ -278,14 +245,16 @@ def _prepare(source: str | Path, weights: str | Path | None, data: str | None, d
     spec_task = get_task(infer_task(str(source), task))
     spec = spec_task.load_data(data, root=data_root)
     if spec_task.has_logits:
-        model, meta = _timm_model(str(source), weights, spec.channels)
+        model, name, num_classes, in_chans = _timm_model(str(source), weights, spec.channels)
     else:
         model = spec_task.build_model(str(source), num_classes=spec.num_classes, in_chans=spec.channels,
                                       weights=str(weights)).eval()
-        meta = {"model": str(source), "num_classes": spec.num_classes, "in_chans": spec.channels, "classes": None}
-    meta["task"] = spec_task.name.value
+        name, num_classes, in_chans = str(source), spec.num_classes, spec.channels
     size = input_size or spec_task.default_input_size(spec)  # the size `cwkd train` picks
-    return model, meta, spec, data_config(model, input_size=size, in_chans=meta["in_chans"])
+    dcfg = data_config(model, input_size=size, in_chans=in_chans)
+    meta = CheckpointMeta(model=name, num_classes=num_classes, in_chans=in_chans, input_size=dcfg.input_size,
+                          mean=dcfg.mean, std=dcfg.std, task=spec_task.name.value)
+    return model, meta, spec, dcfg
 
 
 def _checkpoint_path(source: str | Path) -> Path:
@@ -298,37 +267,35 @@ def _checkpoint_path(source: str | Path) -> Path:
                           "--weights FILE (an untrained model scores at chance)")
 
 
-def _timm_model(name: str, weights: str | Path, data_chans: int) -> tuple[nn.Module, dict]:
-    """A timm model built to the shape of its weights file: classifier size and input channels."""
+def _timm_model(name: str, weights: str | Path, data_chans: int) -> tuple[nn.Module, str, int, int]:
+    """A timm model built to the shape of its weights file, with its name, classifier size and input channels."""
     num_classes, in_chans = shape_of_weights(name, read_state_dict(weights), data_chans)
     in_chans = in_chans or data_chans
     model = create_model(name, num_classes=num_classes, in_chans=in_chans, weights=weights).eval()
-    meta = {"model": model.cwkd_name, "num_classes": getattr(model, "num_classes", num_classes),
-            "in_chans": in_chans, "classes": None}
-    return model, meta
+    return model, model.cwkd_name, getattr(model, "num_classes", num_classes), in_chans
 
 
-def _load_recorded_data(data: str | None, meta: dict, root: str | None) -> DataSpec:
+def _load_recorded_data(data: str | None, meta: CheckpointMeta, root: str | None) -> DataSpec:
     """Load ``data``, or the data set the checkpoint records, naming the fix if it has moved."""
     if data is not None:
-        return get_task(meta.get("task")).load_data(data, root=root)
-    recorded = meta.get("dataset")
+        return get_task(meta.task).load_data(data, root=root)
+    recorded = meta.dataset
     if not recorded:
         raise DataError("the checkpoint records no data set; pass --data")
     try:
-        return get_task(meta.get("task")).load_data(recorded, root=root)
+        return get_task(meta.task).load_data(recorded, root=root)
     except DataError as exc:
         raise DataError(f"the checkpoint was trained on '{recorded}', which cannot be loaded here ({exc}); "
                         "pass --data (and --data-root) to point at it") from exc
 
 
-def _check_classes(meta: dict, spec: DataSpec) -> list[str]:
+def _check_classes(meta: CheckpointMeta, spec: DataSpec) -> list[str]:
     """Refuse data with another number of classes; note (but accept) other class names."""
-    num_classes = meta.get("num_classes")
-    if isinstance(num_classes, int) and num_classes != spec.num_classes:
-        raise DataError(f"{meta['model']} predicts {num_classes} classes but {spec.name} has {spec.num_classes}; "
+    num_classes = meta.num_classes
+    if num_classes != spec.num_classes:
+        raise DataError(f"{meta.model} predicts {num_classes} classes but {spec.name} has {spec.num_classes}; "
                         "evaluate on the data set it was trained on")
-    trained = meta.get("classes")
+    trained = list(meta.classes or [])
     if trained and list(trained) != list(spec.classes):
         return [f"class names differ from the checkpoint's ({trained[:3]}... vs {spec.classes[:3]}...); "
                 "labels are matched by index"]

@@ -28,8 +28,9 @@ from torch import nn
 from cwkd.checkpoint import atomic_write
 from cwkd.choices import ExportFormat  # defined torch-free for the CLI; re-exported here
 from cwkd.errors import CwkdError, ExportError
-from cwkd.evaluation import checkpoint_data_config, encode_student_metadata, read_student
+from cwkd.evaluation import checkpoint_data_config, read_student
 from cwkd.loaders import build_loaders
+from cwkd.metadata import CheckpointMeta
 from cwkd.tasks import get_task
 
 #: ONNX opset of exported graphs (the TorchScript-based exporter supports up to 20; runtimes widely run 18).
@@ -86,21 +87,21 @@ def export_student(
         _require_onnx()
     student, meta = read_student(checkpoint, plain_hint="export starts from a checkpoint of `cwkd train` or "
                                                       "`cwkd distill` (a run's best.safetensors)")
-    if task is not None and get_task(task).name is not get_task(meta.get("task")).name:
+    if task is not None and get_task(task).name is not get_task(meta.task).name:
         raise ExportError(f"--task {get_task(task).name.value}: {checkpoint} holds a "
-                          f"{get_task(meta.get('task')).name.value} model; drop --task")
-    model = get_task(meta.get("task")).export_model(student)  # one tensor in, one out
+                          f"{get_task(meta.task).name.value} model; drop --task")
+    model = get_task(meta.task).export_model(student)  # one tensor in, one out
     path = _output_path(Path(checkpoint), fmt, out, overwrite)
-    example = torch.randn(2, *meta["input_size"])
+    example = torch.randn(2, *meta.input_size)
     with _quiet_torch_warnings():
         payload = _SERIALIZE[fmt](student if fmt is ExportFormat.safetensors else model, meta, example)
         # Load the bytes back as a user would; a safetensors file loads into the same eager model, so
         # only verify needs it, and its speed is eager's.
         timed = fmt is not ExportFormat.safetensors
         runner = _LOAD[fmt](payload, meta) if verify or (benchmark and timed) else None
-    result = ExportResult(path=path, format=fmt.value, model=meta["model"], size_bytes=len(payload),
-                          params=sum(p.numel() for p in model.parameters()), input_size=tuple(meta["input_size"]),
-                          atol=atol, io=get_task(meta.get("task")).export_io)
+    result = ExportResult(path=path, format=fmt.value, model=meta.model, size_bytes=len(payload),
+                          params=sum(p.numel() for p in model.parameters()), input_size=tuple(meta.input_size),
+                          atol=atol, io=get_task(meta.task).export_io)
     if verify:
         result.max_abs_diff = _verify(model, runner, meta, _real_batch(student, meta, data, data_root, result.notes),
                                       atol)
@@ -143,64 +144,64 @@ def _quiet_torch_warnings() -> Iterator[None]:
 # ----------------------------------------------------------------------------- the three formats
 
 
-def _safetensors_bytes(model: nn.Module, meta: dict, example: torch.Tensor) -> bytes:
+def _safetensors_bytes(model: nn.Module, meta: CheckpointMeta, example: torch.Tensor) -> bytes:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return safetensors.torch.save(state, metadata=encode_student_metadata(meta))
+    return safetensors.torch.save(state, metadata=meta.to_strings())
 
 
-def _onnx_bytes(model: nn.Module, meta: dict, example: torch.Tensor) -> bytes:
+def _onnx_bytes(model: nn.Module, meta: CheckpointMeta, example: torch.Tensor) -> bytes:
     import onnx
 
     buffer = io.BytesIO()
     try:  # dynamo=False: the TorchScript-based exporter, which needs no onnxscript
-        inp, output, _ = get_task(meta.get("task")).export_io
+        inp, output, _ = get_task(meta.task).export_io
         torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=[inp], output_names=[output],
                           dynamic_axes={inp: {0: "batch"}, output: {0: "batch"}})
     except Exception as exc:  # unsupported operators and tracing failures come in many types
-        raise ExportError(f"ONNX export of {meta['model']} failed ({type(exc).__name__}: "
+        raise ExportError(f"ONNX export of {meta.model} failed ({type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); "
                           "try --format torchscript or safetensors") from exc
     proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in encode_student_metadata(meta).items():
+    for key, value in meta.to_strings().items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
 
-def _torchscript_bytes(model: nn.Module, meta: dict, example: torch.Tensor) -> bytes:
+def _torchscript_bytes(model: nn.Module, meta: CheckpointMeta, example: torch.Tensor) -> bytes:
     try:  # traced: timm models rarely script, and a classifier's forward has no data-dependent branches
         traced = torch.jit.trace(model, example, check_trace=False)
     except Exception as exc:
-        raise ExportError(f"TorchScript tracing of {meta['model']} failed ({type(exc).__name__}: {exc}); "
+        raise ExportError(f"TorchScript tracing of {meta.model} failed ({type(exc).__name__}: {exc}); "
                           "try --format onnx or safetensors") from exc
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer, _extra_files={"cwkd.json": json.dumps(encode_student_metadata(meta))})
+    torch.jit.save(traced, buffer, _extra_files={"cwkd.json": json.dumps(meta.to_strings())})
     return buffer.getvalue()
 
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _load_safetensors(payload: bytes, meta: dict) -> Runner:
+def _load_safetensors(payload: bytes, meta: CheckpointMeta) -> Runner:
     """The exported state dict in a freshly built plain model (timm's, or cwkd.heads'), as a user would load it."""
-    task = get_task(meta.get("task"))
-    model = task.build_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    task = get_task(meta.task)
+    model = task.build_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans)
     model.load_state_dict(safetensors.torch.load(payload))
     return task.export_model(model.eval())
 
 
-def _load_onnx(payload: bytes, meta: dict) -> Runner:
+def _load_onnx(payload: bytes, meta: CheckpointMeta) -> Runner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads PyTorch uses, for a fair race
     session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-    inp, output, _ = get_task(meta.get("task")).export_io
+    inp, output, _ = get_task(meta.task).export_io
     return lambda x: torch.from_numpy(session.run([output], {inp: x.numpy()})[0])
 
 
-def _load_torchscript(payload: bytes, meta: dict) -> Runner:
+def _load_torchscript(payload: bytes, meta: CheckpointMeta) -> Runner:
     return torch.jit.load(io.BytesIO(payload), map_location="cpu").eval()
 
 
@@ -213,14 +214,15 @@ _LOAD = {ExportFormat.safetensors: _load_safetensors, ExportFormat.onnx: _load_o
 # ----------------------------------------------------------------------------- verify and benchmark
 
 
-def _verify(model: nn.Module, runner: Runner, meta: dict, real: torch.Tensor | None, atol: float) -> dict[str, float]:
+def _verify(model: nn.Module, runner: Runner, meta: CheckpointMeta, real: torch.Tensor | None,
+            atol: float) -> dict[str, float]:
     """Max |exported - eager| on random inputs (batch 3, not the traced 2) and ``real`` validation images.
 
     The limit is ``atol`` times the largest |output| of that input, where that is above 1: fp32 kernels of two
     runtimes differ in the last bits, and on logits of size 30 those bits are 1e-4 (seen on CUDA-trained
     students exported next to onnxruntime 1.30).
     """
-    inputs = {"random": torch.randn(3, *meta["input_size"], generator=torch.Generator().manual_seed(0))}
+    inputs = {"random": torch.randn(3, *meta.input_size, generator=torch.Generator().manual_seed(0))}
     if real is not None:
         inputs["real"] = real
     diffs, limits = {}, {}
@@ -238,15 +240,15 @@ def _verify(model: nn.Module, runner: Runner, meta: dict, real: torch.Tensor | N
     return diffs
 
 
-def _real_batch(model: nn.Module, meta: dict, data: str | None, data_root: str | None,
+def _real_batch(model: nn.Module, meta: CheckpointMeta, data: str | None, data_root: str | None,
                 notes: list[str], count: int = 8) -> torch.Tensor | None:
     """Up to ``count`` validation images, transformed as in training; None (with a note) if there is no data."""
-    name = data or meta.get("dataset")
+    name = data or meta.dataset
     if not name:
         notes.append("no data set recorded: verified on random inputs only (pass --data for real images)")
         return None
     try:
-        task = get_task(meta.get("task"))
+        task = get_task(meta.task)
         spec = task.load_data(name, root=data_root)
         dcfg = checkpoint_data_config(model, meta)
         _, loader = build_loaders(spec, dcfg, batch_size=count, workers=0, datasets=task.datasets(spec, dcfg))
@@ -257,7 +259,7 @@ def _real_batch(model: nn.Module, meta: dict, data: str | None, data_root: str |
         return None
 
 
-def _benchmark(model: nn.Module, runner: Runner | None, fmt: ExportFormat, meta: dict) -> list[dict]:
+def _benchmark(model: nn.Module, runner: Runner | None, fmt: ExportFormat, meta: CheckpointMeta) -> list[dict]:
     """Median latency of PyTorch eager and of the exported model, at batch 1 and 8, on the CPU."""
     rows = []
     runtimes: list[tuple[str, Runner]] = [("pytorch eager", model)]
@@ -265,7 +267,7 @@ def _benchmark(model: nn.Module, runner: Runner | None, fmt: ExportFormat, meta:
         runtimes.append(({"onnx": "onnxruntime", "torchscript": "torchscript"}[fmt.value], runner))
     with torch.inference_mode(), _quiet_torch_warnings():
         for batch in (1, 8):
-            x = torch.randn(batch, *meta["input_size"])
+            x = torch.randn(batch, *meta.input_size)
             eager = None  # the first runtime of each batch size is the baseline
             for name, fn in runtimes:
                 seconds = _median_seconds(fn, x)

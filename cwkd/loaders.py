@@ -17,6 +17,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -31,6 +32,22 @@ from cwkd.images import to_8bit
 from cwkd.models import input_channels
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """The student's input: (channels, height, width), per-channel mean and std, resize interpolation, crop.
+
+    Example:
+        >>> DataConfig(input_size=(1, 32, 32), mean=(0.5,), std=(0.25,)).crop_pct
+        0.875
+    """
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+
+
 def data_config(
     model: nn.Module,
     *,
@@ -39,7 +56,7 @@ def data_config(
     native_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-) -> dict:
+) -> DataConfig:
     """Resolve input size, mean/std, interpolation and crop_pct from the model's timm config.
 
     ``input_size`` overrides the model's default height and width; ``mean`` and ``std`` override the
@@ -49,7 +66,7 @@ def data_config(
 
     Example:
         >>> cfg = data_config(create_model("test_resnet", in_chans=1), input_size=32)
-        >>> cfg["input_size"], len(cfg["mean"])
+        >>> cfg.input_size, len(cfg.mean)
         ((1, 32, 32), 1)
     """
     for label, value in (("input_size", input_size), ("in_chans", in_chans), ("native_size", native_size)):
@@ -60,13 +77,13 @@ def data_config(
     _, height, width = cfg["input_size"]
     if input_size is not None:
         height = width = input_size
-    return {
-        "input_size": (chans, height, width),
-        "mean": _override("--mean", mean, chans) or _per_channel(cfg["mean"], chans),
-        "std": _override("--std", std, chans) or _per_channel(cfg["std"], chans),
-        "interpolation": cfg.get("interpolation", "bilinear"),
-        "crop_pct": float(cfg.get("crop_pct", 0.875)),
-    }
+    return DataConfig(
+        input_size=(chans, height, width),
+        mean=_override("--mean", mean, chans) or _per_channel(cfg["mean"], chans),
+        std=_override("--std", std, chans) or _per_channel(cfg["std"], chans),
+        interpolation=cfg.get("interpolation", "bilinear"),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+    )
 
 
 def _override(flag: str, values: Sequence[float] | None, chans: int) -> tuple[float, ...] | None:
@@ -106,7 +123,7 @@ def _interpolation(name: str) -> T.InterpolationMode:
         raise ConfigError(f"unknown interpolation '{name}'; use bilinear, bicubic or nearest") from exc
 
 
-def build_transform(cfg: dict, *, train: bool, channels: int) -> Callable[[Image.Image], torch.Tensor]:
+def build_transform(cfg: DataConfig, *, train: bool, channels: int) -> Callable[[Image.Image], torch.Tensor]:
     """Build the image -> tensor transform for a model config from :func:`data_config`.
 
     Channels are converted to what the model takes (gray data is replicated for RGB models, RGB data is
@@ -118,12 +135,12 @@ def build_transform(cfg: dict, *, train: bool, channels: int) -> Callable[[Image
         >>> tf(spec.val[0][0]).shape
         torch.Size([1, 32, 32])
     """
-    chans, height, width = cfg["input_size"]
+    chans, height, width = cfg.input_size
     if chans not in (1, 3) or channels not in (1, 3):
         raise ConfigError(f"only 1- and 3-channel data and models work (model {chans}, data {channels})")
-    if len(cfg["mean"]) != chans or len(cfg["std"]) != chans:
+    if len(cfg.mean) != chans or len(cfg.std) != chans:
         raise ConfigError(f"mean/std need {chans} entries for a {chans}-channel model; use data_config")
-    interp = _interpolation(cfg["interpolation"])
+    interp = _interpolation(cfg.interpolation)
     size = (height, width)
     steps: list[Callable] = [_ConvertMode("L" if chans == 1 else "RGB")]
     if max(size) <= SMALL_IMAGE_MAX:
@@ -135,9 +152,9 @@ def build_transform(cfg: dict, *, train: bool, channels: int) -> Callable[[Image
     elif train:
         steps += [T.RandomResizedCrop(size, interpolation=interp), T.RandomHorizontalFlip()]
     else:
-        scale = math.floor(min(size) / cfg["crop_pct"])
+        scale = math.floor(min(size) / cfg.crop_pct)
         steps += [T.Resize(scale, interpolation=interp), T.CenterCrop(size)]
-    steps += [T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]
+    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     return T.Compose(steps)
 
 
@@ -176,7 +193,7 @@ class _OnImage:
         return self.transform(img), label
 
 
-def transformed_datasets(spec: DataSpec, cfg: dict) -> tuple[Dataset, Dataset]:
+def transformed_datasets(spec: DataSpec, cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """The train and val splits of ``(image, label)`` items through :func:`build_transform`."""
     return (Transformed(spec.train, _OnImage(build_transform(cfg, train=True, channels=spec.channels))),
             Transformed(spec.val, _OnImage(build_transform(cfg, train=False, channels=spec.channels))))
@@ -281,13 +298,13 @@ class _Loader(DataLoader):
                             f"(/dev/shm): {first}; {_SHM_FIX}") from exc
 
 
-def _warn_small_shm(cfg: dict, batch_size: int, workers: int, path: str = "/dev/shm") -> None:
+def _warn_small_shm(cfg: DataConfig, batch_size: int, workers: int, path: str = "/dev/shm") -> None:
     """Warn when /dev/shm looks too small for the batches ``workers`` hand over (about 2 in flight each)."""
     try:
         free = shutil.disk_usage(path).free
     except OSError:
         return  # no /dev/shm (not Linux): torch uses another mechanism
-    need = 4 * batch_size * math.prod(cfg["input_size"]) * workers * 2  # float32, prefetch_factor 2
+    need = 4 * batch_size * math.prod(cfg.input_size) * workers * 2  # float32, prefetch_factor 2
     if free < need:
         warnings.warn(f"{path} has {free / 2**20:.0f} MiB free, but {workers} loader worker(s) need about "
                       f"{need / 2**20:.0f} MiB for batches of {batch_size}; if they crash, {_SHM_FIX}",
@@ -296,7 +313,7 @@ def _warn_small_shm(cfg: dict, batch_size: int, workers: int, path: str = "/dev/
 
 def build_loaders(
     spec: DataSpec,
-    cfg: dict,
+    cfg: DataConfig,
     *,
     batch_size: int,
     workers: int = 2,

@@ -25,18 +25,19 @@ from cwkd.checkpoint import (
     append_jsonl,
     atomic_write_text,
     check_writable,
-    is_int,
     load_state,
     save_checkpoint,
     save_state,
 )
 from cwkd.config import TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
+from cwkd.metadata import CheckpointMeta, is_int
 from cwkd.models import load_state_checked
 from cwkd.runlock import RunLock
 
 if TYPE_CHECKING:  # build imports torch's distributed helpers; rundir needs only the type
     from cwkd.build import TeacherSource
+    from cwkd.loaders import DataConfig
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt")
 #: Layout version of state.pt; a file with a larger number needs a newer cwkd.
@@ -252,7 +253,7 @@ def _same(key: str, given, saved) -> bool:
     return False
 
 
-def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec,
+def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: DataConfig, spec,
                  teacher_source: TeacherSource | None) -> None:
     """config.json: the resolved config, versions, git hash, data settings and layer pairs."""
     record = {
@@ -260,8 +261,8 @@ def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec,
         "cwkd_version": __version__,
         "versions": _versions(),
         "git": _git_hash(),
-        "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg["input_size"]),
-                 "mean": list(dcfg["mean"]), "std": list(dcfg["std"])},
+        "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg.input_size),
+                 "mean": list(dcfg.mean), "std": list(dcfg.std)},
         "teacher": teacher_source.to_dict() if teacher_source else {},
         "inputs": runinputs.record(cfg),
         "pairs": distiller.describe(),
@@ -271,41 +272,17 @@ def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: dict, spec,
     atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
 
 
-def checkpoint_metadata(cfg: TrainConfig, distiller, dcfg: dict, spec, in_chans: int,
-                        teacher_source: TeacherSource | None) -> dict:
-    """What every checkpoint carries so it can be evaluated and exported on its own."""
-    return {
-        "model": getattr(distiller.student, "cwkd_name", cfg.student),
-        "num_classes": spec.num_classes,
-        "in_chans": in_chans,
-        "input_size": list(dcfg["input_size"]),
-        "mean": [float(v) for v in dcfg["mean"]],
-        "std": [float(v) for v in dcfg["std"]],
-        "interpolation": dcfg.get("interpolation", "bilinear"),
-        "crop_pct": float(dcfg.get("crop_pct", 1.0)),
-        "pairs": distiller.describe(),
-        "method": cfg.method.value,
-        "alpha": cfg.alpha,
-        "alpha_auto": cfg.alpha_auto,  # alpha was picked by `--alpha auto` (cwkd.autoalpha)
-        "task": cfg.task.value,
-        "dataset": spec.name,
-        "classes": list(spec.classes),
-        "cwkd_version": __version__,
-        "kind": "distill",
-        "teacher": teacher_source.model if teacher_source else None,
-    }
-
-
 def no_best(metric: str) -> dict:
     """The best record before any epoch: ``{"metric": metric, "value": -1.0, "epoch": -1}``."""
     return {"metric": metric, "value": -1.0, "epoch": -1}
 
 
-def save_epoch(out: Path, distiller, optimizer, scheduler, scaler, meta: dict, record: dict, best: dict) -> dict:
+def save_epoch(out: Path, distiller, optimizer, scheduler, scaler, meta: CheckpointMeta, record: dict,
+               best: dict) -> dict:
     """After an epoch: metrics line, last (and maybe best, by ``val_<best["metric"]>``) checkpoint, then the state."""
     epoch = record["epoch"] - 1
     key = f"val_{best['metric']}"
-    meta = {**meta, "epoch": record["epoch"], "best_metric": best["metric"], key: record[key]}
+    meta = meta.replace(epoch=record["epoch"], best_metric=best["metric"], scores={best["metric"]: record[key]})
     tensors = distiller.state_dict()
     append_jsonl(out / "metrics.jsonl", record)
     save_checkpoint(out / "last.safetensors", tensors, meta)
@@ -316,10 +293,10 @@ def save_epoch(out: Path, distiller, optimizer, scheduler, scaler, meta: dict, r
     return best
 
 
-def save_interrupted(out: Path, distiller, optimizer, scheduler, scaler, meta: dict, epoch: int, step: int,
-                     best: dict) -> None:
+def save_interrupted(out: Path, distiller, optimizer, scheduler, scaler, meta: CheckpointMeta, epoch: int,
+                     step: int, best: dict) -> None:
     """After a stop signal mid-epoch: the current weights as last, and the state to resume from."""
-    save_checkpoint(out / "last.safetensors", distiller.state_dict(), {**meta, "epoch": epoch, "step": step})
+    save_checkpoint(out / "last.safetensors", distiller.state_dict(), meta.replace(epoch=epoch, step=step))
     _save_state(out, distiller, optimizer, scheduler, scaler, epoch, step, best)
 
 

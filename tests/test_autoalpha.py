@@ -117,7 +117,7 @@ def test_cli_auto_prints_saves_and_resumes_with_the_picked_alpha(folder, teacher
     assert isinstance(config["alpha"], float) and config["alpha"] > 0 and config["alpha_auto"] is True
     assert f"picked {config['alpha']:.4g} " in line and "over 4 batches" in line  # 16 images, batch 4
     meta = read_metadata(tmp_path / "a" / "last.safetensors")
-    assert meta["alpha"] == config["alpha"] and meta["alpha_auto"] is True
+    assert meta.alpha == config["alpha"] and meta.alpha_auto is True
     # the same seed picks the same alpha
     _distill(folder, teacher_ckpt, tmp_path / "b", "--alpha", "auto")
     assert json.loads((tmp_path / "b" / "config.json").read_text())["config"]["alpha"] == config["alpha"]

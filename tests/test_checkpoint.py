@@ -13,7 +13,6 @@ import safetensors.torch
 import torch
 
 from cwkd.checkpoint import (
-    FORMAT_VERSION,
     append_jsonl,
     atomic_write,
     atomic_write_text,
@@ -23,9 +22,9 @@ from cwkd.checkpoint import (
     read_state_dict,
     save_checkpoint,
     save_state,
-    validate_metadata,
 )
 from cwkd.errors import CheckpointError, ConfigError
+from cwkd.metadata import FORMAT_VERSION, CheckpointMeta
 
 
 def _meta(**extra: object) -> dict:
@@ -47,6 +46,11 @@ def _meta(**extra: object) -> dict:
     }
     meta.update(extra)
     return meta
+
+
+def _ckpt(**changes: object) -> CheckpointMeta:
+    """:func:`_meta` as the typed metadata that save_checkpoint takes."""
+    return CheckpointMeta.from_dict(_meta()).replace(**changes)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -74,9 +78,10 @@ class _Evil:
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "student.safetensors"
     tensors = _tensors()
-    save_checkpoint(path, tensors, _meta())
+    save_checkpoint(path, tensors, _ckpt())
     loaded, meta = load_checkpoint(path)
-    assert meta == _meta()
+    assert meta == _ckpt() and meta.scores == {"top1": 71.5} and meta.dataset is None
+    assert meta.to_dict() == {k: v for k, v in _meta().items() if v is not None}
     assert loaded.keys() == tensors.keys()
     for name, t in tensors.items():
         assert torch.equal(loaded[name], t)
@@ -86,18 +91,20 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_checkpoint_handles_tied_non_contiguous_and_grad_tensors(tmp_path: Path) -> None:
     w = torch.randn(4, 6, requires_grad=True)
     tensors = {"a": w, "tied": w, "t": w.detach().t(), "row": w.detach()[1]}
-    save_checkpoint(tmp_path / "c.safetensors", tensors, _meta(input_size=(3, 8, 8)))
+    save_checkpoint(tmp_path / "c.safetensors", tensors, _ckpt(input_size=(3, 8, 8)))
     loaded, meta = load_checkpoint(tmp_path / "c.safetensors")
-    assert meta["input_size"] == [3, 8, 8]
+    assert meta.input_size == (3, 8, 8)
     assert torch.equal(loaded["t"], w.detach().t()) and torch.equal(loaded["row"], w.detach()[1])
 
 
 def test_save_checkpoint_refuses_bad_metadata_and_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "c.safetensors"
     with pytest.raises(CheckpointError, match="num_classes"):
-        save_checkpoint(path, _tensors(), _meta(num_classes="ten"))
+        save_checkpoint(path, _tensors(), _ckpt(num_classes="ten"))
+    with pytest.raises(CheckpointError, match="mean"):
+        save_checkpoint(path, _tensors(), _ckpt(mean=(0.5,)))
     with pytest.raises(CheckpointError, match="JSON"):
-        save_checkpoint(path, _tensors(), _meta(extra=object()))
+        save_checkpoint(path, _tensors(), _ckpt(pairs=({"teacher": object()},)))
     assert not path.exists()
 
 
@@ -118,7 +125,7 @@ def test_load_checkpoint_garbage(tmp_path: Path, data: bytes) -> None:
 
 def test_load_checkpoint_truncated(tmp_path: Path) -> None:
     path = tmp_path / "c.safetensors"
-    save_checkpoint(path, {"w": torch.randn(64, 64)}, _meta())
+    save_checkpoint(path, {"w": torch.randn(64, 64)}, _ckpt())
     data = path.read_bytes()
     for cut in (len(data) // 2, 20, len(data) - 1):
         path.write_bytes(data[:cut])
@@ -176,12 +183,12 @@ def test_load_checkpoint_metadata_is_json_not_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_validate_metadata_requires_keys_and_allows_unknown_ones() -> None:
+def test_metadata_requires_keys_and_allows_unknown_ones() -> None:
     meta = _meta(future_key={"anything": 1}, epoch=None)
-    assert validate_metadata(meta) is meta
+    assert CheckpointMeta.from_dict(meta).epoch is None
     del meta["std"]
     with pytest.raises(CheckpointError, match="std"):
-        validate_metadata(meta)
+        CheckpointMeta.from_dict(meta)
 
 
 def test_load_checkpoint_pth_says_what_it_is(tmp_path: Path) -> None:
@@ -197,7 +204,7 @@ def test_load_checkpoint_pth_says_what_it_is(tmp_path: Path) -> None:
 
 def test_read_state_dict_safetensors_and_cwkd_checkpoint(tmp_path: Path) -> None:
     safetensors.torch.save_file(_tensors(), tmp_path / "w.safetensors")
-    save_checkpoint(tmp_path / "c.safetensors", _tensors(), _meta())
+    save_checkpoint(tmp_path / "c.safetensors", _tensors(), _ckpt())
     for name in ("w.safetensors", "c.safetensors"):
         state = read_state_dict(tmp_path / name)
         assert state.keys() == _tensors().keys()

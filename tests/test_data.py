@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import struct
 from pathlib import Path
@@ -240,11 +241,10 @@ def rgb_model():
 
 def test_data_config_reads_model_channels(gray_model, rgb_model):
     gray = data_config(gray_model, input_size=32)
-    assert gray["input_size"] == (1, 32, 32) and len(gray["mean"]) == len(gray["std"]) == 1
+    assert gray.input_size == (1, 32, 32) and len(gray.mean) == len(gray.std) == 1
     rgb = data_config(rgb_model, native_size=28)
-    assert rgb["input_size"] == (3, 160, 160) and len(rgb["mean"]) == 3  # model default kept
-    assert set(rgb) == {"input_size", "mean", "std", "interpolation", "crop_pct"}
-    assert data_config(rgb_model, in_chans=1)["input_size"][0] == 1
+    assert rgb.input_size == (3, 160, 160) and len(rgb.mean) == 3  # model default kept
+    assert data_config(rgb_model, in_chans=1).input_size[0] == 1
     with pytest.raises(ConfigError, match="input_size"):
         data_config(rgb_model, input_size=0)
 
@@ -266,7 +266,7 @@ def test_transform_shapes(gray_model, rgb_model, model_chans, data_mode, size, t
 
 
 def test_transform_rejects_mismatched_stats(rgb_model):
-    cfg = data_config(rgb_model, input_size=32) | {"mean": (0.5,)}
+    cfg = dataclasses.replace(data_config(rgb_model, input_size=32), mean=(0.5,))
     with pytest.raises(ConfigError, match="mean/std"):
         build_transform(cfg, train=False, channels=3)
 

@@ -50,13 +50,13 @@ def test_distill_writes_every_run_file(folder, teacher_ckpt, tmp_path):
         assert key in record, key
     tensors, meta = load_checkpoint(out / "best.safetensors")
     assert any(k.startswith("aligners.") for k in tensors)
-    assert meta["model"] == "test_efficientnet" and meta["num_classes"] == 2
+    assert meta.model == "test_efficientnet" and meta.num_classes == 2
 
     # The checkpoint reloads to the same val accuracy it recorded.
-    model = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    model = create_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans)
     model.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
     spec = load_data(str(folder))
-    dcfg = data_config(model, input_size=meta["input_size"][1], in_chans=meta["in_chans"])
+    dcfg = data_config(model, input_size=meta.input_size[1], in_chans=meta.in_chans)
     _, val_loader = build_loaders(spec, dcfg, batch_size=4, workers=0)
     assert evaluate(model, val_loader, torch.device("cpu"))["top1"] == pytest.approx(record["val_top1"])
 
@@ -125,7 +125,7 @@ def test_teacher_sees_its_own_normalisation(folder, tmp_path, monkeypatch):
     result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(teacher),
                                  "--mean", "0.2", "--std", "0.4", *COMMON])
     assert result.exit_code == 0, result.output
-    assert load_checkpoint(teacher / "best.safetensors")[1]["mean"] == pytest.approx([0.2] * 3)
+    assert load_checkpoint(teacher / "best.safetensors")[1].mean == pytest.approx([0.2] * 3)
     seen: dict[str, list] = {"teacher": [], "student": []}
 
     class Spy(engine.FeatureDistiller):
@@ -146,7 +146,7 @@ def test_teacher_sees_its_own_normalisation(folder, tmp_path, monkeypatch):
         torch.testing.assert_close(t_in, (raw - 0.2) / 0.4, rtol=1e-5, atol=1e-5)
     config = json.loads((out / "config.json").read_text())
     assert config["teacher"]["mean"] == pytest.approx([0.2] * 3)
-    assert load_checkpoint(out / "best.safetensors")[1]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert load_checkpoint(out / "best.safetensors")[1].mean == pytest.approx([0.485, 0.456, 0.406])
 
 
 def test_mean_and_std_are_checked(folder, tmp_path):

@@ -101,6 +101,6 @@ def test_load_student_is_the_bare_timm_model_in_eval_mode(run_dir):
     assert not any("aligner" in k for k in student.state_dict())
     assert type(student).__module__.startswith("timm.")
     cfg = timm.data.resolve_data_config(model=student)
-    assert cfg["input_size"] == tuple(meta["input_size"]) and cfg["mean"] == tuple(meta["mean"])
+    assert cfg["input_size"] == meta.input_size and cfg["mean"] == meta.mean
     with torch.no_grad():
-        assert student(torch.randn(2, *meta["input_size"])).shape == (2, 2)
+        assert student(torch.randn(2, *meta.input_size)).shape == (2, 2)

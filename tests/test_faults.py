@@ -25,11 +25,12 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from cwkd import checkpoint, engine, nonfinite
-from cwkd.checkpoint import atomic_write, load_checkpoint, load_state, save_checkpoint, validate_metadata
+from cwkd.checkpoint import atomic_write, load_checkpoint, load_state, save_checkpoint
 from cwkd.cli import app
 from cwkd.distiller import FeatureDistiller
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.faults import fault_message
+from cwkd.metadata import CheckpointMeta
 from cwkd.strict_json import json_text
 
 from .helpers import cli_fails as _fails
@@ -105,14 +106,15 @@ def test_inspect_eval_export_refuse_out_of_range_numbers(args, needle):
 @pytest.mark.parametrize("key, value", [("input_size", [3, 10**9, 32]), ("input_size", [3, -32, 32]),
                                         ("num_classes", 10**12), ("num_classes", -5), ("in_chans", 5000)])
 def test_crafted_metadata_sizes_are_refused(trained, tmp_path, key, value):
-    tensors, meta = load_checkpoint(trained / "last.safetensors")
+    tensors, loaded = load_checkpoint(trained / "last.safetensors")
+    meta = loaded.to_dict()
     meta[key] = value
     if key == "in_chans":
         meta.update(input_size=[value, 32, 32], mean=[0.5] * value, std=[0.5] * value)
     path = tmp_path / "crafted.safetensors"  # written around save_checkpoint, which would refuse it
     save_file(tensors, path, metadata={"format": "cwkd", "format_version": "1", "cwkd": json.dumps(meta)})
     with pytest.raises(CheckpointError, match="from 1 to"):
-        validate_metadata(meta)
+        CheckpointMeta.from_dict(meta)
     _fails(["eval", path, "--workers", "0"], str(path), f"'{key}'", "from 1 to")
 
 
@@ -273,7 +275,7 @@ def test_read_only_mid_run_keeps_the_last_epoch(folder, tmp_path, monkeypatch):
     _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, "--epochs", "2", *FAST],
            "could not write", "last.safetensors", "Read-only file system", "remount it read-write")
     _, meta = load_checkpoint(out / "last.safetensors")
-    assert meta["epoch"] == 1 and load_state(out / "state.pt")["epoch"] == 1
+    assert meta.epoch == 1 and load_state(out / "state.pt")["epoch"] == 1
     assert not list(out.glob(".*.tmp"))
 
 
@@ -415,9 +417,9 @@ def test_poisoned_weights_keep_the_last_good_checkpoint(folder, tmp_path, poison
            "training diverged in epoch 2/3", "weight tensor(s) became non-finite", cause,
            "checkpoints of the last finished epoch are kept")
     tensors, meta = load_checkpoint(out / "last.safetensors")
-    assert meta["epoch"] == 1 and all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    assert meta.epoch == 1 and all(bool(torch.isfinite(t).all()) for t in tensors.values())
     assert load_state(out / "state.pt")["epoch"] == 1
-    assert load_checkpoint(out / "best.safetensors")[1]["epoch"] == 1
+    assert load_checkpoint(out / "best.safetensors")[1].epoch == 1
     lines = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2] and lines[1].get("nonfinite") == flagged
 

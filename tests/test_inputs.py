@@ -19,6 +19,7 @@ from cwkd.cli import app
 from cwkd.data import ArrayDataset, DataSpec, load_data
 from cwkd.errors import DataError
 from cwkd.loaders import build_loaders, build_transform, check_split_sizes, data_config
+from cwkd.metadata import CheckpointMeta
 from cwkd.models import create_model
 
 from .helpers import cli_fails as _fails
@@ -312,8 +313,8 @@ def test_path_as_student_is_never_looked_up_as_a_model(tmp_path, colour_data):
 def test_cwkd_checkpoint_as_teacher_weights_says_use_teacher(tmp_path, colour_data):
     model = create_model("test_resnet", num_classes=2)
     ckpt = tmp_path / "best.safetensors"
-    meta = {"model": "test_resnet", "num_classes": 2, "in_chans": 3, "input_size": [3, 32, 32],
-            "mean": [0.5] * 3, "std": [0.5] * 3}
+    meta = CheckpointMeta(model="test_resnet", num_classes=2, in_chans=3, input_size=(3, 32, 32),
+                          mean=(0.5,) * 3, std=(0.5,) * 3)
     save_checkpoint(ckpt, {f"student.{k}": v for k, v in model.state_dict().items()}, meta)
     message = _fails(_distill(tmp_path, colour_data, "--teacher", "test_resnet", "--teacher-weights", ckpt),
                      f"{ckpt} is a cwkd checkpoint (of test_resnet); pass it as --teacher {ckpt}")

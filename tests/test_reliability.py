@@ -208,11 +208,11 @@ def _damaged_teacher(teacher_run: Path, tmp_path: Path, case: str) -> Path:
     elif case == "another model":  # metadata says one model, the tensors are another's
         tensors, meta = load_checkpoint(good)
         other = create_model("test_efficientnet", num_classes=2).state_dict()
-        header = {"format": "cwkd", "format_version": "1", "cwkd": json.dumps(meta)}
+        header = meta.to_header(path)
         save_file({f"student.{k}": v.contiguous() for k, v in other.items()}, path, metadata=header)
     elif case == "newer format":
         tensors, meta = load_checkpoint(good)
-        save_file(tensors, path, metadata={"format": "cwkd", "format_version": "99", "cwkd": json.dumps(meta)})
+        save_file(tensors, path, metadata={**meta.to_header(path), "format_version": "99"})
     return path
 
 
@@ -412,7 +412,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pat
     _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, *FAST, "--epochs", "3"],
            "non-finite loss in epoch 2/3, step 2", "loss=nan", "lower --lr", "--skip-nonfinite")
     _, meta = load_checkpoint(out / "last.safetensors")
-    assert meta["epoch"] == 1 and load_state(out / "state.pt")["epoch"] == 1
+    assert meta.epoch == 1 and load_state(out / "state.pt")["epoch"] == 1
 
 
 def test_huge_lr_gives_a_nonfinite_loss_error(folder, tmp_path):
@@ -480,7 +480,7 @@ def test_stop_mid_epoch_saves_and_resume_is_exact(signal_folder, reference, tmp_
     assert f"continue with --resume {out}" in result.output
     state = load_state(out / "state.pt")
     assert state["epoch"] == 1 and 0 < state["step"] < 8  # stopped inside epoch 2
-    assert load_checkpoint(out / "last.safetensors")[1]["step"] == state["step"]
+    assert load_checkpoint(out / "last.safetensors")[1].step == state["step"]
     monkeypatch.undo()
     result = _ok(["distill", "--resume", out])
     assert f"at epoch 2, step {state['step']}" in result.output

@@ -7,6 +7,7 @@ the loss dict its model returns in train mode, and its ``feature_prefix`` points
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from torch.utils.data import Dataset
 
 from cwkd.choices import Task
 from cwkd.data import DataSpec
+
+if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
+    from cwkd.loaders import DataConfig
 
 
 class TaskSpec:
@@ -47,7 +51,7 @@ class TaskSpec:
         """The training input size when ``--input-size`` is not given (None: the model's own)."""
         return None
 
-    def datasets(self, spec: DataSpec, dcfg: dict) -> tuple[Dataset, Dataset]:
+    def datasets(self, spec: DataSpec, dcfg: DataConfig) -> tuple[Dataset, Dataset]:
         """The train and val data sets transformed to tensors for a data config (required).
 
         Items must accept ``(index, seed)`` keys from :class:`~cwkd.loaders.EpochSampler`.

@@ -14,7 +14,7 @@ from cwkd.build import autocast
 from cwkd.choices import Task
 from cwkd.config import Precision
 from cwkd.data import DataSpec, load_data
-from cwkd.loaders import transformed_datasets
+from cwkd.loaders import DataConfig, transformed_datasets
 from cwkd.models import create_model, resolve_name
 from cwkd.tasks.base import TaskSpec
 
@@ -47,7 +47,7 @@ class Classification(TaskSpec):
         """Small native images (28 px, 32 px) train at the next multiple of 32; folders at the model's own size."""
         return None if spec.native_size is None else 32 * math.ceil(spec.native_size / 32)
 
-    def datasets(self, spec: DataSpec, dcfg: dict) -> tuple[Dataset, Dataset]:
+    def datasets(self, spec: DataSpec, dcfg: DataConfig) -> tuple[Dataset, Dataset]:
         """Images through the model's timm transform (random crops and flips for training)."""
         return transformed_datasets(spec, dcfg)
 

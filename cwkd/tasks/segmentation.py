@@ -21,7 +21,7 @@ from cwkd.config import Precision
 from cwkd.data import DataSpec
 from cwkd.errors import ConfigError, ModelNotFoundError
 from cwkd.heads import TORCHVISION_MODELS, create_segmentation_model, is_segmentation_name
-from cwkd.loaders import Transformed
+from cwkd.loaders import DataConfig, Transformed
 from cwkd.miou import SegmentationScore
 from cwkd.models import load_state_checked
 from cwkd.segdata import IGNORE_INDEX, JointTransform, load_segmentation
@@ -76,10 +76,10 @@ class Segmentation(TaskSpec):
         """The data's own image size (its first training image's longer side), at most 512 px."""
         return min(spec.native_size or MAX_DEFAULT_SIZE, MAX_DEFAULT_SIZE)
 
-    def datasets(self, spec: DataSpec, dcfg: dict) -> tuple[Dataset, Dataset]:
+    def datasets(self, spec: DataSpec, dcfg: DataConfig) -> tuple[Dataset, Dataset]:
         """Image and mask through one :class:`~cwkd.segdata.JointTransform` (random scale, crop, flip)."""
-        chans, size, _ = dcfg["input_size"]
-        return tuple(Transformed(split, JointTransform(size, dcfg["mean"], dcfg["std"], train=train, channels=chans))
+        chans, size, _ = dcfg.input_size
+        return tuple(Transformed(split, JointTransform(size, dcfg.mean, dcfg.std, train=train, channels=chans))
                      for split, train in ((spec.train, True), (spec.val, False)))  # type: ignore[return-value]
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, *,
