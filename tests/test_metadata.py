@@ -83,4 +83,4 @@ def test_run_metadata_writes_the_keys_a_run_checkpoint_always_had(tmp_path: Path
     save_checkpoint(tmp_path / "last.safetensors", {"w": torch.zeros(1)}, meta)
     with safetensors.safe_open(str(tmp_path / "last.safetensors"), "pt") as f:
         stored = json.loads(f.metadata()["cwkd"])
-    assert stored == {k: v for k, v in _OLD_RUN_META.items() if v is not None} | {"alpha": 1.0}
+    assert stored == {k: v for k, v in _OLD_RUN_META.items() if v is not None} | {"alpha": 1.0, "alpha_auto": False}
