@@ -149,13 +149,16 @@ def is_checkpoint_path(value: str) -> bool:
     return looks_like_path(value) or path.is_file() or (path.is_dir() and not is_model_name(value))
 
 
-def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """The student of the run's task: from scratch, pretrained weights, or a local weights file to fine-tune."""
+def build_student(cfg: TrainConfig, num_classes: int, in_chans: int, input_size: int | None = None) -> nn.Module:
+    """The student of the run's task: from scratch, pretrained weights, or a local weights file to fine-tune.
+
+    ``input_size`` reaches models that resize their own input (detectors).
+    """
     from cwkd.tasks import get_task
 
     return get_task(cfg.task).build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
                                           pretrained=cfg.student_pretrained, weights=cfg.student_weights,
-                                          new_head=True)
+                                          new_head=True, input_size=input_size)
 
 
 def teacher_in_chans(cfg: TrainConfig) -> int | None:
@@ -206,13 +209,13 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
     The description's ``mean`` and ``std`` are the input statistics the teacher expects: the
     checkpoint's own, or timm's config for the model otherwise.
     """
-    from cwkd.tasks import get_task
+    from cwkd.tasks import can_teach, get_task
 
     assert cfg.teacher is not None
     task = get_task(cfg.task)
     if is_checkpoint_path(cfg.teacher):
         tensors, meta = _teacher_checkpoint(cfg.teacher)
-        if get_task(meta.get("task")).name is not task.name:
+        if not can_teach(get_task(meta.get("task")).name, task.name):
             raise ConfigError(f"--teacher {cfg.teacher} is a {get_task(meta.get('task')).name.value} checkpoint "
                               f"but this run is {task.name.value}; pass a teacher trained for "
                               f"{task.name.value} (or --task)")

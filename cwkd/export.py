@@ -89,6 +89,7 @@ def export_student(
     if task is not None and get_task(task).name is not get_task(meta.get("task")).name:
         raise ExportError(f"--task {get_task(task).name.value}: {checkpoint} holds a "
                           f"{get_task(meta.get('task')).name.value} model; drop --task")
+    _check_supported(get_task(meta.get("task")), fmt, verify)
     model = get_task(meta.get("task")).export_model(student)  # one tensor in, one out
     path = _output_path(Path(checkpoint), fmt, out, overwrite)
     example = torch.randn(2, *meta["input_size"])
@@ -108,6 +109,17 @@ def export_student(
     if benchmark:
         result.speed = _benchmark(model, runner if timed else None, fmt, meta)
     return result
+
+
+def _check_supported(task, fmt: ExportFormat, verify: bool) -> None:
+    """Refuse a format, or ``--verify``, that the task's models cannot go through (detectors: safetensors only)."""
+    if fmt.value not in task.export_formats:
+        raise ExportError(f"{fmt.value} export is not supported for {task.name.value} models (torchvision's "
+                          f"detectors take a list of images and return boxes per image); use --format "
+                          f"{' or '.join(task.export_formats)}, which cwkd.detmodels.create_detection_model loads")
+    if verify and ExportFormat.onnx.value not in task.export_formats:  # no graph: no one output tensor to compare
+        raise ExportError(f"--verify compares one output tensor, and {task.name.value} models return detections per "
+                          "image; drop --verify (a safetensors export holds the exact weights)")
 
 
 def _require_onnx() -> None:
@@ -185,7 +197,8 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 def _load_safetensors(payload: bytes, meta: dict) -> Runner:
     """The exported state dict in a freshly built plain model (timm's, or cwkd.heads'), as a user would load it."""
     task = get_task(meta.get("task"))
-    model = task.build_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    model = task.build_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"],
+                             input_size=meta["input_size"][-1])
     model.load_state_dict(safetensors.torch.load(payload))
     return task.export_model(model.eval())
 

@@ -7,6 +7,7 @@ the loss dict its model returns in train mode, and its ``feature_prefix`` points
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -14,6 +15,22 @@ from torch.utils.data import Dataset
 
 from cwkd.choices import Task
 from cwkd.data import DataSpec
+
+
+class FeatureTaps(Protocol):
+    """Features a task captures itself: its ``pairs``, and both sides' maps after a student forward.
+
+    ``pop(teacher=True)`` returns ``(student_maps, teacher_maps)`` keyed by the pairs' layer names and
+    clears what it held; ``attach``/``detach`` add and remove its hooks.
+    """
+
+    pairs: list
+
+    def attach(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def pop(self, teacher: bool = True) -> tuple[dict, dict]: ...
 
 
 class TaskSpec:
@@ -28,6 +45,12 @@ class TaskSpec:
     export_io: tuple[str, str, str] = ("input", "output", "[batch, ...]")
     #: Whether :meth:`logits` gives class logits, so logit KD (``--kd-weight``) can work.
     has_logits: bool = False
+    #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
+    ddp_find_unused: bool = False
+    #: How the loaders batch items (None: torch's default stacking).
+    collate: Callable | None = None
+    #: The ``cwkd export`` formats this task's models support (values of :class:`cwkd.choices.ExportFormat`).
+    export_formats: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
@@ -39,8 +62,12 @@ class TaskSpec:
         raise NotImplementedError
 
     def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
-                    pretrained: bool = False, weights: str | None = None, new_head: bool = False) -> nn.Module:
-        """A model of this task by name (required). ``model.num_classes`` and ``model.cwkd_name`` are set."""
+                    pretrained: bool = False, weights: str | None = None, new_head: bool = False,
+                    input_size: int | None = None) -> nn.Module:
+        """A model of this task by name (required). ``model.num_classes`` and ``model.cwkd_name`` are set.
+
+        ``input_size`` is for models that resize their own input (a detector's ``min_size``); others ignore it.
+        """
         raise NotImplementedError
 
     def default_input_size(self, spec: DataSpec) -> int | None:
@@ -59,6 +86,10 @@ class TaskSpec:
         images, targets = batch[0], batch[1]
         return (images.to(device, non_blocking=True, memory_format=memory_format),
                 targets.to(device, non_blocking=True))
+
+    def forward(self, model: nn.Module, inputs, targets):
+        """The model's output on a training batch (a detector takes the targets too, and returns its losses)."""
+        return model(inputs)
 
     def loss(self, outputs, targets, *, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
         """The task's loss parts: ``task_loss`` (what is optimised) and any parts it sums (required)."""
@@ -80,6 +111,11 @@ class TaskSpec:
     def feature_prefix(self, model: nn.Module) -> str:
         """Where ``--pairs last``/``all`` look for stages: ``""`` (the whole model) or a submodule's ``name.``."""
         return ""
+
+    def feature_taps(self, teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int],
+                     pairs) -> FeatureTaps | None:
+        """The task's own way to pair and capture features, or None: layers hooked by name (the default)."""
+        return None
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The model as a graph of one tensor in, one tensor out (for ONNX and TorchScript)."""
