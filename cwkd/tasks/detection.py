@@ -51,7 +51,13 @@ class Detection(TaskSpec):
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
-        """A COCO-style folder (:func:`cwkd.cocodata.load_coco`); class 0 is the background, as detectors count."""
+        """A COCO-style folder (:func:`cwkd.cocodata.load_coco`); class 0 is the background, as detectors count.
+
+        Checks first that pycocotools (COCO AP) is installed, so a run never trains an epoch it cannot score.
+        """
+        from cwkd.cocoeval import _pycocotools
+
+        _pycocotools()
         coco = load_coco(data, masks=self.masks)
         first = coco.train.records[0]
         native = max(int(first.get("width", 0)), int(first.get("height", 0))) or None
