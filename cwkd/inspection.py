@@ -40,9 +40,11 @@ def inspect_model(model: str | nn.Module, *, input_size: int | None = None, in_c
         ('layer4', 96, 32)
     """
     check_sizes(input_size=input_size, in_chans=in_chans)  # 0 is refused, not taken as "the default"
-    module = _model(model, in_chans, get_task(infer_task(_name(model), task)), input_size)
+    spec = get_task(infer_task(_name(model), task))
+    module = _model(model, in_chans, spec, input_size)
     size = _size(module, input_size, in_chans)
-    return probe(module, size), size
+    taps = spec.feature_taps(module, module, size, "all")  # a detector paired with itself: its FPN levels
+    return ([pair.student for pair in taps.pairs] if taps is not None else probe(module, size)), size
 
 
 def propose_pairs(teacher: str | nn.Module, student: str | nn.Module, *, pairs: str = "last",

@@ -17,7 +17,7 @@ from cwkd.cli import app
 from cwkd.composite import Items, write_dense_dataset
 from cwkd.detmodels import create_detection_model
 from cwkd.errors import ConfigError
-from cwkd.inspection import propose_pairs
+from cwkd.inspection import inspect_model, propose_pairs
 from cwkd.tasks import Task, get_task, infer_task
 from tests.helpers import cli_fails
 
@@ -73,6 +73,8 @@ def test_inspect_pairs_fpn_levels_by_stride_not_by_index():
     assert [(p["student"], p["teacher"], p["reduction"]) for p in report["pairs"]] == [
         ("P3", "P3", 8), ("P4", "P4", 16), ("P5", "P5", 32)]
     assert all(p["aligner_params"] > 0 for p in report["pairs"])
+    layers, _ = inspect_model(TEACHER, input_size=64)  # one detector: its FPN levels, the max-pooled one left out
+    assert [(layer.name, layer.reduction) for layer in layers] == [("P2", 4), ("P3", 8), ("P4", 16), ("P5", 32)]
     output = _ok(["inspect", "--teacher", TEACHER, "--student", STUDENT, "--input-size", "64"])
     assert "P2" in output and "P5" in output and "pool" not in output
 

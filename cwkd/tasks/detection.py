@@ -83,8 +83,8 @@ class Detection(TaskSpec):
                               "(--weights / --teacher-weights FILE) or a cwkd checkpoint")
         found = detection_task(self.resolve_name(name))
         if new_head and found != self.name.value:
-            raise ConfigError(f"'{name}' is a {found} model but this run is {self.name.value}; pass --task {found} "
-                              "or pick a student of this task")
+            raise ConfigError(f"'{name}' is a model for the {found} task but this run is {self.name.value}; pass "
+                              f"--task {found}, or pick a {self.name.value} student")
         classes = num_classes or DEFAULT_CLASSES
         model = create_detection_model(name, classes, input_size=input_size, in_chans=in_chans)
         model.num_classes = classes
