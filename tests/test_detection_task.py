@@ -178,3 +178,23 @@ def test_two_process_gloo_ddp_distills_a_detector(coco, teacher, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     (record,) = _records(out)
     assert np.isfinite(record["val_box_ap"]) and record["train_feat_loss"] > 0
+
+
+def test_taps_give_both_sides_maps_of_one_padded_batch_and_clear():
+    from cwkd.fpnlevels import FPNTaps
+
+    task = get_task("detection")
+    teacher = task.build_model(TEACHER, num_classes=4, input_size=64).eval()
+    student = task.build_model("retinanet_test_resnet", num_classes=4, input_size=64).train()
+    taps = FPNTaps(teacher, student, (3, 64, 64))
+    taps.attach()
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    student(list(torch.rand(2, 3, 64, 80)), targets)  # not the probe size: the maps follow the batch
+    s_maps, t_maps = taps.pop()
+    assert list(s_maps) == list(t_maps) == ["P3", "P4", "P5"]
+    assert all(s_maps[k].shape == t_maps[k].shape for k in s_maps)
+    assert all(s_maps[k].requires_grad and not t_maps[k].requires_grad for k in s_maps)
+    assert taps.pop() == ({}, {})  # nothing outlives the step
+    taps.detach()
+    student(list(torch.rand(2, 3, 64, 64)), targets)
+    assert taps.pop() == ({}, {})
