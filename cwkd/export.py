@@ -89,7 +89,7 @@ def export_student(
     if task is not None and get_task(task).name is not get_task(meta.get("task")).name:
         raise ExportError(f"--task {get_task(task).name.value}: {checkpoint} holds a "
                           f"{get_task(meta.get('task')).name.value} model; drop --task")
-    _check_supported(get_task(meta.get("task")), fmt, verify)
+    get_task(meta.get("task")).check_export(fmt.value, verify)  # a format its models cannot take is refused
     model = get_task(meta.get("task")).export_model(student)  # one tensor in, one out
     path = _output_path(Path(checkpoint), fmt, out, overwrite)
     example = torch.randn(2, *meta["input_size"])
@@ -109,17 +109,6 @@ def export_student(
     if benchmark:
         result.speed = _benchmark(model, runner if timed else None, fmt, meta)
     return result
-
-
-def _check_supported(task, fmt: ExportFormat, verify: bool) -> None:
-    """Refuse a format, or ``--verify``, that the task's models cannot go through (detectors: safetensors only)."""
-    if fmt.value not in task.export_formats:
-        raise ExportError(f"{fmt.value} export is not supported for {task.name.value} models (torchvision's "
-                          f"detectors take a list of images and return boxes per image); use --format "
-                          f"{' or '.join(task.export_formats)}, which cwkd.detmodels.create_detection_model loads")
-    if verify and ExportFormat.onnx.value not in task.export_formats:  # no graph: no one output tensor to compare
-        raise ExportError(f"--verify compares one output tensor, and {task.name.value} models return detections per "
-                          "image; drop --verify (a safetensors export holds the exact weights)")
 
 
 def _require_onnx() -> None:

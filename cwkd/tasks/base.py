@@ -49,8 +49,6 @@ class TaskSpec:
     ddp_find_unused: bool = False
     #: How the loaders batch items (None: torch's default stacking).
     collate: Callable | None = None
-    #: The ``cwkd export`` formats this task's models support (values of :class:`cwkd.choices.ExportFormat`).
-    export_formats: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
@@ -116,6 +114,9 @@ class TaskSpec:
                      pairs) -> FeatureTaps | None:
         """The task's own way to pair and capture features, or None: layers hooked by name (the default)."""
         return None
+
+    def check_export(self, fmt: str, verify: bool) -> None:
+        """Raise :class:`~cwkd.errors.ExportError` for a format (or ``--verify``) the task's models cannot take."""
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The model as a graph of one tensor in, one tensor out (for ONNX and TorchScript)."""

@@ -24,7 +24,7 @@ from cwkd.cocodata import CocoDetection, DetectionTransform, collate_detection, 
 from cwkd.config import Precision
 from cwkd.data import DataSpec
 from cwkd.detmodels import create_detection_model, detection_task, list_detection_models
-from cwkd.errors import ConfigError, ModelNotFoundError
+from cwkd.errors import ConfigError, ExportError, ModelNotFoundError
 from cwkd.fpnlevels import FPNTaps, normalization
 from cwkd.loaders import Transformed, seeded
 from cwkd.models import load_state_checked
@@ -45,7 +45,6 @@ class Detection(TaskSpec):
     export_io = ("images", "detections", "boxes, labels and scores per image")
     ddp_find_unused = True
     collate = staticmethod(collate_detection)
-    export_formats = ("safetensors",)
     #: Whether the data set's masks are loaded and mask AP is scored.
     masks = False
 
@@ -167,6 +166,17 @@ class Detection(TaskSpec):
             raise ConfigError(f"--pairs {pairs}: detectors pair their FPN levels by stride, every level both have; "
                               "drop --pairs (see them with `cwkd inspect --teacher T --student S`)")
         return FPNTaps(teacher, student, input_size)
+
+
+    def check_export(self, fmt: str, verify: bool) -> None:
+        """Safetensors only, without ``--verify``: a detector's graph takes a list of images and returns dicts."""
+        if fmt != "safetensors":
+            raise ExportError(f"{fmt} export is not supported for {self.name.value} models (torchvision's detectors "
+                              "take a list of images and return boxes per image); use --format safetensors, which "
+                              "cwkd.detmodels.create_detection_model loads")
+        if verify:
+            raise ExportError(f"--verify compares one output tensor, and {self.name.value} models return detections "
+                              "per image; drop --verify (a safetensors export holds the exact weights)")
 
 
 class Instance(Detection):
