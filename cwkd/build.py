@@ -154,13 +154,16 @@ def is_checkpoint_path(value: str) -> bool:
     return looks_like_path(value) or path.is_file() or (path.is_dir() and not is_model_name(value))
 
 
-def build_student(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """The student of the run's task: from scratch, pretrained weights, or a local weights file to fine-tune."""
+def build_student(cfg: TrainConfig, num_classes: int, in_chans: int, input_size: int | None = None) -> nn.Module:
+    """The student of the run's task: from scratch, pretrained weights, or a local weights file to fine-tune.
+
+    ``input_size`` reaches models that resize their own input (detectors).
+    """
     from cwkd.tasks import get_task
 
     return get_task(cfg.task).build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
                                           pretrained=cfg.student_pretrained, weights=cfg.student_weights,
-                                          new_head=True)
+                                          new_head=True, input_size=input_size)
 
 
 def teacher_in_chans(cfg: TrainConfig) -> int | None:
@@ -253,10 +256,10 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
 
 def _checkpoint_teacher(path: str, task: TaskSpec) -> tuple[nn.Module, TeacherSource, int, int]:
     """A teacher from a cwkd checkpoint of ``task``: its model, source, classes and input channels."""
-    from cwkd.tasks import get_task
+    from cwkd.tasks import can_teach, get_task
 
     tensors, meta = _teacher_checkpoint(path)
-    if get_task(meta.task).name is not task.name:
+    if not can_teach(get_task(meta.task).name, task.name):
         raise ConfigError(f"--teacher {path} is a {get_task(meta.task).name.value} checkpoint "
                           f"but this run is {task.name.value}; pass a teacher trained for "
                           f"{task.name.value} (or --task)")

@@ -52,3 +52,5 @@ class Task(str, Enum):
 
     classification = "classification"  # one label per image; top-1
     segmentation = "segmentation"      # one label per pixel; mIoU
+    detection = "detection"            # boxes and classes (Faster R-CNN, RetinaNet); COCO box AP
+    instance = "instance"              # boxes, classes and a mask per object (Mask R-CNN); COCO mask AP

@@ -31,9 +31,12 @@ _state = {"debug": False}
 # Reusable option types -------------------------------------------------------------------------
 Data = Annotated[str, typer.Option("--data", help="ImageFolder dir (train/ + val/), fashion-mnist, "
                                    "fashion-mnist-mini (bundled), cifar10 or cifar100; for segmentation a "
-                                   "VOC-style dir or one with train/images + train/masks.")]
-TaskOpt = Annotated[Task | None, typer.Option("--task", help="classification or segmentation (default: "
-                                              "inferred from the model name, e.g. pspnet_* is segmentation).")]
+                                   "VOC-style dir or one with train/images + train/masks; for detection/instance a "
+                                   "COCO dir (annotations/instances_train2017.json + train2017/, or "
+                                   "annotations/instances_train.json + train/).")]
+TaskOpt = Annotated[Task | None, typer.Option("--task", help="classification, segmentation, detection or instance "
+                                              "(default: inferred from the model name, e.g. pspnet_* is "
+                                              "segmentation, fasterrcnn_* detection, maskrcnn_* instance).")]
 DataRoot = Annotated[str | None, typer.Option(help="Where to look for fashion-mnist/cifar files "
                                                  "(else $CWKD_DATA, then system paths).")]
 Download = Annotated[bool, typer.Option(help="Let torchvision download cifar/fashion-mnist (needs internet).")]
@@ -50,7 +53,8 @@ Prec = Annotated[Precision, typer.Option("--precision", help="fp32, autocast bf1
                                          "or auto: the fastest here (bf16 only where native).")]
 Compile = Annotated[bool, typer.Option(help="torch.compile the student and teacher.")]
 InputSize = Annotated[int | None, typer.Option(help="Input height=width in pixels (default: the model's, "
-                                                  "or 32 for 28-32 px data sets).")]
+                                                  "or 32 for 28-32 px data sets; a detector's resize "
+                                                  "`min_size`, default the data's image size).")]
 InChans = Annotated[int | None, typer.Option(help="Input channels (default: the data's, 1 for gray).")]
 Mean = Annotated[str | None, typer.Option(help="Input mean per channel, comma-separated (default: the "
                                          "model's timm config).")]

@@ -23,6 +23,11 @@ def _identity(outputs: torch.Tensor) -> torch.Tensor:
     return outputs
 
 
+def _call(model: nn.Module, inputs, _targets):
+    """A model's output on its inputs alone (a classifier's or a segmenter's forward)."""
+    return model(inputs)
+
+
 class FeatureDistiller(nn.Module):
     """Train ``student`` to mimic ``teacher`` through channel-wise aligned features.
 
@@ -42,6 +47,11 @@ class FeatureDistiller(nn.Module):
     it (a segmentation model's ``"backbone."``); explicit pairs may name any layer. Pass all three from a
     task: ``task = cwkd.tasks.get_task("segmentation")``, then ``task_loss=task.loss_fn(),
     logits_of=None, feature_prefix=task.feature_prefix(student)``.
+
+    ``student_forward(student, inputs, targets)`` calls the student on a batch (default: ``student(inputs)``;
+    a detector takes its targets too). ``feature_taps(teacher, student, input_size, pairs)`` may return the
+    task's own pairs and feature capture (a detector's FPN levels, see :class:`cwkd.tasks.base.FeatureTaps`);
+    None keeps the layers hooked by name. Pass ``task.forward`` and ``task.feature_taps``.
 
     ``forward(images, targets)`` returns a dict with ``loss`` (``task + alpha * feat + kd_weight
     * kd``), ``task_loss`` and the task's other parts, ``feat_loss``, ``kd_loss`` when used, one
@@ -72,6 +82,8 @@ class FeatureDistiller(nn.Module):
         task_loss: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]] | None = None,
         logits_of: Callable[[Any], torch.Tensor] | None = _identity,
         feature_prefix: str = "",
+        student_forward: Callable[[nn.Module, Any, Any], Any] = _call,
+        feature_taps: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__()
         LossSettings(alpha=alpha, hidden=hidden, kd_weight=kd_weight, kd_temperature=kd_temperature,
@@ -103,7 +115,13 @@ class FeatureDistiller(nn.Module):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.pairs: list[Pair] = []
-        if self.method is not Method.none:
+        self.student_forward = student_forward
+        self._taps = feature_taps(teacher, student, size, pairs) \
+            if feature_taps is not None and self.method is not Method.none else None
+        if self._taps is not None:
+            self.pairs = list(self._taps.pairs)
+            self._taps.attach()
+        elif self.method is not Method.none:
             within = feature_prefix if isinstance(pairs, str) and pairs in ("last", "all") else ""
             s_layers, t_layers = probe(student, size, within=within), probe(teacher, size, within=within)
             self.pairs = pair_layers(
@@ -114,11 +132,12 @@ class FeatureDistiller(nn.Module):
             _key(i): build_aligner(self.method, p.student.channels, p.teacher.channels, hidden)
             for i, p in enumerate(self.pairs)
         })
-        self._s_hooks = FeatureHooks(student, [p.student.name for p in self.pairs])
+        hooked = [] if self._taps is not None else self.pairs  # taps capture their own features
+        self._s_hooks = FeatureHooks(student, [p.student.name for p in hooked])
         self._s_hooks.attach()
         self._t_hooks = None
         if teacher is not None:
-            self._t_hooks = FeatureHooks(teacher, [p.teacher.name for p in self.pairs])
+            self._t_hooks = FeatureHooks(teacher, [p.teacher.name for p in hooked])
             self._t_hooks.attach()
 
     @property
@@ -152,7 +171,7 @@ class FeatureDistiller(nn.Module):
                               "before training (cwkd's run does it for you)")
         t_feats: dict[str, torch.Tensor] = {}
         t_logits = None
-        if self.uses_teacher and targets is not None:
+        if self.uses_teacher and targets is not None and self._taps is None:
             with torch.inference_mode():
                 t_images = images if self.teacher_input is None else self.teacher_input(images)
                 t_outputs = self.teacher(t_images)
@@ -161,8 +180,10 @@ class FeatureDistiller(nn.Module):
             t_logits = self.logits_of(t_outputs).clone() if self.kd_weight > 0 else None
             t_feats = {k: v.clone() for k, v in raw.items()}
             del raw, t_outputs
-        outputs = self.student(images)
+        outputs = self.student_forward(self.student, images, targets)
         s_feats = self._s_hooks.pop()
+        if self._taps is not None:  # the teacher runs on what the student's own forward saw
+            s_feats, t_feats = self._taps.pop(teacher=targets is not None)
         out: dict = {"outputs": outputs}
         if targets is None:
             return out

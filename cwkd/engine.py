@@ -135,12 +135,13 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
     distiller, dcfg, teacher_source = _distiller(cfg, task, spec, in_chans, device)
     model: nn.Module = distiller
     if rank.enabled:
-        model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=task.ddp_find_unused)
     if rank.main:
         rundir.prepare(out, resume=resuming, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
     train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
                                              device=device, distributed=rank.enabled, seed=cfg.seed,
-                                             datasets=task.datasets(spec, dcfg))
+                                             datasets=task.datasets(spec, dcfg), collate=task.collate)
     if cfg.alpha == "auto":  # a resumed run has the number its first start picked, and never probes again
         _auto_alpha(cfg, task, distiller, train_loader, device, console)
     optimizer = _optimizer(distiller, cfg)
@@ -180,10 +181,11 @@ def _auto_alpha(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller, l
 def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
                device: torch.device) -> tuple[FeatureDistiller, DataConfig, TeacherSource | None]:
     """Student, teacher and aligners in one module on ``device``; also the input config and teacher source."""
-    student = build_student(cfg, spec.num_classes, in_chans)
+    size = cfg.input_size or task.default_input_size(spec)
+    student = build_student(cfg, spec.num_classes, in_chans, input_size=size)
     teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, None)
-    dcfg = data_config(student, input_size=cfg.input_size or task.default_input_size(spec),
-                       in_chans=in_chans, native_size=spec.native_size, mean=cfg.mean, std=cfg.std)
+    dcfg = data_config(student, input_size=size, in_chans=in_chans, native_size=spec.native_size, mean=cfg.mean,
+                       std=cfg.std)
     # Batches are normalised for the student; a teacher trained on other statistics gets them remapped.
     teacher_input = Renormalize.between((dcfg.mean, dcfg.std), (teacher_source.mean, teacher_source.std)) \
         if teacher is not None else None
@@ -192,7 +194,7 @@ def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
         input_size=dcfg.input_size, reduction=cfg.reduction, kd_weight=cfg.kd_weight,
         kd_temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, teacher_input=teacher_input,
         task_loss=task.loss_fn(cfg.label_smoothing), logits_of=task.logits if task.has_logits else None,
-        feature_prefix=task.feature_prefix(student),
+        feature_prefix=task.feature_prefix(student), student_forward=task.forward, feature_taps=task.feature_taps,
     )
     if device.type == "cuda":
         distiller.to(device, memory_format=torch.channels_last)
@@ -276,14 +278,15 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
             raise_nonfinite(out, step, skipped, cfg, device, label)  # raises once past --skip-nonfinite
             continue
         _update(p, out["loss"], cfg)
-        for key in ("loss", "task_loss", "feat_loss", "kd_loss"):
-            if key in out:
-                sums[key] += out[key].detach()
+        for key, value in out.items():  # the loss and its parts, the task's own included (a detector's)
+            if key != "outputs" and not key.startswith("feat/"):
+                sums[key] += value.detach()
         done, images_seen = done + 1, images_seen + len(images)
         if done % 10 == 0 or used == steps:  # done > 0 here: this step counted
             if watch is not None:
                 watch.check(cfg, device, label)
-            parts = {k.removesuffix("_loss") if k != "loss" else k: v.item() / done for k, v in sums.items()}
+            parts = {k.removesuffix("_loss") if k != "loss" else k: sums[k].item() / done
+                     for k in ("loss", "task_loss", "feat_loss", "kd_loss") if k in sums}
             console.advance(used, {**parts, "img/s": images_seen / (time.perf_counter() - started)})
     console.stop()
     if watch is not None:
@@ -349,7 +352,8 @@ def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]
 
 def _epoch_record(epoch: int, train: dict, val: dict, optimizer, seconds: float, task: TaskSpec) -> dict:
     record = {"epoch": epoch + 1}
-    for key in ("loss", "task_loss", "feat_loss", "kd_loss"):
+    main = ("loss", "task_loss", "feat_loss", "kd_loss")
+    for key in (*main, *sorted(k for k in train if k not in main and k not in ("steps", "batches", "images_per_s"))):
         if key in train:
             record[f"train_{key}"] = train[key]
     record.update({

@@ -111,7 +111,8 @@ def read_student(path: str | Path, *, plain_hint: str | None = None) -> tuple[nn
         if not state:
             raise CheckpointError(f"{path} holds no student weights (no 'student.*' tensors); is it a cwkd run's "
                                   "last.safetensors or best.safetensors?")
-    model = get_task(meta.task).build_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans)
+    model = get_task(meta.task).build_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans,
+                                            input_size=meta.input_size[-1])
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -200,7 +201,7 @@ def evaluate_checkpoint(
     if split is Split.train:  # score train images with the deterministic validation transform
         spec = dataclasses.replace(spec, val=spec.train)
     _, loader = build_loaders(spec, dcfg, batch_size=batch_size, workers=workers, device=target,
-                              datasets=spec_task.datasets(spec, dcfg))
+                              datasets=spec_task.datasets(spec, dcfg), collate=spec_task.collate)
     channels_last = target.type == "cuda"  # as the engine does
     model.to(target, memory_format=torch.channels_last) if channels_last else model.to(target)
     confusion = _Confusion(spec.num_classes) if per_class and spec_task.has_logits else None
@@ -244,13 +245,13 @@ def _prepare(source: str | Path, weights: str | Path | None, data: str | None, d
         raise DataError(f"evaluating '{source}' with --weights needs --data (a timm model records no data set)")
     spec_task = get_task(infer_task(str(source), task))
     spec = spec_task.load_data(data, root=data_root)
+    size = input_size or spec_task.default_input_size(spec)  # the size `cwkd train` picks
     if spec_task.has_logits:
         model, name, num_classes, in_chans = _timm_model(str(source), weights, spec.channels)
     else:
         model = spec_task.build_model(str(source), num_classes=spec.num_classes, in_chans=spec.channels,
-                                      weights=str(weights)).eval()
+                                      weights=str(weights), input_size=size).eval()
         name, num_classes, in_chans = str(source), spec.num_classes, spec.channels
-    size = input_size or spec_task.default_input_size(spec)  # the size `cwkd train` picks
     dcfg = data_config(model, input_size=size, in_chans=in_chans)
     meta = CheckpointMeta(model=name, num_classes=num_classes, in_chans=in_chans, input_size=dcfg.input_size,
                           mean=dcfg.mean, std=dcfg.std, task=spec_task.name.value)

@@ -90,6 +90,7 @@ def export_student(
     if task is not None and get_task(task).name is not get_task(meta.task).name:
         raise ExportError(f"--task {get_task(task).name.value}: {checkpoint} holds a "
                           f"{get_task(meta.task).name.value} model; drop --task")
+    get_task(meta.task).check_export(fmt.value, verify)  # a format its models cannot take is refused
     model = get_task(meta.task).export_model(student)  # one tensor in, one out
     path = _output_path(Path(checkpoint), fmt, out, overwrite)
     example = torch.randn(2, *meta.input_size)
@@ -186,7 +187,8 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 def _load_safetensors(payload: bytes, meta: CheckpointMeta) -> Runner:
     """The exported state dict in a freshly built plain model (timm's, or cwkd.heads'), as a user would load it."""
     task = get_task(meta.task)
-    model = task.build_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans)
+    model = task.build_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans,
+                             input_size=meta.input_size[-1])
     model.load_state_dict(safetensors.torch.load(payload))
     return task.export_model(model.eval())
 

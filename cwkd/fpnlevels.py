@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from cwkd.errors import PairingError
-from cwkd.features import _restore_mode
+from cwkd.features import LayerInfo, _restore_mode
+from cwkd.pairing import Pair
 
 #: The level a two-stage detector's FPN max-pools from P5 (torchvision's ``LastLevelMaxPool``). It adds
 #: nothing to distil beyond P5 and MGD leaves it out; RetinaNet's P6/P7 are convolutions and stay.
@@ -40,6 +41,7 @@ class FPNLevel:
     name: str
     stride: int
     channels: int
+    size: tuple[int, int] = (0, 0)  # (height, width) on the probe batch
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ def fpn_levels(model: nn.Module, images: Sequence[torch.Tensor]) -> list[FPNLeve
         batch, _ = model.transform(list(images))
         maps = model.backbone(batch.tensors)
     height, width = batch.tensors.shape[-2:]
-    return [FPNLevel(name, _stride(height, width, out), out.shape[1]) for name, out in maps.items()]
+    return [FPNLevel(name, _stride(height, width, out), out.shape[1], tuple(out.shape[-2:]))
+            for name, out in maps.items()]
 
 
 def _stride(height: int, width: int, out: torch.Tensor) -> int:
@@ -132,3 +135,72 @@ def _content_mask(x: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> to
     for i, (h, w) in enumerate(image_sizes):
         mask[i, :, :h, :w] = 1
     return mask
+
+
+class FPNTaps:
+    """The FPN levels a detector student learns from a detector teacher, and both sides' maps each step.
+
+    Levels pair by measured stride (:func:`pair_fpn_levels`, probed at ``input_size``); a pair's layers
+    are named ``P<n>`` (stride ``2**n``) on both sides. While attached, hooks keep the student's
+    transformed, padded batch and its backbone + FPN maps from its own forward (with gradients);
+    :meth:`pop` then runs the teacher's backbone + FPN on that same batch (:func:`teacher_backbone_features`).
+
+    Example:
+        >>> taps = FPNTaps(teacher, student, (3, 128, 128))  # doctest: +SKIP
+        >>> [p.key for p in taps.pairs]  # doctest: +SKIP
+        ['P3->P3', 'P4->P4', 'P5->P5']
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, input_size: Sequence[int]) -> None:
+        self.teacher, self.student = teacher, student
+        images = [torch.full(tuple(input_size), 0.5) for _ in range(2)]
+        s_levels = fpn_levels(student, images)
+        found = pair_fpn_levels(fpn_levels(teacher, images), s_levels)
+        sizes = {level.name: level.size for level in s_levels}
+        self.pairs = [Pair(_layer(p.student, p.student_channels, p.stride, sizes[p.student], i),
+                           _layer(p.teacher, p.teacher_channels, p.stride, sizes[p.student], i))
+                      for i, p in enumerate(found)]
+        self._keys = {_level_name(p.stride): (p.student, p.teacher) for p in found}
+        self._batch = self._maps = None
+        self._handles: list = []
+
+    def attach(self) -> None:
+        """Hook the student's transform and backbone (idempotent)."""
+        if not self._handles:
+            self._handles = [self.student.transform.register_forward_hook(self._keep_batch),
+                             self.student.backbone.register_forward_hook(self._keep_maps)]
+
+    def detach(self) -> None:
+        """Remove the hooks and drop anything held."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._batch = self._maps = None
+
+    def _keep_batch(self, _module, _inputs, output) -> None:
+        self._batch = output[0]  # (ImageList, targets)
+
+    def _keep_maps(self, _module, _inputs, output) -> None:
+        self._maps = output
+
+    def pop(self, teacher: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(student maps, teacher maps)`` of the last student forward by pair layer name; clears them."""
+        batch, maps, self._batch, self._maps = self._batch, self._maps, None, None
+        if maps is None:
+            return {}, {}
+        s_maps = {name: maps[s_key] for name, (s_key, _) in self._keys.items()}
+        if not teacher:
+            return s_maps, {}
+        t_all = teacher_backbone_features(self.teacher, self.student, batch.tensors, batch.image_sizes)
+        return s_maps, {name: t_all[t_key] for name, (_, t_key) in self._keys.items()}
+
+
+def _level_name(stride: int) -> str:
+    return f"P{round(math.log2(stride))}"
+
+
+def _layer(key: str, channels: int, stride: int, size: tuple[int, int], order: int) -> LayerInfo:
+    """An FPN level as the layer record pairs, reports and checkpoints use (named ``P<n>``)."""
+    return LayerInfo(name=_level_name(stride), type=f"FPN level '{key}'", shape=(channels, *size),
+                     channels=channels, height=size[0], width=size[1], reduction=stride, layout="nchw",
+                     prefix_tokens=0, is_stage=True, params=0, order=order)

@@ -13,10 +13,10 @@ from cwkd.tasks import Task, get_task, infer_task
 from cwkd.tasks.base import TaskSpec
 
 
-def _model(model: str | nn.Module, in_chans: int | None, task: TaskSpec) -> nn.Module:
+def _model(model: str | nn.Module, in_chans: int | None, task: TaskSpec, input_size: int | None = None) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
-    return task.build_model(model, in_chans=in_chans or 3)
+    return task.build_model(model, in_chans=in_chans or 3, input_size=input_size)
 
 
 def _name(model: str | nn.Module) -> str:
@@ -40,9 +40,11 @@ def inspect_model(model: str | nn.Module, *, input_size: int | None = None, in_c
         ('layer4', 96, 32)
     """
     check_sizes(input_size=input_size, in_chans=in_chans)  # 0 is refused, not taken as "the default"
-    module = _model(model, in_chans, get_task(infer_task(_name(model), task)))
+    spec = get_task(infer_task(_name(model), task))
+    module = _model(model, in_chans, spec, input_size)
     size = _size(module, input_size, in_chans)
-    return probe(module, size), size
+    taps = spec.feature_taps(module, module, size, "all")  # a detector paired with itself: its FPN levels
+    return ([pair.student for pair in taps.pairs] if taps is not None else probe(module, size)), size
 
 
 def propose_pairs(teacher: str | nn.Module, student: str | nn.Module, *, pairs: str = "last",
@@ -62,12 +64,16 @@ def propose_pairs(teacher: str | nn.Module, student: str | nn.Module, *, pairs: 
     method = Method(method)
     check_sizes(hidden=hidden, input_size=input_size, in_chans=in_chans)
     spec = get_task(infer_task(_name(student), task, other=_name(teacher)))
-    t_model, s_model = _model(teacher, in_chans, spec), _model(student, in_chans, spec)
+    t_model, s_model = (_model(m, in_chans, spec, input_size) for m in (teacher, student))
     size = _size(s_model, input_size, in_chans)
-    within = spec.feature_prefix(s_model) if pairs in ("last", "all") else ""
-    t_layers, s_layers = probe(t_model, size, within=within), probe(s_model, size, within=within)
-    found = pair_layers(s_layers, t_layers, pairs, student_label=model_name(s_model),
-                        teacher_label=model_name(t_model))
+    taps = spec.feature_taps(t_model, s_model, size, pairs)  # a detector's FPN levels, paired by stride
+    if taps is not None:
+        found = taps.pairs
+    else:
+        within = spec.feature_prefix(s_model) if pairs in ("last", "all") else ""
+        t_layers, s_layers = probe(t_model, size, within=within), probe(s_model, size, within=within)
+        found = pair_layers(s_layers, t_layers, pairs, student_label=model_name(s_model),
+                            teacher_label=model_name(t_model))
     rows, total_params, total_macs = [], 0, 0
     for pair in found:
         s, t = pair.student, pair.teacher

@@ -321,6 +321,7 @@ def build_loaders(
     distributed: bool = False,
     seed: int = 0,
     datasets: tuple[Dataset, Dataset] | None = None,
+    collate: Callable | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """Build the train loader (shuffled, seeded, last partial batch dropped) and the val loader (in order).
 
@@ -328,7 +329,7 @@ def build_loaders(
     ``train_loader.sampler.set_epoch(epoch)`` each epoch. Its order and augmentations depend on ``seed``
     and the epoch alone. Under ``distributed`` val uses a ``DistributedSampler`` that pads to a multiple of
     the world size, so a few samples may be counted twice. ``datasets`` (a task's transformed train and
-    val sets) replace the image transform of :func:`transformed_datasets`.
+    val sets) replace the image transform of :func:`transformed_datasets`; ``collate`` (a task's) batches them.
 
     Example:
         >>> train_loader, val_loader = build_loaders(spec, cfg, batch_size=64, workers=0)
@@ -342,6 +343,7 @@ def build_loaders(
         "pin_memory": torch.device(device).type == "cuda",
         "persistent_workers": workers > 0,
         "worker_init_fn": _worker_init if workers > 0 else None,
+        "collate_fn": collate,
     }
     if workers > 0:
         _warn_small_shm(cfg, batch_size, workers)

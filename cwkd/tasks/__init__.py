@@ -2,7 +2,7 @@
 
 The training engine, the distiller and the run files name no task; they ask the task object that
 :func:`get_task` returns (see :class:`cwkd.tasks.base.TaskSpec` for the interface). One file per task:
-``classification.py`` and ``segmentation.py``.
+``classification.py``, ``segmentation.py`` and ``detection.py`` (detection and instance segmentation).
 
 Example:
     >>> task = get_task(infer_task("pspnet_resnet18"))
@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 
 #: The module and class of each task, imported on first use (a classifier never loads the others).
 _MODULES = {Task.classification: ("cwkd.tasks.classification", "Classification"),
-            Task.segmentation: ("cwkd.tasks.segmentation", "Segmentation")}
+            Task.segmentation: ("cwkd.tasks.segmentation", "Segmentation"),
+            Task.detection: ("cwkd.tasks.detection", "Detection"),
+            Task.instance: ("cwkd.tasks.detection", "Instance")}
+#: Tasks whose models may teach another task's: a detector's FPN teaches a Mask R-CNN's, and back.
+_TEACHES = {Task.detection: {Task.instance}, Task.instance: {Task.detection}}
 
 
 def get_task(name: Task | str | None) -> TaskSpec:
@@ -35,22 +39,35 @@ def get_task(name: Task | str | None) -> TaskSpec:
 
 def infer_task(model: str | None, given: Task | str | None = None, *, other: str | None = None) -> Task:
     """The task of a run: ``given`` when set, else what the model name says (segmentation for
-    ``pspnet_*``, ``deeplabv3_*``, ``fcn_*``, ``lraspp_*``, else classification).
+    ``pspnet_*``, ``deeplabv3_*``, ``fcn_*``, ``lraspp_*``; detection for ``fasterrcnn_*``, ``retinanet_*``;
+    instance segmentation for ``maskrcnn_*``; else classification).
 
-    ``other`` (the teacher's name) must agree with ``model`` when both are model names.
+    ``other`` (the teacher's name) must agree with ``model`` when both are model names (a Mask R-CNN
+    may teach a Faster R-CNN, and back: see :func:`can_teach`).
     """
     if given is not None:
         return _as_task(given)
-    from cwkd.heads import is_segmentation_name
-
-    def of(name: str) -> Task:
-        return Task.segmentation if is_segmentation_name(name) else Task.classification
-
-    task = of(model or "")
-    if other and not other.endswith((".safetensors", ".pth", ".pt", ".bin")) and of(other) is not task:
-        raise ConfigError(f"the teacher {other} is a {of(other).value} model but the student {model} is a "
+    task = _of(model or "")
+    if other and not other.endswith((".safetensors", ".pth", ".pt", ".bin")) and not can_teach(_of(other), task):
+        raise ConfigError(f"the teacher {other} is a {_of(other).value} model but the student {model} is a "
                           f"{task.value} model; pick two models of one task, or pass --task")
     return task
+
+
+def can_teach(teacher: Task, student: Task) -> bool:
+    """Whether a ``teacher``-task model can teach a ``student``-task one (the same task, or detector to detector)."""
+    return teacher is student or teacher in _TEACHES.get(student, ())
+
+
+def _of(name: str) -> Task:
+    """The task a model name says."""
+    from cwkd.detmodels import detection_task
+    from cwkd.heads import is_segmentation_name
+
+    if is_segmentation_name(name):
+        return Task.segmentation
+    found = detection_task(name)
+    return Task(found) if found else Task.classification
 
 
 def _as_task(value: Task | str) -> Task:
@@ -60,4 +77,4 @@ def _as_task(value: Task | str) -> Task:
         raise ConfigError(f"unknown task '{value}'; use one of {', '.join(t.value for t in Task)}") from None
 
 
-__all__ = ["Task", "get_task", "infer_task"]
+__all__ = ["Task", "can_teach", "get_task", "infer_task"]

@@ -7,7 +7,7 @@ the loss dict its model returns in train mode, and its ``feature_prefix`` points
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -18,6 +18,22 @@ from cwkd.data import DataSpec
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
     from cwkd.loaders import DataConfig
+
+
+class FeatureTaps(Protocol):
+    """Features a task captures itself: its ``pairs``, and both sides' maps after a student forward.
+
+    ``pop(teacher=True)`` returns ``(student_maps, teacher_maps)`` keyed by the pairs' layer names and
+    clears what it held; ``attach``/``detach`` add and remove its hooks.
+    """
+
+    pairs: list
+
+    def attach(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def pop(self, teacher: bool = True) -> tuple[dict, dict]: ...
 
 
 class TaskSpec:
@@ -32,6 +48,10 @@ class TaskSpec:
     export_io: tuple[str, str, str] = ("input", "output", "[batch, ...]")
     #: Whether :meth:`logits` gives class logits, so logit KD (``--kd-weight``) can work.
     has_logits: bool = False
+    #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
+    ddp_find_unused: bool = False
+    #: How the loaders batch items (None: torch's default stacking).
+    collate: Callable | None = None
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
@@ -43,8 +63,12 @@ class TaskSpec:
         raise NotImplementedError
 
     def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
-                    pretrained: bool = False, weights: str | None = None, new_head: bool = False) -> nn.Module:
-        """A model of this task by name (required). ``model.num_classes`` and ``model.cwkd_name`` are set."""
+                    pretrained: bool = False, weights: str | None = None, new_head: bool = False,
+                    input_size: int | None = None) -> nn.Module:
+        """A model of this task by name (required). ``model.num_classes`` and ``model.cwkd_name`` are set.
+
+        ``input_size`` is for models that resize their own input (a detector's ``min_size``); others ignore it.
+        """
         raise NotImplementedError
 
     def default_input_size(self, spec: DataSpec) -> int | None:
@@ -63,6 +87,10 @@ class TaskSpec:
         images, targets = batch[0], batch[1]
         return (images.to(device, non_blocking=True, memory_format=memory_format),
                 targets.to(device, non_blocking=True))
+
+    def forward(self, model: nn.Module, inputs, targets):
+        """The model's output on a training batch (a detector takes the targets too, and returns its losses)."""
+        return model(inputs)
 
     def loss(self, outputs, targets, *, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
         """The task's loss parts: ``task_loss`` (what is optimised) and any parts it sums (required)."""
@@ -84,6 +112,14 @@ class TaskSpec:
     def feature_prefix(self, model: nn.Module) -> str:
         """Where ``--pairs last``/``all`` look for stages: ``""`` (the whole model) or a submodule's ``name.``."""
         return ""
+
+    def feature_taps(self, teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int],
+                     pairs) -> FeatureTaps | None:
+        """The task's own way to pair and capture features, or None: layers hooked by name (the default)."""
+        return None
+
+    def check_export(self, fmt: str, verify: bool) -> None:
+        """Raise :class:`~cwkd.errors.ExportError` for a format (or ``--verify``) the task's models cannot take."""
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The model as a graph of one tensor in, one tensor out (for ONNX and TorchScript)."""

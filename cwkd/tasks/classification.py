@@ -38,7 +38,8 @@ class Classification(TaskSpec):
         return resolve_name(name)
 
     def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
-                    pretrained: bool = False, weights: str | None = None, new_head: bool = False) -> nn.Module:
+                    pretrained: bool = False, weights: str | None = None, new_head: bool = False,
+                    input_size: int | None = None) -> nn.Module:
         """A timm model with its classifier sized to ``num_classes`` (:func:`cwkd.models.create_model`)."""
         return create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
                             weights=weights, new_head=new_head)

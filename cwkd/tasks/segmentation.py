@@ -60,7 +60,8 @@ class Segmentation(TaskSpec):
         return name
 
     def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
-                    pretrained: bool = False, weights: str | None = None, new_head: bool = False) -> nn.Module:
+                    pretrained: bool = False, weights: str | None = None, new_head: bool = False,
+                    input_size: int | None = None) -> nn.Module:
         """A segmentation model by name (:func:`cwkd.heads.create_segmentation_model`), from ``weights`` if given."""
         if pretrained:
             raise ConfigError(f"{name}: segmentation models are built without downloaded weights; pass a local "

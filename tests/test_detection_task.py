@@ -1,0 +1,200 @@
+"""Detection and instance segmentation end to end: train, distill, resume, eval, export, inspect, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from typer.testing import CliRunner
+
+from cwkd.cli import app
+from cwkd.composite import Items, write_dense_dataset
+from cwkd.detmodels import create_detection_model
+from cwkd.errors import ConfigError
+from cwkd.inspection import inspect_model, propose_pairs
+from cwkd.tasks import Task, get_task, infer_task
+from tests.helpers import cli_fails
+
+runner = CliRunner()
+STUDENT, TEACHER = "fasterrcnn_test_resnet", "maskrcnn_test_resnet"  # timm's tiny ResNet body under each head
+FAST = ["--epochs", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--lr", "0.005", "-q"]
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    """cwkd's composited COCO layout: 6 train and 3 val canvases of 64 px, 3 classes, a box and mask per item."""
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 255, (20, 28, 28)).astype(np.uint8) for s in ("train", "val")}
+    labels = {s: rng.integers(0, 3, 20) for s in ("train", "val")}
+    return write_dense_dataset(tmp_path_factory.mktemp("det") / "coco", Items(images, labels, ["a", "b", "c"]),
+                               canvas=64, counts={"train": 6, "val": 3})
+
+
+def _ok(args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher(coco, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t") / "run"
+    _ok(["train", "--model", TEACHER, "--data", coco, "--out", out, *FAST])
+    return out
+
+
+def test_task_inference_from_detector_names():
+    assert infer_task("fasterrcnn_resnet18") is Task.detection
+    assert infer_task("retinanet_resnet50_fpn") is Task.detection
+    assert infer_task("maskrcnn_resnet18") is Task.instance
+    assert infer_task("fasterrcnn_resnet18", other="maskrcnn_resnet50") is Task.detection  # a Mask R-CNN may teach
+    with pytest.raises(ConfigError, match="is a detection model but the student resnet18 is a classification"):
+        infer_task("resnet18", other="fasterrcnn_resnet50_fpn")
+
+
+def test_a_detection_teacher_for_a_classifier_is_one_clear_error(coco, tmp_path):
+    cli_fails(["distill", "--teacher", "fasterrcnn_resnet50_fpn", "--student", "resnet18", "--data", coco,
+               "--out", tmp_path / "x", *FAST], "is a detection model but the student resnet18 is a classification")
+
+
+def test_inspect_pairs_fpn_levels_by_stride_not_by_index():
+    report = propose_pairs(TEACHER, "retinanet_test_resnet", input_size=64)
+    # the two-stage teacher's FPN starts at stride 4 ('0'), RetinaNet's at 8 ('0'): index pairing would be wrong
+    assert [(p["student"], p["teacher"], p["reduction"]) for p in report["pairs"]] == [
+        ("P3", "P3", 8), ("P4", "P4", 16), ("P5", "P5", 32)]
+    assert all(p["aligner_params"] > 0 for p in report["pairs"])
+    layers, _ = inspect_model(TEACHER, input_size=64)  # one detector: its FPN levels, the max-pooled one left out
+    assert [(layer.name, layer.reduction) for layer in layers] == [("P2", 4), ("P3", 8), ("P4", 16), ("P5", 32)]
+    output = _ok(["inspect", "--teacher", TEACHER, "--student", STUDENT, "--input-size", "64"])
+    assert "P2" in output and "P5" in output and "pool" not in output
+
+
+def test_explicit_pairs_are_refused_for_detectors():
+    with pytest.raises(ConfigError, match="detectors pair their FPN levels by stride"):
+        propose_pairs(TEACHER, STUDENT, input_size=64, pairs="P3:P3")
+
+
+def test_input_size_sets_the_detector_resize():
+    model = get_task("detection").build_model(STUDENT, num_classes=4, input_size=96)
+    assert model.transform.min_size == (96,) and model.transform.max_size == 160
+    with pytest.raises(ConfigError, match="--task instance"):
+        get_task("detection").build_model(TEACHER, num_classes=4, new_head=True)
+
+
+def test_missing_pycocotools_names_the_extra_before_training(coco, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    cli_fails(["train", "--model", STUDENT, "--data", coco, "--out", tmp_path / "x", *FAST],
+              "pip install 'cwkd[detection]'")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_instance_training_scores_mask_ap_and_picks_best_by_it(teacher):
+    (record,) = _records(teacher)
+    assert {"val_loss", "val_mask_ap", "val_box_ap", "train_loss_mask", "train_loss_classifier"} <= set(record)
+    saved = json.loads(safetensors.safe_open(str(teacher / "best.safetensors"), "pt").metadata()["cwkd"])
+    assert saved["task"] == "instance" and saved["best_metric"] == "mask_ap"
+
+
+@pytest.mark.slow
+def test_distill_from_a_mask_rcnn_teacher_then_eval_and_export(coco, teacher, tmp_path):
+    out = tmp_path / "cwt"
+    _ok(["distill", "--teacher", teacher / "best.safetensors", "--student", STUDENT, "--data", coco,
+         "--out", out, "--input-size", "64", *FAST])
+    pairs = json.loads((out / "config.json").read_text())["pairs"]
+    assert [(p["student"], p["reduction"]) for p in pairs] == [("P2", 4), ("P3", 8), ("P4", 16), ("P5", 32)]
+    (record,) = _records(out)
+    assert record["train_feat_loss"] > 0 and "train_loss_box_reg" in record and "val_mask_ap" not in record
+    report = json.loads(_ok(["eval", out / "best.safetensors", "--data", coco, "--workers", "0", "--json"]))
+    assert report["task"] == "detection" and report["box_ap"] == pytest.approx(record["val_box_ap"])
+    assert all(np.isfinite(report[k]) for k in ("box_ap", "box_ap50", "loss"))
+    path = tmp_path / "student.safetensors"
+    _ok(["export", out / "best.safetensors", "--out", path, "--no-benchmark"])
+    model = create_detection_model(STUDENT, num_classes=4, input_size=64)
+    model.load_state_dict(safetensors.torch.load_file(path))
+    (found,) = model.eval()(list(torch.rand(1, 3, 64, 64)))
+    assert set(found) == {"boxes", "labels", "scores"}
+    cli_fails(["export", out / "best.safetensors", "--format", "onnx", "--out", tmp_path / "m.onnx"],
+              "onnx export is not supported for detection models", "--format safetensors")
+
+
+@pytest.mark.slow
+def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(coco, tmp_path, monkeypatch):
+    from cwkd import rundir
+    from cwkd.checkpoint import load_state
+
+    from .test_reliability import _assert_same_weights, _StopAfter
+
+    args = ["train", "--model", STUDENT, "--data", coco, *FAST[:-1], "--epochs", "2", "-q"]
+    _ok([*args, "--out", tmp_path / "whole"])
+    reference = safetensors.torch.load_file(tmp_path / "whole" / "last.safetensors")
+    monkeypatch.setattr(rundir, "StopSignals", _StopAfter(6))
+    stopped = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "cut"]])
+    assert stopped.exit_code == 130, stopped.output
+    monkeypatch.undo()
+    state = load_state(tmp_path / "cut" / "state.pt")
+    assert state["epoch"] == 1 and 0 < state["step"] < 3  # stopped inside epoch 2
+    _ok(["train", "--resume", tmp_path / "cut"])
+    _assert_same_weights(tmp_path / "cut" / "last.safetensors", reference)
+    assert [r["epoch"] for r in _records(tmp_path / "cut")] == [1, 2]
+
+
+DDP_SCRIPT = """
+import sys
+import torch.distributed as dist
+from safetensors.torch import save_file
+from cwkd.config import TrainConfig
+from cwkd.engine import run
+cfg = TrainConfig(data=sys.argv[1], student="fasterrcnn_test_resnet", teacher=sys.argv[2], epochs=1, batch_size=2,
+                  lr=0.005, workers=0, device="cpu", out=sys.argv[3], quiet=True)
+result = run(cfg)
+params = {k: v.detach().contiguous() for k, v in result.student.named_parameters()}
+save_file(params, f"{sys.argv[3]}/rank{dist.get_rank()}.st")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_distills_a_detector(coco, teacher, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29527", str(script), str(coco), str(teacher / "best.safetensors"),
+                           str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = safetensors.torch.load_file(out / "rank0.st"), safetensors.torch.load_file(out / "rank1.st")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    (record,) = _records(out)
+    assert np.isfinite(record["val_box_ap"]) and record["train_feat_loss"] > 0
+
+
+def test_taps_give_both_sides_maps_of_one_padded_batch_and_clear():
+    from cwkd.fpnlevels import FPNTaps
+
+    task = get_task("detection")
+    teacher = task.build_model(TEACHER, num_classes=4, input_size=64).eval()
+    student = task.build_model("retinanet_test_resnet", num_classes=4, input_size=64).train()
+    taps = FPNTaps(teacher, student, (3, 64, 64))
+    taps.attach()
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    student(list(torch.rand(2, 3, 64, 80)), targets)  # not the probe size: the maps follow the batch
+    s_maps, t_maps = taps.pop()
+    assert list(s_maps) == list(t_maps) == ["P3", "P4", "P5"]
+    assert all(s_maps[k].shape == t_maps[k].shape for k in s_maps)
+    assert all(s_maps[k].requires_grad and not t_maps[k].requires_grad for k in s_maps)
+    assert taps.pop() == ({}, {})  # nothing outlives the step
+    taps.detach()
+    student(list(torch.rand(2, 3, 64, 64)), targets)
+    assert taps.pop() == ({}, {})
