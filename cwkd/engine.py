@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import random
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,9 +38,10 @@ from cwkd.console import RunConsole
 from cwkd.distiller import FeatureDistiller, Renormalize
 from cwkd.errors import ConfigError, TrainingError
 from cwkd.evaluation import evaluate
-from cwkd.loaders import DataConfig, EpochSampler, build_loaders, check_split_sizes, data_config
+from cwkd.loaders import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
 from cwkd.metadata import CheckpointMeta, run_metadata
 from cwkd.nonfinite import NonfiniteWatch, check_diverged, finite_everywhere, fp16_advice, raise_nonfinite
+from cwkd.optim import build_optimizer, build_scheduler
 from cwkd.precision import precision_warning, resolve_precision
 from cwkd.runlock import RunLock
 from cwkd.tasks import get_task
@@ -144,9 +145,10 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
                                              datasets=task.datasets(spec, dcfg), collate=task.collate)
     if cfg.alpha == "auto":  # a resumed run has the number its first start picked, and never probes again
         _auto_alpha(cfg, task, distiller, train_loader, device, console)
-    optimizer = _optimizer(distiller, cfg)
+    optimizer = build_optimizer(distiller, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     p = _Pieces(task=task, spec=spec, dcfg=dcfg, distiller=distiller, model=model, train_loader=train_loader,
-                val_loader=val_loader, optimizer=optimizer, scheduler=_scheduler(optimizer, cfg, len(train_loader)),
+                val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
                 scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16),
                 autocast=autocast(device, cfg.precision),
                 channels_last=device.type == "cuda", best=rundir.no_best(task.best_metric),
@@ -170,7 +172,7 @@ def _auto_alpha(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller, l
     from cwkd.autoalpha import BATCHES, pick_alpha
 
     _seed_all(cfg.seed)
-    _set_epoch(loader, cfg.seed, 0)  # the first batches of epoch 0, whatever the loader drew before
+    set_epoch(loader, cfg.seed, 0)  # the first batches of epoch 0, whatever the loader drew before
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     batches = (task.batch_to(b, device, memory_format) for b in itertools.islice(loader, BATCHES))
     picked = pick_alpha(distiller, batches, autocast=autocast(device, cfg.precision))
@@ -216,7 +218,7 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
     steps_per_epoch, reported_bad = len(p.train_loader), 0
     for epoch in range(p.start_epoch, cfg.epochs):
         skip = p.start_step if epoch == p.start_epoch else 0  # steps of this epoch done before a stop
-        _set_epoch(p.train_loader, cfg.seed, epoch, skip * cfg.batch_size)
+        set_epoch(p.train_loader, cfg.seed, epoch, skip * cfg.batch_size)
         started = time.perf_counter()
         train = train_one_epoch(p, cfg, device, steps=steps_per_epoch - skip, stop=stop, console=console,
                                 label=f"epoch {epoch + 1}/{cfg.epochs}", epoch=epoch, first_step=skip,
@@ -313,30 +315,12 @@ def _update(p: _Pieces, loss: torch.Tensor, cfg: TrainConfig) -> None:
         nn.utils.clip_grad_norm_(p.distiller.parameters(), cfg.clip_grad)
     p.scaler.step(p.optimizer)
     p.scaler.update()
-    p.scheduler.step()
-
-
-def _optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; no weight decay on biases and norm weights."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer.value == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Linear warmup, then cosine decay to zero, stepped every optimizer step."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if not p.scaler.is_enabled():
+        p.scheduler.step()
+        return
+    with warnings.catch_warnings():  # fp16 skips the steps whose gradients overflowed: the schedule goes on
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        p.scheduler.step()
 
 
 def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
@@ -399,19 +383,3 @@ def _seed_all(seed: int, *mix: int) -> None:
         seed = (seed * 1_000_003 + value) % 2**63
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _set_epoch(loader, seed: int, epoch: int, start: int = 0) -> None:
-    """Make the epoch's order and augmentations depend on (seed, epoch) alone, from sample ``start`` on.
-
-    ``start`` (samples of this rank already trained) needs the :class:`~cwkd.loaders.EpochSampler` that
-    :func:`~cwkd.loaders.build_loaders` gives; a resumed run then finishes the epoch it was stopped in.
-    """
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, EpochSampler):
-        sampler.set_epoch(epoch, start)
-    elif hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    generator = getattr(loader, "generator", None)
-    if generator is not None:
-        generator.manual_seed(seed * 1000 + epoch)

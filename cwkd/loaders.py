@@ -356,3 +356,19 @@ def build_loaders(
     val_sampler = DistributedSampler(val, shuffle=False) if distributed else None
     val_loader = _Loader(val, sampler=val_sampler, shuffle=False, **common)
     return train_loader, val_loader
+
+
+def set_epoch(loader, seed: int, epoch: int, start: int = 0) -> None:
+    """Make the epoch's order and augmentations depend on (seed, epoch) alone, from sample ``start`` on.
+
+    ``start`` (samples of this rank already trained) needs the :class:`EpochSampler` that
+    :func:`build_loaders` gives; a resumed run then finishes the epoch it was stopped in.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, EpochSampler):
+        sampler.set_epoch(epoch, start)
+    elif hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed * 1000 + epoch)
