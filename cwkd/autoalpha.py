@@ -10,16 +10,23 @@ Then::
 
     alpha = RATIO * median over batches of (g_task / g_feat)
 
-so that, at the start, the feature term pulls on the layers both terms train ``RATIO`` (4) times as
-hard as the task term. A gradient ratio does not care about the loss form (``mean`` or the paper's
-``sum``: both scale ``g_feat`` alike), the aligner or the task, which is why it is used rather than a
-loss ratio. Two guards keep it sane:
+so that, at the start, the feature term pulls on the layers both terms train ``RATIO`` (0.5) times as
+hard as the task term.
 
-- the weighted feature loss may start at most :data:`MAX_LOSS_RATIO` (50) times the task loss (the
-  one divergence of the benchmark's alpha sweep came at 160x; 40x trained best), and alpha is
-  capped there with a printed reason (a student whose task gradient is huge at init, or MGD, whose
-  generator starts near zero, hits this cap);
-- a feature loss that puts no finite gradient on the student (or a non-finite task gradient) is one
+``g_feat`` is measured through a *fitted* map, not through the run's own aligners: per pair, the
+least-squares 1x1 linear map (with a bias, a tiny ridge, in float64) from the student's pixels (resized
+as the distiller does) to the teacher's over the same batches, with the run's loss reduction. An
+untrained aligner says little about its pull once it has adapted (MGD's generator starts with ~40x
+less gradient on the student than CWT's, so a rule through it picked an alpha that diverged), while
+the best linear aligner is the same for every method: cwt, linear and MGD get the same alpha. A
+gradient ratio does not care about the loss form (``mean`` or the paper's ``sum``: both scale
+``g_feat`` alike) or the task. Two guards keep it sane:
+
+- the weighted fitted feature loss may start at most :data:`MAX_LOSS_RATIO` (10) times the task loss
+  (the benchmark's sweep in these units: 4.5x trained best, 18x diverged), and alpha is capped there
+  with a printed reason (a student whose task gradient is huge at init hits this cap);
+- a feature loss that puts no finite gradient on the student (the fitted map reproduces the teacher,
+  or the distilled layer is frozen), or a non-finite task gradient, is one
   :class:`~cwkd.errors.TrainingError` asking for ``--alpha`` by hand, never a non-finite alpha.
 
 The measurement behind :data:`RATIO` is ``benchmarks/alpha.py --probe`` (docs/benchmarks.md).
@@ -37,16 +44,21 @@ import torch
 import torch.distributed as dist
 
 from cwkd.errors import TrainingError
+from cwkd.losses import feature_loss
 
 #: alpha = RATIO * median(g_task / g_feat): the feature term pulls RATIO times as hard as the task term.
-#: 4: the best alpha of the benchmark's cwt sweep (50, mobilenetv3_small_050) is 4.1x the equal-pull alpha
-#: (12.3) the rule measures there (benchmarks/results/alpha_probe.json; docs/method.md).
-RATIO = 4.0
+#: 0.5: the best alpha of the benchmark's sweep (50 for cwt, linear and MGD alike, mobilenetv3_small_050) is 0.47x
+#: the equal-pull alpha (107) the rule measures there (benchmarks/results/alpha_probe.json; docs/method.md).
+RATIO = 0.5
 #: Training batches the rule measures.
 BATCHES = 5
-#: The weighted feature loss may start at most this many times the task loss (the sweep: 40x trained best,
-#: 160x diverged in one seed of three).
-MAX_LOSS_RATIO = 50.0
+#: The weighted (fitted) feature loss may start at most this many times the task loss (the sweep, in these units:
+#: alpha 50 started at 4.5x and trained best, alpha 200 at 18x and diverged for linear, MGD and 1 cwt seed of 3).
+MAX_LOSS_RATIO = 10.0
+#: The fitted maps' ridge, relative to the student pixels' mean square (keeps dead channels solvable).
+RIDGE = 1e-8
+#: A fitted feature loss at most this share of the teacher maps' own loss is an exact fit: nothing to teach.
+EXACT = 1e-6
 
 
 @dataclass(frozen=True)
@@ -90,33 +102,83 @@ def pick_alpha(distiller, batches: Iterable[tuple], *, ratio: float = RATIO,
 
 def measure(distiller, batches: Iterable[tuple], *,
             autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[dict[str, float]]:
-    """Per batch: ``grad_task``, ``grad_feat`` (alpha 1) on the shared parameters, ``task_loss``, ``feat_loss``.
+    """Per batch: ``grad_task``, ``grad_feat`` (alpha 1, through the fitted maps) on the shared parameters,
+    ``task_loss``, ``feat_loss`` (the fitted map's).
 
     The weights, their ``.grad`` and every buffer (BatchNorm statistics) are as before; the mode is restored.
     """
     if not distiller.pairs:
         raise TrainingError("alpha auto needs a feature loss, and this run distils no layer pair (method none); "
                             "drop --alpha auto")
+    batches = list(batches)  # two passes: the fit, then the gradients
     params = [p for p in distiller.student.parameters() if p.requires_grad]
     saved = {name: b.detach().clone() for name, b in distiller.named_buffers()}
-    was_training, alpha = distiller.training, distiller.alpha
+    was_training = distiller.training
     rows = []
     try:
         distiller.train()
-        distiller.alpha = 1.0  # the forward needs a number; the measured parts do not depend on it
+        fits = _fit_maps(distiller, batches, autocast)
         for images, targets in batches:
             with autocast() if autocast is not None else contextlib.nullcontext():
-                out = distiller(images, targets, detach=False)
-            rows.append(_grad_norms(out["task_loss"], out["feat_loss"], params))
+                outputs, maps = distiller.paired_maps(images, targets)
+                task = distiller.task_loss(outputs, targets)["task_loss"]
+            feat, scale = _fitted_loss(maps, fits, distiller.reduction)
+            row = _grad_norms(task, feat, params)
+            if row["feat_loss"] <= EXACT * scale:  # the fitted map reproduces the teacher: float noise is left
+                row["grad_feat"] = 0.0
+            rows.append(row)
     finally:
         with torch.no_grad():
             for name, b in distiller.named_buffers():
                 b.copy_(saved[name])
         distiller.train(was_training)
-        distiller.alpha = alpha
     if not rows:
         raise TrainingError("alpha auto: the training data gave no batch to measure; set --alpha by hand")
     return rows
+
+
+def _fit_maps(distiller, batches: list[tuple],
+              autocast: Callable[[], contextlib.AbstractContextManager] | None) -> list[tuple[torch.Tensor, ...]]:
+    """Per pair, the ridge least-squares 1x1 map ``(W, b)`` from the student's pixels to the teacher's (float64)."""
+    sums: list = [None] * len(distiller.pairs)
+    with torch.no_grad():
+        for images, targets in batches:
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                _, maps = distiller.paired_maps(images, targets)
+            for i, (s, t) in enumerate(maps):
+                x, y = _pixels(s), _pixels(t)
+                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # the bias column
+                xtx, xty = x.T @ x, x.T @ y
+                sums[i] = (xtx, xty) if sums[i] is None else (sums[i][0] + xtx, sums[i][1] + xty)
+    return [_solve(xtx, xty) for xtx, xty in sums]
+
+
+def _pixels(m: torch.Tensor) -> torch.Tensor:
+    """A ``(B, C, H, W)`` map as ``(B*H*W, C)`` float64 rows (on the CPU unless it is on a GPU)."""
+    device = m.device if m.device.type == "cuda" else torch.device("cpu")
+    return m.detach().to(device, torch.float64).permute(0, 2, 3, 1).reshape(-1, m.shape[1])
+
+
+def _solve(xtx: torch.Tensor, xty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, b)`` of the ridge regression (a small ridge on the weights, none on the bias)."""
+    ridge = torch.zeros_like(xtx)
+    channels = xtx.shape[0] - 1
+    ridge.diagonal()[:channels] = RIDGE * float(xtx.diagonal()[:channels].mean().clamp_min(1e-30))
+    solution = torch.linalg.solve(xtx + ridge, xty)
+    return solution[:channels], solution[channels]
+
+
+def _fitted_loss(maps: list[tuple[torch.Tensor, torch.Tensor]], fits: list[tuple[torch.Tensor, torch.Tensor]],
+                 reduction) -> tuple[torch.Tensor, float]:
+    """The feature loss through the fitted maps (in fp32, graph kept on the student) and the teacher maps' own
+    loss against zero (the scale an exact fit is judged against)."""
+    total, scale = 0.0, 0.0
+    for (s, t), (w, b) in zip(maps, fits, strict=True):
+        w, b = w.to(s.device, torch.float32), b.to(s.device, torch.float32)
+        predicted = torch.einsum("bchw,cd->bdhw", s.float(), w) + b.view(1, -1, 1, 1)
+        total = total + feature_loss(predicted, t, reduction)
+        scale += float(feature_loss(torch.zeros_like(t), t, reduction))
+    return total, scale  # type: ignore[return-value]
 
 
 def _grad_norms(task: torch.Tensor, feat: torch.Tensor, params: list[torch.Tensor]) -> dict[str, float]:
@@ -144,8 +206,8 @@ def choose(rows: list[dict[str, float]], *, ratio: float = RATIO) -> AutoAlpha:
         raise TrainingError(f"alpha auto: the first {len(rows)} batches gave a non-finite loss or gradient "
                             f"({_plain(med)}); fix the input or the teacher, or set --alpha by hand")
     if med["grad_feat"] <= 0:
-        raise TrainingError("alpha auto: the feature loss puts no gradient on the student (the teacher's and "
-                            "the aligned student's maps already agree, or the distilled layer is frozen); set "
+        raise TrainingError("alpha auto: the feature loss puts no gradient on the student (a linear map of the "
+                            "student's maps already gives the teacher's, or the distilled layer is frozen); set "
                             "--alpha by hand")
     if med["grad_task"] <= 0:
         raise TrainingError("alpha auto: the task loss puts no gradient on the distilled layers (is the task "

@@ -163,27 +163,12 @@ class FeatureDistiller(nn.Module):
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None, *, detach: bool = True) -> dict:
         """One distillation step's losses (or just the student's ``outputs`` when ``targets`` is None).
 
-        ``detach=False`` keeps the graph of ``task_loss`` and ``feat_loss`` (``cwkd.autoalpha`` differentiates
-        each term on its own).
+        ``detach=False`` keeps the graph of ``task_loss`` and ``feat_loss`` (to differentiate each term on its own).
         """
         if self.alpha is None and targets is not None and self.pairs:
             raise ConfigError("alpha='auto' is not picked yet: call cwkd.pick_alpha(distiller, batches) "
                               "before training (cwkd's run does it for you)")
-        t_feats: dict[str, torch.Tensor] = {}
-        t_logits = None
-        if self.uses_teacher and targets is not None and self._taps is None:
-            with torch.inference_mode():
-                t_images = images if self.teacher_input is None else self.teacher_input(images)
-                t_outputs = self.teacher(t_images)
-                raw = self._t_hooks.pop()
-            # Leave inference mode: clones are ordinary tensors that autograd may save.
-            t_logits = self.logits_of(t_outputs).clone() if self.kd_weight > 0 else None
-            t_feats = {k: v.clone() for k, v in raw.items()}
-            del raw, t_outputs
-        outputs = self.student_forward(self.student, images, targets)
-        s_feats = self._s_hooks.pop()
-        if self._taps is not None:  # the teacher runs on what the student's own forward saw
-            s_feats, t_feats = self._taps.pop(teacher=targets is not None)
+        outputs, s_feats, t_feats, t_logits = self._run(images, targets)
         out: dict = {"outputs": outputs}
         if targets is None:
             return out
@@ -201,6 +186,36 @@ class FeatureDistiller(nn.Module):
         out["loss"] = loss
         return out
 
+    def _run(self, images, targets) -> tuple[Any, dict, dict, torch.Tensor | None]:
+        """The student's outputs and both sides' raw features of one batch (teacher ones only with ``targets``)."""
+        t_feats: dict[str, torch.Tensor] = {}
+        t_logits = None
+        if self.uses_teacher and targets is not None and self._taps is None:
+            with torch.inference_mode():
+                t_images = images if self.teacher_input is None else self.teacher_input(images)
+                t_outputs = self.teacher(t_images)
+                raw = self._t_hooks.pop()
+            # Leave inference mode: clones are ordinary tensors that autograd may save.
+            t_logits = self.logits_of(t_outputs).clone() if self.kd_weight > 0 else None
+            t_feats = {k: v.clone() for k, v in raw.items()}
+            del raw, t_outputs
+        outputs = self.student_forward(self.student, images, targets)
+        s_feats = self._s_hooks.pop()
+        if self._taps is not None:  # the teacher runs on what the student's own forward saw
+            s_feats, t_feats = self._taps.pop(teacher=targets is not None)
+        return outputs, s_feats, t_feats, t_logits
+
+    def paired_maps(self, images: torch.Tensor, targets: Any) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The student's outputs and, per pair, ``(student map, teacher map)`` of one batch, before any aligner.
+
+        The student map is resized to the teacher's as :meth:`align` would (it keeps its graph); the teacher map
+        has none. ``cwkd.autoalpha`` fits its own map between the two.
+        """
+        outputs, s_feats, t_feats, _ = self._run(images, targets)
+        maps = [(self._resize(i, to_map(s_feats[p.student.name], p.student)),
+                 to_map(t_feats[p.teacher.name], p.teacher)) for i, p in enumerate(self.pairs)]
+        return outputs, maps
+
     def _feature_losses(self, s_feats: dict, t_feats: dict, out: dict) -> torch.Tensor:
         total = 0.0
         for i, pair in enumerate(self.pairs):
@@ -214,11 +229,14 @@ class FeatureDistiller(nn.Module):
     def align(self, index: int, raw: torch.Tensor) -> torch.Tensor:
         """Map one raw student output into pair ``index``'s teacher space (resized if needed)."""
         pair = self.pairs[index]
-        aligned = self.aligners[_key(index)](to_map(raw, pair.student))
-        if pair.needs_resize:
-            size = (pair.teacher.height, pair.teacher.width)
-            aligned = F.interpolate(aligned, size=size, mode="bilinear", align_corners=False)
-        return aligned
+        return self._resize(index, self.aligners[_key(index)](to_map(raw, pair.student)))
+
+    def _resize(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """A student-side map at pair ``index``'s teacher size (bilinear; unchanged when the sizes agree)."""
+        pair = self.pairs[index]
+        if not pair.needs_resize:
+            return x
+        return F.interpolate(x, size=(pair.teacher.height, pair.teacher.width), mode="bilinear", align_corners=False)
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights alone, without the aligners: what an export ships."""

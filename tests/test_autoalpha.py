@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -11,12 +12,13 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from cwkd.autoalpha import MAX_LOSS_RATIO, RATIO, choose, pick_alpha
+from cwkd.autoalpha import MAX_LOSS_RATIO, RATIO, choose, measure, pick_alpha
 from cwkd.checkpoint import read_metadata
 from cwkd.cli import app
 from cwkd.composite import Items, write_dense_dataset
 from cwkd.distiller import FeatureDistiller
 from cwkd.errors import ConfigError, TrainingError
+from cwkd.tasks import get_task
 
 from .helpers import cli_fails
 
@@ -76,6 +78,49 @@ def test_every_aligner_and_loss_form_gets_a_finite_positive_alpha_and_nothing_ch
     assert all(torch.equal(before[k], v) for k, v in d.state_dict().items())
     assert all(p.grad is None for p in d.parameters()) and not d.training  # mode restored, no .grad left
     assert torch.isfinite(d(*_batches(1)[0])["loss"])
+
+
+def test_cwt_linear_and_mgd_pick_the_same_alpha_on_the_same_pair():
+    """The feature gradient goes through a fitted linear map, not the run's untrained aligner (MGD's starts ~40x
+    weaker than CWT's, and the old rule's pick diverged)."""
+    picks = [pick_alpha(_distiller(method), _batches()) for method in ("cwt", "linear", "mgd")]
+    assert picks[0].alpha == pytest.approx(picks[1].alpha, rel=1e-5) == pytest.approx(picks[2].alpha, rel=1e-5)
+    assert picks[0].grad_feat == pytest.approx(picks[2].grad_feat, rel=1e-5)
+
+
+def _batch_statistics_only(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm on batch statistics in train and eval mode alike, so a frozen copy computes the same maps."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+    return model
+
+
+def test_a_teacher_that_is_a_linear_map_of_the_student_has_nothing_to_teach():
+    """Known answer: the teacher's map is exactly the student's (the identity map), so the fitted map recovers it,
+    the fitted feature loss is float noise, and auto refuses instead of picking an enormous alpha."""
+    torch.manual_seed(0)
+    student = timm.create_model("test_efficientnet", num_classes=4)
+    teacher = copy.deepcopy(student)
+    d = FeatureDistiller(teacher, student, method="cwt", alpha="auto", input_size=32)
+    _batch_statistics_only(student), _batch_statistics_only(teacher)  # after the one-image probe pass
+    rows = measure(d, _batches())
+    assert all(r["grad_feat"] == 0.0 and r["feat_loss"] < 1e-9 for r in rows)
+    with pytest.raises(TrainingError, match="a linear map of the student's maps already gives the teacher's"):
+        pick_alpha(d, _batches())
+
+
+def test_detection_feature_taps_get_an_alpha_too():
+    """A detector's pairs come from its FPN taps; the fitted measurement reads them through the same seam."""
+    task = get_task("detection")
+    torch.manual_seed(0)
+    teacher = task.build_model("maskrcnn_test_resnet", num_classes=4, input_size=64)
+    student = task.build_model("fasterrcnn_test_resnet", num_classes=4, input_size=64)
+    d = FeatureDistiller(teacher, student, alpha="auto", input_size=64, task_loss=task.loss_fn(), logits_of=None,
+                         student_forward=task.forward, feature_taps=task.feature_taps)
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    picked = pick_alpha(d, [(list(torch.rand(2, 3, 64, 64)), targets)])
+    assert math.isfinite(picked.alpha) and picked.alpha > 0
 
 
 def test_the_sum_form_picks_the_mean_forms_alpha_over_the_map_size():
