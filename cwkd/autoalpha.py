@@ -15,7 +15,8 @@ hard as the task term.
 
 ``g_feat`` is measured through a *fitted* map, not through the run's own aligners: per pair, the
 least-squares 1x1 linear map (with a bias, a tiny ridge, in float64) from the student's pixels (resized
-as the distiller does) to the teacher's over the same batches, with the run's loss reduction. An
+as the distiller does) to the teacher's, fitted on the other probe batches (so it cannot memorise the
+one it is measured on), with the run's loss reduction. An
 untrained aligner says little about its pull once it has adapted (MGD's generator starts with ~40x
 less gradient on the student than CWT's, so a rule through it picked an alpha that diverged), while
 the best linear aligner is the same for every method: cwt, linear and MGD get the same alpha. A
@@ -47,8 +48,8 @@ from cwkd.errors import TrainingError
 from cwkd.losses import feature_loss
 
 #: alpha = RATIO * median(g_task / g_feat): the feature term pulls RATIO times as hard as the task term.
-#: 0.5: the best alpha of the benchmark's sweep (50 for cwt, linear and MGD alike, mobilenetv3_small_050) is 0.47x
-#: the equal-pull alpha (107) the rule measures there (benchmarks/results/alpha_probe.json; docs/method.md).
+#: 0.5: the best alpha of the benchmark's sweep (50 for cwt, linear and MGD alike, mobilenetv3_small_050) is 0.48x
+#: the equal-pull alpha (104) the rule measures there (benchmarks/results/alpha_probe.json; docs/method.md).
 RATIO = 0.5
 #: Training batches the rule measures.
 BATCHES = 5
@@ -118,11 +119,11 @@ def measure(distiller, batches: Iterable[tuple], *,
     try:
         distiller.train()
         fits = _fit_maps(distiller, batches, autocast)
-        for images, targets in batches:
+        for (images, targets), batch_fits in zip(batches, fits, strict=True):
             with autocast() if autocast is not None else contextlib.nullcontext():
                 outputs, maps = distiller.paired_maps(images, targets)
                 task = distiller.task_loss(outputs, targets)["task_loss"]
-            feat, scale = _fitted_loss(maps, fits, distiller.reduction)
+            feat, scale = _fitted_loss(maps, batch_fits, distiller.reduction)
             row = _grad_norms(task, feat, params)
             if row["feat_loss"] <= EXACT * scale:  # the fitted map reproduces the teacher: float noise is left
                 row["grad_feat"] = 0.0
@@ -137,20 +138,28 @@ def measure(distiller, batches: Iterable[tuple], *,
     return rows
 
 
-def _fit_maps(distiller, batches: list[tuple],
-              autocast: Callable[[], contextlib.AbstractContextManager] | None) -> list[tuple[torch.Tensor, ...]]:
-    """Per pair, the ridge least-squares 1x1 map ``(W, b)`` from the student's pixels to the teacher's (float64)."""
-    sums: list = [None] * len(distiller.pairs)
+def _fit_maps(distiller, batches: list[tuple], autocast: Callable[[], contextlib.AbstractContextManager] | None
+              ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per batch, per pair: the ridge least-squares 1x1 map ``(W, b)`` from the student's pixels to the teacher's.
+
+    Each batch's map is fitted on the *other* batches (one batch alone: on itself), so a map with more channels
+    than pixels cannot simply memorise the batch it is measured on (a near-zero loss, a huge alpha).
+    """
+    stats: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per batch, per pair: (X^T X, X^T Y), float64
     with torch.no_grad():
         for images, targets in batches:
             with autocast() if autocast is not None else contextlib.nullcontext():
                 _, maps = distiller.paired_maps(images, targets)
-            for i, (s, t) in enumerate(maps):
+            stats.append([])
+            for s, t in maps:
                 x, y = _pixels(s), _pixels(t)
                 x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # the bias column
-                xtx, xty = x.T @ x, x.T @ y
-                sums[i] = (xtx, xty) if sums[i] is None else (sums[i][0] + xtx, sums[i][1] + xty)
-    return [_solve(xtx, xty) for xtx, xty in sums]
+                stats[-1].append((x.T @ x, x.T @ y))
+    totals = [(sum(b[i][0] for b in stats), sum(b[i][1] for b in stats)) for i in range(len(distiller.pairs))]
+    if len(stats) == 1:
+        return [[_solve(*total) for total in totals]]
+    return [[_solve(xtx - own[0], xty - own[1]) for (xtx, xty), own in zip(totals, batch, strict=True)]
+            for batch in stats]
 
 
 def _pixels(m: torch.Tensor) -> torch.Tensor:
