@@ -35,7 +35,7 @@ FULL = Plan(methods=("none", *FEATURE_METHODS), alphas=ALPHAS)
 QUICK = replace(accuracy.QUICK, methods=("none", "cwt"), alphas=(7.0,))
 
 
-def grid(plan: Plan) -> list[Cell]:
+def grid(plan: Plan, sweep: bool = True) -> list[Cell]:
     """Baselines and ``auto`` for every seed first, then the sweep seed by seed (a grid cut short still pairs)."""
     methods = [m for m in plan.methods if m != "none"]
     cells = []
@@ -43,7 +43,7 @@ def grid(plan: Plan) -> list[Cell]:
         for student in plan.students:
             cells.append(Cell("main", student, "none", seed))
             cells += [Cell("auto", student, method, seed, alpha="auto") for method in methods]
-    for seed in plan.seeds:
+    for seed in plan.seeds if sweep else ():
         for student in plan.students:
             for method in methods:
                 cells += [Cell("alpha", student, method, seed, alpha=a) for a in plan.alphas]
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="use only the first N seeds")
     parser.add_argument("--students", default=None, help="comma-separated subset of the students (default: both)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of cwt,linear,mgd (default: all)")
+    parser.add_argument("--no-sweep", action="store_true", help="only the baselines and the auto cells")
     parser.add_argument("--report", action="store_true", help="only summarise the saved results")
     parser.add_argument("--probe", action="store_true", help="what auto measures and picks (no training)")
     args = parser.parse_args(argv)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         probe(plan)
         return
     if not args.report:
-        cells = grid(plan)
+        cells = grid(plan, sweep=not args.no_sweep)
         accuracy.run_grid(plan, cells, max(1, args.jobs))
     report(plan)
 
