@@ -333,8 +333,9 @@ def eval_(
     weights: Annotated[str | None, typer.Option(help="Weights file for a timm model name (.safetensors "
                                                      "or .pth, loaded safely).")] = None,
     split: Annotated[Split, typer.Option(help="val or train (train images get the val transform).")] = Split.val,
-    per_class: Annotated[bool, typer.Option(help="Also show per-class accuracy and the confusion "
-                                                 "matrix (segmentation: per-class IoU).")] = False,
+    per_class: Annotated[bool, typer.Option(help="Also show per-class accuracy and the confusion matrix "
+                                                 "(segmentation: per-class IoU; detection: per-class box AP, "
+                                                 "instance: also mask AP).")] = False,
     task: TaskOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")] = False,
     batch_size: BatchSize = 64, precision: Prec = Precision.fp32, input_size: Annotated[

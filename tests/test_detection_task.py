@@ -128,6 +128,19 @@ def test_a_detection_run_without_lr_trains_at_the_task_default_and_resumes_with_
 
 
 @pytest.mark.slow
+def test_eval_per_class_gives_each_class_box_and_mask_ap(coco, teacher):
+    report = json.loads(_ok(["eval", teacher / "best.safetensors", "--data", coco, "--workers", "0", "--per-class",
+                             "--json"]))
+    assert [row["class"] for row in report["per_class"]] == ["a", "b", "c"]  # the background has no row
+    scored = [row for row in report["per_class"] if row["box_ap"] is not None]
+    assert scored and all(set(row) == {"class", "box_ap", "mask_ap"} for row in report["per_class"])
+    for kind in ("box_ap", "mask_ap"):  # COCO's AP is the mean over the classes the split has
+        assert np.mean([row[kind] for row in scored]) == pytest.approx(report[kind], abs=1e-3)
+    table = _ok(["eval", teacher / "best.safetensors", "--data", coco, "--workers", "0", "--per-class"])
+    assert "per-class box AP, mask AP" in table
+
+
+@pytest.mark.slow
 def test_distill_from_a_mask_rcnn_teacher_then_eval_and_export(coco, teacher, tmp_path):
     out = tmp_path / "cwt"
     _ok(["distill", "--teacher", teacher / "best.safetensors", "--student", STUDENT, "--data", coco,

@@ -130,7 +130,7 @@ class Detection(TaskSpec):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
                  channels_last: bool = False, rank=None) -> dict:
-        """COCO AP (percent, :class:`~cwkd.cocoeval.CocoScore`) and the detector's own loss per image.
+        """COCO AP (percent, :class:`~cwkd.cocoeval.CocoScore`; ``per_class``: AP per class) and the loss per image.
 
         The loss is the train-mode loss dict with BatchNorm and dropout in eval mode, so nothing is updated,
         drawn under a fixed seed (the R-CNNs sample proposals at random), so every evaluation agrees.
@@ -157,7 +157,8 @@ class Detection(TaskSpec):
             dist.all_reduce(totals)
             _gather(score)
         loss_sum, count = totals.tolist()
-        return {"loss": loss_sum / max(count, 1.0), **score.compute(), "images": int(count)}
+        return {"loss": loss_sum / max(count, 1.0), **score.compute(), "per_class": score.per_class,
+                "images": int(count)}
 
     def feature_prefix(self, model: nn.Module) -> str:
         """The backbone (body + FPN)."""
