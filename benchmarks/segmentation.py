@@ -209,21 +209,30 @@ def step_cost(plan: Plan, rounds: int = 7) -> dict:
         distil = FeatureDistiller(teacher, student, method="cwt", **common).train()
         steps = {"a_student_step": _stepper(plain, images, masks), "c_cwkd_step": _stepper(distil, images, masks)}
         steps["b_teacher_forward"] = lambda: _teacher_forward(teacher, images)
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for round_ in range(rounds + 1):
-            for label, step in steps.items():
-                started = time.perf_counter()
-                step()
-                if round_:  # round 0 warms up
-                    times[label].append(time.perf_counter() - started)
-        medians = {k: statistics.median(v) for k, v in times.items()}
-        ratio = medians["c_cwkd_step"] / (medians["a_student_step"] + medians["b_teacher_forward"])
-        results["students"][name] = {**{k: round(v * 1000, 1) for k, v in medians.items()}, "ratio": round(ratio, 3)}
-        print(f"{name}: student step {medians['a_student_step'] * 1000:.0f} ms, teacher forward "
-              f"{medians['b_teacher_forward'] * 1000:.0f} ms, cwt step {medians['c_cwkd_step'] * 1000:.0f} ms: "
-              f"ratio {ratio:.3f}", flush=True)
+        results["students"][name] = time_steps(name, steps, rounds)
     _write(plan.results / "step_cost.json", {**results, "versions": versions()})
     return results
+
+
+def time_steps(name: str, steps: dict, rounds: int) -> dict:
+    """Median ms of ``a_student_step``, ``b_teacher_forward`` and ``c_cwkd_step``, and c / (a + b).
+
+    The steps are timed in interleaved rounds after one warm-up each, so a slower stretch of the machine
+    hits them alike.
+    """
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for round_ in range(rounds + 1):
+        for label, step in steps.items():
+            started = time.perf_counter()
+            step()
+            if round_:  # round 0 warms up
+                times[label].append(time.perf_counter() - started)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    ratio = medians["c_cwkd_step"] / (medians["a_student_step"] + medians["b_teacher_forward"])
+    print(f"{name}: student step {medians['a_student_step'] * 1000:.0f} ms, teacher forward "
+          f"{medians['b_teacher_forward'] * 1000:.0f} ms, cwt step {medians['c_cwkd_step'] * 1000:.0f} ms: "
+          f"ratio {ratio:.3f}", flush=True)
+    return {**{k: round(v * 1000, 1) for k, v in medians.items()}, "ratio": round(ratio, 3)}
 
 
 def _stepper(distiller, images, masks):
@@ -272,15 +281,19 @@ def report(plan: Plan) -> str:
             gain = "" if method == "none" or not gains else f"{_mean_std(gains, signed=True)} ({len(gains)} paired)"
             lines.append(f"| {student} | {method} | {len(seeds)} | {_mean_std(values)} | {gain} | "
                          f"{', '.join(f'{v:.2f}' for v in values)} |")
-    cost_path = plan.results / "step_cost.json"
-    if cost_path.is_file():
-        cost = json.loads(cost_path.read_text())
-        lines += ["", f"Step cost (batch {cost['batch']}, {cost['canvas']} px, median of {cost['rounds']} rounds):", "",
-                  "| student | (a) student step ms | (b) teacher forward ms | (c) cwt step ms | c / (a + b) |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {name} | {c['a_student_step']} | {c['b_teacher_forward']} | {c['c_cwkd_step']} | {c['ratio']} |"
-                  for name, c in cost["students"].items()]
-    return "\n".join(lines)
+    return "\n".join(lines + cost_table(plan.results / "step_cost.json"))
+
+
+def cost_table(path: Path, teacher: str = "teacher forward") -> list[str]:
+    """The step-cost table that :func:`step_cost` saved in ``path`` as markdown lines (none if not measured)."""
+    if not path.is_file():
+        return []
+    cost = json.loads(path.read_text())
+    lines = ["", f"Step cost (batch {cost['batch']}, {cost['canvas']} px, median of {cost['rounds']} rounds):", "",
+             f"| student | (a) student step ms | (b) {teacher} ms | (c) cwt step ms | c / (a + b) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    return lines + [f"| {name} | {c['a_student_step']} | {c['b_teacher_forward']} | {c['c_cwkd_step']} | {c['ratio']} |"
+                    for name, c in cost["students"].items()]
 
 
 def _mean_std(values: list[float], signed: bool = False) -> str:

@@ -43,7 +43,8 @@ Download = Annotated[bool, typer.Option(help="Let torchvision download cifar/fas
 SkipCorrupt = Annotated[bool, typer.Option(help="Skip unreadable images with a warning instead of failing.")]
 Epochs = Annotated[int | None, typer.Option(help="Training epochs. (default: 10)")]
 BatchSize = Annotated[int, typer.Option(help="Images per step (per process under torchrun).")]
-Lr = Annotated[float | None, typer.Option(help="Peak learning rate. (default: 0.05 sgd, 1e-3 adamw)")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate. (default: 0.05 sgd, 1e-3 adamw; "
+                                               "detection and instance: 0.005 sgd, 1e-4 adamw)")]
 WeightDecay = Annotated[float | None, typer.Option(help="Weight decay. (default: 5e-4 sgd, 0.05 adamw)")]
 Opt = Annotated[Optimizer, typer.Option("--optimizer", help="SGD with Nesterov momentum, or AdamW.")]
 Warmup = Annotated[float, typer.Option(help="Linear warmup epochs before the cosine decay.")]
@@ -332,8 +333,9 @@ def eval_(
     weights: Annotated[str | None, typer.Option(help="Weights file for a timm model name (.safetensors "
                                                      "or .pth, loaded safely).")] = None,
     split: Annotated[Split, typer.Option(help="val or train (train images get the val transform).")] = Split.val,
-    per_class: Annotated[bool, typer.Option(help="Also show per-class accuracy and the confusion "
-                                                 "matrix (segmentation: per-class IoU).")] = False,
+    per_class: Annotated[bool, typer.Option(help="Also show per-class accuracy and the confusion matrix "
+                                                 "(segmentation: per-class IoU; detection: per-class box AP, "
+                                                 "instance: also mask AP).")] = False,
     task: TaskOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")] = False,
     batch_size: BatchSize = 64, precision: Prec = Precision.fp32, input_size: Annotated[

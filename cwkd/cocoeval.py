@@ -7,7 +7,8 @@ RLE-encoded. The ground truth is the split's own JSON, crowd regions included, a
 
 Metrics are percentages, named ``box_ap``, ``box_ap50``, ``box_ap75``, ``box_ap_small``, ``box_ap_medium``,
 ``box_ap_large`` (and ``mask_...`` alike). A size range with no ground-truth object scores NaN (COCOeval's
--1); a model that detects nothing scores 0.
+-1); a model that detects nothing scores 0. After :meth:`CocoScore.compute`, ``per_class`` holds AP per
+category (``box_ap``, ``mask_ap``: one list each, in the data set's class order) for ``cwkd eval --per-class``.
 
 Example:
     >>> score = CocoScore(spec.val, masks=True)  # doctest: +SKIP
@@ -55,6 +56,7 @@ class CocoScore:
         self.dataset, self.masks = dataset, masks
         self.results: list[dict] = []
         self.image_ids: set[int] = set()
+        self.per_class: dict[str, list[float | None]] = {}  # filled by compute()
 
     def update(self, outputs: Sequence[dict], targets: Sequence[dict]) -> None:
         """Add one batch: the detector's outputs and the targets they belong to (for ``image_id``)."""
@@ -90,9 +92,10 @@ class CocoScore:
         """COCO AP in percent over the images seen so far; NaN where no ground truth of that size exists."""
         kinds = ("bbox", "segm") if self.masks else ("bbox",)
         if not self.results:
+            self.per_class = {f"{_prefix(k)}_ap": [0.0] * len(self.dataset.category_ids) for k in kinds}
             return {f"{_prefix(k)}_{s}": 0.0 for k in kinds for s in _STATS}
         ground_truth = self._ground_truth()
-        metrics = {}
+        metrics, self.per_class = {}, {}
         for kind in kinds:
             with contextlib.redirect_stdout(io.StringIO()):  # COCO prints progress and its own table
                 detections = ground_truth.loadRes(copy.deepcopy(self.results))
@@ -103,7 +106,23 @@ class CocoScore:
                 evaluation.summarize()
             for name, value in zip(_STATS, evaluation.stats[:len(_STATS)], strict=True):
                 metrics[f"{_prefix(kind)}_{name}"] = math.nan if value < 0 else round(float(value) * 100, 4)
+            self.per_class[f"{_prefix(kind)}_ap"] = self._class_ap(evaluation)
         return metrics
+
+    def _class_ap(self, evaluation) -> list[float | None]:
+        """AP per category (percent, in the data set's class order; None where the split has no such object).
+
+        COCOeval's ``precision`` is [IoU threshold, recall point, category, area, max detections]; AP is its
+        mean over thresholds and recall points where it is defined (> -1), at area "all" and 100 detections.
+        """
+        precision = evaluation.eval["precision"]
+        found = {cid: k for k, cid in enumerate(evaluation.params.catIds)}
+        values = []
+        for cid in self.dataset.category_ids:
+            p = precision[:, :, found[cid], 0, -1] if cid in found else np.empty(0)
+            p = p[p > -1]
+            values.append(round(float(p.mean()) * 100, 4) if p.size else None)
+        return values
 
     def _ground_truth(self):
         """The split's JSON as a pycocotools ``COCO``, with the fields COCOeval needs filled in where absent."""

@@ -48,6 +48,18 @@ MAX_SEED = 2**63 - 1
 OPTIMIZER_DEFAULTS = {Optimizer.sgd: (0.05, 5e-4), Optimizer.adamw: (1e-3, 0.05)}
 
 
+def default_lr(task: Task, optimizer: Optimizer) -> float:
+    """The peak learning rate when ``--lr`` is not given: the task's own for ``optimizer``, else cwkd's.
+
+    Example:
+        >>> default_lr(Task.classification, Optimizer.sgd), default_lr(Task.detection, Optimizer.sgd)
+        (0.05, 0.005)
+    """
+    from cwkd.tasks import get_task
+
+    return get_task(task).default_lr.get(optimizer, OPTIMIZER_DEFAULTS[optimizer][0])
+
+
 # TrainConfig keeps one flat field per CLI option: that is how users build it (`TrainConfig(data=..., alpha=...)`)
 # and how config.json stores it. Its parts below are typed, read-only views of those fields, grouped by
 # concern, and each checks its own values.
@@ -213,7 +225,7 @@ class TrainConfig:
         self.precision = Precision(self.precision)
         self.mean, self.std = self.parse_stats("mean", self.mean), self.parse_stats("std", self.std)
         if self.lr is None:
-            self.lr = OPTIMIZER_DEFAULTS[self.optimizer][0]
+            self.lr = default_lr(self.task, self.optimizer)
         if self.weight_decay is None:
             self.weight_decay = OPTIMIZER_DEFAULTS[self.optimizer][1]
         self.validate()

@@ -185,7 +185,8 @@ def evaluate_checkpoint(
 
     For a checkpoint, the model, classes and transforms come from its metadata and ``data`` defaults to
     the data set it was trained on. ``per_class`` adds per-class accuracy and confusion-matrix counts (a
-    segmentation model: per-class IoU). ``task`` is the checkpoint's own, or inferred from a model name.
+    segmentation model: per-class IoU; a detector: per-class box AP, and mask AP for instance segmentation).
+    ``task`` is the checkpoint's own, or inferred from a model name.
 
     Example:
         >>> r = evaluate_checkpoint("runs/cwt/best.safetensors", workers=0)  # doctest: +SKIP
@@ -220,16 +221,22 @@ def evaluate_checkpoint(
         scores={k: scores[k] for k in spec_task.metrics}, loss=scores["loss"], images=scores["images"],
         images_per_s=scores["images"] / max(seconds, 1e-9), device=str(target), precision=precision.value,
         classes=list(spec.classes), notes=notes,
-        per_class=confusion.per_class(spec.classes) if confusion else _iou_rows(scores, spec.classes, per_class),
+        per_class=confusion.per_class(spec.classes) if confusion else _score_rows(scores, spec.classes, per_class),
         confusion=confusion.counts.tolist() if confusion else None, task=spec_task.name.value,
     )
 
 
-def _iou_rows(scores: dict, classes: list[str], wanted: bool) -> list[dict] | None:
-    """Per-class IoU rows (percent; None for a class in neither the masks nor the predictions)."""
-    if not wanted or "iou" not in scores:
+def _score_rows(scores: dict, classes: list[str], wanted: bool) -> list[dict] | None:
+    """Per-class rows (percent; None for a class not scored): a segmenter's IoU, a detector's box and mask AP.
+
+    A task gives them as ``iou`` or as ``per_class`` (score name -> one value per class); a detector's lists
+    leave out the background, its class 0.
+    """
+    columns = scores.get("per_class") or ({"iou": scores["iou"]} if "iou" in scores else None)
+    if not wanted or not columns:
         return None
-    return [{"class": name, "iou": iou} for name, iou in zip(classes, scores["iou"], strict=False)]
+    offset = len(classes) - len(next(iter(columns.values())))
+    return [{"class": name, **{k: v[i] for k, v in columns.items()}} for i, name in enumerate(classes[offset:])]
 
 
 def _prepare(source: str | Path, weights: str | Path | None, data: str | None, data_root: str | None,

@@ -80,7 +80,7 @@ def print_eval(result: EvalResult, console: Console | None = None) -> None:
     for note in result.notes:
         console.print(f"note: {note}", style="yellow", markup=False)
     if result.per_class is not None and result.confusion is None:
-        _print_iou(result.per_class, console)
+        _print_scores(result.per_class, {"iou": "IoU", **labels}, console)
     if result.per_class is not None and result.confusion is not None:
         _print_accuracy(result.per_class, result.confusion, console)
 
@@ -106,11 +106,12 @@ def _print_accuracy(rows: list[dict], confusion: list[list[int]], console: Conso
     console.print(table)
 
 
-def _print_iou(rows: list[dict], console: Console) -> None:
-    """Per-class IoU of a segmentation model."""
-    table = Table(title="per-class IoU")
-    for column in ("#", "class", "IoU"):
+def _print_scores(rows: list[dict], labels: dict[str, str], console: Console) -> None:
+    """Per-class scores in percent (a segmenter's IoU, a detector's AP); ``-`` for a class not scored."""
+    keys = [k for k in rows[0] if k != "class"] if rows else []
+    table = Table(title="per-class " + ", ".join(labels.get(k, k) for k in keys))
+    for column in ("#", "class", *(labels.get(k, k) for k in keys)):
         table.add_column(column, justify="left" if column == "class" else "right")
     for i, row in enumerate(rows):
-        table.add_row(str(i), escape(row["class"]), "-" if row["iou"] is None else f"{row['iou']:.2f}%")
+        table.add_row(str(i), escape(row["class"]), *("-" if row[k] is None else f"{row[k]:.2f}%" for k in keys))
     console.print(table)

@@ -47,6 +47,18 @@ def test_non_contiguous_category_ids_map_back_for_scoring(tmp_path):
 
 
 @needs_pycocotools
+def test_per_class_ap_follows_the_data_sets_classes_through_non_contiguous_ids(tmp_path):
+    val = load_coco(coco2017(tmp_path)).val
+    present = sorted({int(label) for index in range(len(val)) for label in val[index][1]["labels"]})
+    missed = present[0]  # that class's objects are all missed: it scores 0, the others stay 100
+    score = _ground_truth_as_predictions(val, lambda labels: torch.where(labels == missed, 0, labels))
+    metrics = score.compute()
+    assert score.per_class["box_ap"] == [None if label not in present else 0.0 if label == missed else 100.0
+                                         for label in range(1, 11)]  # None: no such object in the split
+    assert metrics["box_ap"] == pytest.approx(100.0 * (len(present) - 1) / len(present))
+
+
+@needs_pycocotools
 def test_a_wrong_class_scores_0_and_so_does_detecting_nothing(tmp_path):
     val = load_coco(composited(tmp_path)).val
     assert _ground_truth_as_predictions(val, lambda labels: labels % 10 + 1).compute()["box_ap"] == 0.0

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cwkd.cli import app
 from cwkd.composite import Items, write_dense_dataset
+from cwkd.config import Optimizer, TrainConfig
 from cwkd.detmodels import create_detection_model
 from cwkd.errors import ConfigError
 from cwkd.inspection import inspect_model, propose_pairs
@@ -104,6 +105,39 @@ def test_instance_training_scores_mask_ap_and_picks_best_by_it(teacher):
     assert {"val_loss", "val_mask_ap", "val_box_ap", "train_loss_mask", "train_loss_classifier"} <= set(record)
     saved = json.loads(safetensors.safe_open(str(teacher / "best.safetensors"), "pt").metadata()["cwkd"])
     assert saved["task"] == "instance" and saved["best_metric"] == "mask_ap"
+
+
+def test_detectors_default_to_their_own_learning_rate_and_classifiers_keep_cwkds():
+    assert TrainConfig(data="x", student=STUDENT, method="none").lr == get_task("detection").default_lr[Optimizer.sgd]
+    assert TrainConfig(data="x", student=TEACHER, method="none", optimizer="adamw").lr == 1e-4
+    assert TrainConfig(data="x", student=STUDENT, method="none", lr=0.03).lr == 0.03  # a given --lr wins
+    assert TrainConfig(data="x", student="resnet18", method="none").lr == 0.05
+    assert TrainConfig(data="x", student="pspnet_resnet18", method="none").lr == 0.05
+
+
+@pytest.mark.slow
+def test_a_detection_run_without_lr_trains_at_the_task_default_and_resumes_with_it(coco, tmp_path):
+    out = tmp_path / "run"
+    _ok(["train", "--model", STUDENT, "--data", coco, "--out", out, *FAST[:FAST.index("--lr")], "-q"])
+    assert json.loads((out / "config.json").read_text())["config"]["lr"] == get_task("detection").default_lr[
+        Optimizer.sgd]
+    _ok(["train", "--resume", out, "--epochs", "2"])
+    assert [r["epoch"] for r in _records(out)] == [1, 2] and all(np.isfinite(r["train_loss"]) for r in _records(out))
+    assert json.loads((out / "config.json").read_text())["config"]["lr"] == get_task("detection").default_lr[
+        Optimizer.sgd]
+
+
+@pytest.mark.slow
+def test_eval_per_class_gives_each_class_box_and_mask_ap(coco, teacher):
+    report = json.loads(_ok(["eval", teacher / "best.safetensors", "--data", coco, "--workers", "0", "--per-class",
+                             "--json"]))
+    assert [row["class"] for row in report["per_class"]] == ["a", "b", "c"]  # the background has no row
+    scored = [row for row in report["per_class"] if row["box_ap"] is not None]
+    assert scored and all(set(row) == {"class", "box_ap", "mask_ap"} for row in report["per_class"])
+    for kind in ("box_ap", "mask_ap"):  # COCO's AP is the mean over the classes the split has
+        assert np.mean([row[kind] for row in scored]) == pytest.approx(report[kind], abs=1e-3)
+    table = _ok(["eval", teacher / "best.safetensors", "--data", coco, "--workers", "0", "--per-class"])
+    assert "per-class box AP, mask AP" in table
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cwkd.choices import Task
+from cwkd.config import Optimizer
 from cwkd.data import DataSpec
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
@@ -52,6 +53,9 @@ class TaskSpec:
     ddp_find_unused: bool = False
     #: How the loaders batch items (None: torch's default stacking).
     collate: Callable | None = None
+    #: The peak learning rate per optimizer when ``--lr`` is not given; one not here takes
+    #: :data:`cwkd.config.OPTIMIZER_DEFAULTS`. Read once, when the config is resolved (config.json keeps the number).
+    default_lr: dict[Optimizer, float] = {}
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:

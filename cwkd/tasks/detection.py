@@ -21,7 +21,7 @@ from cwkd.build import autocast
 from cwkd.checkpoint import read_state_dict
 from cwkd.choices import Task
 from cwkd.cocodata import CocoDetection, DetectionTransform, collate_detection, load_coco
-from cwkd.config import Precision
+from cwkd.config import Optimizer, Precision
 from cwkd.data import DataSpec
 from cwkd.detmodels import create_detection_model, detection_task, list_detection_models
 from cwkd.errors import ConfigError, ExportError, ModelNotFoundError
@@ -45,6 +45,10 @@ class Detection(TaskSpec):
     export_io = ("images", "detections", "boxes, labels and scores per image")
     ddp_find_unused = True
     collate = staticmethod(collate_detection)
+    # cwkd's SGD 0.05 diverges on a detector trained from scratch. torchvision's reference recipe uses 0.02 for 16
+    # images (0.00125 per image, from pretrained backbones); on the tests' tiny Mask R-CNN from scratch 0.01 and
+    # 0.02 still blew up at batch 2, 0.005 trained. A larger batch may take more (docs/detection.md).
+    default_lr = {Optimizer.sgd: 0.005, Optimizer.adamw: 1e-4}
     #: Whether the data set's masks are loaded and mask AP is scored.
     masks = False
 
@@ -126,7 +130,7 @@ class Detection(TaskSpec):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
                  channels_last: bool = False, rank=None) -> dict:
-        """COCO AP (percent, :class:`~cwkd.cocoeval.CocoScore`) and the detector's own loss per image.
+        """COCO AP (percent, :class:`~cwkd.cocoeval.CocoScore`; ``per_class``: AP per class) and the loss per image.
 
         The loss is the train-mode loss dict with BatchNorm and dropout in eval mode, so nothing is updated,
         drawn under a fixed seed (the R-CNNs sample proposals at random), so every evaluation agrees.
@@ -153,7 +157,8 @@ class Detection(TaskSpec):
             dist.all_reduce(totals)
             _gather(score)
         loss_sum, count = totals.tolist()
-        return {"loss": loss_sum / max(count, 1.0), **score.compute(), "images": int(count)}
+        return {"loss": loss_sum / max(count, 1.0), **score.compute(), "per_class": score.per_class,
+                "images": int(count)}
 
     def feature_prefix(self, model: nn.Module) -> str:
         """The backbone (body + FPN)."""

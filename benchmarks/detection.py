@@ -1,0 +1,265 @@
+"""Detection and instance segmentation on real Fashion-MNIST items: does channel-wise distillation pay? (issue 12)
+
+The data are 128 px canvases with 2-6 real Fashion-MNIST items each, written in the COCO layout with a box,
+class and mask per item (``cwkd.composite``; train items for the train canvases, test items for val, never
+mixed). A Mask R-CNN teacher on a ResNet-50 body is trained here with ``cwkd train``; then each student is
+trained alone (``none``) and distilled with each method under the same schedule and seeds:
+
+    none      the student alone (baseline)
+    cwt       the paper's channel-wise transform, 1x1 conv -> ReLU -> 1x1 conv
+    linear    one 1x1 conv aligner (FitNets-style hint)
+    mgd       masked generative distillation (add it with --methods)
+
+What is distilled is the paper's choice for detection: every FPN level both detectors have (P2-P5), paired by
+measured stride, one aligner each; the teacher's backbone + FPN runs on the student's own padded batch. alpha
+is MGD's two-stage setting in its summed form (``--reduction sum --alpha 5e-7``). The learning rate is the
+detection task's default (``--lr`` not passed). Reported are the last epoch's val box AP and mask AP (COCO,
+percent; the cosine schedule ends at lr 0), never the best epoch's, with the paired difference to ``none``.
+
+Each run writes ``benchmarks/results/detection/<key>.json`` when it finishes and is skipped when that file
+exists, so an interrupted grid resumes; run directories go to ``benchmarks/runs/detection`` (git-ignored)
+and are deleted once their result is written, except the teacher's. The data, the run order and the helpers
+are segmentation's (``benchmarks/segmentation.py``).
+
+Usage:
+    python benchmarks/detection.py --quick        # tiny data and models, none vs cwt, 1 seed (< 3 min)
+    python benchmarks/detection.py                # the whole grid, then the report
+    python benchmarks/detection.py --report       # tables from the saved results
+    python benchmarks/detection.py --step-cost    # distill step against student step + teacher backbone/FPN
+
+Needs the Debian package ``dataset-fashion-mnist`` (or the IDX files under $CWKD_DATA) and pycocotools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from segmentation import (  # noqa: E402  (the benchmark this one follows)
+    RESULTS,
+    ROOT,
+    _cwkd,
+    _history,
+    _mean_std,
+    _stepper,
+    _write,
+    cost_table,
+    key,
+    order,
+    prepare_data,
+    time_steps,
+    versions,
+)
+
+RUNS = ROOT / "benchmarks" / "runs" / "detection"
+#: MGD's alpha for two-stage detectors, in the summed form (sum over C*H*W of every level, divided by the batch).
+MGD_TWO_STAGE_ALPHA_SUM = 5e-7
+#: The scores a run reports, as metrics.jsonl names them (``val_<name>``); a Faster R-CNN has no mask AP.
+SCORES = {"box_ap": "box AP", "mask_ap": "mask AP"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything that sizes the benchmark; ``--quick`` is a smaller one."""
+
+    name: str = "full"
+    teacher: str = "maskrcnn_resnet50"
+    students: tuple[str, ...] = ("maskrcnn_resnet18", "fasterrcnn_resnet18")
+    methods: tuple[str, ...] = ("none", "cwt", "linear")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    canvas: int = 128
+    train_canvases: int = 400
+    val_canvases: int = 100
+    epochs: int = 6
+    teacher_epochs: int = 10
+    batch_size: int = 8
+    results: Path = RESULTS / "detection"
+    runs: Path = RUNS
+
+
+QUICK = Plan(name="quick", teacher="maskrcnn_test_resnet", students=("maskrcnn_test_resnet", "fasterrcnn_test_resnet"),
+             methods=("none", "cwt"), seeds=(0,), canvas=64, train_canvases=8, val_canvases=4, epochs=1,
+             teacher_epochs=2, batch_size=4,
+             results=RUNS / "quick" / "results", runs=RUNS / "quick")
+
+
+def _common(plan: Plan, data: Path, seed: int, epochs: int) -> list:
+    return ["--data", data, "--input-size", plan.canvas, "--epochs", epochs, "--batch-size", plan.batch_size,
+            "--workers", 0, "--seed", seed, "--device", "cpu", "--quiet"]
+
+
+def _scores(record: dict) -> dict[str, float]:
+    """The reported scores in one metrics.jsonl record."""
+    return {name: record[f"val_{name}"] for name in SCORES if f"val_{name}" in record}
+
+
+def train_teacher(plan: Plan, data: Path) -> dict:
+    """``cwkd train`` the teacher unless its result is saved; return that result."""
+    out, path = plan.runs / "teacher", plan.results / "teacher.json"
+    if path.is_file() and (out / "last.safetensors").is_file():
+        return json.loads(path.read_text())
+    resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
+    _cwkd(["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs), *resume])
+    history = _history(out)
+    result = {"model": plan.teacher, "scores": _scores(history[-1]), "history": [_scores(h) for h in history],
+              "epochs": plan.teacher_epochs, "wall_s": round(sum(h["epoch_s"] for h in history), 1),
+              "config": json.loads((out / "config.json").read_text())["config"], "versions": versions()}
+    _write(path, result)
+    return result
+
+
+def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int) -> dict:
+    """Train or distil one student; write and return its result."""
+    out = plan.runs / "cells" / key(student, method, seed)
+    teacher = plan.runs / "teacher" / "last.safetensors"
+    resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
+    common = _common(plan, data, seed, plan.epochs)
+    started = time.perf_counter()
+    if method == "none":
+        _cwkd(["train", "--model", student, *common, *resume])
+    else:
+        _cwkd(["distill", "--teacher", teacher, "--student", student, "--method", method, "--reduction", "sum",
+               "--alpha", MGD_TWO_STAGE_ALPHA_SUM, *common, *resume])
+    history = _history(out)
+    result = {"student": student, "method": method, "seed": seed,
+              "alpha": MGD_TWO_STAGE_ALPHA_SUM if method != "none" else None, "scores": _scores(history[-1]),
+              "history": [_scores(h) for h in history],
+              "last_train": {k: v for k, v in history[-1].items() if k.startswith("train_")},
+              "epoch_s": [h["epoch_s"] for h in history], "wall_s_this_call": round(time.perf_counter() - started, 1),
+              "config": json.loads((out / "config.json").read_text())["config"], "versions": versions()}
+    _write(plan.results / f"{key(student, method, seed)}.json", result)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def run_grid(plan: Plan) -> None:
+    data = prepare_data(plan)
+    teacher = train_teacher(plan, data)
+    print(f"teacher {plan.teacher}: {_format(teacher['scores'])}")
+    cells = order(plan)
+    for number, (student, method, seed) in enumerate(cells, 1):
+        if (plan.results / f"{key(student, method, seed)}.json").is_file():
+            continue
+        result = run_cell(plan, data, student, method, seed)
+        print(f"[{number}/{len(cells)}] {key(student, method, seed)}: {_format(result['scores'])} "
+              f"({sum(result['epoch_s']):.0f}s)", flush=True)
+
+
+def _format(scores: dict[str, float]) -> str:
+    return ", ".join(f"val {SCORES[k]} {v:.2f}" for k, v in scores.items())
+
+
+def step_cost(plan: Plan, rounds: int = 5) -> dict:
+    """Median ms of (a) a student train step, (b) the teacher's backbone + FPN forward on the student's padded
+    batch (what a distill step runs of the teacher), (c) a cwt distill step; and c / (a + b).
+
+    In-process at the grid's batch and canvas size on the first val canvases (real boxes and masks); the
+    teacher has random weights (its cost does not depend on them).
+    """
+    import torch
+
+    from cwkd import FeatureDistiller
+    from cwkd.fpnlevels import teacher_backbone_features
+    from cwkd.tasks import get_task, infer_task
+
+    torch.manual_seed(0)
+    data, size = prepare_data(plan), plan.canvas
+    t_task = get_task(infer_task(plan.teacher))
+    teacher = t_task.build_model(plan.teacher, num_classes=11, input_size=size).eval().requires_grad_(False)
+    results = {"threads": torch.get_num_threads(), "batch": plan.batch_size, "canvas": size, "rounds": rounds,
+               "students": {}}
+    for name in plan.students:
+        task = get_task(infer_task(name))
+        spec = task.load_data(str(data))
+        images, targets = zip(*(spec.val[i] for i in range(plan.batch_size)), strict=True)
+        images, targets = list(images), list(targets)
+        student = task.build_model(name, num_classes=spec.num_classes, input_size=size, new_head=True)
+        common = dict(input_size=size, task_loss=task.loss_fn(), logits_of=None,
+                      feature_prefix=task.feature_prefix(student), student_forward=task.forward,
+                      feature_taps=task.feature_taps)
+        plain = FeatureDistiller(None, student, method="none", **common).train()
+        distil = FeatureDistiller(teacher, student, method="cwt", reduction="sum", alpha=MGD_TWO_STAGE_ALPHA_SUM,
+                                  **common).train()
+        batch, _ = student.transform(images, [dict(t) for t in targets])  # what the teacher sees in a step
+        steps = {"a_student_step": _stepper(plain, images, targets), "c_cwkd_step": _stepper(distil, images, targets),
+                 "b_teacher_forward": partial(teacher_backbone_features, teacher, student, batch.tensors,
+                                              batch.image_sizes)}
+        results["students"][name] = time_steps(name, steps, rounds)
+    _write(plan.results / "step_cost.json", {**results, "versions": versions()})
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(plan: Plan) -> str:
+    """The markdown table: box AP and mask AP mean +- std per student and method, and the paired gain over none."""
+    results = {}
+    for path in sorted(plan.results.glob("*-s*.json")):
+        r = json.loads(path.read_text())
+        results[(r["student"], r["method"], r["seed"])] = r
+    if not results:
+        return "no results yet"
+    teacher = json.loads((plan.results / "teacher.json").read_text())
+    lines = [f"Teacher {teacher['model']}: {_format(teacher['scores'])} (%) after {teacher['epochs']} epochs.", "",
+             "| student | method | runs | " + " | ".join(f"val {label} (%) mean ± std | paired gain over none"
+                                                       for label in SCORES.values()) + " | per seed (box AP) |",
+             "| --- | --- | ---: | " + "---: | ---: | " * len(SCORES) + "--- |"]
+    for student in plan.students:
+        for method in plan.methods:
+            seeds = [s for s in plan.seeds if (student, method, s) in results]
+            if seeds:
+                lines.append(_row(results, student, method, seeds))
+    return "\n".join(lines + cost_table(plan.results / "step_cost.json", "teacher backbone + FPN forward"))
+
+
+def _row(results: dict, student: str, method: str, seeds: list[int]) -> str:
+    """One table row: each score's mean ± std over ``seeds`` and its paired gain over ``none`` (same seed)."""
+    cells = []
+    for name in SCORES:
+        values = [results[(student, method, s)]["scores"].get(name) for s in seeds]
+        if None in values:  # a Faster R-CNN student has no mask AP
+            cells += ["", ""]
+            continue
+        gains = [results[(student, method, s)]["scores"][name] - results[(student, "none", s)]["scores"][name]
+                 for s in seeds if (student, "none", s) in results]
+        gain = "" if method == "none" or not gains else f"{_mean_std(gains, signed=True)} ({len(gains)} paired)"
+        cells += [_mean_std(values), gain]
+    per_seed = ", ".join(f"{results[(student, method, s)]['scores']['box_ap']:.2f}" for s in seeds)
+    return f"| {student} | {method} | {len(seeds)} | {' | '.join(cells)} | {per_seed} |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny plan that checks the pipeline (< 3 min)")
+    parser.add_argument("--report", action="store_true", help="print the tables from saved results and exit")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds")
+    parser.add_argument("--methods", nargs="+", choices=("none", "cwt", "linear", "mgd"),
+                        help="run these methods (default: none cwt linear; --quick: none cwt)")
+    parser.add_argument("--step-cost", action="store_true", help="time the distill step against student step + "
+                        "teacher backbone/FPN forward, then exit (run it on an idle machine)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else Plan()
+    if args.seeds:
+        plan = replace(plan, seeds=tuple(args.seeds))
+    if args.methods:
+        plan = replace(plan, methods=tuple(args.methods))
+    if args.step_cost:
+        step_cost(plan)
+        return 0
+    if not args.report:
+        run_grid(plan)
+    print(report(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
