@@ -178,6 +178,9 @@ def _auto_alpha(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller, l
     picked = pick_alpha(distiller, batches, autocast=autocast(device, cfg.precision))
     cfg.alpha, cfg.alpha_auto = picked.alpha, True
     console.info(picked.line())
+    if picked.capped:  # measured at step 0, such picks diverged on a benchmark student (docs/benchmarks.md)
+        console.warn(f"alpha auto hit its cap ({picked.alpha:.4g}); on one benchmark student capped picks diverged "
+                     "or trained worse than alpha 7: if this run diverges, set --alpha by hand")
 
 
 def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,

@@ -217,3 +217,12 @@ def test_segmentation_distill_with_auto_alpha(tmp_path):
     assert "alpha auto: picked" in result.output
     config = json.loads((tmp_path / "s" / "config.json").read_text())["config"]
     assert math.isfinite(config["alpha"]) and config["alpha"] > 0 and config["alpha_auto"] is True
+
+
+@pytest.mark.slow
+def test_a_capped_pick_is_a_warning_that_names_the_way_out(folder, teacher_ckpt, tmp_path, monkeypatch):
+    import cwkd.autoalpha
+
+    monkeypatch.setattr(cwkd.autoalpha, "MAX_LOSS_RATIO", 1e-6)  # every pick hits the cap
+    output = " ".join(_distill(folder, teacher_ckpt, tmp_path / "a", "--alpha", "auto").split())
+    assert "warning: alpha auto hit its cap" in output and "set --alpha by hand" in output
