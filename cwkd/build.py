@@ -106,9 +106,9 @@ def reuse_freed_memory(device: torch.device) -> Iterator[bool]:
     if libc is None:
         yield False
         return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
+    try:  # set inside the try: a Ctrl-C between the two calls still restores glibc's defaults
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
         yield True
     finally:
         for param, value in _GLIBC_DEFAULTS.items():
