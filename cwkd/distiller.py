@@ -160,11 +160,8 @@ class FeatureDistiller(nn.Module):
                 outside._apply(fn, *args, **kwargs)
         return self
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None, *, detach: bool = True) -> dict:
-        """One distillation step's losses (or just the student's ``outputs`` when ``targets`` is None).
-
-        ``detach=False`` keeps the graph of ``task_loss`` and ``feat_loss`` (to differentiate each term on its own).
-        """
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        """One distillation step's losses (or just the student's ``outputs`` when ``targets`` is None)."""
         if self.alpha is None and targets is not None and self.pairs:
             raise ConfigError("alpha='auto' is not picked yet: call cwkd.pick_alpha(distiller, batches) "
                               "before training (cwkd's run does it for you)")
@@ -174,11 +171,11 @@ class FeatureDistiller(nn.Module):
             return out
         parts = self.task_loss(outputs, targets)
         loss = parts["task_loss"]
-        out.update({k: v.detach() if detach else v for k, v in parts.items()})
+        out.update({k: v.detach() for k, v in parts.items()})
         if self.pairs:
             feat = self._feature_losses(s_feats, t_feats, out)
             loss = loss + self.alpha * feat
-            out["feat_loss"] = feat.detach() if detach else feat
+            out["feat_loss"] = feat.detach()
         if self.kd_weight > 0 and t_logits is not None:
             kd = kd_loss(self.logits_of(outputs), t_logits, self.kd_temperature)
             loss = loss + self.kd_weight * kd
