@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,22 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 8, si
                 pixels = np.clip(rng.normal(base, 30, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+def cli_ok(args: list) -> str:
+    """Run the CLI in-process; expect exit 0 and return its output."""
+    from typer.testing import CliRunner
+
+    from cwkd.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, one per finished epoch."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def cli_fails(args: list, *needles: str) -> str:

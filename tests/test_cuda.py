@@ -28,6 +28,7 @@ from cwkd.distiller import FeatureDistiller
 from cwkd.engine import run
 from cwkd.models import create_model
 
+from .helpers import read_metrics
 from .test_reliability import _assert_same_weights, _StopAfter
 
 #: Which device the ``cuda`` tests use: ``cuda`` (the default), ``cuda:N`` or ``cpu`` for a dry run.
@@ -98,10 +99,6 @@ def _batch(device: torch.device, n: int = 4) -> tuple[torch.Tensor, torch.Tensor
     return torch.randn(n, 3, 32, 32, device=device), torch.arange(n, device=device) % 2
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 # ----------------------------------------------------------------------------- mixed precision
 
 
@@ -135,7 +132,7 @@ def test_engine_trains_with_autocast_and_channels_last(device, precision, folder
     if precision is Precision.fp16 and device.type != "cuda":
         pytest.skip("fp16 needs CUDA; the CPU dry run covers bf16")
     result = run(_config(folder, device, tmp_path / "run", precision, epochs=2))
-    records = _metrics(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
     assert len(records) == 2
     for record in records:
         for key in ("train_loss", "train_task_loss", "train_feat_loss", "train_kd_loss", "val_loss"):
@@ -238,5 +235,5 @@ def test_compile_keeps_the_feature_hooks_firing(device, compile_here, folder, tm
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.aligners.parameters())
 
     run(_config(folder, device, tmp_path / "run", Precision.bf16, compile=True))
-    (record,) = _metrics(tmp_path / "run")
+    (record,) = read_metrics(tmp_path / "run")
     assert math.isfinite(record["train_loss"]) and record["train_feat_loss"] > 0, record

@@ -20,7 +20,7 @@ from cwkd.detmodels import create_detection_model
 from cwkd.errors import ConfigError
 from cwkd.inspection import inspect_model, propose_pairs
 from cwkd.tasks import Task, get_task, infer_task
-from tests.helpers import cli_fails
+from tests.helpers import cli_fails, cli_ok, read_metrics
 
 runner = CliRunner()
 STUDENT, TEACHER = "fasterrcnn_test_resnet", "maskrcnn_test_resnet"  # timm's tiny ResNet body under each head
@@ -37,20 +37,10 @@ def coco(tmp_path_factory):
                                canvas=64, counts={"train": 6, "val": 3})
 
 
-def _ok(args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def teacher(coco, tmp_path_factory):
     out = tmp_path_factory.mktemp("t") / "run"
-    _ok(["train", "--model", TEACHER, "--data", coco, "--out", out, *FAST])
+    cli_ok(["train", "--model", TEACHER, "--data", coco, "--out", out, *FAST])
     return out
 
 
@@ -76,7 +66,7 @@ def test_inspect_pairs_fpn_levels_by_stride_not_by_index():
     assert all(p["aligner_params"] > 0 for p in report["pairs"])
     layers, _ = inspect_model(TEACHER, input_size=64)  # one detector: its FPN levels, the max-pooled one left out
     assert [(layer.name, layer.reduction) for layer in layers] == [("P2", 4), ("P3", 8), ("P4", 16), ("P5", 32)]
-    output = _ok(["inspect", "--teacher", TEACHER, "--student", STUDENT, "--input-size", "64"])
+    output = cli_ok(["inspect", "--teacher", TEACHER, "--student", STUDENT, "--input-size", "64"])
     assert "P2" in output and "P5" in output and "pool" not in output
 
 
@@ -101,7 +91,7 @@ def test_missing_pycocotools_names_the_extra_before_training(coco, tmp_path, mon
 
 @pytest.mark.slow
 def test_instance_training_scores_mask_ap_and_picks_best_by_it(teacher):
-    (record,) = _records(teacher)
+    (record,) = read_metrics(teacher)
     assert {"val_loss", "val_mask_ap", "val_box_ap", "train_loss_mask", "train_loss_classifier"} <= set(record)
     saved = json.loads(safetensors.safe_open(str(teacher / "best.safetensors"), "pt").metadata()["cwkd"])
     assert saved["task"] == "instance" and saved["best_metric"] == "mask_ap"
@@ -118,42 +108,43 @@ def test_detectors_default_to_their_own_learning_rate_and_classifiers_keep_cwkds
 @pytest.mark.slow
 def test_a_detection_run_without_lr_trains_at_the_task_default_and_resumes_with_it(coco, tmp_path):
     out = tmp_path / "run"
-    _ok(["train", "--model", STUDENT, "--data", coco, "--out", out, *FAST[:FAST.index("--lr")], "-q"])
+    cli_ok(["train", "--model", STUDENT, "--data", coco, "--out", out, *FAST[:FAST.index("--lr")], "-q"])
     assert json.loads((out / "config.json").read_text())["config"]["lr"] == get_task("detection").default_lr[
         Optimizer.sgd]
-    _ok(["train", "--resume", out, "--epochs", "2"])
-    assert [r["epoch"] for r in _records(out)] == [1, 2] and all(np.isfinite(r["train_loss"]) for r in _records(out))
+    cli_ok(["train", "--resume", out, "--epochs", "2"])
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2] and all(np.isfinite(r["train_loss"]) for r in records)
     assert json.loads((out / "config.json").read_text())["config"]["lr"] == get_task("detection").default_lr[
         Optimizer.sgd]
 
 
 @pytest.mark.slow
 def test_eval_per_class_gives_each_class_box_and_mask_ap(coco, teacher):
-    report = json.loads(_ok(["eval", teacher / "best.safetensors", "--data", coco, "--workers", "0", "--per-class",
+    report = json.loads(cli_ok(["eval", teacher / "best.safetensors", "--data", coco, "--workers", "0", "--per-class",
                              "--json"]))
     assert [row["class"] for row in report["per_class"]] == ["a", "b", "c"]  # the background has no row
     scored = [row for row in report["per_class"] if row["box_ap"] is not None]
     assert scored and all(set(row) == {"class", "box_ap", "mask_ap"} for row in report["per_class"])
     for kind in ("box_ap", "mask_ap"):  # COCO's AP is the mean over the classes the split has
         assert np.mean([row[kind] for row in scored]) == pytest.approx(report[kind], abs=1e-3)
-    table = _ok(["eval", teacher / "best.safetensors", "--data", coco, "--workers", "0", "--per-class"])
+    table = cli_ok(["eval", teacher / "best.safetensors", "--data", coco, "--workers", "0", "--per-class"])
     assert "per-class box AP, mask AP" in table
 
 
 @pytest.mark.slow
 def test_distill_from_a_mask_rcnn_teacher_then_eval_and_export(coco, teacher, tmp_path):
     out = tmp_path / "cwt"
-    _ok(["distill", "--teacher", teacher / "best.safetensors", "--student", STUDENT, "--data", coco,
+    cli_ok(["distill", "--teacher", teacher / "best.safetensors", "--student", STUDENT, "--data", coco,
          "--out", out, "--input-size", "64", *FAST])
     pairs = json.loads((out / "config.json").read_text())["pairs"]
     assert [(p["student"], p["reduction"]) for p in pairs] == [("P2", 4), ("P3", 8), ("P4", 16), ("P5", 32)]
-    (record,) = _records(out)
+    (record,) = read_metrics(out)
     assert record["train_feat_loss"] > 0 and "train_loss_box_reg" in record and "val_mask_ap" not in record
-    report = json.loads(_ok(["eval", out / "best.safetensors", "--data", coco, "--workers", "0", "--json"]))
+    report = json.loads(cli_ok(["eval", out / "best.safetensors", "--data", coco, "--workers", "0", "--json"]))
     assert report["task"] == "detection" and report["box_ap"] == pytest.approx(record["val_box_ap"])
     assert all(np.isfinite(report[k]) for k in ("box_ap", "box_ap50", "loss"))
     path = tmp_path / "student.safetensors"
-    _ok(["export", out / "best.safetensors", "--out", path, "--no-benchmark"])
+    cli_ok(["export", out / "best.safetensors", "--out", path, "--no-benchmark"])
     model = create_detection_model(STUDENT, num_classes=4, input_size=64)
     model.load_state_dict(safetensors.torch.load_file(path))
     (found,) = model.eval()(list(torch.rand(1, 3, 64, 64)))
@@ -170,7 +161,7 @@ def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(coco, t
     from .test_reliability import _assert_same_weights, _StopAfter
 
     args = ["train", "--model", STUDENT, "--data", coco, *FAST[:-1], "--epochs", "2", "-q"]
-    _ok([*args, "--out", tmp_path / "whole"])
+    cli_ok([*args, "--out", tmp_path / "whole"])
     reference = safetensors.torch.load_file(tmp_path / "whole" / "last.safetensors")
     monkeypatch.setattr(rundir, "StopSignals", _StopAfter(6))
     stopped = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "cut"]])
@@ -178,9 +169,9 @@ def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(coco, t
     monkeypatch.undo()
     state = load_state(tmp_path / "cut" / "state.pt")
     assert state["epoch"] == 1 and 0 < state["step"] < 3  # stopped inside epoch 2
-    _ok(["train", "--resume", tmp_path / "cut"])
+    cli_ok(["train", "--resume", tmp_path / "cut"])
     _assert_same_weights(tmp_path / "cut" / "last.safetensors", reference)
-    assert [r["epoch"] for r in _records(tmp_path / "cut")] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [1, 2]
 
 
 DDP_SCRIPT = """
@@ -210,7 +201,7 @@ def test_two_process_gloo_ddp_distills_a_detector(coco, teacher, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = safetensors.torch.load_file(out / "rank0.st"), safetensors.torch.load_file(out / "rank1.st")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    (record,) = _records(out)
+    (record,) = read_metrics(out)
     assert np.isfinite(record["val_box_ap"]) and record["train_feat_loss"] > 0
 
 

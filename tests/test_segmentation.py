@@ -17,6 +17,8 @@ from cwkd.heads import create_segmentation_model
 from cwkd.inspection import propose_pairs
 from cwkd.tasks import Task, get_task, infer_task
 
+from .helpers import cli_ok, read_metrics
+
 runner = CliRunner()
 MODEL = "pspnet_test_resnet"  # timm's tiny ResNet body, dilated to stride 8, with a PSPNet head
 FAST = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "-q"]
@@ -31,26 +33,16 @@ def voc(tmp_path_factory):
                                range(10)]), canvas=48, counts={"train": 8, "val": 4})
 
 
-def _ok(args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def teacher(voc, tmp_path_factory):
     out = tmp_path_factory.mktemp("t") / "run"
-    _ok(["train", "--model", MODEL, "--data", voc, "--out", out, *FAST])
+    cli_ok(["train", "--model", MODEL, "--data", voc, "--out", out, *FAST])
     return out
 
 
 @pytest.mark.slow
 def test_train_writes_miou_and_picks_best_by_it(teacher):
-    (record,) = _records(teacher)
+    (record,) = read_metrics(teacher)
     assert {"val_loss", "val_miou", "val_pixel_acc"} <= set(record) and "val_top1" not in record
     meta = safetensors.safe_open(str(teacher / "best.safetensors"), "pt").metadata()
     saved = json.loads(meta["cwkd"])
@@ -62,15 +54,15 @@ def test_train_writes_miou_and_picks_best_by_it(teacher):
 @pytest.mark.slow
 def test_distill_pairs_the_last_backbone_stage_resumes_and_eval_reproduces_miou(voc, teacher, tmp_path):
     out = tmp_path / "cwt"
-    _ok(["distill", "--teacher", teacher / "best.safetensors", "--student", MODEL, "--method", "cwt", "--data", voc,
+    cli_ok(["distill", "--teacher", teacher / "best.safetensors", "--student", MODEL, "--method", "cwt", "--data", voc,
          "--out", out, *FAST])
     pairs = json.loads((out / "config.json").read_text())["pairs"]
     assert [(p["student"], p["teacher"]) for p in pairs] == [("backbone.layer4", "backbone.layer4")]
-    _ok(["distill", "--resume", out, "--epochs", "2", "-q"])  # a finished run goes on to a larger --epochs
-    records = _records(out)
+    cli_ok(["distill", "--resume", out, "--epochs", "2", "-q"])  # a finished run goes on to a larger --epochs
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2] and all("train_feat_loss" in r for r in records)
     best = max(records, key=lambda r: r["val_miou"])
-    report = json.loads(_ok(["eval", out / "best.safetensors", "--workers", "0", "--json", "--per-class"]))
+    report = json.loads(cli_ok(["eval", out / "best.safetensors", "--workers", "0", "--json", "--per-class"]))
     assert report["miou"] == pytest.approx(best["val_miou"]) and report["task"] == "segmentation"
     assert len(report["per_class"]) == 11 and "iou" in report["per_class"][0]
 
@@ -78,11 +70,11 @@ def test_distill_pairs_the_last_backbone_stage_resumes_and_eval_reproduces_miou(
 @pytest.mark.slow
 def test_export_safetensors_loads_in_the_plain_builder_and_torchscript_verifies(teacher, tmp_path):
     path = tmp_path / "student.safetensors"
-    _ok(["export", teacher / "best.safetensors", "--out", path, "--verify", "--no-benchmark"])
+    cli_ok(["export", teacher / "best.safetensors", "--out", path, "--verify", "--no-benchmark"])
     model = create_segmentation_model(MODEL, num_classes=11)
     model.load_state_dict(safetensors.torch.load_file(path))
     assert model.eval()(torch.zeros(1, 3, 48, 48))["out"].shape == (1, 11, 48, 48)
-    output = _ok(["export", teacher / "best.safetensors", "--format", "torchscript", "--out", tmp_path / "m.pt",
+    output = cli_ok(["export", teacher / "best.safetensors", "--format", "torchscript", "--out", tmp_path / "m.pt",
                   "--verify", "--no-benchmark"])
     assert "real inputs" in output and ": ok" in output
     traced = torch.jit.load(str(tmp_path / "m.pt"))
@@ -92,7 +84,7 @@ def test_export_safetensors_loads_in_the_plain_builder_and_torchscript_verifies(
 @pytest.mark.slow
 def test_onnx_export_of_a_pspnet_verifies(teacher, tmp_path):
     pytest.importorskip("onnxruntime")
-    output = _ok(["export", teacher / "best.safetensors", "--format", "onnx", "--out", tmp_path / "m.onnx",
+    output = cli_ok(["export", teacher / "best.safetensors", "--format", "onnx", "--out", tmp_path / "m.onnx",
                   "--verify", "--no-benchmark"])
     assert "real inputs" in output and ": ok" in output and (tmp_path / "m.onnx").is_file()
 
@@ -115,7 +107,7 @@ def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(voc, tm
 
     args = ["train", "--model", MODEL, "--data", voc, "--epochs", "2", "--batch-size", "2", "--workers", "0",
             "--device", "cpu", "-q"]
-    _ok([*args, "--out", tmp_path / "whole"])
+    cli_ok([*args, "--out", tmp_path / "whole"])
     reference = safetensors.torch.load_file(tmp_path / "whole" / "last.safetensors")
     monkeypatch.setattr(rundir, "StopSignals", _StopAfter(7))  # the flag is read ~5 times an epoch of 4 steps
     stopped = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "cut"]])
@@ -123,9 +115,9 @@ def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(voc, tm
     monkeypatch.undo()
     state = load_state(tmp_path / "cut" / "state.pt")
     assert state["epoch"] == 1 and 0 < state["step"] < 4  # stopped inside epoch 2
-    _ok(["train", "--resume", tmp_path / "cut"])
+    cli_ok(["train", "--resume", tmp_path / "cut"])
     _assert_same_weights(tmp_path / "cut" / "last.safetensors", reference)
-    assert [r["epoch"] for r in _records(tmp_path / "cut")] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [1, 2]
 
 
 @pytest.mark.slow
