@@ -33,6 +33,7 @@ Usage:
     python benchmarks/accuracy.py                   # teacher + main grid + ablations, then the report
     python benchmarks/accuracy.py --only main --jobs 2
     python benchmarks/accuracy.py --report          # tables, summary JSON and plot from the saved results
+    python benchmarks/accuracy.py --device cuda --results DIR   # on a GPU; DIR stands in for benchmarks/results
 
 Needs the Debian package ``dataset-fashion-mnist`` (or the four IDX files under $CWKD_DATA). matplotlib
 is needed for the plot only (``pip install matplotlib``); it is not a cwkd dependency.
@@ -61,6 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
 DOCS = ROOT / "docs"
+FMNIST_TEST = 10000  # images in Fashion-MNIST's test split
 INSTALL_HINT = ("Fashion-MNIST not found: run `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the "
                 "four IDX files in a folder and set CWKD_DATA to it")
 
@@ -104,6 +106,7 @@ class Plan:
     ablation_seeds: tuple[int, ...] = (0, 1, 2)
     results: Path = RESULTS
     runs: Path = RUNS
+    device: str = "cpu"
 
 
 QUICK = Plan(name="quick", students=("mobilenetv3_small_050",), methods=("none", "cwt"), seeds=(0,),
@@ -136,8 +139,24 @@ class Cell:
 # ----------------------------------------------------------------------------- data
 
 
-def prepare_data(plan: Plan) -> tuple[Path, Path]:
-    """Write the seeded, class-balanced subsets as IDX files; return (student root, teacher root)."""
+def prepare_data(plan: Plan, teacher: bool = True) -> tuple[Path, Path]:
+    """Write the seeded, class-balanced subsets as IDX files; return (student root, teacher root).
+
+    The teacher's subset is written only when ``teacher`` is set, and Fashion-MNIST is read only when a subset
+    is missing (its ``done`` file), so a machine given the subsets and the trained teacher needs no IDX files.
+    """
+    test_count = plan.test_subset or FMNIST_TEST
+    roots = [plan.runs / "data" / f"fmnist-train{size}-test{test_count}"
+             for size in (plan.train_subset, plan.teacher_subset)]
+    wanted = roots if teacher else roots[:1]
+    if all((root / "done").is_file() for root in wanted):
+        return roots[0], roots[1]
+    _write_subsets(plan, wanted)
+    return roots[0], roots[1]
+
+
+def _write_subsets(plan: Plan, roots: list[Path]) -> None:
+    """Write the missing subsets among ``roots`` (student first, then teacher) from the Fashion-MNIST IDX files."""
     from cwkd.data import find_fashion_mnist, read_idx
 
     files = find_fashion_mnist(None)
@@ -148,9 +167,7 @@ def prepare_data(plan: Plan) -> tuple[Path, Path]:
     x_test, y_test = read_idx(files["x_val"]), read_idx(files["y_val"])
     order = _balanced_order(y, seed=0)  # the student subset is a prefix of the teacher's: a superset
     test_idx = np.arange(len(y_test)) if plan.test_subset is None else _balanced_order(y_test, 0)[:plan.test_subset]
-    roots = []
-    for size in (plan.train_subset, plan.teacher_subset):
-        root = plan.runs / "data" / f"fmnist-train{size}-test{len(test_idx)}"
+    for size, root in zip((plan.train_subset, plan.teacher_subset), roots, strict=False):
         idx = np.sort(order[:size])
         if not (root / "done").is_file():
             root.mkdir(parents=True, exist_ok=True)
@@ -159,8 +176,6 @@ def prepare_data(plan: Plan) -> tuple[Path, Path]:
             _write_idx(root / "t10k-images-idx3-ubyte", x_test[test_idx])
             _write_idx(root / "t10k-labels-idx1-ubyte", y_test[test_idx])
             (root / "done").write_text(json.dumps({"train": int(size), "test": len(test_idx), "seed": 0}))
-        roots.append(root)
-    return roots[0], roots[1]
 
 
 def _balanced_order(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -184,7 +199,7 @@ def teacher_command(plan: Plan, data_root: Path) -> list[str]:
     return [sys.executable, "-m", "cwkd", "train", "--model", plan.teacher, "--data", "fashion-mnist",
             "--data-root", str(data_root), "--input-size", str(plan.input_size), "--in-chans", "1",
             "--epochs", str(plan.teacher_epochs), "--batch-size", str(plan.batch_size), "--workers", "0",
-            "--seed", "0", "--device", "cpu", "--out", str(plan.runs / "teacher"), "--overwrite", "--quiet"]
+            "--seed", "0", "--device", plan.device, "--out", str(plan.runs / "teacher"), "--overwrite", "--quiet"]
 
 
 def _history(out: Path) -> list[dict]:
@@ -197,13 +212,20 @@ def teacher_json(plan: Plan) -> Path:
     return plan.results / "accuracy_teacher.json"
 
 
+def teacher_trained(plan: Plan) -> bool:
+    """Whether the teacher's checkpoint is there with all its epochs (then only its result JSON may be missing)."""
+    out = plan.runs / "teacher"
+    return (out / "last.safetensors").is_file() and (
+        teacher_json(plan).is_file() or len(_history(out)) >= plan.teacher_epochs)
+
+
 def train_teacher(plan: Plan, data_root: Path) -> dict:
     """Train the teacher with `cwkd train` unless its checkpoint and result are there already."""
     out, result_path = plan.runs / "teacher", teacher_json(plan)
     if result_path.is_file() and (out / "last.safetensors").is_file():
         return json.loads(result_path.read_text())
     command = teacher_command(plan, data_root)
-    if len(_history(out)) < plan.teacher_epochs or not (out / "last.safetensors").is_file():
+    if not teacher_trained(plan):
         subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     history = _history(out)
     result = {
@@ -275,7 +297,7 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
         alpha=cell.alpha if feature else 1.0, pairs=PAIRS[cell.student] if feature else "last",
         hidden=cell.hidden, kd_weight=kd_weight, kd_temperature=plan.kd_temperature, epochs=plan.epochs,
         batch_size=plan.batch_size, input_size=plan.input_size, in_chans=1, mean=norm["mean"], std=norm["std"],
-        workers=0, seed=cell.seed, device="cpu", out=str(out), overwrite=True, quiet=True,
+        workers=0, seed=cell.seed, device=plan.device, out=str(out), overwrite=True, quiet=True,
     )
     started = time.perf_counter()
     resume = out if (out / "state.pt").is_file() and (out / "config.json").is_file() else None
@@ -326,7 +348,7 @@ def teacher_normalization(teacher: str, input_size: int) -> dict:
 
 def run_grid(plan: Plan, cells: list[Cell], jobs: int) -> None:
     """Train the teacher and every missing cell, ``jobs`` at a time; baselines start before the teacher ends."""
-    student_root, teacher_root = prepare_data(plan)
+    student_root, teacher_root = prepare_data(plan, teacher=not teacher_trained(plan))
     teacher_ckpt = str(plan.runs / "teacher" / "last.safetensors")
     todo = [c for c in cells if not cell_path(plan, c).is_file()]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done already; {len(todo)} to run with {jobs} job(s)")
@@ -561,7 +583,8 @@ def report(plan: Plan) -> None:
     if teacher:
         print(f"teacher {teacher['model']}: {teacher['top1']:.2f}% top-1 ({teacher['command']})")
     print(markdown(plan, summary))
-    png = DOCS / "benchmarks_accuracy.png" if plan.name == "full" else plan.runs / "accuracy.png"
+    png = DOCS / "benchmarks_accuracy.png" if plan.name == "full" and plan.results == RESULTS \
+        else plan.results / "accuracy.png"
     if plot(plan, summary, png):
         print(f"plot: {png.relative_to(ROOT)}")
 
@@ -686,6 +709,19 @@ def _relative(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--results``, shared with alpha.py."""
+    parser.add_argument("--device", default="cpu", help="where the teacher and the cells train (default: cpu)")
+    parser.add_argument("--results", type=Path, default=None, help="a folder that stands in for benchmarks/results: "
+                        "cells in DIR/accuracy, the summary and the teacher's JSON in DIR")
+
+
+def with_device_options(plan: Plan, args: argparse.Namespace) -> Plan:
+    """``plan`` with the --device and --results of ``args``."""
+    plan = replace(plan, device=args.device)
+    return replace(plan, results=args.results.resolve()) if args.results else plan
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -704,8 +740,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="only summarise the saved results")
     parser.add_argument("--diagnose", action="store_true", help="compare the loss terms' gradients at init, "
                         "and the teacher's top-1 on each student's input")
+    add_device_options(parser)
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else Plan()
+    plan = with_device_options(QUICK if args.quick else Plan(), args)
     if args.seeds is not None:
         plan = replace(plan, seeds=plan.seeds[:args.seeds], ablation_seeds=plan.ablation_seeds[:args.seeds])
     if args.diagnose:

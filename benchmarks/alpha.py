@@ -14,6 +14,7 @@ Usage:
     python benchmarks/alpha.py --jobs 2         # the whole grid (resumable), then the report
     python benchmarks/alpha.py --report         # only the report, from the saved results
     python benchmarks/alpha.py --probe          # what the rule measures and picks, per student and method
+    python benchmarks/alpha.py --device cuda --jobs 10 --students mobilenetv1_100 --alphas 0.5,2,7 --results DIR
 """
 
 from __future__ import annotations
@@ -156,6 +157,16 @@ def _subset(given: str, known: tuple[str, ...], option: str) -> list[str]:
     return names
 
 
+def _alphas(given: str) -> tuple[float, ...]:
+    try:
+        alphas = tuple(float(a) for a in given.split(",") if a.strip())
+    except ValueError:
+        raise SystemExit(f"error: --alphas: {given!r} is not a comma-separated list of numbers, e.g. 0.5,2,7") from None
+    if not alphas or min(alphas) <= 0:
+        raise SystemExit(f"error: --alphas: {given!r}: give one or more positive numbers, e.g. 0.5,2,7")
+    return alphas
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke: one student, cwt at alpha 7 and auto, 1 seed")
@@ -166,8 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-sweep", action="store_true", help="only the baselines and the auto cells")
     parser.add_argument("--report", action="store_true", help="only summarise the saved results")
     parser.add_argument("--probe", action="store_true", help="what auto measures and picks (no training)")
+    parser.add_argument("--alphas", default=None, help="comma-separated alphas of the sweep (default: "
+                        f"{','.join(f'{a:g}' for a in ALPHAS)})")
+    accuracy.add_device_options(parser)
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    plan = accuracy.with_device_options(QUICK if args.quick else FULL, args)
+    if args.alphas:
+        plan = replace(plan, alphas=_alphas(args.alphas))
     if args.seeds is not None:
         plan = replace(plan, seeds=plan.seeds[:args.seeds])
     if args.students:

@@ -26,6 +26,7 @@ Usage:
     python benchmarks/detection.py                # the whole grid, then the report
     python benchmarks/detection.py --report       # tables from the saved results
     python benchmarks/detection.py --step-cost    # distill step against student step + teacher backbone/FPN
+    python benchmarks/detection.py --device cuda --jobs 6 --results DIR --runs DIR   # on a GPU, 6 cells at a time
 
 Needs the Debian package ``dataset-fashion-mnist`` (or the IDX files under $CWKD_DATA) and pycocotools.
 """
@@ -37,6 +38,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -83,6 +85,7 @@ class Plan:
     batch_size: int = 8
     results: Path = RESULTS / "detection"
     runs: Path = RUNS
+    device: str = "cpu"
 
 
 QUICK = Plan(name="quick", teacher="maskrcnn_test_resnet", students=("maskrcnn_test_resnet", "fasterrcnn_test_resnet"),
@@ -93,7 +96,7 @@ QUICK = Plan(name="quick", teacher="maskrcnn_test_resnet", students=("maskrcnn_t
 
 def _common(plan: Plan, data: Path, seed: int, epochs: int) -> list:
     return ["--data", data, "--input-size", plan.canvas, "--epochs", epochs, "--batch-size", plan.batch_size,
-            "--workers", 0, "--seed", seed, "--device", "cpu", "--quiet"]
+            "--workers", 0, "--seed", seed, "--device", plan.device, "--quiet"]
 
 
 def _scores(record: dict) -> dict[str, float]:
@@ -140,17 +143,28 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int) -> di
     return result
 
 
-def run_grid(plan: Plan) -> None:
+def run_grid(plan: Plan, jobs: int = 1) -> None:
+    """The teacher, then every missing cell, ``jobs`` at a time (each one a ``cwkd`` subprocess)."""
     data = prepare_data(plan)
     teacher = train_teacher(plan, data)
     print(f"teacher {plan.teacher}: {_format(teacher['scores'])}")
     cells = order(plan)
-    for number, (student, method, seed) in enumerate(cells, 1):
-        if (plan.results / f"{key(student, method, seed)}.json").is_file():
-            continue
-        result = run_cell(plan, data, student, method, seed)
-        print(f"[{number}/{len(cells)}] {key(student, method, seed)}: {_format(result['scores'])} "
-              f"({sum(result['epoch_s']):.0f}s)", flush=True)
+    todo = [(n, cell) for n, cell in enumerate(cells, 1) if not (plan.results / f"{key(*cell)}.json").is_file()]
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        running = {pool.submit(run_cell, plan, data, *cell): (n, cell) for n, cell in todo}
+        for future in as_completed(running):
+            number, cell = running[future]
+            try:
+                result = future.result()
+            except Exception as exc:  # report and go on: one broken cell must not lose the others
+                failed.append(key(*cell))
+                print(f"[{number}/{len(cells)}] {key(*cell)}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+                continue
+            print(f"[{number}/{len(cells)}] {key(*cell)}: {_format(result['scores'])} "
+                  f"({sum(result['epoch_s']):.0f}s)", flush=True)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}; rerun to retry them")
 
 
 def _format(scores: dict[str, float]) -> str:
@@ -171,30 +185,44 @@ def step_cost(plan: Plan, rounds: int = 5) -> dict:
     from cwkd.tasks import get_task, infer_task
 
     torch.manual_seed(0)
-    data, size = prepare_data(plan), plan.canvas
+    data, size, device = prepare_data(plan), plan.canvas, torch.device(plan.device)
     t_task = get_task(infer_task(plan.teacher))
     teacher = t_task.build_model(plan.teacher, num_classes=11, input_size=size).eval().requires_grad_(False)
+    teacher.to(device)
     results = {"threads": torch.get_num_threads(), "batch": plan.batch_size, "canvas": size, "rounds": rounds,
-               "students": {}}
+               "device": plan.device, "students": {}}
     for name in plan.students:
         task = get_task(infer_task(name))
         spec = task.load_data(str(data))
         images, targets = zip(*(spec.val[i] for i in range(plan.batch_size)), strict=True)
-        images, targets = list(images), list(targets)
-        student = task.build_model(name, num_classes=spec.num_classes, input_size=size, new_head=True)
+        images = [image.to(device) for image in images]
+        targets = [{k: v.to(device) if hasattr(v, "to") else v for k, v in t.items()} for t in targets]
+        student = task.build_model(name, num_classes=spec.num_classes, input_size=size, new_head=True).to(device)
         common = dict(input_size=size, task_loss=task.loss_fn(), logits_of=None,
                       feature_prefix=task.feature_prefix(student), student_forward=task.forward,
                       feature_taps=task.feature_taps)
-        plain = FeatureDistiller(None, student, method="none", **common).train()
+        plain = FeatureDistiller(None, student, method="none", **common).to(device).train()
         distil = FeatureDistiller(teacher, student, method="cwt", reduction="sum", alpha=MGD_TWO_STAGE_ALPHA_SUM,
-                                  **common).train()
+                                  **common).to(device).train()
         batch, _ = student.transform(images, [dict(t) for t in targets])  # what the teacher sees in a step
         steps = {"a_student_step": _stepper(plain, images, targets), "c_cwkd_step": _stepper(distil, images, targets),
                  "b_teacher_forward": partial(teacher_backbone_features, teacher, student, batch.tensors,
                                               batch.image_sizes)}
-        results["students"][name] = time_steps(name, steps, rounds)
+        results["students"][name] = time_steps(name, {k: _synced(v, device) for k, v in steps.items()}, rounds)
     _write(plan.results / "step_cost.json", {**results, "versions": versions()})
     return results
+
+
+def _synced(step, device):
+    """``step`` followed by a CUDA synchronise, so that a timing on a GPU covers the queued kernels."""
+    if device.type != "cuda":
+        return step
+    import torch
+
+    def run() -> None:
+        step()
+        torch.cuda.synchronize(device)
+    return run
 
 
 # ----------------------------------------------------------------------------- report
@@ -246,8 +274,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="run these methods (default: none cwt linear; --quick: none cwt)")
     parser.add_argument("--step-cost", action="store_true", help="time the distill step against student step + "
                         "teacher backbone/FPN forward, then exit (run it on an idle machine)")
+    parser.add_argument("--device", default="cpu", help="where every run and --step-cost run (default: cpu)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at a time after the teacher (default: 1)")
+    parser.add_argument("--results", type=Path, help="folder of the result JSONs (default: the plan's)")
+    parser.add_argument("--runs", type=Path, help="folder of the data and run directories (default: the plan's)")
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else Plan()
+    plan = replace(QUICK if args.quick else Plan(), device=args.device)
+    if args.results:
+        plan = replace(plan, results=args.results.resolve())
+    if args.runs:
+        plan = replace(plan, runs=args.runs.resolve())
     if args.seeds:
         plan = replace(plan, seeds=tuple(args.seeds))
     if args.methods:
@@ -256,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         step_cost(plan)
         return 0
     if not args.report:
-        run_grid(plan)
+        run_grid(plan, args.jobs)
     print(report(plan))
     return 0
 

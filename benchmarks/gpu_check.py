@@ -14,6 +14,12 @@ subprocess with its own time limit, so one slow step cannot eat the others' time
                 non-finite check (a host sync) against without, images/s and peak memory
     speed_fp16  the same pair under fp16 autocast with a GradScaler
 
+and one step run only when named in ``--only`` (benchmarks/gpu_grids.py; its results come back in
+``--out``/grids_results.tar.gz):
+
+    grids       detection.py --step-cost, then the detection grid and alpha.py's sweep of mobilenetv1_100
+                side by side (8 minutes by default, ``--grids-budget``)
+
 After every step it rewrites ``gpu_check.json`` in ``--out`` (default: ``$OUT``, else ``./gpu_check_out``),
 so a run cut short still leaves what it measured; logs of every command are in ``--out``/logs. A step
 ends as passed, failed (with the reason) or skipped (with the reason: fp16 on the CPU, onnx not
@@ -22,6 +28,7 @@ tiny sizes in about a minute; tests/test_gpu_check.py runs it.
 
 Usage:
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT     # on the GPU machine: ~7 minutes
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT --only machine,grids   # the grids: ~8 minutes
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check    # anywhere, on the CPU
 """
 
@@ -37,13 +44,14 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEPS = REPO / ".gpu_deps"  # pure-Python packages the GPU machine may lack (pytest), carried with the tree
 STEPS = ("machine", "tests", "cli_fp16", "cli_bf16", "speed_bf16", "speed_fp16")
+EXTRA_STEPS = ("grids",)  # run only when --only names them
 MIN_STEP_S = 15  # a step with less time than this left is skipped, not started
 TAIL = 3000      # characters of each command's output kept in the JSON
 
@@ -82,14 +90,25 @@ GPU = Plan(device="cuda", precisions=("fp16", "bf16"), teacher="resnet18", stude
                   "--num-classes", "1000", "--repeats", "5", "--warmup", "2", "--min-time", "0.2"),
            speed_memory=None,
            budgets={"machine": 30, "tests": 110, "cli_fp16": 70, "cli_bf16": 70, "speed_bf16": 200,
-                    "speed_fp16": 150})
+                    "speed_fp16": 150, "grids": 480})
 DRY = Plan(device="cpu", precisions=("bf16",), teacher="test_resnet", student="test_efficientnet", data=None,
            input_size=32, batch=4, workers=0, train_extra=("--lr", "1e-3"),  # 0.05 blows up 4 steps' BN stats
            speed=("--teacher", "test_resnet", "--student", "test_efficientnet", "--batch", "4", "--input-size", "32",
                   "--num-classes", "10", "--repeats", "1", "--warmup", "1", "--min-time", "0.01", "--threads", "1"),
            speed_memory={"bf16": "cwkd"},
-           budgets={"machine": 30, "tests": 150, "cli_fp16": 60, "cli_bf16": 90, "speed_bf16": 90, "speed_fp16": 60},
+           budgets={"machine": 30, "tests": 150, "cli_fp16": 60, "cli_bf16": 90, "speed_bf16": 90, "speed_fp16": 60,
+                    "grids": 300},
            skip_reason="fp16 needs CUDA (cwkd refuses it on the CPU); the dry run covers bf16")
+
+
+@dataclass(frozen=True)
+class Running:
+    """A command started by :meth:`Check.spawn`."""
+
+    cmd: list[str]
+    proc: subprocess.Popen
+    log: Path
+    started: float
 
 
 class Check:
@@ -117,20 +136,28 @@ class Check:
 
     def run(self, name: str, cmd: list[str], limit: float, env: dict | None = None) -> dict:
         """Run ``cmd`` for at most ``limit`` seconds; its output goes to logs/NAME.log and its tail here."""
+        return self.collect(self.spawn(name, cmd, env), limit)
+
+    def spawn(self, name: str, cmd: list[str], env: dict | None = None) -> Running:
+        """Start ``cmd`` with its output in logs/NAME.log; :meth:`collect` waits for it."""
         log = self.logs / f"{name}.log"
         print(f"  $ {' '.join(cmd) if '-c' not in cmd else name}", flush=True)
-        started = time.perf_counter()
-        with open(log, "w") as sink:
+        with open(log, "w") as sink:  # the child keeps its own copy of the file
             proc = subprocess.Popen(cmd, cwd=REPO, env=env or self.env, stdout=sink, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # its own group: a timeout kills its children too
-            try:
-                rc, timed_out = proc.wait(timeout=max(1.0, limit)), False
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                rc, timed_out = proc.wait(), True
-        text = log.read_text(errors="replace")
-        return {"cmd": cmd, "rc": rc, "timed_out": timed_out, "wall_s": round(time.perf_counter() - started, 2),
-                "log": str(log.relative_to(self.out)), "tail": text[-TAIL:]}
+        return Running(cmd, proc, log, time.perf_counter())
+
+    def collect(self, job: Running, limit: float) -> dict:
+        """Wait at most ``limit`` more seconds for ``job``, then kill its process group; its rc, wall time, log tail."""
+        try:
+            rc, timed_out = job.proc.wait(timeout=max(1.0, limit)), False
+        except subprocess.TimeoutExpired:
+            os.killpg(job.proc.pid, signal.SIGKILL)
+            rc, timed_out = job.proc.wait(), True
+        text = job.log.read_text(errors="replace")
+        return {"cmd": job.cmd, "rc": rc, "timed_out": timed_out,
+                "wall_s": round(time.perf_counter() - job.started, 2), "log": str(job.log.relative_to(self.out)),
+                "tail": text[-TAIL:]}
 
     def step(self, name: str, body) -> None:
         """Run one step's ``body(limit) -> dict`` within its budget; record status, reason and wall time."""
@@ -391,6 +418,14 @@ def headline(steps: dict) -> dict:
     return rows
 
 
+def _grids(check: Check, limit: float) -> dict:
+    """The grids step (benchmarks/gpu_grids.py)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_grids import grids
+
+    return grids(check, limit, _failed_command)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -402,7 +437,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for all steps together (default: 450; 240 with --dry-run)")
     p.add_argument("--only", default=None, metavar="STEPS", help=f"comma-separated steps to run of {','.join(STEPS)} "
-                   "(machine always runs)")
+                   f"(machine always runs), or {','.join(EXTRA_STEPS)}, which runs only when named here")
+    p.add_argument("--grids-budget", type=float, default=None,
+                   help="seconds for the grids step (default: 480; 300 with --dry-run)")
     p.add_argument("--deps", type=Path, default=DEPS if DEPS.is_dir() else None,
                    help="a folder of extra packages (e.g. pytest) put on PYTHONPATH for every step\n"
                         "(default: .gpu_deps in the repository, when it exists)")
@@ -412,18 +449,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = DRY if args.dry_run else GPU
+    if args.grids_budget:
+        plan = replace(plan, budgets={**plan.budgets, "grids": int(args.grids_budget)})
     only = set((args.only or ",".join(STEPS)).split(",")) | {"machine"}
-    unknown = only - set(STEPS)
+    unknown = only - set(STEPS) - set(EXTRA_STEPS)
     if unknown:
-        print(f"error: unknown step(s) {', '.join(sorted(unknown))}; use {', '.join(STEPS)}", file=sys.stderr)
+        print(f"error: unknown step(s) {', '.join(sorted(unknown))}; use {', '.join(STEPS + EXTRA_STEPS)}",
+              file=sys.stderr)
         return 1
-    check = Check(plan, args.out.resolve(), args.budget or (240 if args.dry_run else 450), args.deps, args.dry_run)
+    budget = args.budget or (240 if args.dry_run else 450) + (plan.budgets["grids"] if "grids" in only else 0)
+    check = Check(plan, args.out.resolve(), budget, args.deps, args.dry_run)
     bodies = {"machine": lambda limit: machine(check, limit), "tests": lambda limit: tests(check, limit),
               "cli_fp16": lambda limit: cli(check, limit, "fp16"), "cli_bf16": lambda limit: cli(check, limit, "bf16"),
               "speed_bf16": lambda limit: speed(check, limit, "bf16"),
-              "speed_fp16": lambda limit: speed(check, limit, "fp16")}
+              "speed_fp16": lambda limit: speed(check, limit, "fp16"), "grids": lambda limit: _grids(check, limit)}
     for name in STEPS:
         check.step(name, bodies[name] if name in only else lambda _limit: _skipped("not in --only"))
+    for name in EXTRA_STEPS:
+        if name in only:
+            check.step(name, bodies[name])
     check.report["headline"] = headline(check.report["steps"])
     check.report["finished"] = datetime.now(timezone.utc).isoformat()
     check.save()
