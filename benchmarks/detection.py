@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run these methods (default: none cwt linear; --quick: none cwt)")
     parser.add_argument("--step-cost", action="store_true", help="time the distill step against student step + "
                         "teacher backbone/FPN forward, then exit (run it on an idle machine)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --step-cost (default: 5)")
     parser.add_argument("--device", default="cpu", help="where every run and --step-cost run (default: cpu)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at a time after the teacher (default: 1)")
     parser.add_argument("--results", type=Path, help="folder of the result JSONs (default: the plan's)")
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods:
         plan = replace(plan, methods=tuple(args.methods))
     if args.step_cost:
-        step_cost(plan)
+        step_cost(plan, max(1, args.rounds))
         return 0
     if not args.report:
         run_grid(plan, args.jobs)

@@ -440,9 +440,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"(machine always runs), or {','.join(EXTRA_STEPS)}, which runs only when named here")
     p.add_argument("--grids-budget", type=float, default=None,
                    help="seconds for the grids step (default: 480; 300 with --dry-run)")
-    p.add_argument("--deps", type=Path, default=DEPS if DEPS.is_dir() else None,
+    p.add_argument("--deps", type=Path, default=None,
                    help="a folder of extra packages (e.g. pytest) put on PYTHONPATH for every step\n"
-                        "(default: .gpu_deps in the repository, when it exists)")
+                        "(default: .gpu_deps in the repository, when it exists; not with --dry-run, which uses\n"
+                        "this machine's packages: .gpu_deps holds builds for the GPU machine's Python)")
     return p.parse_args(argv)
 
 
@@ -458,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     budget = args.budget or (240 if args.dry_run else 450) + (plan.budgets["grids"] if "grids" in only else 0)
-    check = Check(plan, args.out.resolve(), budget, args.deps, args.dry_run)
+    deps = args.deps or (DEPS if DEPS.is_dir() and not args.dry_run else None)
+    check = Check(plan, args.out.resolve(), budget, deps, args.dry_run)
     bodies = {"machine": lambda limit: machine(check, limit), "tests": lambda limit: tests(check, limit),
               "cli_fp16": lambda limit: cli(check, limit, "fp16"), "cli_bf16": lambda limit: cli(check, limit, "bf16"),
               "speed_bf16": lambda limit: speed(check, limit, "bf16"),

@@ -29,7 +29,9 @@ BENCH = REPO / "benchmarks"
 DETECTION_CARRY = BENCH / "runs" / "gpu_carry" / "detection"
 TARBALL = "grids_results.tar.gz"
 SNAPSHOT_S = 20    # seconds between two rewrites of the tarball
-STEP_COST_S = 90   # at most this much of the step for --step-cost
+STEP_COST_S = 90   # at most this much of the step (and a third of it) for --step-cost
+#: Cells at a time (detection, alpha) on the GPU, and in the dry run on a small CPU.
+JOBS = {"gpu": ("6", "10"), "dry-run": ("2", "2")}
 END_MARGIN_S = 10  # kept back at the end of the step for the last tarball and the report
 
 
@@ -44,25 +46,26 @@ def grids(check, limit: float, describe) -> dict:
     runs = work / "runs" / "detection"
     linked = _link_carried_data(runs / "data")
     quick = ["--quick"] if check.dry_run else []
+    jobs = JOBS["dry-run" if check.dry_run else "gpu"]
     detection = [sys.executable, str(BENCH / "detection.py"), *quick, "--device", device,
                  "--results", str(results["detection"]), "--runs", str(runs)]
     env = {"detection": {**check.env, "CWKD_BENCH_THREADS": "2"}, "alpha": {**check.env, "CWKD_BENCH_THREADS": "1"}}
-    cost = check.run("grids_step_cost", [*detection, "--step-cost"], min(STEP_COST_S, (stop - time.monotonic()) / 4),
-                     env["detection"])
+    cost = check.run("grids_step_cost", [*detection, "--step-cost", *(["--rounds", "1"] if check.dry_run else [])],
+                     min(STEP_COST_S, (stop - time.monotonic()) / 3), env["detection"])
     commands = {
-        "detection": [*detection, "--jobs", "6", "--methods", "none", "cwt", "linear", "mgd"],
-        "alpha": [sys.executable, str(BENCH / "alpha.py"), *quick, "--device", device, "--jobs", "10",
+        "detection": [*detection, "--jobs", jobs[0], "--methods", "none", "cwt", "linear", "mgd"],
+        "alpha": [sys.executable, str(BENCH / "alpha.py"), *quick, "--device", device, "--jobs", jobs[1],
                   "--results", str(results["alpha"])]
                  + ([] if check.dry_run else ["--students", "mobilenetv1_100", "--alphas", "0.5,2,7,20,50,200"]),
     }
-    jobs = {name: check.spawn(f"grids_{name}", cmd, env[name]) for name, cmd in commands.items()}
+    running = {name: check.spawn(f"grids_{name}", cmd, env[name]) for name, cmd in commands.items()}
     last = time.monotonic()
-    while any(job.proc.poll() is None for job in jobs.values()) and time.monotonic() < stop:
+    while any(job.proc.poll() is None for job in running.values()) and time.monotonic() < stop:
         time.sleep(1)
         if time.monotonic() - last >= SNAPSHOT_S:
             _snapshot(check, results)
             last = time.monotonic()
-    done = {name: check.collect(job, stop - time.monotonic()) for name, job in jobs.items()}
+    done = {name: check.collect(job, stop - time.monotonic()) for name, job in running.items()}
     _snapshot(check, results)
     counts = {name: _result_files(folder) for name, folder in results.items()}
     entry = {"commands": [cost, *done.values()], "results": TARBALL, "result_files": counts,

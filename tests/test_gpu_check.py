@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -72,3 +73,31 @@ def test_a_broken_step_is_recorded_and_an_out_of_time_one_skipped(gpu_check, tmp
     assert steps["speed_bf16"] == {"status": "skipped", "reason": steps["speed_bf16"]["reason"],
                                    "wall_s": steps["speed_bf16"]["wall_s"]}
     assert "time budget was spent" in steps["speed_bf16"]["reason"]
+
+
+def test_grids_link_carried_data_and_snapshot_results_atomically(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_grids
+
+    carried = tmp_path / "carry"
+    (carried / "fm-dense-128px-400-100").mkdir(parents=True)
+    (carried / "fm-dense-128px-400-100" / "done").write_text("ok\n")
+    (carried / "half-written").mkdir()  # no done file: not linked
+    monkeypatch.setattr(gpu_grids, "DETECTION_CARRY", carried)
+    data = tmp_path / "runs" / "data"
+    assert gpu_grids._link_carried_data(data) == [data / "fm-dense-128px-400-100"]
+    assert (data / "fm-dense-128px-400-100" / "done").is_file() and not (data / "half-written").exists()
+
+    class Check:  # what _snapshot reads of gpu_check.Check
+        out, logs = tmp_path / "out", tmp_path / "out" / "logs"
+    Check.logs.mkdir(parents=True)
+    (Check.logs / "grids_alpha.log").write_text("cell done\n")
+    results = {"detection": tmp_path / "results" / "detection", "alpha": tmp_path / "results" / "accuracy_gpu"}
+    (results["alpha"] / "accuracy").mkdir(parents=True)
+    (results["alpha"] / "accuracy" / "cell.json").write_text("{}")
+    gpu_grids._snapshot(Check, results)
+    with tarfile.open(Check.out / gpu_grids.TARBALL) as tar:
+        names = tar.getnames()
+    assert "results/accuracy_gpu/accuracy/cell.json" in names and "logs/grids_alpha.log" in names
+    assert sorted(p.name for p in Check.out.iterdir()) == ["grids_results.tar.gz", "logs"]  # no temp file left
+    assert gpu_grids._result_files(results["alpha"]) == 1 and gpu_grids._result_files(results["detection"]) == 0
