@@ -69,6 +69,12 @@ def fpn_levels(model: nn.Module, images: Sequence[torch.Tensor]) -> list[FPNLeve
             for name, out in maps.items()]
 
 
+def _probe_images(model: nn.Module, input_size: Sequence[int]) -> list[torch.Tensor]:
+    """Two mid-grey images on ``model``'s device (teacher and student may sit on different ones)."""
+    device = next(model.parameters()).device
+    return [torch.full(tuple(input_size), 0.5, device=device) for _ in range(2)]
+
+
 def _stride(height: int, width: int, out: torch.Tensor) -> int:
     """The power of two nearest to (padded input size / map size), the larger side deciding."""
     size, feat = (height, out.shape[-2]) if height >= width else (width, out.shape[-1])
@@ -153,9 +159,8 @@ class FPNTaps:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, input_size: Sequence[int]) -> None:
         self.teacher, self.student = teacher, student
-        images = [torch.full(tuple(input_size), 0.5) for _ in range(2)]
-        s_levels = fpn_levels(student, images)
-        found = pair_fpn_levels(fpn_levels(teacher, images), s_levels)
+        s_levels = fpn_levels(student, _probe_images(student, input_size))
+        found = pair_fpn_levels(fpn_levels(teacher, _probe_images(teacher, input_size)), s_levels)
         sizes = {level.name: level.size for level in s_levels}
         self.pairs = [Pair(_layer(p.student, p.student_channels, p.stride, sizes[p.student], i),
                            _layer(p.teacher, p.teacher_channels, p.stride, sizes[p.student], i))

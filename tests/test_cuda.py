@@ -237,3 +237,24 @@ def test_compile_keeps_the_feature_hooks_firing(device, compile_here, folder, tm
     run(_config(folder, device, tmp_path / "run", Precision.bf16, compile=True))
     (record,) = read_metrics(tmp_path / "run")
     assert math.isfinite(record["train_loss"]) and record["train_feat_loss"] > 0, record
+
+
+# ----------------------------------------------------------------------------- detectors
+
+
+def test_fpn_taps_probe_detectors_already_on_the_device(device):
+    """Teacher and student moved to the device before the taps are built: the probe batch follows them."""
+    from cwkd.fpnlevels import FPNTaps
+    from cwkd.tasks import get_task
+
+    task = get_task("detection")
+    teacher = task.build_model("maskrcnn_test_resnet", num_classes=4, input_size=64).eval().to(device)
+    student = task.build_model("fasterrcnn_test_resnet", num_classes=4, input_size=64).train().to(device)
+    taps = FPNTaps(teacher, student, (3, 64, 64))
+    taps.attach()
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]], device=device),
+                "labels": torch.tensor([1], device=device)}] * 2
+    student(list(torch.rand(2, 3, 64, 64, device=device)), targets)
+    s_maps, t_maps = taps.pop()
+    assert list(s_maps) == list(t_maps) == ["P2", "P3", "P4", "P5"]
+    assert all(m.device.type == device.type for m in [*s_maps.values(), *t_maps.values()])
