@@ -132,9 +132,10 @@ def teacher_alpha(plan: Plan) -> tuple[float, list[int]]:
     return convert_alpha(MGD_SEG_ALPHA_SUM, *shape, to="mean"), shape
 
 
-def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha: float) -> dict:
-    """Train or distil one student; write and return its result."""
-    out = plan.runs / "cells" / key(student, method, seed)
+def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha: float | str) -> dict:
+    """Train or distil one student (``alpha`` a number or ``"auto"``); write and return its result."""
+    name = key(student, method, seed) + ("-aauto" if alpha == "auto" else "")
+    out = plan.runs / "cells" / name
     teacher = plan.runs / "teacher" / "last.safetensors"
     resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
     common = _common(plan, data, seed, plan.epochs)
@@ -145,15 +146,31 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha
         _cwkd(["distill", "--teacher", teacher, "--student", student, "--method", method, "--alpha", alpha,
                *common, *resume])
     history = _history(out)
-    result = {"student": student, "method": method, "seed": seed, "alpha": alpha if method != "none" else None,
+    config = json.loads((out / "config.json").read_text())["config"]
+    result = {"student": student, "method": method, "seed": seed,
+              "alpha": config["alpha"] if method != "none" else None, "alpha_auto": alpha == "auto",
               "miou": history[-1]["val_miou"], "pixel_acc": history[-1]["val_pixel_acc"],
               "history": [h["val_miou"] for h in history],
               "last_train": {k: v for k, v in history[-1].items() if k.startswith("train_")},
               "epoch_s": [h["epoch_s"] for h in history], "wall_s_this_call": round(time.perf_counter() - started, 1),
-              "config": json.loads((out / "config.json").read_text())["config"], "versions": versions()}
-    _write(plan.results / f"{key(student, method, seed)}.json", result)
+              "config": config, "versions": versions()}
+    _write(plan.results / f"{name}.json", result)
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def run_auto(plan: Plan, methods: tuple[str, ...] = ("cwt", "mgd")) -> None:
+    """``--alpha auto`` for the first student and ``methods`` over every seed (issue 13), beside the grid."""
+    data = prepare_data(plan)
+    train_teacher(plan, data)
+    student = plan.students[0]
+    for seed in plan.seeds:
+        for method in methods:
+            if (plan.results / f"{key(student, method, seed)}-aauto.json").is_file():
+                continue
+            result = run_cell(plan, data, student, method, seed, "auto")
+            print(f"{key(student, method, seed)}-aauto: alpha {result['alpha']:.4g}, val mIoU {result['miou']:.2f} "
+                  f"({sum(result['epoch_s']):.0f}s)", flush=True)
 
 
 def order(plan: Plan) -> list[tuple[str, str, int]]:
@@ -261,9 +278,10 @@ def _teacher_forward(teacher, images) -> None:
 def report(plan: Plan) -> str:
     """The markdown tables: mIoU mean +- std per student and method, and the paired gain over the baseline."""
     results = {}
+    auto = {}
     for path in sorted(plan.results.glob("*-s*.json")):
         r = json.loads(path.read_text())
-        results[(r["student"], r["method"], r["seed"])] = r
+        (auto if r.get("alpha_auto") else results)[(r["student"], r["method"], r["seed"])] = r
     if not results:
         return "no results yet"
     teacher = json.loads((plan.results / "teacher.json").read_text())
@@ -281,7 +299,29 @@ def report(plan: Plan) -> str:
             gain = "" if method == "none" or not gains else f"{_mean_std(gains, signed=True)} ({len(gains)} paired)"
             lines.append(f"| {student} | {method} | {len(seeds)} | {_mean_std(values)} | {gain} | "
                          f"{', '.join(f'{v:.2f}' for v in values)} |")
-    return "\n".join(lines + cost_table(plan.results / "step_cost.json"))
+    return "\n".join(lines + _auto_table(plan, results, auto) + cost_table(plan.results / "step_cost.json"))
+
+
+def _auto_table(plan: Plan, fixed: dict, auto: dict) -> list[str]:
+    """``--alpha auto`` against the grid's alpha (MGD's segmentation setting), paired by seed."""
+    if not auto:
+        return []
+    lines = ["", "`--alpha auto` against the grid's alpha (paired by seed):", "",
+             "| student | method | alpha picked per seed | val mIoU (%) | minus the grid's alpha | minus none |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]
+    for student, method in sorted({(s, m) for s, m, _ in auto}):
+        runs = {seed: auto[(student, method, seed)] for seed in plan.seeds if (student, method, seed) in auto}
+        picked = ", ".join(f"{r['alpha']:.3g}" for r in runs.values())
+        miou = _mean_std([r["miou"] for r in runs.values()])
+        lines.append(f"| {student} | {method} | {picked} | {miou} | {_paired(runs, fixed, student, method)} | "
+                     f"{_paired(runs, fixed, student, 'none')} |")
+    return lines
+
+
+def _paired(runs: dict, fixed: dict, student: str, other: str) -> str:
+    diffs = [r["miou"] - fixed[(student, other, seed)]["miou"] for seed, r in runs.items()
+             if (student, other, seed) in fixed]
+    return f"{_mean_std(diffs, signed=True)} ({len(diffs)})" if diffs else "-"
 
 
 def cost_table(path: Path, teacher: str = "teacher forward") -> list[str]:
@@ -324,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds")
     parser.add_argument("--step-cost", action="store_true", help="time the distill step against student step + "
                         "teacher forward, then exit (run it on an idle machine)")
+    parser.add_argument("--auto", nargs="*", choices=("cwt", "linear", "mgd"), default=None, metavar="METHOD",
+                        help="run --alpha auto for the first student and these methods (default: cwt mgd) "
+                             "over every seed instead of the grid, then the report")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     if args.seeds:
@@ -331,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.step_cost:
         step_cost(plan)
         return 0
-    if not args.report:
+    if args.auto is not None:
+        run_auto(plan, tuple(args.auto) or ("cwt", "mgd"))
+    elif not args.report:
         run_grid(plan)
     print(report(plan))
     return 0

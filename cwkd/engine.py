@@ -36,7 +36,7 @@ from cwkd.build import (
 from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
 from cwkd.distiller import FeatureDistiller, Renormalize
-from cwkd.errors import ConfigError, TrainingError
+from cwkd.errors import ConfigError, NonfiniteLoss, TrainingError
 from cwkd.evaluation import evaluate
 from cwkd.loaders import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
 from cwkd.metadata import CheckpointMeta, run_metadata
@@ -113,7 +113,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
         with rundir.StopSignals() as stop, reuse_freed_memory(device):
             if rank.main:
                 rundir.check_space(out, p.distiller, p.optimizer)
-            last = _loop(p, cfg, out, device, rank, console, stop)
+            last = _train(p, cfg, out, device, rank, console, stop)
     best = p.best
     console.table("cwkd run summary", [f"best val {p.task.metrics[p.task.best_metric]}", "at epoch", "run directory"],
                   [[f"{best['value']:.2f}%", best["epoch"] + 1, str(out)]])
@@ -178,9 +178,6 @@ def _auto_alpha(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller, l
     picked = pick_alpha(distiller, batches, autocast=autocast(device, cfg.precision))
     cfg.alpha, cfg.alpha_auto = picked.alpha, True
     console.info(picked.line())
-    if picked.capped:  # measured at step 0, such picks diverged on a benchmark student (docs/benchmarks.md)
-        console.warn(f"alpha auto hit its cap ({picked.alpha:.4g}); on one benchmark student capped picks diverged "
-                     "or trained worse than alpha 7: if this run diverges, set --alpha by hand")
 
 
 def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
@@ -210,6 +207,30 @@ def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
         if teacher is not None:
             teacher.compile()
     return distiller, dcfg, teacher_source
+
+
+def _train(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: Dist, console: RunConsole,
+           stop: rundir.StopSignals) -> dict:
+    """The loop; under ``--alpha auto`` a loss gone non-finite in the first epoch starts it again at alpha / 4."""
+    from cwkd.autoalpha import BackOff
+
+    fresh = cfg.alpha_auto and not (p.start_epoch or p.start_step or rank.enabled)  # no back-off under DDP
+    back_off = BackOff(p.distiller) if fresh else None
+    while True:
+        try:
+            return _loop(p, cfg, out, device, rank, console, stop)
+        except NonfiniteLoss:
+            if back_off is None or not back_off.left or p.best["epoch"] >= 0:
+                raise
+            before, cfg.alpha = cfg.alpha, back_off.lower(p.distiller)
+            p.optimizer = build_optimizer(p.distiller, cfg)
+            p.scheduler = build_scheduler(p.optimizer, cfg, len(p.train_loader))
+            p.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16)
+            p.meta = dataclasses.replace(p.meta, alpha=cfg.alpha)
+            if rank.main:
+                rundir.update_config(out, alpha=cfg.alpha)
+            console.warn(f"alpha auto: the loss went non-finite in the first epoch at alpha {before:.4g}; starting "
+                         f"again from the first step at alpha {cfg.alpha:.4g} ({back_off.left} more back-off(s) left)")
 
 
 def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: Dist, console: RunConsole,

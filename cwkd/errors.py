@@ -35,5 +35,9 @@ class TrainingError(CwkdError):
     """Training had to stop (a non-finite loss, for example)."""
 
 
+class NonfiniteLoss(TrainingError):
+    """A step's loss went NaN or inf (past ``--skip-nonfinite``)."""
+
+
 class ExportError(CwkdError):
     """An export that failed or did not verify."""

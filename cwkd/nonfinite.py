@@ -17,7 +17,7 @@ from torch import nn
 
 from cwkd.checkpoint import append_jsonl
 from cwkd.config import Precision, TrainConfig
-from cwkd.errors import TrainingError
+from cwkd.errors import NonfiniteLoss, TrainingError
 from cwkd.precision import precision_advice
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def raise_nonfinite(out: dict, step: int, count: int, cfg: TrainConfig, device: 
     parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k.endswith("loss"))
     cause = likely_cause(out, cfg)
     cause = f"{cause}; otherwise " if cause else ""
-    raise TrainingError(
+    raise NonfiniteLoss(
         f"non-finite loss in {label}, step {step + 1} ({parts}); {cause}lower --lr (it was {cfg.lr:g}), "
         f"{fp16_advice(cfg, device, end=', ')}"
         "add --clip-grad 1.0, or allow a few skipped steps with --skip-nonfinite N; the checkpoints of the "

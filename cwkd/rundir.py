@@ -272,6 +272,13 @@ def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: DataConfig, spec,
     atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
 
 
+def update_config(out: Path, **changes) -> None:
+    """Rewrite config.json with ``changes`` to its ``config`` section (``alpha`` after an auto back-off)."""
+    record = json.loads((out / "config.json").read_text())
+    record["config"].update(changes)
+    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
+
+
 def no_best(metric: str) -> dict:
     """The best record before any epoch: ``{"metric": metric, "value": -1.0, "epoch": -1}``."""
     return {"metric": metric, "value": -1.0, "epoch": -1}

@@ -219,10 +219,43 @@ def test_segmentation_distill_with_auto_alpha(tmp_path):
     assert math.isfinite(config["alpha"]) and config["alpha"] > 0 and config["alpha_auto"] is True
 
 
-@pytest.mark.slow
-def test_a_capped_pick_is_a_warning_that_names_the_way_out(folder, teacher_ckpt, tmp_path, monkeypatch):
+def _explode_above(monkeypatch, limit: float, picked: float) -> None:
+    """Auto picks ``picked``; every step's loss is inf while the distiller's alpha is above ``limit``."""
     import cwkd.autoalpha
+    from cwkd.autoalpha import AutoAlpha
 
-    monkeypatch.setattr(cwkd.autoalpha, "MAX_LOSS_RATIO", 1e-6)  # every pick hits the cap
+    monkeypatch.setattr(cwkd.autoalpha, "choose", lambda rows, ratio=RATIO: AutoAlpha(picked, 1.0, 1.0, 1.0, 1.0, 5))
+    forward = FeatureDistiller.forward
+
+    def exploding(self, images, targets=None):
+        out = forward(self, images, targets)
+        if targets is not None and self.alpha > limit:
+            out["loss"] = out["loss"] * math.inf
+        return out
+    monkeypatch.setattr(FeatureDistiller, "forward", exploding)
+
+
+@pytest.mark.slow
+def test_auto_starts_again_at_a_quarter_of_alpha_when_the_first_epoch_diverges(folder, teacher_ckpt, tmp_path,
+                                                                               monkeypatch):
+    _explode_above(monkeypatch, limit=10.0, picked=100.0)  # 100 and 25 blow up, 6.25 trains
     output = " ".join(_distill(folder, teacher_ckpt, tmp_path / "a", "--alpha", "auto").split())
-    assert "warning: alpha auto hit its cap" in output and "set --alpha by hand" in output
+    assert output.count("the loss went non-finite in the first epoch") == 2
+    assert "starting again from the first step at alpha 25 (2 more back-off(s) left)" in output
+    assert "at alpha 6.25 (1 more back-off(s) left)" in output
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["config"]
+    assert config["alpha"] == 6.25 and config["alpha_auto"] is True
+    assert read_metadata(tmp_path / "a" / "best.safetensors").alpha == 6.25
+
+
+@pytest.mark.slow
+def test_auto_stops_after_three_back_offs_and_a_hand_picked_alpha_never_backs_off(folder, teacher_ckpt, tmp_path,
+                                                                                 monkeypatch):
+    _explode_above(monkeypatch, limit=1.0, picked=1000.0)  # 1000, 250, 62.5, 15.6: all blow up
+    result = runner.invoke(app, ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet",
+                                 "--data", str(folder), "--out", str(tmp_path / "a"), "--alpha", "auto", *COMMON])
+    assert result.exit_code == 1 and "non-finite loss in epoch 1/1" in result.output
+    assert result.output.count("starting again from the first step") == 3
+    result = runner.invoke(app, ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet",
+                                 "--data", str(folder), "--out", str(tmp_path / "b"), "--alpha", "7", *COMMON])
+    assert result.exit_code == 1 and "starting again" not in result.output

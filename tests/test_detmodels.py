@@ -41,6 +41,23 @@ def test_timm_bodies_get_torchvision_heads(name):
     assert model.backbone.body.feature_info.reduction()[-1] == 32
 
 
+@pytest.mark.parametrize("name", ["fasterrcnn_test_resnet", "maskrcnn_resnet50_fpn"])
+def test_small_inputs_keep_fewer_proposals_and_sample_fewer_rois(name):
+    small = create_detection_model(name, num_classes=5, input_size=128)
+    assert small.rpn._pre_nms_top_n == {"training": 1000, "testing": 150}
+    assert small.rpn._post_nms_top_n == {"training": 500, "testing": 150}
+    assert small.roi_heads.fg_bg_sampler.batch_size_per_image == 128
+    for large in (create_detection_model(name, num_classes=5, input_size=640),
+                  create_detection_model(name, num_classes=5)):  # torchvision's own counts
+        assert large.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
+        assert large.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+
+
+def test_retinanet_has_no_roi_stage_to_shrink():
+    small, large = (create_detection_model("retinanet_test_resnet", num_classes=5, input_size=s) for s in (128, 640))
+    assert small.topk_candidates == large.topk_candidates and small.detections_per_img == large.detections_per_img
+
+
 def test_task_of_a_name_and_the_name_list():
     assert detection_task("maskrcnn_resnet50_fpn") == detection_task("maskrcnn_convnext_tiny") == "instance"
     assert detection_task("retinanet_resnet50_fpn") == detection_task("fasterrcnn_resnet18") == "detection"
