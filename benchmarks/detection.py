@@ -53,6 +53,7 @@ from segmentation import (  # noqa: E402  (the benchmark this one follows)
     _mean_std,
     _stepper,
     _write,
+    auto_table,
     cost_table,
     key,
     order,
@@ -83,6 +84,7 @@ class Plan:
     epochs: int = 6
     teacher_epochs: int = 10
     batch_size: int = 8
+    auto: bool = False  # also --alpha auto cells for the first student (--auto)
     results: Path = RESULTS / "detection"
     runs: Path = RUNS
     device: str = "cpu"
@@ -119,9 +121,10 @@ def train_teacher(plan: Plan, data: Path) -> dict:
     return result
 
 
-def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int) -> dict:
-    """Train or distil one student; write and return its result."""
-    out = plan.runs / "cells" / key(student, method, seed)
+def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, auto: bool = False) -> dict:
+    """Train or distil one student (``auto``: with ``--alpha auto``); write and return its result."""
+    name = _name(student, method, seed, auto)
+    out = plan.runs / "cells" / name
     teacher = plan.runs / "teacher" / "last.safetensors"
     resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
     common = _common(plan, data, seed, plan.epochs)
@@ -130,26 +133,36 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int) -> di
         _cwkd(["train", "--model", student, *common, *resume])
     else:
         _cwkd(["distill", "--teacher", teacher, "--student", student, "--method", method, "--reduction", "sum",
-               "--alpha", MGD_TWO_STAGE_ALPHA_SUM, *common, *resume])
+               "--alpha", "auto" if auto else MGD_TWO_STAGE_ALPHA_SUM, *common, *resume])
     history = _history(out)
-    result = {"student": student, "method": method, "seed": seed,
-              "alpha": MGD_TWO_STAGE_ALPHA_SUM if method != "none" else None, "scores": _scores(history[-1]),
+    config = json.loads((out / "config.json").read_text())["config"]
+    result = {"student": student, "method": method, "seed": seed, "alpha_auto": auto,
+              "alpha": config["alpha"] if method != "none" else None, "scores": _scores(history[-1]),
               "history": [_scores(h) for h in history],
               "last_train": {k: v for k, v in history[-1].items() if k.startswith("train_")},
               "epoch_s": [h["epoch_s"] for h in history], "wall_s_this_call": round(time.perf_counter() - started, 1),
-              "config": json.loads((out / "config.json").read_text())["config"], "versions": versions()}
-    _write(plan.results / f"{key(student, method, seed)}.json", result)
+              "config": config, "versions": versions()}
+    _write(plan.results / f"{name}.json", result)
     shutil.rmtree(out, ignore_errors=True)
     return result
 
 
+def _name(student: str, method: str, seed: int, auto: bool = False) -> str:
+    return key(student, method, seed) + ("-aauto" if auto else "")
+
+
 def run_grid(plan: Plan, jobs: int = 1) -> None:
-    """The teacher, then every missing cell, ``jobs`` at a time (each one a ``cwkd`` subprocess)."""
+    """The teacher, then every missing cell, ``jobs`` at a time (each one a ``cwkd`` subprocess).
+
+    With ``plan.auto``, ``--alpha auto`` cells for the first student's feature methods follow the grid.
+    """
     data = prepare_data(plan)
     teacher = train_teacher(plan, data)
     print(f"teacher {plan.teacher}: {_format(teacher['scores'])}")
-    cells = order(plan)
-    todo = [(n, cell) for n, cell in enumerate(cells, 1) if not (plan.results / f"{key(*cell)}.json").is_file()]
+    cells = [(*cell, False) for cell in order(plan)]
+    if plan.auto:
+        cells += [(plan.students[0], m, seed, True) for seed in plan.seeds for m in plan.methods if m != "none"]
+    todo = [(n, cell) for n, cell in enumerate(cells, 1) if not (plan.results / f"{_name(*cell)}.json").is_file()]
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         running = {pool.submit(run_cell, plan, data, *cell): (n, cell) for n, cell in todo}
@@ -158,10 +171,10 @@ def run_grid(plan: Plan, jobs: int = 1) -> None:
             try:
                 result = future.result()
             except Exception as exc:  # report and go on: one broken cell must not lose the others
-                failed.append(key(*cell))
-                print(f"[{number}/{len(cells)}] {key(*cell)}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+                failed.append(_name(*cell))
+                print(f"[{number}/{len(cells)}] {_name(*cell)}: FAILED ({type(exc).__name__}: {exc})", flush=True)
                 continue
-            print(f"[{number}/{len(cells)}] {key(*cell)}: {_format(result['scores'])} "
+            print(f"[{number}/{len(cells)}] {_name(*cell)}: {_format(result['scores'])} "
                   f"({sum(result['epoch_s']):.0f}s)", flush=True)
     if failed:
         raise SystemExit(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}; rerun to retry them")
@@ -230,10 +243,10 @@ def _synced(step, device):
 
 def report(plan: Plan) -> str:
     """The markdown table: box AP and mask AP mean +- std per student and method, and the paired gain over none."""
-    results = {}
+    results, auto = {}, {}
     for path in sorted(plan.results.glob("*-s*.json")):
         r = json.loads(path.read_text())
-        results[(r["student"], r["method"], r["seed"])] = r
+        (auto if r.get("alpha_auto") else results)[(r["student"], r["method"], r["seed"])] = r
     if not results:
         return "no results yet"
     teacher = json.loads((plan.results / "teacher.json").read_text())
@@ -246,6 +259,7 @@ def report(plan: Plan) -> str:
             seeds = [s for s in plan.seeds if (student, method, s) in results]
             if seeds:
                 lines.append(_row(results, student, method, seeds))
+    lines += auto_table(plan.seeds, results, auto, value=lambda r: r["scores"]["box_ap"], label="val box AP (%)")
     return "\n".join(lines + cost_table(plan.results / "step_cost.json", "teacher backbone + FPN forward"))
 
 
@@ -279,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="cells run at a time after the teacher (default: 1)")
     parser.add_argument("--results", type=Path, help="folder of the result JSONs (default: the plan's)")
     parser.add_argument("--runs", type=Path, help="folder of the data and run directories (default: the plan's)")
+    parser.add_argument("--auto", action="store_true", help="after the grid, --alpha auto cells for the first "
+                        "student and each feature method, reported against the grid's alpha (issue 13)")
     args = parser.parse_args(argv)
-    plan = replace(QUICK if args.quick else Plan(), device=args.device)
+    plan = replace(QUICK if args.quick else Plan(), device=args.device, auto=args.auto)
     if args.results:
         plan = replace(plan, results=args.results.resolve())
     if args.runs:

@@ -299,27 +299,31 @@ def report(plan: Plan) -> str:
             gain = "" if method == "none" or not gains else f"{_mean_std(gains, signed=True)} ({len(gains)} paired)"
             lines.append(f"| {student} | {method} | {len(seeds)} | {_mean_std(values)} | {gain} | "
                          f"{', '.join(f'{v:.2f}' for v in values)} |")
-    return "\n".join(lines + _auto_table(plan, results, auto) + cost_table(plan.results / "step_cost.json"))
+    return "\n".join(lines + auto_table(plan.seeds, results, auto) + cost_table(plan.results / "step_cost.json"))
 
 
-def _auto_table(plan: Plan, fixed: dict, auto: dict) -> list[str]:
-    """``--alpha auto`` against the grid's alpha (MGD's segmentation setting), paired by seed."""
+def auto_table(seeds: tuple[int, ...], fixed: dict, auto: dict, value=lambda r: r["miou"],
+               label: str = "val mIoU (%)") -> list[str]:
+    """Markdown lines: ``--alpha auto`` runs against the grid's alpha and ``none``, paired by seed.
+
+    ``fixed`` and ``auto`` map ``(student, method, seed)`` to result records; ``value`` reads the score.
+    """
     if not auto:
         return []
     lines = ["", "`--alpha auto` against the grid's alpha (paired by seed):", "",
-             "| student | method | alpha picked per seed | val mIoU (%) | minus the grid's alpha | minus none |",
+             f"| student | method | alpha picked per seed | {label} | minus the grid's alpha | minus none |",
              "| --- | --- | --- | ---: | ---: | ---: |"]
     for student, method in sorted({(s, m) for s, m, _ in auto}):
-        runs = {seed: auto[(student, method, seed)] for seed in plan.seeds if (student, method, seed) in auto}
+        runs = {seed: auto[(student, method, seed)] for seed in seeds if (student, method, seed) in auto}
         picked = ", ".join(f"{r['alpha']:.3g}" for r in runs.values())
-        miou = _mean_std([r["miou"] for r in runs.values()])
-        lines.append(f"| {student} | {method} | {picked} | {miou} | {_paired(runs, fixed, student, method)} | "
-                     f"{_paired(runs, fixed, student, 'none')} |")
+        paired = [_paired(runs, fixed, student, other, value) for other in (method, "none")]
+        lines.append(f"| {student} | {method} | {picked} | {_mean_std([value(r) for r in runs.values()])} | "
+                     f"{paired[0]} | {paired[1]} |")
     return lines
 
 
-def _paired(runs: dict, fixed: dict, student: str, other: str) -> str:
-    diffs = [r["miou"] - fixed[(student, other, seed)]["miou"] for seed, r in runs.items()
+def _paired(runs: dict, fixed: dict, student: str, other: str, value) -> str:
+    diffs = [value(r) - value(fixed[(student, other, seed)]) for seed, r in runs.items()
              if (student, other, seed) in fixed]
     return f"{_mean_std(diffs, signed=True)} ({len(diffs)})" if diffs else "-"
 
