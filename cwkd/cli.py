@@ -251,7 +251,8 @@ def distill(
     method: Annotated[Method, typer.Option(help="cwt (ours), linear (FitNets 1x1), mgd, or none (KD only).")]
     = Method.cwt,
     alpha: Annotated[str, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md), or "
-                                            "auto: picked from the first 5 batches' gradients (docs/training.md).")]
+                                            "auto: picked from the first 5 batches' gradients, a quarter of it "
+                                            "again if the first epoch diverges (docs/method.md).")]
     = "1.0",
     pairs: Annotated[str, typer.Option(help="last, all, or STUDENT_LAYER:TEACHER_LAYER,...")] = "last",
     hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. (default: teacher channels)")]
