@@ -48,8 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from segmentation import (  # noqa: E402  (the benchmark this one follows)
     RESULTS,
     ROOT,
-    _cwkd,
-    _history,
     _mean_std,
     _stepper,
     _write,
@@ -58,6 +56,7 @@ from segmentation import (  # noqa: E402  (the benchmark this one follows)
     key,
     order,
     prepare_data,
+    run_in,
     time_steps,
     versions,
 )
@@ -111,9 +110,7 @@ def train_teacher(plan: Plan, data: Path) -> dict:
     out, path = plan.runs / "teacher", plan.results / "teacher.json"
     if path.is_file() and (out / "last.safetensors").is_file():
         return json.loads(path.read_text())
-    resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
-    _cwkd(["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs), *resume])
-    history = _history(out)
+    history = run_in(out, ["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs)])
     result = {"model": plan.teacher, "scores": _scores(history[-1]), "history": [_scores(h) for h in history],
               "epochs": plan.teacher_epochs, "wall_s": round(sum(h["epoch_s"] for h in history), 1),
               "config": json.loads((out / "config.json").read_text())["config"], "versions": versions()}
@@ -126,15 +123,11 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, auto:
     name = _name(student, method, seed, auto)
     out = plan.runs / "cells" / name
     teacher = plan.runs / "teacher" / "last.safetensors"
-    resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
-    common = _common(plan, data, seed, plan.epochs)
+    command = ["train", "--model", student] if method == "none" else \
+        ["distill", "--teacher", teacher, "--student", student, "--method", method, "--reduction", "sum",
+         "--alpha", "auto" if auto else MGD_TWO_STAGE_ALPHA_SUM]
     started = time.perf_counter()
-    if method == "none":
-        _cwkd(["train", "--model", student, *common, *resume])
-    else:
-        _cwkd(["distill", "--teacher", teacher, "--student", student, "--method", method, "--reduction", "sum",
-               "--alpha", "auto" if auto else MGD_TWO_STAGE_ALPHA_SUM, *common, *resume])
-    history = _history(out)
+    history = run_in(out, [*command, *_common(plan, data, seed, plan.epochs)])
     config = json.loads((out / "config.json").read_text())["config"]
     result = {"student": student, "method": method, "seed": seed, "alpha_auto": auto,
               "alpha": config["alpha"] if method != "none" else None, "scores": _scores(history[-1]),

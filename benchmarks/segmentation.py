@@ -98,6 +98,13 @@ def _cwkd(args: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT, env=env)
 
 
+def run_in(out: Path, args: list) -> list[dict]:
+    """``cwkd ARGS`` into the run directory ``out`` (resumed where a stop left its state); its metrics history."""
+    resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
+    _cwkd([*args, *resume])
+    return _history(out)
+
+
 def _common(plan: Plan, data: Path, seed: int, epochs: int) -> list:
     return ["--task", "segmentation", "--data", data, "--input-size", plan.canvas, "--epochs", epochs,
             "--batch-size", plan.batch_size, "--lr", plan.lr, "--workers", 0, "--seed", seed, "--device", "cpu",
@@ -114,9 +121,7 @@ def train_teacher(plan: Plan, data: Path) -> dict:
     out, path = plan.runs / "teacher", plan.results / "teacher.json"
     if path.is_file() and (out / "last.safetensors").is_file():
         return json.loads(path.read_text())
-    resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
-    _cwkd(["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs), *resume])
-    history = _history(out)
+    history = run_in(out, ["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs)])
     result = {"model": plan.teacher, "miou": history[-1]["val_miou"], "pixel_acc": history[-1]["val_pixel_acc"],
               "history": [h["val_miou"] for h in history], "epochs": plan.teacher_epochs,
               "wall_s": round(sum(h["epoch_s"] for h in history), 1), "versions": versions()}
@@ -137,15 +142,10 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha
     name = key(student, method, seed) + ("-aauto" if alpha == "auto" else "")
     out = plan.runs / "cells" / name
     teacher = plan.runs / "teacher" / "last.safetensors"
-    resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
-    common = _common(plan, data, seed, plan.epochs)
+    command = ["train", "--model", student] if method == "none" else \
+        ["distill", "--teacher", teacher, "--student", student, "--method", method, "--alpha", alpha]
     started = time.perf_counter()
-    if method == "none":
-        _cwkd(["train", "--model", student, *common, *resume])
-    else:
-        _cwkd(["distill", "--teacher", teacher, "--student", student, "--method", method, "--alpha", alpha,
-               *common, *resume])
-    history = _history(out)
+    history = run_in(out, [*command, *_common(plan, data, seed, plan.epochs)])
     config = json.loads((out / "config.json").read_text())["config"]
     result = {"student": student, "method": method, "seed": seed,
               "alpha": config["alpha"] if method != "none" else None, "alpha_auto": alpha == "auto",
