@@ -16,6 +16,9 @@ is MGD's two-stage setting in its summed form (``--reduction sum --alpha 5e-7``)
 detection task's default (``--lr`` not passed). Reported are the last epoch's val box AP and mask AP (COCO,
 percent; the cosine schedule ends at lr 0), never the best epoch's, with the paired difference to ``none``.
 
+``--plan cpu`` is the same benchmark cut to what a 2-core CPU trains in about two hours: a Faster R-CNN R50
+teacher and a Faster R-CNN R18 student (box AP only), none and cwt, results in ``benchmarks/results/detection_cpu``.
+
 Each run writes ``benchmarks/results/detection/<key>.json`` when it finishes and is skipped when that file
 exists, so an interrupted grid resumes; run directories go to ``benchmarks/runs/detection`` (git-ignored)
 and are deleted once their result is written, except the teacher's. The data, the run order and the helpers
@@ -24,6 +27,7 @@ are segmentation's (``benchmarks/segmentation.py``).
 Usage:
     python benchmarks/detection.py --quick        # tiny data and models, none vs cwt, 1 seed (< 3 min)
     python benchmarks/detection.py                # the whole grid, then the report
+    CWKD_BENCH_THREADS=1 python benchmarks/detection.py --plan cpu --jobs 2   # what fits ~2 h of 2 CPU cores
     python benchmarks/detection.py --report       # tables from the saved results
     python benchmarks/detection.py --step-cost    # distill step against student step + teacher backbone/FPN
     python benchmarks/detection.py --device cuda --jobs 6 --results DIR --runs DIR   # on a GPU, 6 cells at a time
@@ -93,6 +97,12 @@ QUICK = Plan(name="quick", teacher="maskrcnn_test_resnet", students=("maskrcnn_t
              methods=("none", "cwt"), seeds=(0,), canvas=64, train_canvases=8, val_canvases=4, epochs=1,
              teacher_epochs=2, batch_size=4,
              results=RUNS / "quick" / "results", runs=RUNS / "quick")
+#: What fits about two hours of a 2-core CPU: a Faster R-CNN student is half a Mask R-CNN's step and its eval
+#: pastes no masks (a Mask R-CNN student grid is days of this CPU), and a Faster R-CNN R50 teacher is half the
+#: Mask R-CNN R50's cost. Same data, schedule, seeds and alpha as the full plan.
+CPU = Plan(name="cpu", teacher="fasterrcnn_resnet50", students=("fasterrcnn_resnet18",), methods=("none", "cwt"),
+           results=RESULTS / "detection_cpu", runs=RUNS / "cpu")
+PLANS = {"full": Plan(), "cpu": CPU, "quick": QUICK}
 
 
 def _common(plan: Plan, data: Path, seed: int, epochs: int) -> list:
@@ -145,20 +155,24 @@ def _name(student: str, method: str, seed: int, auto: bool = False) -> str:
 
 
 def run_grid(plan: Plan, jobs: int = 1) -> None:
-    """The teacher, then every missing cell, ``jobs`` at a time (each one a ``cwkd`` subprocess).
+    """The teacher and every missing cell, ``jobs`` at a time (each one a ``cwkd`` subprocess).
 
-    With ``plan.auto``, ``--alpha auto`` cells for the first student's feature methods follow the grid.
+    The ``none`` cells need no teacher, so with ``jobs`` > 1 they train beside it; the distilled cells wait for
+    it. With ``plan.auto``, ``--alpha auto`` cells for the first student's feature methods follow the grid.
     """
     data = prepare_data(plan)
-    teacher = train_teacher(plan, data)
-    print(f"teacher {plan.teacher}: {_format(teacher['scores'])}")
     cells = [(*cell, False) for cell in order(plan)]
     if plan.auto:
         cells += [(plan.students[0], m, seed, True) for seed in plan.seeds for m in plan.methods if m != "none"]
     todo = [(n, cell) for n, cell in enumerate(cells, 1) if not (plan.results / f"{_name(*cell)}.json").is_file()]
+    if jobs > 1:  # the teacher-free cells first, beside the teacher
+        todo.sort(key=lambda item: item[1][1] != "none")
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        running = {pool.submit(run_cell, plan, data, *cell): (n, cell) for n, cell in todo}
+        teacher = pool.submit(train_teacher, plan, data)
+        teacher.add_done_callback(partial(_teacher_done, plan.teacher))
+        running = {pool.submit(_after, teacher if cell[1] != "none" else None, run_cell, plan, data, *cell):
+                   (n, cell) for n, cell in todo}
         for future in as_completed(running):
             number, cell = running[future]
             try:
@@ -169,8 +183,23 @@ def run_grid(plan: Plan, jobs: int = 1) -> None:
                 continue
             print(f"[{number}/{len(cells)}] {_name(*cell)}: {_format(result['scores'])} "
                   f"({sum(result['epoch_s']):.0f}s)", flush=True)
+    if teacher.exception() is not None:  # the cells that did not need it have finished
+        failed.insert(0, "teacher")
     if failed:
-        raise SystemExit(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}; rerun to retry them")
+        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
+
+
+def _teacher_done(name: str, future) -> None:
+    error = future.exception()
+    print(f"teacher {name}: " + (f"FAILED ({type(error).__name__}: {error})" if error else
+                                 _format(future.result()["scores"])), flush=True)
+
+
+def _after(first, work, *args):
+    """``work(*args)`` once the future ``first`` (if any) has finished; its exception stops ``work``."""
+    if first is not None:
+        first.result()
+    return work(*args)
 
 
 def _format(scores: dict[str, float]) -> str:
@@ -243,23 +272,24 @@ def report(plan: Plan) -> str:
     if not results:
         return "no results yet"
     teacher = json.loads((plan.results / "teacher.json").read_text())
+    shown = [name for name in SCORES if any(name in r["scores"] for r in results.values())]  # no mask: no column
     lines = [f"Teacher {teacher['model']}: {_format(teacher['scores'])} (%) after {teacher['epochs']} epochs.", "",
-             "| student | method | runs | " + " | ".join(f"val {label} (%) mean ± std | paired gain over none"
-                                                       for label in SCORES.values()) + " | per seed (box AP) |",
-             "| --- | --- | ---: | " + "---: | ---: | " * len(SCORES) + "--- |"]
+             "| student | method | runs | " + " | ".join(f"val {SCORES[name]} (%) mean ± std | paired gain over none"
+                                                       for name in shown) + " | per seed (box AP) |",
+             "| --- | --- | ---: | " + "---: | ---: | " * len(shown) + "--- |"]
     for student in plan.students:
         for method in plan.methods:
             seeds = [s for s in plan.seeds if (student, method, s) in results]
             if seeds:
-                lines.append(_row(results, student, method, seeds))
+                lines.append(_row(results, student, method, seeds, shown))
     lines += auto_table(plan.seeds, results, auto, value=lambda r: r["scores"]["box_ap"], label="val box AP (%)")
     return "\n".join(lines + cost_table(plan.results / "step_cost.json", "teacher backbone + FPN forward"))
 
 
-def _row(results: dict, student: str, method: str, seeds: list[int]) -> str:
-    """One table row: each score's mean ± std over ``seeds`` and its paired gain over ``none`` (same seed)."""
+def _row(results: dict, student: str, method: str, seeds: list[int], shown: list[str]) -> str:
+    """One table row: each ``shown`` score's mean ± std over ``seeds`` and its paired gain over ``none``."""
     cells = []
-    for name in SCORES:
+    for name in shown:
         values = [results[(student, method, s)]["scores"].get(name) for s in seeds]
         if None in values:  # a Faster R-CNN student has no mask AP
             cells += ["", ""]
@@ -275,6 +305,9 @@ def _row(results: dict, student: str, method: str, seeds: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny plan that checks the pipeline (< 3 min)")
+    parser.add_argument("--plan", choices=("full", "cpu"), default="full", help="full: Mask R-CNN R50 teacher, "
+                        "Mask and Faster R-CNN R18 students (a GPU's work); cpu: Faster R-CNN R50 -> R18, none and "
+                        "cwt, about two hours of a 2-core CPU with --jobs 2 and CWKD_BENCH_THREADS=1")
     parser.add_argument("--report", action="store_true", help="print the tables from saved results and exit")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds")
     parser.add_argument("--methods", nargs="+", choices=("none", "cwt", "linear", "mgd"),
@@ -283,13 +316,14 @@ def main(argv: list[str] | None = None) -> int:
                         "teacher backbone/FPN forward, then exit (run it on an idle machine)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --step-cost (default: 5)")
     parser.add_argument("--device", default="cpu", help="where every run and --step-cost run (default: cpu)")
-    parser.add_argument("--jobs", type=int, default=1, help="cells run at a time after the teacher (default: 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time: the teacher and the none cells side "
+                        "by side, then the distilled cells (default: 1)")
     parser.add_argument("--results", type=Path, help="folder of the result JSONs (default: the plan's)")
     parser.add_argument("--runs", type=Path, help="folder of the data and run directories (default: the plan's)")
     parser.add_argument("--auto", action="store_true", help="after the grid, --alpha auto cells for the first "
                         "student and each feature method, reported against the grid's alpha (issue 13)")
     args = parser.parse_args(argv)
-    plan = replace(QUICK if args.quick else Plan(), device=args.device, auto=args.auto)
+    plan = replace(PLANS["quick" if args.quick else args.plan], device=args.device, auto=args.auto)
     if args.results:
         plan = replace(plan, results=args.results.resolve())
     if args.runs:

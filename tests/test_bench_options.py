@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -74,4 +75,90 @@ def test_detection_options_reach_every_command(tmp_path, monkeypatch):
     assert plan.results == tmp_path / "r" and plan.runs == tmp_path / "w"
     assert "cuda" in detection._common(plan, tmp_path, 0, 1)
     assert "cpu" in detection._common(detection.Plan(), tmp_path, 0, 1)  # the default stays the CPU
+    sys.modules.pop("detection", None)
+
+
+def _fake_grid(detection, tmp_path, monkeypatch, teacher_fails: bool = False) -> list[str]:
+    """Run detection.run_grid with a slow fake teacher and instant fake cells; return the event order."""
+    import threading
+    import time
+
+    events, lock = [], threading.Lock()
+
+    def log(event: str) -> None:
+        with lock:
+            events.append(event)
+
+    def teacher(plan, data):
+        log("teacher start")
+        time.sleep(0.3)
+        log("teacher end")
+        if teacher_fails:
+            raise RuntimeError("teacher broke")
+        return {"scores": {"box_ap": 1.0}}
+
+    def cell(plan, data, student, method, seed, auto=False):
+        log(f"{method}-s{seed}")
+        return {"scores": {"box_ap": 1.0}, "epoch_s": [0.0]}
+
+    monkeypatch.setattr(detection, "prepare_data", lambda plan: tmp_path)
+    monkeypatch.setattr(detection, "train_teacher", teacher)
+    monkeypatch.setattr(detection, "run_cell", cell)
+    plan = replace(detection.CPU, results=tmp_path / "r", runs=tmp_path / "w")
+    detection.run_grid(plan, jobs=2)
+    return events
+
+
+def test_detection_none_cells_train_beside_the_teacher(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import detection
+
+    events = _fake_grid(detection, tmp_path, monkeypatch)
+    end = events.index("teacher end")
+    assert {"none-s0", "none-s1", "none-s2"} <= set(events[:end])  # they need no teacher
+    assert {"cwt-s0", "cwt-s1", "cwt-s2"} <= set(events[end:])  # these distil from it
+    sys.modules.pop("detection", None)
+
+
+def test_detection_a_failed_teacher_keeps_the_none_cells(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import detection
+
+    with pytest.raises(SystemExit, match="4 run.*teacher, "):
+        _fake_grid(detection, tmp_path, monkeypatch, teacher_fails=True)
+    out = capsys.readouterr().out
+    nones = [line for line in out.splitlines() if "none-s" in line]
+    assert len(nones) == 3 and not any("FAILED" in line for line in nones)
+    assert out.count("FAILED (RuntimeError: teacher broke)") == 4  # the teacher's line and its three cells
+    sys.modules.pop("detection", None)
+
+
+def test_detection_cpu_plan_is_a_faster_rcnn_pair(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import detection
+
+    seen = {}
+    monkeypatch.setattr(detection, "run_grid", lambda plan, jobs: seen.update(plan=plan))
+    monkeypatch.setattr(detection, "report", lambda plan: "")
+    detection.main(["--plan", "cpu"])
+    assert seen["plan"].teacher == "fasterrcnn_resnet50" and seen["plan"].students == ("fasterrcnn_resnet18",)
+    assert seen["plan"].results.name == "detection_cpu"
+    sys.modules.pop("detection", None)
+
+
+def test_detection_report_shows_mask_ap_only_where_measured(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import detection
+
+    plan = replace(detection.CPU, results=tmp_path)
+    (tmp_path / "teacher.json").write_text('{"model": "t", "scores": {"box_ap": 30.0}, "epochs": 1}')
+    for method, ap in (("none", 20.0), ("cwt", 21.5)):
+        record = {"student": "fasterrcnn_resnet18", "method": method, "seed": 0, "scores": {"box_ap": ap}}
+        (tmp_path / f"fasterrcnn_resnet18-{method}-s0.json").write_text(json.dumps(record))
+    table = detection.report(plan)
+    assert "mask AP" not in table and "| 21.50 ± 0.00 | +1.50 ± 0.00 (1 paired) |" in table
+    mask = replace(plan, students=("maskrcnn_resnet18",))
+    record = {"student": "maskrcnn_resnet18", "method": "none", "seed": 0, "scores": {"box_ap": 1.0, "mask_ap": 2.0}}
+    (tmp_path / "maskrcnn_resnet18-none-s0.json").write_text(json.dumps(record))
+    assert "val mask AP (%)" in detection.report(mask)
     sys.modules.pop("detection", None)
