@@ -140,10 +140,24 @@ def prepare(out: Path, *, resume: bool, overwrite: bool, check_only: bool = Fals
             (out / name).unlink()
     if check_only:
         return
+    if resume and cfg is not None:
+        _record_new_places(out, cfg)
     for name in _RUN_FILES:  # atomic_write's temp names: .<name>.<8 hex>.tmp
         for stale in out.glob(f".{name}.????????.tmp"):
             stale.unlink(missing_ok=True)
     check_writable(out, flag="--out")
+
+
+def _record_new_places(out: Path, cfg: TrainConfig) -> None:
+    """Save where a resume found the run's inputs (``--data NEW``), so that the next resume finds them too."""
+    record = json.loads((out / "config.json").read_text())
+    moved = [key for key in runinputs.INPUT_KEYS if record["config"].get(key) != getattr(cfg, key)]
+    if not moved:
+        return
+    entries = runinputs.record(cfg)
+    record["config"].update({key: getattr(cfg, key) for key in moved})
+    record.setdefault("inputs", {}).update({key: entries[key] for key in moved if key in entries})
+    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
 
 
 def run_files(out: Path) -> list[str]:

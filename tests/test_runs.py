@@ -363,6 +363,10 @@ def test_resume_after_the_data_moved_says_how_and_takes_the_new_place(folder, te
     _fails(["distill", "--resume", tmp_path / "run", "--data", tmp_path / "nowhere"], "does not exist")
     _ok(["distill", "--resume", tmp_path / "run", "--epochs", "2", "--data", "moved"])
     assert _epochs(tmp_path / "run") == [1, 2]
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["config"]["data"] == "moved" and record["inputs"]["data"]["path"] == str(tmp_path / "moved")
+    _ok(["distill", "--resume", tmp_path / "run", "--epochs", "3"])  # the next resume finds the new place alone
+    assert _epochs(tmp_path / "run") == [1, 2, 3]
 
 
 def test_resume_after_the_teacher_moved(folder, teacher_run, tmp_path):
