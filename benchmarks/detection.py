@@ -97,9 +97,9 @@ QUICK = Plan(name="quick", teacher="maskrcnn_test_resnet", students=("maskrcnn_t
              methods=("none", "cwt"), seeds=(0,), canvas=64, train_canvases=8, val_canvases=4, epochs=1,
              teacher_epochs=2, batch_size=4,
              results=RUNS / "quick" / "results", runs=RUNS / "quick")
-#: What fits about two hours of a 2-core CPU: a Faster R-CNN student is half a Mask R-CNN's step and its eval
-#: pastes no masks (a Mask R-CNN student grid is days of this CPU), and a Faster R-CNN R50 teacher is half the
-#: Mask R-CNN R50's cost. Same data, schedule, seeds and alpha as the full plan.
+#: What fits about two hours of a 2-core CPU: a Faster R-CNN student's step is under half a Mask R-CNN's and its
+#: eval pastes no masks (a Mask R-CNN student's none and cwt cells alone take over three hours here), and the
+#: teacher is a Faster R-CNN R50. Same data, schedule, seeds and alpha as the full plan.
 CPU = Plan(name="cpu", teacher="fasterrcnn_resnet50", students=("fasterrcnn_resnet18",), methods=("none", "cwt"),
            results=RESULTS / "detection_cpu", runs=RUNS / "cpu")
 PLANS = {"full": Plan(), "cpu": CPU, "quick": QUICK}
