@@ -98,7 +98,7 @@ QUICK = Plan(name="quick", teacher="maskrcnn_test_resnet", students=("maskrcnn_t
              teacher_epochs=2, batch_size=4,
              results=RUNS / "quick" / "results", runs=RUNS / "quick")
 #: What fits about two hours of a 2-core CPU: a Faster R-CNN student's step is under half a Mask R-CNN's and its
-#: eval pastes no masks (a Mask R-CNN student's none and cwt cells alone take over three hours here), and the
+#: eval pastes no masks (a Mask R-CNN student's none and cwt cells alone take about three hours here), and the
 #: teacher is a Faster R-CNN R50. Same data, schedule, seeds and alpha as the full plan.
 CPU = Plan(name="cpu", teacher="fasterrcnn_resnet50", students=("fasterrcnn_resnet18",), methods=("none", "cwt"),
            results=RESULTS / "detection_cpu", runs=RUNS / "cpu")
