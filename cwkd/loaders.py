@@ -298,15 +298,23 @@ class _Loader(DataLoader):
                             f"(/dev/shm): {first}; {_SHM_FIX}") from exc
 
 
-def _warn_small_shm(cfg: DataConfig, batch_size: int, workers: int, path: str = "/dev/shm") -> None:
-    """Warn when /dev/shm looks too small for the batches ``workers`` hand over (about 2 in flight each)."""
+def _warn_small_shm(cfg: DataConfig, batch_size: int, workers: int, *, distributed: bool = False,
+                    path: str = "/dev/shm") -> None:
+    """Warn when /dev/shm looks too small for the batches ``workers`` hand over (about 2 in flight each).
+
+    Under torchrun every process on the machine shares /dev/shm: local rank 0 alone warns, for all of them.
+    """
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed else 1
+    if distributed and os.environ.get("LOCAL_RANK", "0") != "0":
+        return
     try:
         free = shutil.disk_usage(path).free
     except OSError:
         return  # no /dev/shm (not Linux): torch uses another mechanism
-    need = 4 * batch_size * math.prod(cfg.input_size) * workers * 2  # float32, prefetch_factor 2
+    need = 4 * batch_size * math.prod(cfg.input_size) * workers * 2 * processes  # float32, prefetch_factor 2
     if free < need:
-        warnings.warn(f"{path} has {free / 2**20:.0f} MiB free, but {workers} loader worker(s) need about "
+        each = f" in each of {processes} processes" if processes > 1 else ""
+        warnings.warn(f"{path} has {free / 2**20:.0f} MiB free, but {workers} loader worker(s){each} need about "
                       f"{need / 2**20:.0f} MiB for batches of {batch_size}; if they crash, {_SHM_FIX}",
                       stacklevel=3)
 
@@ -346,7 +354,7 @@ def build_loaders(
         "collate_fn": collate,
     }
     if workers > 0:
-        _warn_small_shm(cfg, batch_size, workers)
+        _warn_small_shm(cfg, batch_size, workers, distributed=distributed)
     shard = {} if distributed else {"num_replicas": 1, "rank": 0}
     train_sampler = EpochSampler(train, seed=seed, **shard)
     # The generator only seeds the workers' base RNG, which keeps loading off the global RNG.

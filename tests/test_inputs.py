@@ -263,6 +263,26 @@ def test_small_shm_warns_before_loading(monkeypatch):
         build_loaders(_array_spec(4, 2), cfg, batch_size=64, workers=2)
 
 
+def test_small_shm_under_torchrun_warns_once_for_every_process_on_the_machine(monkeypatch):
+    import shutil
+    import warnings
+
+    from cwkd import loaders
+
+    cfg = data_config(create_model("test_resnet"), input_size=224)
+    one = 4 * 64 * 3 * 224 * 224 * 2 * 2  # what one process's 2 workers hand over at batch 64
+    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(8 * one, 0, 2 * one))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.warns(UserWarning, match=r"2 loader worker\(s\) in each of 4 processes need about"):
+        loaders._warn_small_shm(cfg, 64, 2, distributed=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaders._warn_small_shm(cfg, 64, 2)  # one process alone fits
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        loaders._warn_small_shm(cfg, 64, 2, distributed=True)  # the other ranks stay quiet
+
+
 @pytest.mark.slow
 def test_shared_memory_failure_in_a_run_is_one_line(tmp_path, monkeypatch):
     def crash(self):
