@@ -150,14 +150,11 @@ def prepare(out: Path, *, resume: bool, overwrite: bool, check_only: bool = Fals
 
 def _record_new_places(out: Path, cfg: TrainConfig) -> None:
     """Save where a resume found the run's inputs (``--data NEW``), so that the next resume finds them too."""
-    record = json.loads((out / "config.json").read_text())
-    moved = [key for key in runinputs.INPUT_KEYS if record["config"].get(key) != getattr(cfg, key)]
-    if not moved:
-        return
-    entries = runinputs.record(cfg)
-    record["config"].update({key: getattr(cfg, key) for key in moved})
-    record.setdefault("inputs", {}).update({key: entries[key] for key in moved if key in entries})
-    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
+    saved = json.loads((out / "config.json").read_text())["config"]
+    moved = {key: getattr(cfg, key) for key in runinputs.INPUT_KEYS if saved.get(key) != getattr(cfg, key)}
+    if moved:
+        entries = runinputs.record(cfg)
+        update_config(out, inputs={key: entries[key] for key in moved if key in entries}, **moved)
 
 
 def run_files(out: Path) -> list[str]:
@@ -286,10 +283,12 @@ def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: DataConfig, spec,
     atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
 
 
-def update_config(out: Path, **changes) -> None:
-    """Rewrite config.json with ``changes`` to its ``config`` section (``alpha`` after an auto back-off)."""
+def update_config(out: Path, inputs: dict | None = None, **changes) -> None:
+    """Rewrite config.json with ``changes`` to its ``config`` section (``alpha`` after an auto back-off) and
+    ``inputs`` to its record of the inputs (a resume's new place for a moved data folder)."""
     record = json.loads((out / "config.json").read_text())
     record["config"].update(changes)
+    record.setdefault("inputs", {}).update(inputs or {})
     atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
 
 
