@@ -16,8 +16,11 @@ is MGD's two-stage setting in its summed form (``--reduction sum --alpha 5e-7``)
 detection task's default (``--lr`` not passed). Reported are the last epoch's val box AP and mask AP (COCO,
 percent; the cosine schedule ends at lr 0), never the best epoch's, with the paired difference to ``none``.
 
-``--plan cpu`` is the same benchmark cut to what a 2-core CPU trains in about two hours: a Faster R-CNN R50
-teacher and a Faster R-CNN R18 student (box AP only), none and cwt, results in ``benchmarks/results/detection_cpu``.
+``--plan cpu`` is the same benchmark cut to what a 2-core CPU trains in about three and a half hours: a Faster
+R-CNN R50 teacher; a Faster R-CNN R18 student (box AP) and a Mask R-CNN R18 student (box and mask AP, 4 epochs
+instead of 6: its step costs twice a Faster R-CNN's and its eval pastes masks); none and cwt; results in
+``benchmarks/results/detection_cpu``. The teacher has no mask head: what it teaches is its FPN, all that the
+paper distils for Mask R-CNN too.
 
 Each run writes ``benchmarks/results/detection/<key>.json`` when it finishes and is skipped when that file
 exists, so an interrupted grid resumes; run directories go to ``benchmarks/runs/detection`` (git-ignored)
@@ -27,7 +30,7 @@ are segmentation's (``benchmarks/segmentation.py``).
 Usage:
     python benchmarks/detection.py --quick        # tiny data and models, none vs cwt, 1 seed (< 3 min)
     python benchmarks/detection.py                # the whole grid, then the report
-    CWKD_BENCH_THREADS=1 python benchmarks/detection.py --plan cpu --jobs 2   # what fits ~2 h of 2 CPU cores
+    CWKD_BENCH_THREADS=1 python benchmarks/detection.py --plan cpu --jobs 2   # what fits ~3.5 h of 2 CPU cores
     python benchmarks/detection.py --report       # tables from the saved results
     python benchmarks/detection.py --step-cost    # distill step against student step + teacher backbone/FPN
     python benchmarks/detection.py --device cuda --jobs 6 --results DIR --runs DIR   # on a GPU, 6 cells at a time
@@ -85,6 +88,7 @@ class Plan:
     train_canvases: int = 400
     val_canvases: int = 100
     epochs: int = 6
+    student_epochs: tuple[tuple[str, int], ...] = ()  # (student, epochs) where a student's differ from ``epochs``
     teacher_epochs: int = 10
     batch_size: int = 8
     auto: bool = False  # also --alpha auto cells for the first student (--auto)
@@ -92,15 +96,19 @@ class Plan:
     runs: Path = RUNS
     device: str = "cpu"
 
+    def epochs_of(self, student: str) -> int:
+        return dict(self.student_epochs).get(student, self.epochs)
+
 
 QUICK = Plan(name="quick", teacher="maskrcnn_test_resnet", students=("maskrcnn_test_resnet", "fasterrcnn_test_resnet"),
              methods=("none", "cwt"), seeds=(0,), canvas=64, train_canvases=8, val_canvases=4, epochs=1,
              teacher_epochs=2, batch_size=4,
              results=RUNS / "quick" / "results", runs=RUNS / "quick")
-#: What fits about two hours of a 2-core CPU: a Faster R-CNN student's step is under half a Mask R-CNN's and its
-#: eval pastes no masks (a Mask R-CNN student's none and cwt cells alone take about three hours here), and the
-#: teacher is a Faster R-CNN R50. Same data, schedule, seeds and alpha as the full plan.
-CPU = Plan(name="cpu", teacher="fasterrcnn_resnet50", students=("fasterrcnn_resnet18",), methods=("none", "cwt"),
+#: What fits about three and a half hours of a 2-core CPU: the teacher is a Faster R-CNN R50, and the Mask R-CNN
+#: student trains 4 epochs, not 6 (its step is over twice a Faster R-CNN's and its eval pastes masks: 6 epochs of
+#: its none and cwt cells alone take about three hours here). Same data, seeds and alpha as the full plan.
+CPU = Plan(name="cpu", teacher="fasterrcnn_resnet50", students=("fasterrcnn_resnet18", "maskrcnn_resnet18"),
+           methods=("none", "cwt"), student_epochs=(("maskrcnn_resnet18", 4),),
            results=RESULTS / "detection_cpu", runs=RUNS / "cpu")
 PLANS = {"full": Plan(), "cpu": CPU, "quick": QUICK}
 
@@ -137,7 +145,7 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, auto:
         ["distill", "--teacher", teacher, "--student", student, "--method", method, "--reduction", "sum",
          "--alpha", "auto" if auto else MGD_TWO_STAGE_ALPHA_SUM]
     started = time.perf_counter()
-    history = run_in(out, [*command, *_common(plan, data, seed, plan.epochs)])
+    history = run_in(out, [*command, *_common(plan, data, seed, plan.epochs_of(student))])
     config = json.loads((out / "config.json").read_text())["config"]
     result = {"student": student, "method": method, "seed": seed, "alpha_auto": auto,
               "alpha": config["alpha"] if method != "none" else None, "scores": _scores(history[-1]),
@@ -273,7 +281,9 @@ def report(plan: Plan) -> str:
         return "no results yet"
     teacher = json.loads((plan.results / "teacher.json").read_text())
     shown = [name for name in SCORES if any(name in r["scores"] for r in results.values())]  # no mask: no column
-    lines = [f"Teacher {teacher['model']}: {_format(teacher['scores'])} (%) after {teacher['epochs']} epochs.", "",
+    epochs = ", ".join(f"{s} {plan.epochs_of(s)}" for s in plan.students)
+    lines = [f"Teacher {teacher['model']}: {_format(teacher['scores'])} (%) after {teacher['epochs']} epochs; "
+             f"student epochs: {epochs}.", "",
              "| student | method | runs | " + " | ".join(f"val {SCORES[name]} (%) mean ± std | paired gain over none"
                                                        for name in shown) + " | per seed (box AP) |",
              "| --- | --- | ---: | " + "---: | ---: | " * len(shown) + "--- |"]
@@ -306,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny plan that checks the pipeline (< 3 min)")
     parser.add_argument("--plan", choices=("full", "cpu"), default="full", help="full: Mask R-CNN R50 teacher, "
-                        "Mask and Faster R-CNN R18 students (a GPU's work); cpu: Faster R-CNN R50 -> R18, none and "
-                        "cwt, about two hours of a 2-core CPU with --jobs 2 and CWKD_BENCH_THREADS=1")
+                        "Mask and Faster R-CNN R18 students (a GPU's work); cpu: Faster R-CNN R50 -> Faster and Mask "
+                        "R-CNN R18, none and cwt, about 3.5 hours of a 2-core CPU with --jobs 2 and "
+                        "CWKD_BENCH_THREADS=1")
     parser.add_argument("--report", action="store_true", help="print the tables from saved results and exit")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds")
     parser.add_argument("--methods", nargs="+", choices=("none", "cwt", "linear", "mgd"),

@@ -358,17 +358,18 @@ def eval_(
 @app.command("export")
 def export_(
     checkpoint: Annotated[str, typer.Argument(help="A cwkd checkpoint (.safetensors).")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="safetensors (plain timm), onnx or "
-                                                                  "torchscript.")] = ExportFormat.safetensors,
+    format: Annotated[ExportFormat, typer.Option("--format", help="safetensors (plain timm or "
+                                                 "torchvision), onnx (a detector's: one image in, its detections out) "
+                                                 "or torchscript (not for detectors).")] = ExportFormat.safetensors,
     out: Annotated[str | None, typer.Option(help="File to write (default: next to the checkpoint, "
                                                  "e.g. best.onnx).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     verify: Annotated[bool, typer.Option(help="Fail unless the export matches PyTorch to --atol on random "
-                                              "and real images.")] = False,
-    atol: Annotated[float, typer.Option(help="Largest max-abs logit difference --verify accepts, "
-                                                        "times max(1, largest |logit|).")] = 1e-4,
+                                              "and real images (a detector's: the same detections).")] = False,
+    atol: Annotated[float, typer.Option(help="Largest max-abs output difference --verify accepts, "
+                                                        "times max(1, largest |output|).")] = 1e-4,
     benchmark: Annotated[bool, typer.Option(help="Time the export against PyTorch eager (batch 1 and "
-                                                 "8).")] = True,
+                                                 "8; a detector: 1), on real images with --verify.")] = True,
     data: Annotated[str | None, typer.Option(help="Real images for --verify (default: the checkpoint's "
                                                   "data set).")] = None,
     data_root: DataRoot = None,

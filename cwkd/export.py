@@ -32,13 +32,11 @@ from cwkd.evaluation import checkpoint_data_config, read_student
 from cwkd.loaders import build_loaders
 from cwkd.metadata import CheckpointMeta
 from cwkd.tasks import get_task
+from cwkd.tasks.base import ExportIO
 
 #: ONNX opset of exported graphs (the TorchScript-based exporter supports up to 20; runtimes widely run 18).
 ONNX_OPSET = 18
-#: Names of a classifier's ONNX input (``[batch, C, H, W]`` float32, normalised) and output (``[batch, classes]``);
-#: other tasks name theirs in ``TaskSpec.export_io`` (segmentation: ``out``, ``[batch, classes, H, W]``).
-INPUT_NAME, OUTPUT_NAME = get_task(None).export_io[:2]
-#: Largest max-abs difference from PyTorch fp32 logits that ``verify`` accepts.
+#: Largest max-abs difference from PyTorch fp32 outputs that ``verify`` accepts (times the output's scale, if over 1).
 ATOL = 1e-4
 _INSTALL = "onnx export needs the export extra: pip install 'cwkd[export]'"
 
@@ -62,7 +60,7 @@ class ExportResult:
     max_abs_diff: dict[str, float] | None = None  # "random" / "real" inputs -> max |exported - eager|
     speed: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    io: tuple[str, str, str] = (INPUT_NAME, OUTPUT_NAME, "[batch, classes]")  # input, output, output shape
+    io: ExportIO = field(default_factory=lambda: get_task(None).export_io)  # the graph's input and outputs
 
 
 def export_student(
@@ -73,7 +71,8 @@ def export_student(
     """Export the student of a cwkd checkpoint; with ``verify``, fail unless it matches PyTorch to ``atol``.
 
     ``data`` (default: the data set the checkpoint records) supplies the real images ``verify`` uses.
-    ``benchmark`` times the exported model against PyTorch eager at batch 1 and 8 on this machine.
+    ``benchmark`` times the exported model against PyTorch eager at batch 1 and 8 (a graph of one image, as a
+    detector's: 1) on this machine, on real images where ``verify`` loaded some.
     ``task``, when given, must be the checkpoint's own (a check, as the checkpoint records its task).
 
     Example:
@@ -90,10 +89,11 @@ def export_student(
     if task is not None and get_task(task).name is not get_task(meta.task).name:
         raise ExportError(f"--task {get_task(task).name.value}: {checkpoint} holds a "
                           f"{get_task(meta.task).name.value} model; drop --task")
-    get_task(meta.task).check_export(fmt.value, verify)  # a format its models cannot take is refused
-    model = get_task(meta.task).export_model(student)  # one tensor in, one out
+    sig = get_task(meta.task).export_io
+    get_task(meta.task).check_export(fmt.value)  # a format its models cannot take is refused
+    model = get_task(meta.task).export_model(student)  # one tensor in, tensors out
     path = _output_path(Path(checkpoint), fmt, out, overwrite)
-    example = torch.randn(2, *meta.input_size)
+    example = torch.randn(sig.batch or 2, *meta.input_size)
     with _quiet_torch_warnings():
         payload = _SERIALIZE[fmt](student if fmt is ExportFormat.safetensors else model, meta, example)
         # Load the bytes back as a user would; a safetensors file loads into the same eager model, so
@@ -102,13 +102,13 @@ def export_student(
         runner = _LOAD[fmt](payload, meta) if verify or (benchmark and timed) else None
     result = ExportResult(path=path, format=fmt.value, model=meta.model, size_bytes=len(payload),
                           params=sum(p.numel() for p in model.parameters()), input_size=tuple(meta.input_size),
-                          atol=atol, io=get_task(meta.task).export_io)
+                          atol=atol, io=sig)
+    real = _real_inputs(student, meta, data, data_root, result.notes) if verify else None
     if verify:
-        result.max_abs_diff = _verify(model, runner, meta, _real_batch(student, meta, data, data_root, result.notes),
-                                      atol)
+        result.max_abs_diff = _verify(model, runner, meta, real, atol)
     atomic_write(path, lambda f: f.write(payload))
     if benchmark:
-        result.speed = _benchmark(model, runner if timed else None, fmt, meta)
+        result.speed = _benchmark(model, runner if timed else None, fmt, meta, real[0] if real else None)
     return result
 
 
@@ -133,12 +133,16 @@ def _output_path(checkpoint: Path, fmt: ExportFormat, out: str | Path | None, ov
 
 @contextlib.contextmanager
 def _quiet_torch_warnings() -> Iterator[None]:
-    """Hide PyTorch's deprecation notices for TorchScript and its ONNX exporter (docs/deployment.md says why)."""
+    """Hide PyTorch's deprecation notices for TorchScript and its ONNX exporter, and the exporter's and torchvision's
+    notes while tracing (docs/deployment.md says why)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*(TorchScript|removed).*")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The exporter's notes on operators it splits (verify checks the result) and torchvision's on tracing.
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                module=r"torch\.onnx\.|torchvision\.|torch\.nn\.functional$")
         yield
 
 
@@ -155,10 +159,9 @@ def _onnx_bytes(model: nn.Module, meta: CheckpointMeta, example: torch.Tensor) -
 
     buffer = io.BytesIO()
     try:  # dynamo=False: the TorchScript-based exporter, which needs no onnxscript
-        inp, output, _ = get_task(meta.task).export_io
+        sig = get_task(meta.task).export_io
         torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[inp], output_names=[output],
-                          dynamic_axes={inp: {0: "batch"}, output: {0: "batch"}})
+                          input_names=[sig.input], output_names=list(sig.outputs), dynamic_axes=sig.dynamic_axes)
     except Exception as exc:  # unsupported operators and tracing failures come in many types
         raise ExportError(f"ONNX export of {meta.model} failed ({type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); "
@@ -181,7 +184,8 @@ def _torchscript_bytes(model: nn.Module, meta: CheckpointMeta, example: torch.Te
     return buffer.getvalue()
 
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+#: An exported model as a function: one input tensor in, a tensor (or a tuple of them, a detector's) out.
+Runner = Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 def _load_safetensors(payload: bytes, meta: CheckpointMeta) -> Runner:
@@ -199,8 +203,12 @@ def _load_onnx(payload: bytes, meta: CheckpointMeta) -> Runner:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads PyTorch uses, for a fair race
     session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-    inp, output, _ = get_task(meta.task).export_io
-    return lambda x: torch.from_numpy(session.run([output], {inp: x.numpy()})[0])
+    sig = get_task(meta.task).export_io
+
+    def run(x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        found = tuple(torch.from_numpy(y) for y in session.run(list(sig.outputs), {sig.input: x.numpy()}))
+        return found if len(found) > 1 else found[0]
+    return run
 
 
 def _load_torchscript(payload: bytes, meta: CheckpointMeta) -> Runner:
@@ -216,35 +224,61 @@ _LOAD = {ExportFormat.safetensors: _load_safetensors, ExportFormat.onnx: _load_o
 # ----------------------------------------------------------------------------- verify and benchmark
 
 
-def _verify(model: nn.Module, runner: Runner, meta: CheckpointMeta, real: torch.Tensor | None,
+def _verify(model: nn.Module, runner: Runner, meta: CheckpointMeta, real: list[torch.Tensor] | None,
             atol: float) -> dict[str, float]:
-    """Max |exported - eager| on random inputs (batch 3, not the traced 2) and ``real`` validation images.
+    """Max |exported - eager| on random inputs and ``real`` validation images, over every output.
 
-    The limit is ``atol`` times the largest |output| of that input, where that is above 1: fp32 kernels of two
-    runtimes differ in the last bits, and on logits of size 30 those bits are 1e-4 (seen on CUDA-trained
-    students exported next to onnxruntime 1.30).
+    Random inputs are a batch of 3 (not the traced 2) or, for a graph of one image of any size, one input of
+    the trained size and one a quarter shorter. Each output's limit is ``atol`` times its largest |value|
+    where that is above 1: fp32 kernels of two runtimes differ in the last bits, and on logits of size 30
+    those bits are 1e-4 (seen on CUDA-trained students exported next to onnxruntime 1.30); a box's corner
+    at pixel 500 may differ by 5e-2 px.
     """
-    inputs = {"random": torch.randn(3, *meta.input_size, generator=torch.Generator().manual_seed(0))}
-    if real is not None:
+    sig, generator = get_task(meta.task).export_io, torch.Generator().manual_seed(0)
+    inputs = {"random": [torch.randn(sig.batch or 3, *meta.input_size, generator=generator)]}
+    if 2 in sig.dynamic_axes.get(sig.input, {}):  # any height: try one the trace did not see
+        channels, height, width = meta.input_size
+        inputs["random"].append(torch.randn(sig.batch or 3, channels, max(1, height * 3 // 4), width,
+                                            generator=generator))
+    if real:
         inputs["real"] = real
-    diffs, limits = {}, {}
+    diffs, bad = {}, []
     with torch.inference_mode(), _quiet_torch_warnings():
-        for name, x in inputs.items():
-            expected = model(x).float()
-            diffs[name] = (runner(x).float() - expected).abs().max().item()
-            limits[name] = atol * max(1.0, expected.abs().max().item())
-    bad = {k: v for k, v in diffs.items() if not v <= limits[k]}  # "not <=" also catches NaN
+        for kind, batches in inputs.items():
+            diffs[kind] = 0.0
+            for x in batches:
+                expected, found = _tensors(model(x)), _tensors(runner(x))
+                if [e.shape for e in expected] != [f.shape for f in found]:
+                    raise ExportError(f"the exported model's outputs on {kind} inputs have shapes "
+                                      f"{_shapes(found)} where PyTorch's have {_shapes(expected)}; the file was not "
+                                      "written; export without --verify to inspect it, or try another --format")
+                for name, e, f in zip(sig.outputs, expected, found, strict=True):
+                    if e.numel() == 0:
+                        continue
+                    diff = (f.float() - e.float()).abs().max().item()
+                    limit = atol * max(1.0, e.float().abs().max().item())
+                    diffs[kind] = max(diffs[kind], diff)
+                    if not diff <= limit:  # "not <=" also catches NaN
+                        bad.append(f"'{name}' on {kind} inputs {diff:.3g} > {limit:.3g}")
     if bad:
-        worst = ", ".join(f"{k} inputs {v:.3g} > {limits[k]:.3g}" for k, v in bad.items())
         raise ExportError(f"the exported model differs from PyTorch by more than {atol:g} x max(1, |output|) "
-                          f"({worst}); the file was not written; export without --verify to inspect it, or try "
-                          "another --format")
+                          f"({', '.join(bad)}); the file was not written; export without --verify to inspect it, "
+                          "or try another --format")
     return diffs
 
 
-def _real_batch(model: nn.Module, meta: CheckpointMeta, data: str | None, data_root: str | None,
-                notes: list[str], count: int = 8) -> torch.Tensor | None:
-    """Up to ``count`` validation images, transformed as in training; None (with a note) if there is no data."""
+def _tensors(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return output if isinstance(output, tuple | list) else (output,)
+
+
+def _shapes(tensors: tuple[torch.Tensor, ...]) -> str:
+    return ", ".join(str(list(t.shape)) for t in tensors)
+
+
+def _real_inputs(model: nn.Module, meta: CheckpointMeta, data: str | None, data_root: str | None,
+                 notes: list[str], count: int = 8) -> list[torch.Tensor] | None:
+    """Up to ``count`` validation images, transformed as in training, as graph inputs: one batch, or one input
+    per image where the loader gives a list of them (images of any size); None (with a note) if there is no data."""
     name = data or meta.dataset
     if not name:
         notes.append("no data set recorded: verified on random inputs only (pass --data for real images)")
@@ -253,29 +287,36 @@ def _real_batch(model: nn.Module, meta: CheckpointMeta, data: str | None, data_r
         task = get_task(meta.task)
         spec = task.load_data(name, root=data_root)
         dcfg = checkpoint_data_config(model, meta)
-        _, loader = build_loaders(spec, dcfg, batch_size=count, workers=0, datasets=task.datasets(spec, dcfg))
-        return next(iter(loader))[0]
+        _, loader = build_loaders(spec, dcfg, batch_size=count, workers=0, datasets=task.datasets(spec, dcfg),
+                                  collate=task.collate)
+        images = next(iter(loader))[0]
     except (CwkdError, StopIteration) as exc:
         notes.append(f"could not load data '{name}' ({str(exc).splitlines()[0] if str(exc) else 'empty'}): "
                      "verified on random inputs only; pass --data to use real images")
         return None
+    return [images] if torch.is_tensor(images) else [image[None] for image in images]
 
 
-def _benchmark(model: nn.Module, runner: Runner | None, fmt: ExportFormat, meta: CheckpointMeta) -> list[dict]:
-    """Median latency of PyTorch eager and of the exported model, at batch 1 and 8, on the CPU."""
+def _benchmark(model: nn.Module, runner: Runner | None, fmt: ExportFormat, meta: CheckpointMeta,
+               sample: torch.Tensor | None = None) -> list[dict]:
+    """Median latency of PyTorch eager and of the exported model, at batch 1 and 8 (a graph of a fixed batch: that
+    one), on the CPU; on ``sample`` (a real input) where it holds that batch (a model's cost may depend on what
+    it finds in the image)."""
     rows = []
     runtimes: list[tuple[str, Runner]] = [("pytorch eager", model)]
     if runner is not None:
         runtimes.append(({"onnx": "onnxruntime", "torchscript": "torchscript"}[fmt.value], runner))
+    fixed = get_task(meta.task).export_io.batch
     with torch.inference_mode(), _quiet_torch_warnings():
-        for batch in (1, 8):
-            x = torch.randn(batch, *meta.input_size)
+        for batch in (fixed,) if fixed else (1, 8):
+            real = sample is not None and len(sample) >= batch
+            x = sample[:batch] if real else torch.randn(batch, *meta.input_size)
             eager = None  # the first runtime of each batch size is the baseline
             for name, fn in runtimes:
                 seconds = _median_seconds(fn, x)
                 eager = eager or seconds
                 rows.append({"runtime": name, "batch": batch, "ms": 1000 * seconds, "images_per_s": batch / seconds,
-                             "speedup": eager / seconds})
+                             "speedup": eager / seconds, "input": "real" if real else "random"})
     return rows
 
 
@@ -302,16 +343,18 @@ def print_export(result: ExportResult, console: Console | None = None) -> None:
     say(f"wrote {result.path} ({result.format}, {result.size_bytes / 2**20:.2f} MiB, {result.params:,} parameters, "
         f"{result.model}, input {'x'.join(map(str, result.input_size))})")
     if result.format == ExportFormat.onnx.value:
-        inp, output, shape = result.io
-        say(f"onnx: input '{inp}' [batch, {', '.join(map(str, result.input_size))}] float32 (normalised), "
-            f"output '{output}' {shape}, opset {ONNX_OPSET}")
+        sig = result.io
+        say(f"onnx: input '{sig.input}' {sig.input_shape(result.input_size)} float32 ({sig.values}), "
+            f"output{'s' if len(sig.outputs) > 1 else ''} {sig.shapes}, opset {ONNX_OPSET}")
     for note in result.notes:
         say(f"note: {note}", style="yellow")
     if result.max_abs_diff is not None:
         diffs = ", ".join(f"{k} inputs {v:.2e}" for k, v in result.max_abs_diff.items())
-        say(f"verify: max |exported - pytorch| {diffs} (limit {result.atol:g} x max(1, |logit|)): ok")
+        say(f"verify: max |exported - pytorch| {diffs} (limit {result.atol:g} x max(1, |output|)): ok")
     if result.speed:
-        table = Table(title=f"inference speed on this machine (CPU, fp32, {torch.get_num_threads()} threads, median)")
+        real = all(row.get("input") == "real" for row in result.speed)
+        table = Table(title=f"inference speed on this machine (CPU, fp32, {torch.get_num_threads()} threads, median, "
+                            f"{'real val images' if real else 'random inputs'})")
         for column in ("runtime", "batch", "ms / batch", "images/s", "vs eager"):
             table.add_column(column, justify="left" if column == "runtime" else "right")
         for row in result.speed:

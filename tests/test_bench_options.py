@@ -104,7 +104,7 @@ def _fake_grid(detection, tmp_path, monkeypatch, teacher_fails: bool = False) ->
     monkeypatch.setattr(detection, "prepare_data", lambda plan: tmp_path)
     monkeypatch.setattr(detection, "train_teacher", teacher)
     monkeypatch.setattr(detection, "run_cell", cell)
-    plan = replace(detection.CPU, results=tmp_path / "r", runs=tmp_path / "w")
+    plan = replace(detection.CPU, students=("fasterrcnn_resnet18",), results=tmp_path / "r", runs=tmp_path / "w")
     detection.run_grid(plan, jobs=2)
     return events
 
@@ -141,8 +141,32 @@ def test_detection_cpu_plan_is_a_faster_rcnn_pair(tmp_path, monkeypatch):
     monkeypatch.setattr(detection, "run_grid", lambda plan, jobs: seen.update(plan=plan))
     monkeypatch.setattr(detection, "report", lambda plan: "")
     detection.main(["--plan", "cpu"])
-    assert seen["plan"].teacher == "fasterrcnn_resnet50" and seen["plan"].students == ("fasterrcnn_resnet18",)
-    assert seen["plan"].results.name == "detection_cpu"
+    plan = seen["plan"]
+    assert plan.teacher == "fasterrcnn_resnet50" and plan.students == ("fasterrcnn_resnet18", "maskrcnn_resnet18")
+    assert plan.results.name == "detection_cpu"
+    assert plan.epochs_of("fasterrcnn_resnet18") == plan.epochs == 6 and plan.epochs_of("maskrcnn_resnet18") == 4
+    sys.modules.pop("detection", None)
+
+
+def test_detection_cell_trains_its_students_own_epochs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import detection
+
+    commands = []
+
+    def run_in(out, command):
+        commands.append([str(c) for c in command])
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({"config": {"alpha": 5e-7}}))
+        return [{"val_box_ap": 1.0, "val_mask_ap": 2.0, "epoch_s": 1.0}]
+
+    monkeypatch.setattr(detection, "run_in", run_in)
+    plan = replace(detection.CPU, results=tmp_path / "r", runs=tmp_path / "w")
+    result = detection.run_cell(plan, tmp_path, "maskrcnn_resnet18", "cwt", 0)
+    detection.run_cell(plan, tmp_path, "fasterrcnn_resnet18", "none", 0)
+    epochs = [command[command.index("--epochs") + 1] for command in commands]
+    assert epochs == ["4", "6"] and result["scores"] == {"box_ap": 1.0, "mask_ap": 2.0}
+    assert json.loads((tmp_path / "r" / "maskrcnn_resnet18-cwt-s0.json").read_text())["alpha"] == 5e-7
     sys.modules.pop("detection", None)
 
 

@@ -8,16 +8,19 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import safetensors.torch
 import torch
 from typer.testing import CliRunner
 
+import cwkd.export
 from cwkd.cli import app
 from cwkd.composite import Items, write_dense_dataset
 from cwkd.config import Optimizer, TrainConfig
 from cwkd.detmodels import create_detection_model
 from cwkd.errors import ConfigError
+from cwkd.export import ExportFormat, export_student
 from cwkd.inspection import inspect_model, propose_pairs
 from cwkd.tasks import Task, get_task, infer_task
 from tests.helpers import cli_fails, cli_ok, read_metrics
@@ -149,8 +152,47 @@ def test_distill_from_a_mask_rcnn_teacher_then_eval_and_export(coco, teacher, tm
     model.load_state_dict(safetensors.torch.load_file(path))
     (found,) = model.eval()(list(torch.rand(1, 3, 64, 64)))
     assert set(found) == {"boxes", "labels", "scores"}
-    cli_fails(["export", out / "best.safetensors", "--format", "onnx", "--out", tmp_path / "m.onnx"],
-              "onnx export is not supported for detection models", "--format safetensors")
+    onnx_path = tmp_path / "student.onnx"
+    said = cli_ok(["export", out / "best.safetensors", "--format", "onnx", "--verify", "--out", onnx_path])
+    assert "outputs 'boxes' [N, 4]" in said and "'labels' [N] int64, 'scores' [N], opset" in said
+    assert "real inputs" in said and ": ok" in said and "real val images" in said and "UserWarning" not in said
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    image = torch.rand(1, 3, 48, 80)  # another size than trained: the graph resizes it
+    boxes, labels, scores = session.run(None, {"images": image.numpy()})
+    with torch.inference_mode():
+        (found,) = model(list(image))
+    assert [o.name for o in session.get_outputs()] == ["boxes", "labels", "scores"]
+    assert boxes.shape == tuple(found["boxes"].shape) and boxes.shape[1:] == (4,)
+    np.testing.assert_allclose(boxes, found["boxes"].numpy(), atol=1e-3)
+    np.testing.assert_array_equal(labels, found["labels"].numpy())
+    cli_fails(["export", out / "best.safetensors", "--format", "torchscript", "--out", tmp_path / "m.pt"],
+              "torchscript export is not supported for detection models", "--format onnx")
+
+
+@pytest.mark.slow
+def test_instance_onnx_export_returns_masks_and_is_verified_on_real_images(teacher, tmp_path):
+    path = tmp_path / "teacher.onnx"
+    result = export_student(teacher / "best.safetensors", format="onnx", out=path, verify=True, benchmark=False)
+    assert result.io.outputs == ("boxes", "labels", "scores", "masks")
+    assert set(result.max_abs_diff) == {"random", "real"}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    boxes, labels, scores, masks = session.run(None, {"images": np.random.rand(1, 3, 40, 56).astype(np.float32)})
+    assert masks.shape == (len(boxes), 1, 40, 56) and labels.dtype == np.int64 and len(scores) == len(boxes)
+
+
+def test_verify_refuses_another_number_of_detections_and_writes_nothing(teacher, tmp_path, monkeypatch):
+    load = cwkd.export._LOAD[ExportFormat.safetensors]
+    def one_more(payload, meta):  # a runtime that finds one detection more than PyTorch
+        run = load(payload, meta)
+        return lambda x: tuple(torch.cat([t, t.new_zeros(1, *t.shape[1:])]) for t in run(x))
+
+    monkeypatch.setitem(cwkd.export._LOAD, ExportFormat.safetensors, one_more)
+    path = tmp_path / "student.safetensors"
+    said = cli_fails(["export", teacher / "best.safetensors", "--verify", "--out", path, "--no-benchmark"],
+                     "outputs on random inputs have shapes [", "where PyTorch's have [", "the file was not written")
+    found, expected = (int(part.split("[", 1)[1].split(",")[0]) for part in said.split("where"))
+    assert found == expected + 1
+    assert not path.exists()
 
 
 @pytest.mark.slow

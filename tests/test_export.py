@@ -179,7 +179,7 @@ def test_verify_limit_scales_with_the_logits(scale, off, passes):
     from cwkd.export import _verify
 
     model = _Scaled(scale)
-    meta = SimpleNamespace(input_size=(1, 8, 8))
+    meta = SimpleNamespace(input_size=(1, 8, 8), task=None)
     run = lambda x: model(x) + off  # noqa: E731 - an exported runtime that differs by ``off``
     if passes:
         assert _verify(model, run, meta, None, atol=1e-4)["random"] == pytest.approx(off, rel=1e-2)

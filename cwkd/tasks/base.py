@@ -7,6 +7,7 @@ the loss dict its model returns in train mode, and its ``feature_prefix`` points
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -37,6 +38,32 @@ class FeatureTaps(Protocol):
     def pop(self, teacher: bool = True) -> tuple[dict, dict]: ...
 
 
+@dataclass(frozen=True)
+class ExportIO:
+    """An exported graph's signature: its input and output names, their dynamic axes, and both in words.
+
+    ``batch`` is the graph's fixed batch size (None: any, a dynamic axis); ``shapes`` describes the outputs
+    and ``values`` the input's values, as ``cwkd export`` prints them.
+    """
+
+    input: str
+    outputs: tuple[str, ...]
+    shapes: str
+    dynamic_axes: dict[str, dict[int, str]]
+    batch: int | None = None
+    values: str = "normalised"
+
+    @classmethod
+    def batched(cls, input: str, output: str, shape: str) -> ExportIO:
+        """One input and one output tensor, both with a dynamic batch axis (a classifier's, a segmenter's)."""
+        return cls(input, (output,), f"'{output}' {shape}", {input: {0: "batch"}, output: {0: "batch"}})
+
+    def input_shape(self, size: tuple[int, ...]) -> str:
+        """The input's shape for an input ``size`` of ``(C, H, W)``: its fixed sizes, and names where dynamic."""
+        axes = self.dynamic_axes.get(self.input, {})
+        return "[" + ", ".join(str(axes.get(i, n)) for i, n in enumerate((self.batch or 1, *size))) + "]"
+
+
 class TaskSpec:
     """One task. Subclasses set the class attributes and implement the methods marked as required."""
 
@@ -45,8 +72,8 @@ class TaskSpec:
     best_metric: str
     #: The metrics written to metrics.jsonl as ``val_<name>`` (after ``val_loss``), with their labels.
     metrics: dict[str, str]
-    #: Names of the exported graph's input and output, and the output's shape in words.
-    export_io: tuple[str, str, str] = ("input", "output", "[batch, ...]")
+    #: The exported graph's input and outputs (ONNX names, dynamic axes).
+    export_io: ExportIO = ExportIO.batched("input", "output", "[batch, ...]")
     #: Whether :meth:`logits` gives class logits, so logit KD (``--kd-weight``) can work.
     has_logits: bool = False
     #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
@@ -122,9 +149,9 @@ class TaskSpec:
         """The task's own way to pair and capture features, or None: layers hooked by name (the default)."""
         return None
 
-    def check_export(self, fmt: str, verify: bool) -> None:
-        """Raise :class:`~cwkd.errors.ExportError` for a format (or ``--verify``) the task's models cannot take."""
+    def check_export(self, fmt: str) -> None:
+        """Raise :class:`~cwkd.errors.ExportError` for a format the task's models cannot take."""
 
     def export_model(self, model: nn.Module) -> nn.Module:
-        """The model as a graph of one tensor in, one tensor out (for ONNX and TorchScript)."""
+        """The model as a graph of tensors: :attr:`export_io`'s input in, its outputs out (ONNX, TorchScript)."""
         return model

@@ -16,7 +16,7 @@ from cwkd.config import Precision
 from cwkd.data import DataSpec, load_data
 from cwkd.loaders import DataConfig, transformed_datasets
 from cwkd.models import create_model, resolve_name
-from cwkd.tasks.base import TaskSpec
+from cwkd.tasks.base import ExportIO, TaskSpec
 
 
 class Classification(TaskSpec):
@@ -25,7 +25,7 @@ class Classification(TaskSpec):
     name = Task.classification
     best_metric = "top1"
     metrics = {"top1": "top-1", "top5": "top-5"}
-    export_io = ("input", "logits", "[batch, classes]")
+    export_io = ExportIO.batched("input", "logits", "[batch, classes]")
     has_logits = True
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,

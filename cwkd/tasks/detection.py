@@ -28,12 +28,24 @@ from cwkd.errors import ConfigError, ExportError, ModelNotFoundError
 from cwkd.fpnlevels import FPNTaps, normalization
 from cwkd.loaders import DataConfig, Transformed, seeded
 from cwkd.models import load_state_checked
-from cwkd.tasks.base import TaskSpec
+from cwkd.tasks.base import ExportIO, TaskSpec
 
 #: Classes (background included) a model is built with when no data set says (only shapes matter, e.g. inspect).
 DEFAULT_CLASSES = 2
 #: Largest default input size: larger images are resized to this unless --input-size says otherwise.
 MAX_DEFAULT_SIZE = 800
+
+
+def _detections_io(outputs: tuple[str, ...]) -> ExportIO:
+    """One image in, any size; per detection a box, label, score (and mask) out, as many as the model finds."""
+    shapes = {"boxes": "[N, 4] (x1, y1, x2, y2 in input pixels)", "labels": "[N] int64", "scores": "[N]",
+              "masks": "[N, 1, height, width] (probabilities)"}
+    axes = {name: {0: "detections"} for name in outputs}
+    if "masks" in outputs:
+        axes["masks"] = {0: "detections", 2: "height", 3: "width"}
+    return ExportIO("images", outputs, ", ".join(f"'{name}' {shapes[name]}" for name in outputs),
+                    {"images": {2: "height", 3: "width"}, **axes}, batch=1,
+                    values="RGB in 0-1, any height and width: the graph resizes and normalises it")
 
 
 class Detection(TaskSpec):
@@ -42,7 +54,7 @@ class Detection(TaskSpec):
     name = Task.detection
     best_metric = "box_ap"
     metrics = {"box_ap": "box AP", "box_ap50": "box AP50"}
-    export_io = ("images", "detections", "boxes, labels and scores per image")
+    export_io = _detections_io(("boxes", "labels", "scores"))
     ddp_find_unused = True
     collate = staticmethod(collate_detection)
     # cwkd's SGD 0.05 diverges on a detector trained from scratch. torchvision's reference recipe uses 0.02 for 16
@@ -173,15 +185,15 @@ class Detection(TaskSpec):
         return FPNTaps(teacher, student, input_size)
 
 
-    def check_export(self, fmt: str, verify: bool) -> None:
-        """Safetensors only, without ``--verify``: a detector's graph takes a list of images and returns dicts."""
-        if fmt != "safetensors":
-            raise ExportError(f"{fmt} export is not supported for {self.name.value} models (torchvision's detectors "
-                              "take a list of images and return boxes per image); use --format safetensors, which "
-                              "cwkd.detmodels.create_detection_model loads")
-        if verify:
-            raise ExportError(f"--verify compares one output tensor, and {self.name.value} models return detections "
-                              "per image; drop --verify (a safetensors export holds the exact weights)")
+    def check_export(self, fmt: str) -> None:
+        """TorchScript is refused: a timm body rarely scripts, and tracing would fix the number of detections."""
+        if fmt == "torchscript":
+            raise ExportError(f"torchscript export is not supported for {self.name.value} models; use --format onnx "
+                              "(one image in; boxes, labels and scores out) or safetensors")
+
+    def export_model(self, model: nn.Module) -> nn.Module:
+        """The detector as a graph of one image ``[1, 3, H, W]`` (RGB, 0-1, any size) in and its detections out."""
+        return _OneImage(model, self.export_io.outputs).train(model.training)
 
 
 class Instance(Detection):
@@ -190,8 +202,20 @@ class Instance(Detection):
     name = Task.instance
     best_metric = "mask_ap"
     metrics = {"mask_ap": "mask AP", "box_ap": "box AP"}
-    export_io = ("images", "detections", "boxes, labels, scores and masks per image")
+    export_io = _detections_io(("boxes", "labels", "scores", "masks"))
     masks = True
+
+
+class _OneImage(nn.Module):
+    """``model([images[0]])``'s detections as a tuple of tensors (``outputs``): what an ONNX graph returns."""
+
+    def __init__(self, model: nn.Module, outputs: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.outputs = model, outputs
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        found = self.model([images[0]])[0]
+        return tuple(found[name] for name in self.outputs)
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from cwkd.loaders import DataConfig, Transformed
 from cwkd.miou import SegmentationScore
 from cwkd.models import load_state_checked
 from cwkd.segdata import IGNORE_INDEX, JointTransform, load_segmentation
-from cwkd.tasks.base import TaskSpec
+from cwkd.tasks.base import ExportIO, TaskSpec
 
 #: Weight of the auxiliary head's loss (PSPNet's 0.4).
 AUX_WEIGHT = 0.4
@@ -41,7 +41,7 @@ class Segmentation(TaskSpec):
     name = Task.segmentation
     best_metric = "miou"
     metrics = {"miou": "mIoU", "pixel_acc": "pixel acc"}
-    export_io = ("input", "out", "[batch, classes, height, width]")
+    export_io = ExportIO.batched("input", "out", "[batch, classes, height, width]")
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
