@@ -6,6 +6,7 @@ Read it top to bottom: :func:`run` builds the pieces, then each epoch trains
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import random
@@ -110,7 +111,8 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
         _seed_all(cfg.seed)
         p = _build(cfg, out, resume is not None, device, rank, console, lock)
         console.info(_describe(cfg, p.distiller, p.spec, p.dcfg, device, rank))
-        with rundir.StopSignals() as stop, reuse_freed_memory(device):
+        keep_freed = reuse_freed_memory(device) if p.task.steady_shapes else contextlib.nullcontext(False)
+        with rundir.StopSignals() as stop, keep_freed:
             if rank.main:
                 rundir.check_space(out, p.distiller, p.optimizer)
             last = _train(p, cfg, out, device, rank, console, stop)

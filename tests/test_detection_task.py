@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import onnxruntime as ort
@@ -23,7 +24,7 @@ from cwkd.errors import ConfigError
 from cwkd.export import ExportFormat, export_student
 from cwkd.inspection import inspect_model, propose_pairs
 from cwkd.tasks import Task, get_task, infer_task
-from tests.helpers import cli_fails, cli_ok, read_metrics
+from tests.helpers import cli_fails, cli_ok, make_image_folder, read_metrics
 
 runner = CliRunner()
 STUDENT, TEACHER = "fasterrcnn_test_resnet", "maskrcnn_test_resnet"  # timm's tiny ResNet body under each head
@@ -98,6 +99,19 @@ def test_instance_training_scores_mask_ap_and_picks_best_by_it(teacher):
     assert {"val_loss", "val_mask_ap", "val_box_ap", "train_loss_mask", "train_loss_classifier"} <= set(record)
     saved = json.loads(safetensors.safe_open(str(teacher / "best.safetensors"), "pt").metadata()["cwkd"])
     assert saved["task"] == "instance" and saved["best_metric"] == "mask_ap"
+
+
+def test_a_detector_trains_under_glibcs_own_memory_policy(coco, tmp_path, monkeypatch):
+    import cwkd.engine
+
+    kept = []
+    monkeypatch.setattr(cwkd.engine, "reuse_freed_memory", lambda device: kept.append(device) or nullcontext(True))
+    cli_ok(["train", "--model", STUDENT, "--data", coco, "--out", tmp_path / "det", "--input-size", "64", *FAST])
+    assert kept == []  # a detector's step sizes vary: kept freed memory fragments the heap
+    folder = make_image_folder(tmp_path / "images")
+    cli_ok(["train", "--model", "test_resnet", "--data", folder, "--out", tmp_path / "cls", "--input-size", "32",
+            *FAST])
+    assert [d.type for d in kept] == ["cpu"]
 
 
 def test_detectors_default_to_their_own_learning_rate_and_classifiers_keep_cwkds():
