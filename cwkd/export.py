@@ -353,8 +353,9 @@ def print_export(result: ExportResult, console: Console | None = None) -> None:
         say(f"verify: max |exported - pytorch| {diffs} (limit {result.atol:g} x max(1, |output|)): ok")
     if result.speed:
         real = all(row.get("input") == "real" for row in result.speed)
-        table = Table(title=f"inference speed on this machine (CPU, fp32, {torch.get_num_threads()} threads, median, "
-                            f"{'real val images' if real else 'random inputs'})")
+        threads = torch.get_num_threads()
+        table = Table(title=f"inference speed on this machine (CPU, fp32, {threads} thread{'s' * (threads != 1)}, "
+                            f"median, {'real val images' if real else 'random inputs'})")
         for column in ("runtime", "batch", "ms / batch", "images/s", "vs eager"):
             table.add_column(column, justify="left" if column == "runtime" else "right")
         for row in result.speed:
