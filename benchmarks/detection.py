@@ -16,8 +16,8 @@ is MGD's two-stage setting in its summed form (``--reduction sum --alpha 5e-7``)
 detection task's default (``--lr`` not passed). Reported are the last epoch's val box AP and mask AP (COCO,
 percent; the cosine schedule ends at lr 0), never the best epoch's, with the paired difference to ``none``.
 
-``--plan cpu`` is the same benchmark cut to what a 2-core CPU trains in about three and a half hours: a Faster
-R-CNN R50 teacher; a Faster R-CNN R18 student (box AP) and a Mask R-CNN R18 student (box and mask AP, 4 epochs
+``--plan cpu`` is the same benchmark cut to what a 2-core CPU trains in about five hours: a Faster R-CNN
+R50 teacher; a Faster R-CNN R18 student (box AP) and a Mask R-CNN R18 student (box and mask AP, 4 epochs
 instead of 6: its step costs twice a Faster R-CNN's and its eval pastes masks); none and cwt; results in
 ``benchmarks/results/detection_cpu``. The teacher has no mask head: what it teaches is its FPN, all that the
 paper distils for Mask R-CNN too.
@@ -30,7 +30,7 @@ are segmentation's (``benchmarks/segmentation.py``).
 Usage:
     python benchmarks/detection.py --quick        # tiny data and models, none vs cwt, 1 seed (< 3 min)
     python benchmarks/detection.py                # the whole grid, then the report
-    CWKD_BENCH_THREADS=1 python benchmarks/detection.py --plan cpu --jobs 2   # what fits ~3.5 h of 2 CPU cores
+    CWKD_BENCH_THREADS=1 python benchmarks/detection.py --plan cpu --jobs 2   # what fits ~5 h of 2 CPU cores
     python benchmarks/detection.py --report       # tables from the saved results
     python benchmarks/detection.py --step-cost    # distill step against student step + teacher backbone/FPN
     python benchmarks/detection.py --device cuda --jobs 6 --results DIR --runs DIR   # on a GPU, 6 cells at a time
@@ -104,9 +104,9 @@ QUICK = Plan(name="quick", teacher="maskrcnn_test_resnet", students=("maskrcnn_t
              methods=("none", "cwt"), seeds=(0,), canvas=64, train_canvases=8, val_canvases=4, epochs=1,
              teacher_epochs=2, batch_size=4,
              results=RUNS / "quick" / "results", runs=RUNS / "quick")
-#: What fits about three and a half hours of a 2-core CPU: the teacher is a Faster R-CNN R50, and the Mask R-CNN
-#: student trains 4 epochs, not 6 (its step is over twice a Faster R-CNN's and its eval pastes masks: 6 epochs of
-#: its none and cwt cells alone take about three hours here). Same data, seeds and alpha as the full plan.
+#: What fits about five hours of a 2-core CPU: the teacher is a Faster R-CNN R50, and the Mask R-CNN student
+#: trains 4 epochs, not 6 (its step is over twice a Faster R-CNN's and its eval pastes masks: a 4-epoch cell
+#: took 52-59 minutes here, two side by side). Same data, seeds and alpha as the full plan.
 CPU = Plan(name="cpu", teacher="fasterrcnn_resnet50", students=("fasterrcnn_resnet18", "maskrcnn_resnet18"),
            methods=("none", "cwt"), student_epochs=(("maskrcnn_resnet18", 4),),
            results=RESULTS / "detection_cpu", runs=RUNS / "cpu")
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny plan that checks the pipeline (< 3 min)")
     parser.add_argument("--plan", choices=("full", "cpu"), default="full", help="full: Mask R-CNN R50 teacher, "
                         "Mask and Faster R-CNN R18 students (a GPU's work); cpu: Faster R-CNN R50 -> Faster and Mask "
-                        "R-CNN R18, none and cwt, about 3.5 hours of a 2-core CPU with --jobs 2 and "
+                        "R-CNN R18, none and cwt, about 5 hours of a 2-core CPU with --jobs 2 and "
                         "CWKD_BENCH_THREADS=1")
     parser.add_argument("--report", action="store_true", help="print the tables from saved results and exit")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds")
