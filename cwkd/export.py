@@ -86,14 +86,14 @@ def export_student(
         _require_onnx()
     student, meta = read_student(checkpoint, plain_hint="export starts from a checkpoint of `cwkd train` or "
                                                       "`cwkd distill` (a run's best.safetensors)")
-    if task is not None and get_task(task).name is not get_task(meta.task).name:
+    task_spec = get_task(meta.task)
+    if task is not None and get_task(task).name is not task_spec.name:
         raise ExportError(f"--task {get_task(task).name.value}: {checkpoint} holds a "
-                          f"{get_task(meta.task).name.value} model; drop --task")
-    sig = get_task(meta.task).export_io
-    get_task(meta.task).check_export(fmt.value)  # a format its models cannot take is refused
-    model = get_task(meta.task).export_model(student)  # one tensor in, tensors out
+                          f"{task_spec.name.value} model; drop --task")
+    task_spec.check_export(fmt.value)  # a format its models cannot take is refused
+    model = task_spec.export_model(student)  # one tensor in, tensors out
     path = _output_path(Path(checkpoint), fmt, out, overwrite)
-    example = torch.randn(sig.batch or 2, *meta.input_size)
+    example = torch.randn(task_spec.export_io.batch or 2, *meta.input_size)
     with _quiet_torch_warnings():
         payload = _SERIALIZE[fmt](student if fmt is ExportFormat.safetensors else model, meta, example)
         # Load the bytes back as a user would; a safetensors file loads into the same eager model, so
@@ -102,9 +102,10 @@ def export_student(
         runner = _LOAD[fmt](payload, meta) if verify or (benchmark and timed) else None
     result = ExportResult(path=path, format=fmt.value, model=meta.model, size_bytes=len(payload),
                           params=sum(p.numel() for p in model.parameters()), input_size=tuple(meta.input_size),
-                          atol=atol, io=sig)
-    real = _real_inputs(student, meta, data, data_root, result.notes) if verify else None
+                          atol=atol, io=task_spec.export_io)
+    real = None
     if verify:
+        real = _real_inputs(student, meta, data, data_root, result.notes)
         result.max_abs_diff = _verify(model, runner, meta, real, atol)
     atomic_write(path, lambda f: f.write(payload))
     if benchmark:
