@@ -183,6 +183,9 @@ def load_coco(root: str | Path, *, masks: bool = False) -> DetectionSpec:
         (11, 200)
     """
     root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"detection data {root} is not a folder; pass a COCO-style folder (annotations/ and the "
+                        "image folders, e.g. COCO 2017's train2017/ and val2017/)")
     layout = next((lay for lay in LAYOUTS if (root / lay["train"][0]).is_file()), None)
     if layout is None:
         raise DataError(f"{root} has neither annotations/instances_train2017.json (COCO 2017) nor "

@@ -118,6 +118,8 @@ def test_a_mask_of_another_size_is_one_clear_error(tmp_path):
 def test_layout_and_category_problems_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="neither annotations/instances_train2017.json"):
         load_coco(tmp_path)
+    with pytest.raises(DataError, match="detection data .*nope is not a folder; pass a COCO-style folder"):
+        load_coco(tmp_path / "nope")
     root = coco2017(tmp_path)
     _edit(root, "val", lambda coco: coco["categories"].pop())
     with pytest.raises(DataError, match="both splits must list the same categories"):
