@@ -106,7 +106,7 @@ QUICK = Plan(name="quick", teacher="maskrcnn_test_resnet", students=("maskrcnn_t
              results=RUNS / "quick" / "results", runs=RUNS / "quick")
 #: What fits about five hours of a 2-core CPU: the teacher is a Faster R-CNN R50, and the Mask R-CNN student
 #: trains 4 epochs, not 6 (its step is over twice a Faster R-CNN's and its eval pastes masks: a 4-epoch cell
-#: took 52-59 minutes here, two side by side). Same data, seeds and alpha as the full plan.
+#: took 50-60 minutes here, two side by side). Same data, seeds and alpha as the full plan.
 CPU = Plan(name="cpu", teacher="fasterrcnn_resnet50", students=("fasterrcnn_resnet18", "maskrcnn_resnet18"),
            methods=("none", "cwt"), student_epochs=(("maskrcnn_resnet18", 4),),
            results=RESULTS / "detection_cpu", runs=RUNS / "cpu")
