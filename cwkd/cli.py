@@ -259,7 +259,8 @@ def distill(
     = None,
     reduction: Annotated[Reduction, typer.Option(help="Feature L2: mean over elements, or sum/batch "
                                                  "(the paper's alpha).")] = Reduction.mean,
-    kd_weight: Annotated[float, typer.Option(help="Weight of Hinton logit KD added to the loss (0: off).")]
+    kd_weight: Annotated[float, typer.Option(help="Weight of Hinton logit KD added to the loss, per image or "
+                                             "per labelled pixel (0: off).")]
     = 0.0,
     kd_temperature: Annotated[float, typer.Option(help="Temperature of the logit KD.")] = 4.0,
     epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,

@@ -43,10 +43,11 @@ class FeatureDistiller(nn.Module):
     ``task_loss(outputs, targets)`` gives the task's loss parts as a dict whose ``task_loss`` is
     optimised (default: a classifier's cross-entropy, with ``label_smoothing``); ``logits_of(outputs)``
     gives the logits logit KD matches (default: the outputs themselves; None: the task has none, and
-    ``kd_weight`` must be 0). ``feature_prefix`` restricts ``pairs="last"``/``"all"`` to the layers under
+    ``kd_weight`` must be 0); ``kd_positions(targets)`` which positions of those logits count (a segmenter's
+    labelled pixels; None: all). ``feature_prefix`` restricts ``pairs="last"``/``"all"`` to the layers under
     it (a segmentation model's ``"backbone."``); explicit pairs may name any layer. Pass all three from a
     task: ``task = cwkd.tasks.get_task("segmentation")``, then ``task_loss=task.loss_fn(),
-    logits_of=None, feature_prefix=task.feature_prefix(student)``.
+    logits_of=task.logits, kd_positions=task.kd_positions, feature_prefix=task.feature_prefix(student)``.
 
     ``student_forward(student, inputs, targets)`` calls the student on a batch (default: ``student(inputs)``;
     a detector takes its targets too). ``feature_taps(teacher, student, input_size, pairs)`` may return the
@@ -84,6 +85,7 @@ class FeatureDistiller(nn.Module):
         feature_prefix: str = "",
         student_forward: Callable[[nn.Module, Any, Any], Any] = _call,
         feature_taps: Callable[..., Any] | None = None,
+        kd_positions: Callable[[Any], torch.Tensor | None] | None = None,
     ) -> None:
         super().__init__()
         LossSettings(alpha=alpha, hidden=hidden, kd_weight=kd_weight, kd_temperature=kd_temperature,
@@ -101,6 +103,7 @@ class FeatureDistiller(nn.Module):
             task_loss = get_task(None).loss_fn(self.label_smoothing)
         self.task_loss = task_loss
         self.logits_of = logits_of
+        self.kd_positions = kd_positions
         if self.kd_weight > 0 and logits_of is None:
             raise ConfigError(f"logit KD (kd_weight {kd_weight:g}) needs class logits, and this task's model "
                               "has none; set kd_weight 0 and distil features")
@@ -177,7 +180,8 @@ class FeatureDistiller(nn.Module):
             loss = loss + self.alpha * feat
             out["feat_loss"] = feat.detach()
         if self.kd_weight > 0 and t_logits is not None:
-            kd = kd_loss(self.logits_of(outputs), t_logits, self.kd_temperature)
+            keep = self.kd_positions(targets) if self.kd_positions is not None else None
+            kd = kd_loss(self.logits_of(outputs), t_logits, self.kd_temperature, keep)
             loss = loss + self.kd_weight * kd
             out["kd_loss"] = kd.detach()
         out["loss"] = loss

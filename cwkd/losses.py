@@ -1,4 +1,5 @@
-"""Losses: the feature L2 between aligned student and teacher maps, and Hinton's logit KD.
+"""Losses: the feature L2 between aligned student and teacher maps, and Hinton's logit KD (per image, or
+per pixel).
 
 Feature-loss reduction
 ----------------------
@@ -32,17 +33,23 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: Reduct
     return diff.pow(2).sum() / student.shape[0]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """Hinton's KD: ``KL(softmax(t / T) || softmax(s / T)) * T^2``, averaged over the batch.
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
+            keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Hinton's KD: ``KL(softmax(t / T) || softmax(s / T)) * T^2`` over the classes (dim 1), averaged over
+    the positions: the images of ``(B, K)`` logits, or the pixels of ``(B, K, H, W)`` ones. ``keep`` (a bool
+    tensor of the positions' shape) counts only the positions where it is True; none kept gives 0.
 
     Example:
         >>> kd_loss(torch.zeros(2, 10), torch.zeros(2, 10)).item()
         0.0
     """
     t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
+    per_position = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    if keep is not None:
+        per_position = per_position[keep]
+    return per_position.sum() / max(per_position.numel(), 1) * (t * t)
 
 
 def convert_alpha(alpha: float, channels: int, height: int, width: int, *, to: Reduction | str) -> float:

@@ -279,3 +279,8 @@ def test_taps_give_both_sides_maps_of_one_padded_batch_and_clear():
     taps.detach()
     student(list(torch.rand(2, 3, 64, 64)), targets)
     assert taps.pop() == ({}, {})
+
+
+def test_kd_weight_stays_refused_for_detectors(coco, tmp_path):
+    cli_fails(["distill", "--teacher", TEACHER, "--allow-random-teacher", "--student", STUDENT, "--data", coco,
+               "--kd-weight", "1", "--out", tmp_path / "kd", *FAST], "logit KD needs class logits")

@@ -121,10 +121,12 @@ def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(voc, tm
 
 
 @pytest.mark.slow
-def test_kd_weight_is_refused_for_segmentation(voc, teacher, tmp_path):
-    result = runner.invoke(app, ["distill", "--teacher", str(teacher / "best.safetensors"), "--student", MODEL,
-                                 "--data", str(voc), "--kd-weight", "1", "--out", str(tmp_path / "kd"), *FAST])
-    assert result.exit_code == 1 and "logit KD needs class logits" in result.output, result.output
+def test_kd_weight_distils_the_pixels_logits(voc, teacher, tmp_path):
+    out = tmp_path / "kd"
+    cli_ok(["distill", "--teacher", teacher / "best.safetensors", "--student", MODEL, "--method", "none",
+            "--data", voc, "--kd-weight", "1", "--out", out, *FAST])
+    (record,) = read_metrics(out)
+    assert record["train_kd_loss"] > 0 and "train_feat_loss" not in record
 
 
 def test_inspect_pairs_backbone_stages_at_reduction_8():

@@ -74,8 +74,10 @@ class TaskSpec:
     metrics: dict[str, str]
     #: The exported graph's input and outputs (ONNX names, dynamic axes).
     export_io: ExportIO = ExportIO.batched("input", "output", "[batch, ...]")
-    #: Whether :meth:`logits` gives class logits, so logit KD (``--kd-weight``) can work.
+    #: Whether the models are timm classifiers whose output is their class logits.
     has_logits: bool = False
+    #: Whether :meth:`logits` gives class logits (per image or per pixel), so logit KD (``--kd-weight``) can work.
+    kd_logits: bool = False
     #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
     ddp_find_unused: bool = False
     #: Whether every training step allocates tensors of the same sizes, so that keeping freed memory for the next
@@ -132,7 +134,11 @@ class TaskSpec:
         raise NotImplementedError
 
     def logits(self, outputs) -> torch.Tensor | None:
-        """The class logits that logit KD matches, or None where the task has none."""
+        """The class logits that logit KD matches, classes on dim 1, or None where the task has none."""
+        return None
+
+    def kd_positions(self, targets) -> torch.Tensor | None:
+        """Which positions of :meth:`logits` logit KD counts (a bool tensor of their shape), or None: all."""
         return None
 
     def loss_fn(self, label_smoothing: float = 0.0) -> Callable:

@@ -42,6 +42,7 @@ class Segmentation(TaskSpec):
     best_metric = "miou"
     metrics = {"miou": "mIoU", "pixel_acc": "pixel acc"}
     export_io = ExportIO.batched("input", "out", "[batch, classes, height, width]")
+    kd_logits = True
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
@@ -95,6 +96,14 @@ class Segmentation(TaskSpec):
             return {"task_loss": main}
         aux = ce(outputs["aux"])
         return {"task_loss": main + AUX_WEIGHT * aux, "out_loss": main.detach(), "aux_loss": aux.detach()}
+
+    def logits(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ``out`` logits (classes on dim 1, at the input's size): pixel-wise logit KD matches them."""
+        return outputs["out"]
+
+    def kd_positions(self, targets: torch.Tensor) -> torch.Tensor:
+        """The labelled pixels: those marked 255 (ignore) take no logit KD, as they take no cross-entropy."""
+        return targets != IGNORE_INDEX
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
