@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cwkd.choices import Method  # defined torch-free for the CLI; re-exported here
+from cwkd.choices import Method, MgdMask  # defined torch-free for the CLI; re-exported here
 
 
 class ChannelWiseTransform(nn.Module):
@@ -45,13 +45,18 @@ class LinearTransform(nn.Module):
 
 
 class MaskedGenerator(nn.Module):
-    """MGD: align channels, zero random pixels in training, and regenerate the teacher map.
+    """MGD: align channels, mask part of the map in training, and regenerate the teacher map from the rest.
 
-    ``mask_ratio`` is the share of pixels masked (MGD uses 0.15 for classification).
+    As MGD's reference code: a 1x1 conv aligns the channels only where they differ, then in training a random
+    share ``mask_ratio`` of whole channels (``mask="channel"``, MGD's classification) or of whole positions
+    (``mask="pixel"``, its detection and segmentation) is zeroed, drawn anew for each image, and
+    conv3x3-ReLU-conv3x3 generates the teacher's map. In eval mode nothing is masked.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, mask_ratio: float = 0.15) -> None:
+    def __init__(self, in_channels: int, out_channels: int, mask: MgdMask | str = MgdMask.channel,
+                 mask_ratio: float = 0.15) -> None:
         super().__init__()
+        self.mask = MgdMask(mask)
         self.mask_ratio = mask_ratio
         self.align = (
             nn.Conv2d(in_channels, out_channels, kernel_size=1)
@@ -63,16 +68,23 @@ class MaskedGenerator(nn.Module):
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
         )
 
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """A 0/1 mask that broadcasts over ``x`` (B, C, H, W): 0 on a random ``mask_ratio`` share of its
+        channels or positions, per image."""
+        b, c, h, w = x.shape
+        shape = (b, c, 1, 1) if self.mask is MgdMask.channel else (b, 1, h, w)
+        return (torch.rand(shape, device=x.device) >= self.mask_ratio).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.align(x)
         if self.training and self.mask_ratio > 0:
-            keep = torch.rand(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device) >= self.mask_ratio
-            x = x * keep.to(x.dtype)
+            x = x * self.keep(x)
         return self.generate(x)
 
 
-def build_aligner(method: Method | str, in_channels: int, out_channels: int, hidden: int | None = None) -> nn.Module:
-    """One aligner for one layer pair.
+def build_aligner(method: Method | str, in_channels: int, out_channels: int, hidden: int | None = None, *,
+                  mgd_mask: MgdMask | str = MgdMask.channel, mgd_ratio: float = 0.15) -> nn.Module:
+    """One aligner for one layer pair (``mgd_mask``/``mgd_ratio``: MGD's mask; its classification defaults).
 
     Example:
         >>> build_aligner("cwt", 1024, 2048)
@@ -84,7 +96,7 @@ def build_aligner(method: Method | str, in_channels: int, out_channels: int, hid
     if method is Method.linear:
         return LinearTransform(in_channels, out_channels)
     if method is Method.mgd:
-        return MaskedGenerator(in_channels, out_channels)
+        return MaskedGenerator(in_channels, out_channels, mgd_mask, mgd_ratio)
     raise ValueError("method 'none' has no aligner")
 
 

@@ -19,6 +19,13 @@ class Method(str, Enum):
     none = "none"      # no feature loss: plain training, or logit KD alone
 
 
+class MgdMask(str, Enum):
+    """What MGD masks in the aligned student map before regenerating the teacher's."""
+
+    channel = "channel"  # whole channels, per image (MGD's classification)
+    pixel = "pixel"      # whole positions, per image (MGD's detection and segmentation)
+
+
 class Reduction(str, Enum):
     """How the feature L2 is reduced."""
 

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from cwkd import __version__
-from cwkd.choices import ExportFormat, Method, Reduction, Split, Task
+from cwkd.choices import ExportFormat, Method, MgdMask, Reduction, Split, Task
 from cwkd.config import Optimizer, Precision, TrainConfig
 from cwkd.errors import CwkdError
 
@@ -263,6 +263,11 @@ def distill(
                                              "per labelled pixel (0: off).")]
     = 0.0,
     kd_temperature: Annotated[float, typer.Option(help="Temperature of the logit KD.")] = 4.0,
+    mgd_mask: Annotated[MgdMask | None, typer.Option(help="mgd: mask whole channels or positions. (default: as "
+                                                     "MGD's configs: channel for classification, else pixel)")] = None,
+    mgd_ratio: Annotated[float | None, typer.Option(help="mgd: share masked. (default: MGD's per task: 0.15 "
+                                                    "classification, 0.75 segmentation, 0.45 R-CNNs, 0.65 RetinaNet)")]
+    = None,
     epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
     optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
     clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from cwkd.choices import AlphaChoice, Method, Reduction, Task
+from cwkd.choices import AlphaChoice, Method, MgdMask, Reduction, Task
 from cwkd.errors import ConfigError
 
 
@@ -46,6 +46,18 @@ MAX_SEED = 2**63 - 1
 
 #: Default learning rate and weight decay per optimizer.
 OPTIMIZER_DEFAULTS = {Optimizer.sgd: (0.05, 5e-4), Optimizer.adamw: (1e-3, 0.05)}
+
+
+#: The MGD cwkd ran before it followed MGD's per-task configs: 15 % of the positions masked, on every task. A
+#: config.json written then records no mask and resumes with this one (``--mgd-mask pixel --mgd-ratio 0.15``).
+OLD_MGD = (MgdMask.pixel, 0.15)
+
+
+def mgd_defaults(task: Task, student: str) -> tuple[MgdMask, float]:
+    """MGD's mask kind and ratio for a task and student as MGD's reference configs set them (docs/method.md)."""
+    from cwkd.tasks import get_task
+
+    return get_task(task).mgd_defaults(student)
 
 
 def default_lr(task: Task, optimizer: Optimizer) -> float:
@@ -87,6 +99,8 @@ class LossSettings:
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
     label_smoothing: float = 0.0
+    mgd_mask: MgdMask | None = None
+    mgd_ratio: float | None = None
 
     def validate(self, *, flags: bool = True) -> None:
         """Refuse weights and sizes that cannot work: the one place that checks these options.
@@ -108,6 +122,10 @@ class LossSettings:
             raise ConfigError(f"{name('label_smoothing')} must be below 1, got {self.label_smoothing}")
         if self.hidden is not None:
             _in_range(name("hidden"), self.hidden, 1, MAX_HIDDEN, " channels")
+        if self.mgd_ratio is not None:
+            _finite_at_least(name("mgd_ratio"), self.mgd_ratio, 0.0)
+            if self.mgd_ratio >= 1:
+                raise ConfigError(f"{name('mgd_ratio')} is the share masked, below 1; got {self.mgd_ratio:g}")
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     clip_grad: float | None = None
+    mgd_mask: MgdMask | None = None  # None: the task's MGD default (mgd_defaults), set for --method mgd
+    mgd_ratio: float | None = None
     precision: Precision = Precision.fp32
     compile: bool = False
     input_size: int | None = None
@@ -221,6 +241,7 @@ class TrainConfig:
         if self.alpha == AlphaChoice.auto:
             self.alpha = AlphaChoice.auto.value  # a plain "auto", however it was given
         self.reduction = Reduction(self.reduction)
+        self._resolve_method_options()
         self.optimizer = Optimizer(self.optimizer)
         self.precision = Precision(self.precision)
         self.mean, self.std = self.parse_stats("mean", self.mean), self.parse_stats("std", self.std)
@@ -229,6 +250,15 @@ class TrainConfig:
         if self.weight_decay is None:
             self.weight_decay = OPTIMIZER_DEFAULTS[self.optimizer][1]
         self.validate()
+
+    def _resolve_method_options(self) -> None:
+        """The method's own options, where not given: MGD's mask for this task and student."""
+        if self.mgd_mask is not None:
+            self.mgd_mask = MgdMask(self.mgd_mask)
+        if self.method is Method.mgd and (self.mgd_mask is None or self.mgd_ratio is None):
+            mask, ratio = mgd_defaults(self.task, self.student)
+            self.mgd_mask = self.mgd_mask or mask
+            self.mgd_ratio = ratio if self.mgd_ratio is None else self.mgd_ratio
 
     @staticmethod
     def parse_stats(key: str, value) -> tuple[float, ...] | None:
@@ -254,6 +284,12 @@ class TrainConfig:
     def uses_teacher(self) -> bool:
         """Whether the run needs a teacher (feature distillation or logit KD)."""
         return self.method is not Method.none or self.kd_weight > 0
+
+    @property
+    def method_options(self) -> dict:
+        """The method's own options (MGD's mask), as :class:`~cwkd.FeatureDistiller` takes them."""
+        names = {Method.mgd: ("mgd_mask", "mgd_ratio")}.get(self.method, ())
+        return {name: getattr(self, name) for name in names}
 
     @property
     def teacher_part(self) -> TeacherSettings:
@@ -287,6 +323,10 @@ class TrainConfig:
             raise ConfigError("--alpha auto weighs the feature loss, and --method none has none; drop --alpha auto")
         if self.uses_teacher and not self.teacher:
             raise ConfigError("distillation needs a teacher: pass --teacher NAME or a cwkd checkpoint")
+        for key, method in (("mgd_mask", Method.mgd), ("mgd_ratio", Method.mgd)):
+            if getattr(self, key) is not None and self.method is not method:
+                raise ConfigError(f"--{key.replace('_', '-')} is an option of --method {method.value}, and this run "
+                                  f"uses {self.method.value}: drop it")
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (enums as their values)."""
@@ -308,6 +348,8 @@ class TrainConfig:
                 values[f.name] = _typed(f.name, data[f.name], hints[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"the config has no '{f.name}'")
+        if values.get("method") == Method.mgd.value and "mgd_mask" not in data:  # saved before MGD had options
+            values["mgd_mask"], values["mgd_ratio"] = OLD_MGD[0].value, OLD_MGD[1]
         return cls(**values)
 
     def default_out(self, stamp: str) -> Path:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cwkd.aligner import Method, build_aligner
+from cwkd.aligner import Method, MgdMask, build_aligner
 from cwkd.config import LossSettings
 from cwkd.errors import ConfigError
 from cwkd.features import FeatureHooks, LayerInfo, as_size, probe, to_map
@@ -49,6 +49,9 @@ class FeatureDistiller(nn.Module):
     task: ``task = cwkd.tasks.get_task("segmentation")``, then ``task_loss=task.loss_fn(),
     logits_of=task.logits, kd_positions=task.kd_positions, feature_prefix=task.feature_prefix(student)``.
 
+    ``mgd_mask``/``mgd_ratio`` set MGD's mask (default: its classification config, 15 % of the channels; a
+    task's own: ``task.mgd_defaults(student_name)``).
+
     ``student_forward(student, inputs, targets)`` calls the student on a batch (default: ``student(inputs)``;
     a detector takes its targets too). ``feature_taps(teacher, student, input_size, pairs)`` may return the
     task's own pairs and feature capture (a detector's FPN levels, see :class:`cwkd.tasks.base.FeatureTaps`);
@@ -86,10 +89,13 @@ class FeatureDistiller(nn.Module):
         student_forward: Callable[[nn.Module, Any, Any], Any] = _call,
         feature_taps: Callable[..., Any] | None = None,
         kd_positions: Callable[[Any], torch.Tensor | None] | None = None,
+        mgd_mask: MgdMask | str = MgdMask.channel,
+        mgd_ratio: float = 0.15,
     ) -> None:
         super().__init__()
-        LossSettings(alpha=alpha, hidden=hidden, kd_weight=kd_weight, kd_temperature=kd_temperature,
-                     label_smoothing=label_smoothing).validate(flags=False)
+        LossSettings(method=Method(method), alpha=alpha, hidden=hidden, reduction=reduction, kd_weight=kd_weight,
+                     kd_temperature=kd_temperature, label_smoothing=label_smoothing, mgd_mask=MgdMask(mgd_mask),
+                     mgd_ratio=mgd_ratio).validate(flags=False)
         self.method = Method(method)
         # "auto": cwkd.autoalpha.pick_alpha sets the number from the first batches (cwkd.run does).
         self.alpha: float | None = None if alpha == "auto" else float(alpha)
@@ -132,7 +138,8 @@ class FeatureDistiller(nn.Module):
                 student_label=model_name(student), teacher_label=model_name(teacher),
             )
         self.aligners = nn.ModuleDict({
-            _key(i): build_aligner(self.method, p.student.channels, p.teacher.channels, hidden)
+            _key(i): build_aligner(self.method, p.student.channels, p.teacher.channels, hidden,
+                                   mgd_mask=mgd_mask, mgd_ratio=mgd_ratio)
             for i, p in enumerate(self.pairs)
         })
         hooked = [] if self._taps is not None else self.pairs  # taps capture their own features

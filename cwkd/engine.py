@@ -199,7 +199,7 @@ def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
         kd_temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, teacher_input=teacher_input,
         task_loss=task.loss_fn(cfg.label_smoothing), logits_of=task.logits if task.kd_logits else None,
         feature_prefix=task.feature_prefix(student), student_forward=task.forward, feature_taps=task.feature_taps,
-        kd_positions=task.kd_positions,
+        kd_positions=task.kd_positions, **cfg.method_options,
     )
     if device.type == "cuda":
         distiller.to(device, memory_format=torch.channels_last)
@@ -394,7 +394,8 @@ def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: DataCon
     stats = (f"; input mean {_fmt_stats(dcfg.mean)} std {_fmt_stats(dcfg.std)}"
              + (" (remapped to the teacher's own statistics before it sees them)" if remap is not None else ""))
     alpha = f"{cfg.alpha:.4g} (auto)" if cfg.alpha_auto else cfg.alpha
-    what = (f"method {cfg.method.value}, alpha {alpha}{kd}, pairs: {pairs}" if cfg.uses_teacher
+    options = "".join(f", {k.replace('_', ' ')} {getattr(v, 'value', v)}" for k, v in cfg.method_options.items())
+    what = (f"method {cfg.method.value}{options}, alpha {alpha}{kd}, pairs: {pairs}" if cfg.uses_teacher
             else "plain training (no teacher)")
     return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg.input_size)}), "
             f"{what}; device {device}, precision {cfg.precision.value}, {rank.world} process(es){stats}")

@@ -63,6 +63,8 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method": (_is_str, "a string"),
     "alpha": (_is_num, "a number"),
     "alpha_auto": (lambda v: isinstance(v, bool), "true or false"),
+    "mgd_mask": (lambda v: v in ("channel", "pixel"), "'channel' or 'pixel'"),
+    "mgd_ratio": (_is_num, "a number"),
     "dataset": (_is_str, "a string"),
     "classes": (_list_of(str), "a list of strings"),
     "cwkd_version": (_is_str, "a string"),
@@ -101,6 +103,8 @@ class CheckpointMeta:
     method: str | None = None
     alpha: float | None = None
     alpha_auto: bool | None = None  # alpha was picked by `--alpha auto`
+    mgd_mask: str | None = None  # MGD's mask kind and ratio (method mgd)
+    mgd_ratio: float | None = None
     task: str | None = None
     dataset: str | None = None
     classes: tuple[str, ...] | None = None
@@ -217,6 +221,7 @@ def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig
         method=cfg.method.value,
         alpha=cfg.alpha,
         alpha_auto=cfg.alpha_auto,
+        **{k: getattr(v, "value", v) for k, v in cfg.method_options.items()},
         task=cfg.task.value,
         dataset=spec.name,
         classes=tuple(spec.classes),

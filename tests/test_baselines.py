@@ -1,12 +1,101 @@
-"""The comparison methods as their references do them: pixel-wise logit KD."""
+"""The comparison methods as their references do them: MGD's masks per task, pixel-wise logit KD."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cwkd import ConfigError
+from cwkd.aligner import MaskedGenerator, build_aligner
+from cwkd.config import TrainConfig
 from cwkd.losses import kd_loss
+from cwkd.metadata import CheckpointMeta
+
+
+def _mask(kind: str, ratio: float, shape=(4, 32, 16, 16), seed: int = 0) -> torch.Tensor:
+    gen = MaskedGenerator(shape[1], shape[1], kind, ratio)
+    torch.manual_seed(seed)
+    return gen.keep(torch.ones(shape))
+
+
+def test_channel_mask_drops_whole_channels_per_image_at_the_ratio():
+    keep = _mask("channel", 0.15, shape=(64, 256, 4, 4))
+    assert keep.shape == (64, 256, 1, 1)
+    assert 1 - keep.mean().item() == pytest.approx(0.15, abs=0.01)
+    assert not torch.equal(keep[0], keep[1])  # drawn anew for each image
+    assert torch.equal(keep, _mask("channel", 0.15, shape=(64, 256, 4, 4)))  # the seed decides it
+
+
+def test_pixel_mask_drops_whole_positions_per_image_at_the_ratio():
+    keep = _mask("pixel", 0.75, shape=(16, 8, 32, 32))
+    assert keep.shape == (16, 1, 32, 32)
+    assert 1 - keep.mean().item() == pytest.approx(0.75, abs=0.01)
+    assert not torch.equal(keep[0], keep[1])
+    assert torch.equal(keep, _mask("pixel", 0.75, shape=(16, 8, 32, 32)))
+    assert not torch.equal(keep, _mask("pixel", 0.75, shape=(16, 8, 32, 32), seed=1))
+
+
+def test_mgd_masks_in_training_only_and_aligns_channels_only_where_they_differ():
+    gen = build_aligner("mgd", 8, 8, mgd_mask="pixel", mgd_ratio=0.5)
+    assert isinstance(gen.align, torch.nn.Identity) and gen.mask.value == "pixel"
+    x = torch.randn(2, 8, 6, 6)
+    gen.eval()
+    assert torch.equal(gen(x), gen.generate(x))
+    gen.train()
+    torch.manual_seed(0)
+    masked = gen(x)
+    assert not torch.allclose(masked, gen.generate(x))
+    assert isinstance(build_aligner("mgd", 4, 8).align, torch.nn.Conv2d)
+    assert build_aligner("mgd", 4, 8).mask.value == "channel"  # the library default: MGD's classification
+
+
+@pytest.mark.parametrize("student,mask,ratio", [
+    ("test_resnet", "channel", 0.15),
+    ("pspnet_resnet18", "pixel", 0.75),
+    ("fasterrcnn_resnet18", "pixel", 0.45),
+    ("maskrcnn_resnet18", "pixel", 0.45),
+    ("retinanet_resnet18", "pixel", 0.65),
+])
+def test_mgd_takes_the_mask_of_mgds_config_for_the_task(student, mask, ratio):
+    cfg = TrainConfig(data="d", student=student, teacher="t.safetensors", method="mgd")
+    assert (cfg.mgd_mask.value, cfg.mgd_ratio) == (mask, ratio)
+    assert cfg.method_options == {"mgd_mask": cfg.mgd_mask, "mgd_ratio": ratio}
+
+
+def test_mgd_options_override_the_default_and_the_old_mask_stays_reachable():
+    cfg = TrainConfig(data="d", student="test_resnet", teacher="t.safetensors", method="mgd", mgd_mask="pixel",
+                      mgd_ratio=0.15)
+    assert (cfg.mgd_mask.value, cfg.mgd_ratio) == ("pixel", 0.15)
+    cfg = TrainConfig(data="d", student="pspnet_resnet18", teacher="t.safetensors", method="mgd", mgd_ratio=0.5)
+    assert (cfg.mgd_mask.value, cfg.mgd_ratio) == ("pixel", 0.5)
+
+
+def test_a_config_saved_before_mgd_had_options_resumes_with_the_old_mask():
+    saved = TrainConfig(data="d", student="test_resnet", teacher="t.safetensors", method="mgd").to_dict()
+    assert TrainConfig.from_dict(saved).mgd_mask.value == "channel"
+    del saved["mgd_mask"], saved["mgd_ratio"]
+    old = TrainConfig.from_dict(saved)
+    assert (old.mgd_mask.value, old.mgd_ratio) == ("pixel", 0.15)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"method": "cwt", "mgd_ratio": 0.5}, "--mgd-ratio is an option of --method mgd"),
+    ({"method": "cwt", "mgd_mask": "pixel"}, "--mgd-mask is an option of --method mgd"),
+    ({"method": "mgd", "mgd_ratio": 1.0}, "--mgd-ratio is the share masked, below 1"),
+])
+def test_method_options_are_refused_where_they_cannot_apply(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(data="d", student="test_resnet", teacher="t.safetensors", **options)
+
+
+def test_checkpoint_metadata_records_the_method_options():
+    meta = CheckpointMeta.from_dict({"model": "m", "num_classes": 2, "in_chans": 3, "input_size": [3, 8, 8],
+                                     "mean": [0.5] * 3, "std": [0.5] * 3, "mgd_mask": "pixel", "mgd_ratio": 0.75})
+    assert (meta.mgd_mask, meta.mgd_ratio) == ("pixel", 0.75)
+    assert json.loads(json.dumps(meta.to_dict()))["mgd_ratio"] == 0.75
 
 
 def test_pixel_kd_averages_over_the_labelled_pixels_only():

@@ -281,6 +281,17 @@ def test_taps_give_both_sides_maps_of_one_padded_batch_and_clear():
     assert taps.pop() == ({}, {})
 
 
+
+@pytest.mark.slow
+def test_mgd_on_a_retinanet_takes_mgds_one_stage_mask(coco, teacher, tmp_path):
+    out = tmp_path / "mgd"
+    cli_ok(["distill", "--teacher", teacher / "best.safetensors", "--student", "retinanet_test_resnet", "--method",
+            "mgd", "--data", coco, "--out", out, "--input-size", "64", *FAST])
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["mgd_mask"], config["mgd_ratio"]) == ("pixel", 0.65)
+    (record,) = read_metrics(out)
+    assert record["train_feat_loss"] > 0 and all(np.isfinite(v) for v in record.values() if isinstance(v, float))
+
 def test_kd_weight_stays_refused_for_detectors(coco, tmp_path):
     cli_fails(["distill", "--teacher", TEACHER, "--allow-random-teacher", "--student", STUDENT, "--data", coco,
                "--kd-weight", "1", "--out", tmp_path / "kd", *FAST], "logit KD needs class logits")

@@ -129,6 +129,18 @@ def test_kd_weight_distils_the_pixels_logits(voc, teacher, tmp_path):
     assert record["train_kd_loss"] > 0 and "train_feat_loss" not in record
 
 
+@pytest.mark.slow
+def test_mgd_distils_with_mgds_segmentation_mask_and_records_it(voc, teacher, tmp_path):
+    out = tmp_path / "mgd"
+    cli_ok(["distill", "--teacher", teacher / "best.safetensors", "--student", MODEL, "--method", "mgd",
+            "--data", voc, "--out", out, *FAST])
+    recorded = {"mgd_mask": "pixel", "mgd_ratio": 0.75}
+    config = json.loads((out / "config.json").read_text())["config"]
+    meta = json.loads(safetensors.safe_open(str(out / "last.safetensors"), "pt").metadata()["cwkd"])
+    assert {k: config[k] for k in recorded} == recorded and {k: meta[k] for k in recorded} == recorded
+    assert read_metrics(out)[0]["train_feat_loss"] > 0
+
+
 def test_inspect_pairs_backbone_stages_at_reduction_8():
     report = propose_pairs("pspnet_resnet18", MODEL, input_size=64)
     (pair,) = report["pairs"]

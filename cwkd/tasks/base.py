@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import Task
+from cwkd.choices import MgdMask, Task
 from cwkd.config import Optimizer
 from cwkd.data import DataSpec
 
@@ -78,6 +78,8 @@ class TaskSpec:
     has_logits: bool = False
     #: Whether :meth:`logits` gives class logits (per image or per pixel), so logit KD (``--kd-weight``) can work.
     kd_logits: bool = False
+    #: MGD's mask kind and ratio in MGD's reference config for this task (see :meth:`mgd_defaults`).
+    mgd_mask: tuple[MgdMask, float] = (MgdMask.pixel, 0.75)
     #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
     ddp_find_unused: bool = False
     #: Whether every training step allocates tensors of the same sizes, so that keeping freed memory for the next
@@ -140,6 +142,10 @@ class TaskSpec:
     def kd_positions(self, targets) -> torch.Tensor | None:
         """Which positions of :meth:`logits` logit KD counts (a bool tensor of their shape), or None: all."""
         return None
+
+    def mgd_defaults(self, model: str) -> tuple[MgdMask, float]:
+        """MGD's mask kind and ratio for a student ``model`` of this task, as MGD's reference configs set them."""
+        return self.mgd_mask
 
     def loss_fn(self, label_smoothing: float = 0.0) -> Callable:
         """:meth:`loss` with its options bound, as :class:`~cwkd.distiller.FeatureDistiller` takes it."""

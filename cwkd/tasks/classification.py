@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cwkd.build import autocast
-from cwkd.choices import Task
+from cwkd.choices import MgdMask, Task
 from cwkd.config import Precision
 from cwkd.data import DataSpec, load_data
 from cwkd.loaders import DataConfig, transformed_datasets
@@ -28,6 +28,7 @@ class Classification(TaskSpec):
     export_io = ExportIO.batched("input", "logits", "[batch, classes]")
     has_logits = True
     kd_logits = True
+    mgd_mask = (MgdMask.channel, 0.15)  # MGD's cls/mmcls/distillation/losses/mgd.py and its ImageNet configs
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from cwkd.build import autocast
 from cwkd.checkpoint import read_state_dict
-from cwkd.choices import Task
+from cwkd.choices import MgdMask, Task
 from cwkd.cocodata import CocoDetection, DetectionTransform, collate_detection, load_coco
 from cwkd.config import Optimizer, Precision
 from cwkd.data import DataSpec
@@ -64,6 +64,9 @@ class Detection(TaskSpec):
     default_lr = {Optimizer.sgd: 0.005, Optimizer.adamw: 1e-4}
     #: Whether the data set's masks are loaded and mask AP is scored.
     masks = False
+    #: MGD's det/configs/distillers/mgd/: Faster and Mask R-CNN students mask 45 % of the positions, RetinaNet 65 %.
+    mgd_mask = (MgdMask.pixel, 0.45)
+    mgd_one_stage = (MgdMask.pixel, 0.65)
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
@@ -191,6 +194,10 @@ class Detection(TaskSpec):
         if fmt == "torchscript":
             raise ExportError(f"torchscript export is not supported for {self.name.value} models; use --format onnx "
                               "(one image in; boxes, labels and scores out) or safetensors")
+
+    def mgd_defaults(self, model: str) -> tuple[MgdMask, float]:
+        """MGD's mask for a two-stage detector (Faster/Mask R-CNN), or for a one-stage RetinaNet."""
+        return self.mgd_one_stage if model.startswith("retinanet") else self.mgd_mask
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The detector as a graph of one image ``[1, 3, H, W]`` (RGB, 0-1, any size) in and its detections out."""

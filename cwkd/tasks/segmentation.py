@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from cwkd.build import autocast
 from cwkd.checkpoint import read_state_dict
-from cwkd.choices import Task
+from cwkd.choices import MgdMask, Task
 from cwkd.config import Precision
 from cwkd.data import DataSpec
 from cwkd.errors import ConfigError, ModelNotFoundError
@@ -43,6 +43,7 @@ class Segmentation(TaskSpec):
     metrics = {"miou": "mIoU", "pixel_acc": "pixel acc"}
     export_io = ExportIO.batched("input", "out", "[batch, classes, height, width]")
     kd_logits = True
+    mgd_mask = (MgdMask.pixel, 0.75)  # MGD's seg/configs/distillers/mgd/psp_r101_distill_psp_r18_40k_512x512_city.py
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
