@@ -82,6 +82,18 @@ class MaskedGenerator(nn.Module):
         return self.generate(x)
 
 
+class ChannelAlign(nn.Module):
+    """CWD's student side: a 1x1 conv where the channel counts differ, nothing where they agree."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.align = (nn.Conv2d(in_channels, out_channels, kernel_size=1)
+                      if in_channels != out_channels else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.align(x)
+
+
 def build_aligner(method: Method | str, in_channels: int, out_channels: int, hidden: int | None = None, *,
                   mgd_mask: MgdMask | str = MgdMask.channel, mgd_ratio: float = 0.15) -> nn.Module:
     """One aligner for one layer pair (``mgd_mask``/``mgd_ratio``: MGD's mask; its classification defaults).
@@ -97,6 +109,8 @@ def build_aligner(method: Method | str, in_channels: int, out_channels: int, hid
         return LinearTransform(in_channels, out_channels)
     if method is Method.mgd:
         return MaskedGenerator(in_channels, out_channels, mgd_mask, mgd_ratio)
+    if method is Method.cwd:
+        return ChannelAlign(in_channels, out_channels)
     raise ValueError("method 'none' has no aligner")
 
 
@@ -113,4 +127,6 @@ def aligner_macs(method: Method | str, in_channels: int, out_channels: int, heig
     if method is Method.mgd:
         align = in_channels * out_channels if in_channels != out_channels else 0
         return pixels * (align + 2 * 9 * out_channels * out_channels)
+    if method is Method.cwd:
+        return pixels * in_channels * out_channels if in_channels != out_channels else 0
     return 0

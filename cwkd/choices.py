@@ -16,6 +16,7 @@ class Method(str, Enum):
     cwt = "cwt"        # 1x1 conv -> ReLU -> 1x1 conv (the paper's channel-wise transform)
     linear = "linear"  # one 1x1 conv (FitNets-style hint), for the ablation
     mgd = "mgd"        # masked generative distillation (Yang et al. 2022), for comparison
+    cwd = "cwd"        # channel-wise distillation (Shu et al. 2021): KL of per-channel spatial softmaxes
     none = "none"      # no feature loss: plain training, or logit KD alone
 
 

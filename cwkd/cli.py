@@ -248,8 +248,8 @@ def distill(
     student_pretrained: StudentPretrained = False,
     student_weights: Annotated[str | None, typer.Option(help="Start the student from a local weights file "
                                                         "(classifier replaced if its size differs).")] = None,
-    method: Annotated[Method, typer.Option(help="cwt (ours), linear (FitNets 1x1), mgd, or none (KD only).")]
-    = Method.cwt,
+    method: Annotated[Method, typer.Option(help="cwt (ours), linear (FitNets 1x1), mgd, cwd (channel-wise "
+                                           "distillation, Shu et al.), or none (KD only).")] = Method.cwt,
     alpha: Annotated[str, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md), or "
                                             "auto: picked from the first 5 batches' gradients, a quarter of it "
                                             "again if the first epoch diverges (docs/method.md).")]
@@ -268,6 +268,7 @@ def distill(
     mgd_ratio: Annotated[float | None, typer.Option(help="mgd: share masked. (default: MGD's per task: 0.15 "
                                                     "classification, 0.75 segmentation, 0.45 R-CNNs, 0.65 RetinaNet)")]
     = None,
+    cwd_tau: Annotated[float | None, typer.Option(help="cwd: softmax temperature. (default: 1)")] = None,
     epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
     optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
     clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,

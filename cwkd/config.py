@@ -48,6 +48,8 @@ MAX_SEED = 2**63 - 1
 OPTIMIZER_DEFAULTS = {Optimizer.sgd: (0.05, 5e-4), Optimizer.adamw: (1e-3, 0.05)}
 
 
+#: CWD's temperature when ``--cwd-tau`` is not given: MMRazor's CWD configs (segmentation and detection) use 1.
+CWD_TAU = 1.0
 #: The MGD cwkd ran before it followed MGD's per-task configs: 15 % of the positions masked, on every task. A
 #: config.json written then records no mask and resumes with this one (``--mgd-mask pixel --mgd-ratio 0.15``).
 OLD_MGD = (MgdMask.pixel, 0.15)
@@ -101,6 +103,7 @@ class LossSettings:
     label_smoothing: float = 0.0
     mgd_mask: MgdMask | None = None
     mgd_ratio: float | None = None
+    cwd_tau: float | None = None
 
     def validate(self, *, flags: bool = True) -> None:
         """Refuse weights and sizes that cannot work: the one place that checks these options.
@@ -126,6 +129,14 @@ class LossSettings:
             _finite_at_least(name("mgd_ratio"), self.mgd_ratio, 0.0)
             if self.mgd_ratio >= 1:
                 raise ConfigError(f"{name('mgd_ratio')} is the share masked, below 1; got {self.mgd_ratio:g}")
+        if self.cwd_tau is not None:
+            _finite_at_least(name("cwd_tau"), self.cwd_tau, 1e-6)
+        if self.method is Method.cwd and self.alpha == AlphaChoice.auto:
+            raise ConfigError(f"{name('alpha')} auto is calibrated on the L2 feature loss, and CWD's is a KL; pass "
+                              f"a number (MMRazor's CWD uses 5 for segmentation logits, 10 for FPN levels)")
+        if self.method is Method.cwd and Reduction(self.reduction) is Reduction.sum:
+            raise ConfigError(f"{name('reduction')} sum is for the L2 feature loss; CWD's KL is averaged over "
+                              "channels as the paper does: drop it")
 
 
 @dataclass(frozen=True)
@@ -215,6 +226,7 @@ class TrainConfig:
     clip_grad: float | None = None
     mgd_mask: MgdMask | None = None  # None: the task's MGD default (mgd_defaults), set for --method mgd
     mgd_ratio: float | None = None
+    cwd_tau: float | None = None  # None: CWD_TAU, set for --method cwd
     precision: Precision = Precision.fp32
     compile: bool = False
     input_size: int | None = None
@@ -252,13 +264,15 @@ class TrainConfig:
         self.validate()
 
     def _resolve_method_options(self) -> None:
-        """The method's own options, where not given: MGD's mask for this task and student."""
+        """The method's own options, where not given: MGD's mask for this task and student, CWD's temperature."""
         if self.mgd_mask is not None:
             self.mgd_mask = MgdMask(self.mgd_mask)
         if self.method is Method.mgd and (self.mgd_mask is None or self.mgd_ratio is None):
             mask, ratio = mgd_defaults(self.task, self.student)
             self.mgd_mask = self.mgd_mask or mask
             self.mgd_ratio = ratio if self.mgd_ratio is None else self.mgd_ratio
+        if self.method is Method.cwd and self.cwd_tau is None:
+            self.cwd_tau = CWD_TAU
 
     @staticmethod
     def parse_stats(key: str, value) -> tuple[float, ...] | None:
@@ -287,8 +301,8 @@ class TrainConfig:
 
     @property
     def method_options(self) -> dict:
-        """The method's own options (MGD's mask), as :class:`~cwkd.FeatureDistiller` takes them."""
-        names = {Method.mgd: ("mgd_mask", "mgd_ratio")}.get(self.method, ())
+        """The method's own options (MGD's mask, CWD's temperature), as :class:`~cwkd.FeatureDistiller` takes them."""
+        names = {Method.mgd: ("mgd_mask", "mgd_ratio"), Method.cwd: ("cwd_tau",)}.get(self.method, ())
         return {name: getattr(self, name) for name in names}
 
     @property
@@ -323,7 +337,7 @@ class TrainConfig:
             raise ConfigError("--alpha auto weighs the feature loss, and --method none has none; drop --alpha auto")
         if self.uses_teacher and not self.teacher:
             raise ConfigError("distillation needs a teacher: pass --teacher NAME or a cwkd checkpoint")
-        for key, method in (("mgd_mask", Method.mgd), ("mgd_ratio", Method.mgd)):
+        for key, method in (("mgd_mask", Method.mgd), ("mgd_ratio", Method.mgd), ("cwd_tau", Method.cwd)):
             if getattr(self, key) is not None and self.method is not method:
                 raise ConfigError(f"--{key.replace('_', '-')} is an option of --method {method.value}, and this run "
                                   f"uses {self.method.value}: drop it")

@@ -13,7 +13,7 @@ from cwkd.aligner import Method, MgdMask, build_aligner
 from cwkd.config import LossSettings
 from cwkd.errors import ConfigError
 from cwkd.features import FeatureHooks, LayerInfo, as_size, probe, to_map
-from cwkd.losses import Reduction, feature_loss, kd_loss
+from cwkd.losses import Reduction, channel_divergence, feature_loss, kd_loss
 from cwkd.models import default_input_size, model_name
 from cwkd.pairing import Pair, pair_layers
 
@@ -50,7 +50,7 @@ class FeatureDistiller(nn.Module):
     logits_of=task.logits, kd_positions=task.kd_positions, feature_prefix=task.feature_prefix(student)``.
 
     ``mgd_mask``/``mgd_ratio`` set MGD's mask (default: its classification config, 15 % of the channels; a
-    task's own: ``task.mgd_defaults(student_name)``).
+    task's own: ``task.mgd_defaults(student_name)``); ``cwd_tau`` is CWD's temperature.
 
     ``student_forward(student, inputs, targets)`` calls the student on a batch (default: ``student(inputs)``;
     a detector takes its targets too). ``feature_taps(teacher, student, input_size, pairs)`` may return the
@@ -91,12 +91,14 @@ class FeatureDistiller(nn.Module):
         kd_positions: Callable[[Any], torch.Tensor | None] | None = None,
         mgd_mask: MgdMask | str = MgdMask.channel,
         mgd_ratio: float = 0.15,
+        cwd_tau: float = 1.0,
     ) -> None:
         super().__init__()
         LossSettings(method=Method(method), alpha=alpha, hidden=hidden, reduction=reduction, kd_weight=kd_weight,
                      kd_temperature=kd_temperature, label_smoothing=label_smoothing, mgd_mask=MgdMask(mgd_mask),
-                     mgd_ratio=mgd_ratio).validate(flags=False)
+                     mgd_ratio=mgd_ratio, cwd_tau=cwd_tau).validate(flags=False)
         self.method = Method(method)
+        self.cwd_tau = float(cwd_tau)
         # "auto": cwkd.autoalpha.pick_alpha sets the number from the first batches (cwkd.run does).
         self.alpha: float | None = None if alpha == "auto" else float(alpha)
         self.reduction = Reduction(reduction)
@@ -229,7 +231,8 @@ class FeatureDistiller(nn.Module):
         for i, pair in enumerate(self.pairs):
             aligned = self.align(i, s_feats[pair.student.name])
             target = to_map(t_feats[pair.teacher.name], pair.teacher)
-            part = feature_loss(aligned, target, self.reduction)
+            part = channel_divergence(aligned, target, self.cwd_tau) if self.method is Method.cwd \
+                else feature_loss(aligned, target, self.reduction)
             out[f"feat/{pair.key}"] = part.detach()
             total = total + part
         return total  # type: ignore[return-value]

@@ -1,5 +1,5 @@
-"""Losses: the feature L2 between aligned student and teacher maps, and Hinton's logit KD (per image, or
-per pixel).
+"""Losses: the feature L2 between aligned student and teacher maps, CWD's channel-wise divergence, and
+Hinton's logit KD (per image, or per pixel).
 
 Feature-loss reduction
 ----------------------
@@ -31,6 +31,20 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: Reduct
     if Reduction(reduction) is Reduction.mean:
         return diff.pow(2).mean()
     return diff.pow(2).sum() / student.shape[0]
+
+
+def channel_divergence(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """CWD (Shu et al., ICCV 2021): each channel's map becomes a distribution over its positions (a softmax at
+    temperature ``tau``); ``KL(teacher || student)`` per channel, times ``tau^2``, averaged over the N*C channels
+    of the batch (summed over channels and divided by N*C, as the paper and MMRazor's ChannelWiseDivergence).
+
+    Example:
+        >>> channel_divergence(torch.ones(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)).item()
+        0.0
+    """
+    log_p_s = F.log_softmax(student.float().flatten(2) / tau, dim=-1)
+    log_p_t = F.log_softmax(teacher.float().flatten(2) / tau, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1).mean() * (tau * tau)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,

@@ -65,6 +65,7 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "alpha_auto": (lambda v: isinstance(v, bool), "true or false"),
     "mgd_mask": (lambda v: v in ("channel", "pixel"), "'channel' or 'pixel'"),
     "mgd_ratio": (_is_num, "a number"),
+    "cwd_tau": (_is_num, "a number"),
     "dataset": (_is_str, "a string"),
     "classes": (_list_of(str), "a list of strings"),
     "cwkd_version": (_is_str, "a string"),
@@ -105,6 +106,7 @@ class CheckpointMeta:
     alpha_auto: bool | None = None  # alpha was picked by `--alpha auto`
     mgd_mask: str | None = None  # MGD's mask kind and ratio (method mgd)
     mgd_ratio: float | None = None
+    cwd_tau: float | None = None  # CWD's temperature (method cwd)
     task: str | None = None
     dataset: str | None = None
     classes: tuple[str, ...] | None = None

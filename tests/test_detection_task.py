@@ -281,16 +281,20 @@ def test_taps_give_both_sides_maps_of_one_padded_batch_and_clear():
     assert taps.pop() == ({}, {})
 
 
-
 @pytest.mark.slow
-def test_mgd_on_a_retinanet_takes_mgds_one_stage_mask(coco, teacher, tmp_path):
-    out = tmp_path / "mgd"
-    cli_ok(["distill", "--teacher", teacher / "best.safetensors", "--student", "retinanet_test_resnet", "--method",
-            "mgd", "--data", coco, "--out", out, "--input-size", "64", *FAST])
+@pytest.mark.parametrize("student,method,recorded", [
+    (STUDENT, "cwd", {"cwd_tau": 1.0}),
+    ("retinanet_test_resnet", "mgd", {"mgd_mask": "pixel", "mgd_ratio": 0.65}),  # MGD's RetinaNet config
+])
+def test_cwd_and_mgd_distil_fpn_levels_and_record_their_options(coco, teacher, tmp_path, student, method, recorded):
+    out = tmp_path / method
+    cli_ok(["distill", "--teacher", teacher / "best.safetensors", "--student", student, "--method", method,
+            "--data", coco, "--out", out, "--input-size", "64", *FAST])
     config = json.loads((out / "config.json").read_text())["config"]
-    assert (config["mgd_mask"], config["mgd_ratio"]) == ("pixel", 0.65)
+    assert {k: config[k] for k in recorded} == recorded
     (record,) = read_metrics(out)
     assert record["train_feat_loss"] > 0 and all(np.isfinite(v) for v in record.values() if isinstance(v, float))
+
 
 def test_kd_weight_stays_refused_for_detectors(coco, tmp_path):
     cli_fails(["distill", "--teacher", TEACHER, "--allow-random-teacher", "--student", STUDENT, "--data", coco,

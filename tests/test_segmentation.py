@@ -130,11 +130,12 @@ def test_kd_weight_distils_the_pixels_logits(voc, teacher, tmp_path):
 
 
 @pytest.mark.slow
-def test_mgd_distils_with_mgds_segmentation_mask_and_records_it(voc, teacher, tmp_path):
-    out = tmp_path / "mgd"
-    cli_ok(["distill", "--teacher", teacher / "best.safetensors", "--student", MODEL, "--method", "mgd",
+@pytest.mark.parametrize("method,recorded", [("cwd", {"cwd_tau": 1.0}),
+                                             ("mgd", {"mgd_mask": "pixel", "mgd_ratio": 0.75})])
+def test_cwd_and_mgd_distil_and_record_their_options(voc, teacher, tmp_path, method, recorded):
+    out = tmp_path / method
+    cli_ok(["distill", "--teacher", teacher / "best.safetensors", "--student", MODEL, "--method", method,
             "--data", voc, "--out", out, *FAST])
-    recorded = {"mgd_mask": "pixel", "mgd_ratio": 0.75}
     config = json.loads((out / "config.json").read_text())["config"]
     meta = json.loads(safetensors.safe_open(str(out / "last.safetensors"), "pt").metadata()["cwkd"])
     assert {k: config[k] for k in recorded} == recorded and {k: meta[k] for k in recorded} == recorded
