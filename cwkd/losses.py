@@ -61,9 +61,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
     per_position = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
-    if keep is not None:
-        per_position = per_position[keep]
-    return per_position.sum() / max(per_position.numel(), 1) * (t * t)
+    if keep is None:
+        return per_position.mean() * (t * t)
+    # A masked sum, not per_position[keep]: boolean indexing waits for the device to count the positions.
+    keep = keep.to(per_position.dtype)
+    return (per_position * keep).sum() / keep.sum().clamp(min=1) * (t * t)
 
 
 def convert_alpha(alpha: float, channels: int, height: int, width: int, *, to: Reduction | str) -> float:
