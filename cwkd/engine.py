@@ -110,7 +110,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
                            lock=lock)
         _seed_all(cfg.seed)
         p = _build(cfg, out, resume is not None, device, rank, console, lock)
-        console.info(_describe(cfg, p.distiller, p.spec, p.dcfg, device, rank))
+        console.info(_describe(cfg, p.distiller, p.spec, p.dcfg, device, rank, p.train_loader.num_workers))
         keep_freed = reuse_freed_memory(device) if p.task.steady_shapes else contextlib.nullcontext(False)
         with rundir.StopSignals() as stop, keep_freed:
             if rank.main:
@@ -383,7 +383,8 @@ def _epoch_line(rec: dict, epochs: int, task: TaskSpec) -> str:
             f"{rec['epoch_s']:.1f}s")
 
 
-def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: DataConfig, device, rank: Dist) -> str:
+def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: DataConfig, device, rank: Dist,
+              workers: int) -> str:
     pairs = ", ".join(
         f"{p.student.name} ({p.student.channels}x{p.student.height}x{p.student.width}) -> {p.teacher.name} "
         f"({p.teacher.channels}x{p.teacher.height}x{p.teacher.width})" for p in distiller.pairs
@@ -396,7 +397,8 @@ def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: DataCon
     what = (f"method {cfg.method.value}, alpha {alpha}{kd}, pairs: {pairs}" if cfg.uses_teacher
             else "plain training (no teacher)")
     return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg.input_size)}), "
-            f"{what}; device {device}, precision {cfg.precision.value}, {rank.world} process(es){stats}")
+            f"{what}; device {device}, precision {cfg.precision.value}, {rank.world} process(es), {workers} loader "
+            f"worker(s){' (auto)' if cfg.workers == 'auto' else ''}{stats}")
 
 
 def _fmt_stats(values) -> str:

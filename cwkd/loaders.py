@@ -28,6 +28,7 @@ from torchvision import transforms as T
 
 from cwkd.data import SMALL_IMAGE_MAX, DataSpec
 from cwkd.errors import ConfigError, DataError
+from cwkd.feed import resolve_workers
 from cwkd.images import to_8bit
 from cwkd.models import input_channels
 
@@ -324,7 +325,7 @@ def build_loaders(
     cfg: DataConfig,
     *,
     batch_size: int,
-    workers: int = 2,
+    workers: int | str = "auto",
     device: torch.device | str = "cpu",
     distributed: bool = False,
     seed: int = 0,
@@ -342,6 +343,7 @@ def build_loaders(
     Example:
         >>> train_loader, val_loader = build_loaders(spec, cfg, batch_size=64, workers=0)
     """
+    workers = resolve_workers(workers)
     if batch_size < 1 or workers < 0:
         raise ConfigError(f"batch_size must be >= 1 and workers >= 0 (got {batch_size} and {workers})")
     train, val = datasets or transformed_datasets(spec, cfg)
