@@ -1,12 +1,17 @@
-"""Feeding the device: how many loader workers ``--workers auto`` starts.
+"""Feeding the device: how many loader workers ``--workers auto`` starts, and uint8 batches normalised on the device.
 
-Why: a GPU step on ImageNet-sized images outruns two PIL workers many times over; ``auto`` gives each
-process its share of the machine's cores.
+Why: a GPU step on ImageNet-sized images outruns two PIL workers many times over. ``auto`` gives each
+process its share of the machine's cores, and image batches cross from the workers to the main process,
+and from the host to the GPU, as uint8 (a quarter of the float bytes); :class:`DeviceInput` turns them
+into the model's float input on the device, as timm's ``PrefetchLoader`` does.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+
+import torch
 
 from cwkd.errors import ConfigError
 
@@ -60,3 +65,36 @@ def resolve_workers(workers: int | str, *, cores: int | None = None, processes: 
         return 0
     share = cores // (local_processes() if processes is None else max(1, processes))
     return max(1, min(share, AUTO_WORKERS_MAX))
+
+
+class DeviceInput:
+    """Turn a batch's uint8 images into the model's float input on ``device``: ``(x / 255 - mean) / std``.
+
+    The same arithmetic as torchvision's ``ToTensor`` + ``Normalize`` (so the model sees what the host path
+    gave it), done on the device after a copy of a quarter of the bytes (non-blocking from pinned memory on
+    CUDA, and in channels_last there, as the engine's models are). A batch whose first item is not a uint8
+    tensor (a task that normalises on the host, a detector's list of images) passes through unchanged.
+
+    Example:
+        >>> to_input = DeviceInput((0.5,), (0.25,), "cpu")
+        >>> to_input([torch.full((2, 1, 4, 4), 255, dtype=torch.uint8), torch.tensor([0, 1])])[0][0, 0, 0, 0]
+        tensor(2.)
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.mean = torch.tensor(tuple(mean), dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.std = torch.tensor(tuple(std), dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+
+    def __call__(self, batch):
+        if not isinstance(batch, list | tuple) or not batch:
+            return batch
+        images = batch[0]
+        if not (torch.is_tensor(images) and images.dtype == torch.uint8):
+            return batch
+        images = images.to(self.device, non_blocking=True)
+        if images.dim() == 4:
+            images = images.contiguous(memory_format=self.memory_format)
+        images = images.float().div_(255).sub_(self.mean).div_(self.std)
+        return type(batch)((images, *batch[1:]))

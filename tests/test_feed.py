@@ -59,3 +59,60 @@ def test_cli_refuses_a_workers_value_that_is_not_a_number_or_auto():
     cli_fails(["train", "--model", "test_resnet", "--data", "fashion-mnist-mini", "--workers", "lots"],
               "--workers must be a whole number of at least 0, or auto")
     cli_fails(["eval", "no-such.safetensors", "--workers", "-3"], "--workers must be from 0 to 256")
+
+
+# ----------------------------------------------------------------------------- 2. uint8 batches on the device
+
+
+def _spec(tmp_path, gray: bool):
+    """A gray array data set of 28 px items, or an RGB image folder of 80 px files (RandomResizedCrop's path)."""
+    import numpy as np
+
+    from cwkd.data import ArrayDataset, DataSpec, load_data
+    from tests.helpers import make_image_folder
+
+    if not gray:
+        return load_data(str(make_image_folder(tmp_path / "rgb", per_class=6, size=80)))
+    rng = np.random.default_rng(0)
+    split = [ArrayDataset(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 2, ["a", "b"])
+             for n in (12, 6)]
+    return DataSpec("gray", split[0], split[1], ["a", "b"], channels=1, native_size=28)
+
+
+@pytest.mark.parametrize(("gray", "size"), [(True, 32), (False, 72), (False, 224)])
+def test_device_normalised_batches_equal_the_float_transform(tmp_path, gray, size):
+    """What the model sees is unchanged: the loaders' uint8 batches, normalised by DeviceInput, equal the old host
+    path (ToTensor + Normalize in the transform) for the same samples and augmentation seeds, train and val."""
+    import timm
+    import torch
+
+    from cwkd.loaders import Transformed, _OnImage, build_loaders, build_transform, data_config
+
+    spec = _spec(tmp_path, gray)
+    model = timm.create_model("test_resnet", in_chans=1 if gray else 3)
+    dcfg = data_config(model, input_size=size, in_chans=1 if gray else 3, mean=[0.3] if gray else None,
+                       std=[0.2] if gray else None)
+    train_loader, val_loader = build_loaders(spec, dcfg, batch_size=4, workers=0, seed=3)
+    for loader, split, train in ((train_loader, spec.train, True), (val_loader, spec.val, False)):
+        assert loader.dataset[0][0].dtype == torch.uint8  # what the workers hand over
+        images, labels = next(iter(loader))
+        keys = list(iter(loader.sampler))[:4] if train else range(4)
+        old = Transformed(split, _OnImage(build_transform(dcfg, train=train, channels=spec.channels)))
+        expected = torch.stack([old[key][0] for key in keys])
+        assert images.dtype == torch.float32 and images.shape == expected.shape
+        torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+        assert labels.tolist() == [old[key][1] for key in keys]
+
+
+def test_device_input_leaves_float_and_list_batches_alone():
+    """A task that normalises on the host (segmentation) or batches lists (detection) passes through unchanged."""
+    import torch
+
+    to_input = feed.DeviceInput((0.5,) * 3, (0.25,) * 3, "cpu")
+    floats = [torch.rand(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)]
+    assert to_input(floats) is floats
+    lists = ([torch.rand(3, 4, 4)], [{"boxes": torch.zeros(0, 4)}])
+    assert to_input(lists) is lists
+    out = to_input((torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2), "label"))
+    assert isinstance(out, tuple) and out[1] == "label"
+    torch.testing.assert_close(out[0][0, :, 0], torch.tensor([[-2.0, 2.0]] * 3))
