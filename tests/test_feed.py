@@ -116,3 +116,28 @@ def test_device_input_leaves_float_and_list_batches_alone():
     out = to_input((torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2), "label"))
     assert isinstance(out, tuple) and out[1] == "label"
     torch.testing.assert_close(out[0][0, :, 0], torch.tensor([[-2.0, 2.0]] * 3))
+
+
+# ----------------------------------------------------------------------------- 3. the data-wait share
+
+
+@pytest.mark.slow
+def test_an_input_bound_run_reports_its_data_wait(folder, tmp_path, monkeypatch):
+    """metrics.jsonl and the epoch line give the share of the epoch spent waiting for batches: most of it when
+    every image takes 40 ms to read and the model a few."""
+    import time
+
+    from cwkd.data import ImageFolderDataset
+    from cwkd.engine import run
+    from tests.helpers import read_metrics
+
+    read = ImageFolderDataset.__getitem__
+    monkeypatch.setattr(ImageFolderDataset, "__getitem__", lambda self, i: (time.sleep(0.04), read(self, i))[1])
+    lines = []
+    monkeypatch.setattr("cwkd.console.RunConsole.info", lambda self, text: lines.append(text))
+    cfg = TrainConfig(data=str(folder), student="test_resnet", method="none", epochs=1, batch_size=4, input_size=32,
+                      workers=0, device="cpu", out=str(tmp_path / "run"))
+    run(cfg)
+    share = read_metrics(tmp_path / "run")[0]["data_wait"]
+    assert 0.5 < share <= 1.0
+    assert f"(data wait {100 * share:.0f}%)" in next(line for line in lines if line.startswith("epoch 1/1"))
