@@ -371,8 +371,7 @@ def build_loaders(
         "collate_fn": collate,
     }
     if workers > 0:
-        uint8 = isinstance(getattr(train, "transform", None), _OnImage)  # transformed_datasets' items
-        _warn_small_shm(cfg, batch_size, workers, distributed=distributed, value_bytes=1 if uint8 else 4)
+        _warn_small_shm(cfg, batch_size, workers, distributed=distributed, value_bytes=_value_bytes(train))
     common["on_device"] = DeviceInput(cfg.mean, cfg.std, device)
     shard = {} if distributed else {"num_replicas": 1, "rank": 0}
     train_sampler = EpochSampler(train, seed=seed, **shard)
@@ -383,6 +382,13 @@ def build_loaders(
     val_sampler = DistributedSampler(val, shuffle=False) if distributed else None
     val_loader = _Loader(val, sampler=val_sampler, shuffle=False, **common)
     return train_loader, val_loader
+
+
+def _value_bytes(dataset: Dataset) -> int:
+    """1 for items of :func:`build_transform` with ``uint8``, else 4 (float images, as other tasks give)."""
+    transform = getattr(getattr(dataset, "transform", None), "transform", None)
+    steps = getattr(transform, "transforms", None) or [None]
+    return 1 if isinstance(steps[-1], T.PILToTensor) else 4
 
 
 def set_epoch(loader, seed: int, epoch: int, start: int = 0) -> None:

@@ -118,6 +118,52 @@ def test_device_input_leaves_float_and_list_batches_alone():
     torch.testing.assert_close(out[0][0, :, 0], torch.tensor([[-2.0, 2.0]] * 3))
 
 
+def test_teacher_remap_of_a_device_batch_equals_the_teachers_own_normalisation(tmp_path):
+    """The teacher, trained on other statistics, gets the student's device-normalised batch remapped: the same as
+    normalising the raw pixels with its own mean and std on the old host path."""
+    import dataclasses
+
+    import timm
+    import torch
+
+    from cwkd.distiller import Renormalize
+    from cwkd.loaders import Transformed, _OnImage, build_loaders, build_transform, data_config
+
+    spec = _spec(tmp_path, gray=False)
+    dcfg = data_config(timm.create_model("test_resnet"), input_size=72)
+    teacher = dataclasses.replace(dcfg, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    _, val_loader = build_loaders(spec, dcfg, batch_size=4, workers=0)
+    remap = Renormalize.between((dcfg.mean, dcfg.std), (teacher.mean, teacher.std))
+    own = Transformed(spec.val, _OnImage(build_transform(teacher, train=False, channels=3)))
+    torch.testing.assert_close(remap(next(iter(val_loader))[0]), torch.stack([own[i][0] for i in range(4)]),
+                               rtol=0, atol=1e-5)
+
+
+def test_the_shm_warning_counts_uint8_batches_as_one_byte_a_value(tmp_path, monkeypatch):
+    """/dev/shm room for uint8 batches but not for float ones: classification does not warn, a float task does."""
+    import math
+    import shutil
+    import warnings
+    from collections import namedtuple
+
+    import timm
+
+    from cwkd.loaders import Transformed, _OnImage, build_loaders, build_transform, data_config
+
+    spec = _spec(tmp_path, gray=True)
+    dcfg = data_config(timm.create_model("test_resnet", in_chans=1), input_size=32, in_chans=1)
+    uint8_need = 4 * math.prod(dcfg.input_size) * 1 * 2  # batch 4, one worker, 2 batches in flight
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(0, 0, 2 * uint8_need))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_loaders(spec, dcfg, batch_size=4, workers=1)
+    floats = tuple(Transformed(split, _OnImage(build_transform(dcfg, train=False, channels=1)))
+                   for split in (spec.train, spec.val))
+    with pytest.warns(UserWarning, match="/dev/shm has 0 MiB free"):
+        build_loaders(spec, dcfg, batch_size=4, workers=1, datasets=floats)
+
+
 # ----------------------------------------------------------------------------- 3. the data-wait share
 
 
