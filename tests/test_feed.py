@@ -50,6 +50,7 @@ def test_config_defaults_to_auto_and_parses_what_is_typed():
     assert cfg.workers == "auto"
     assert TrainConfig(data="x", student="test_resnet", method="none", workers="Auto").workers == "auto"
     assert TrainConfig(data="x", student="test_resnet", method="none", workers="3").workers == 3
+    assert TrainConfig.from_dict(cfg.to_dict()).workers == "auto"  # config.json keeps auto: a resume re-resolves it
     assert TrainConfig.from_dict({**cfg.to_dict(), "workers": 2}).workers == 2  # a config.json from before
     with pytest.raises(ConfigError, match=r"--workers must be from 0 to 256 \(or auto\)"):
         TrainConfig(data="x", student="test_resnet", method="none", workers=-1)
