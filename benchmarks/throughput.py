@@ -208,8 +208,12 @@ def measure(plan: Plan, folder: str, work: Path) -> dict:
 
     device = resolve_device(plan.device, plan.precision)
     p, cfg, console = _pieces(plan, folder, work, device)
-    loader = lambda workers: build_loaders(p.spec, p.dcfg, batch_size=plan.batch, workers=workers,  # noqa: E731
-                                          device=device, seed=0, datasets=p.task.datasets(p.spec, p.dcfg))[0]
+
+    def loader(workers: int | str):
+        """A train loader as the engine builds it, with ``workers``."""
+        return build_loaders(p.spec, p.dcfg, batch_size=plan.batch, workers=workers, device=device, seed=0,
+                             datasets=p.task.datasets(p.spec, p.dcfg))[0]
+
     held = [(images, labels.to(device)) for images, labels in itertools.islice(loader(0), plan.preload)]
     first = _timed(p, cfg, device, console, itertools.cycle(held), plan)
     rows = {}
