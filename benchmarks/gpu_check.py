@@ -14,11 +14,15 @@ subprocess with its own time limit, so one slow step cannot eat the others' time
                 non-finite check (a host sync) against without, images/s and peak memory
     speed_fp16  the same pair under fp16 autocast with a GradScaler
 
-and one step run only when named in ``--only`` (benchmarks/gpu_grids.py; its results come back in
-``--out``/grids_results.tar.gz):
+and steps run only when named in ``--only``:
 
     grids       detection.py --step-cost, then the detection grid and alpha.py's sweep of mobilenetv1_100
-                side by side (8 minutes by default, ``--grids-budget``)
+                side by side (8 minutes by default, ``--grids-budget``; benchmarks/gpu_grids.py, its results
+                in ``--out``/grids_results.tar.gz)
+    throughput  benchmarks/throughput.py --plan gpu: resnet50 -> mobilenetv1_100 in bf16 at 224 px, end to
+                end from JPEG files with --workers 2 and auto against the model-bound rate, with the data-wait
+                share (about 3 minutes; the dry run: --plan quick). Its verdict says whether the GPU decode
+                path is needed (issue 27); a missed target is recorded, not a failed step
 
 After every step it rewrites ``gpu_check.json`` in ``--out`` (default: ``$OUT``, else ``./gpu_check_out``),
 so a run cut short still leaves what it measured; logs of every command are in ``--out``/logs. A step
@@ -29,6 +33,7 @@ tiny sizes in about a minute; tests/test_gpu_check.py runs it.
 Usage:
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT     # on the GPU machine: ~7 minutes
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT --only machine,grids   # the grids: ~8 minutes
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT --only machine,throughput   # ~3.5 minutes
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check    # anywhere, on the CPU
 """
 
@@ -51,7 +56,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEPS = REPO / ".gpu_deps"  # pure-Python packages the GPU machine may lack (pytest), carried with the tree
 STEPS = ("machine", "tests", "cli_fp16", "cli_bf16", "speed_bf16", "speed_fp16")
-EXTRA_STEPS = ("grids",)  # run only when --only names them
+EXTRA_STEPS = ("grids", "throughput")  # run only when --only names them
 MIN_STEP_S = 15  # a step with less time than this left is skipped, not started
 TAIL = 3000      # characters of each command's output kept in the JSON
 
@@ -90,14 +95,14 @@ GPU = Plan(device="cuda", precisions=("fp16", "bf16"), teacher="resnet18", stude
                   "--num-classes", "1000", "--repeats", "5", "--warmup", "2", "--min-time", "0.2"),
            speed_memory=None,
            budgets={"machine": 30, "tests": 110, "cli_fp16": 70, "cli_bf16": 70, "speed_bf16": 200,
-                    "speed_fp16": 150, "grids": 480})
+                    "speed_fp16": 150, "grids": 480, "throughput": 240})
 DRY = Plan(device="cpu", precisions=("bf16",), teacher="test_resnet", student="test_efficientnet", data=None,
            input_size=32, batch=4, workers=0, train_extra=("--lr", "1e-3"),  # 0.05 blows up 4 steps' BN stats
            speed=("--teacher", "test_resnet", "--student", "test_efficientnet", "--batch", "4", "--input-size", "32",
                   "--num-classes", "10", "--repeats", "1", "--warmup", "1", "--min-time", "0.01", "--threads", "1"),
            speed_memory={"bf16": "cwkd"},
            budgets={"machine": 30, "tests": 150, "cli_fp16": 60, "cli_bf16": 90, "speed_bf16": 90, "speed_fp16": 60,
-                    "grids": 300},
+                    "grids": 300, "throughput": 120},
            skip_reason="fp16 needs CUDA (cwkd refuses it on the CPU); the dry run covers bf16")
 
 
@@ -418,6 +423,23 @@ def headline(steps: dict) -> dict:
     return rows
 
 
+def throughput(check: Check, limit: float) -> dict:
+    """benchmarks/throughput.py: end to end from JPEG files against the model-bound rate (the dry run: --plan quick)."""
+    plan = "quick" if check.dry_run else "gpu"
+    path = check.out / f"throughput_{plan}.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--plan", plan, "--data-dir",
+           str(check.work / "throughput_data"), "--out", str(path)]
+    done = check.run("throughput", cmd, limit)
+    if done["rc"] != 0 or not path.is_file():
+        return {"status": "failed", "reason": _failed_command([done]) or f"{path.name} was not written",
+                "commands": [done]}
+    saved = json.loads(path.read_text())
+    summary = {name: {k: row[k] for k in ("workers", "images_per_s", "ratio_to_model_bound", "data_wait")}
+               for name, row in saved["variants"].items()}
+    return {"status": "passed", "commands": [done], "results": path.name, "summary": summary,
+            "verdict": saved["verdict"], "data": saved["data"]}
+
+
 def _grids(check: Check, limit: float) -> dict:
     """The grids step (benchmarks/gpu_grids.py)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -458,13 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown step(s) {', '.join(sorted(unknown))}; use {', '.join(STEPS + EXTRA_STEPS)}",
               file=sys.stderr)
         return 1
-    budget = args.budget or (240 if args.dry_run else 450) + (plan.budgets["grids"] if "grids" in only else 0)
+    budget = args.budget or (240 if args.dry_run else 450) + sum(plan.budgets[n] for n in EXTRA_STEPS if n in only)
     deps = args.deps or (DEPS if DEPS.is_dir() and not args.dry_run else None)
     check = Check(plan, args.out.resolve(), budget, deps, args.dry_run)
     bodies = {"machine": lambda limit: machine(check, limit), "tests": lambda limit: tests(check, limit),
               "cli_fp16": lambda limit: cli(check, limit, "fp16"), "cli_bf16": lambda limit: cli(check, limit, "bf16"),
               "speed_bf16": lambda limit: speed(check, limit, "bf16"),
-              "speed_fp16": lambda limit: speed(check, limit, "fp16"), "grids": lambda limit: _grids(check, limit)}
+              "speed_fp16": lambda limit: speed(check, limit, "fp16"), "grids": lambda limit: _grids(check, limit),
+              "throughput": lambda limit: throughput(check, limit)}
     for name in STEPS:
         check.step(name, bodies[name] if name in only else lambda _limit: _skipped("not in --only"))
     for name in EXTRA_STEPS:

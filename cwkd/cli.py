@@ -61,7 +61,9 @@ Mean = Annotated[str | None, typer.Option(help="Input mean per channel, comma-se
                                          "model's timm config).")]
 Std = Annotated[str | None, typer.Option(help="Input std per channel, comma-separated (default: the "
                                         "model's timm config).")]
-Workers = Annotated[int, typer.Option(help="Data loader worker processes.")]
+Workers = Annotated[str, typer.Option(help="Data loader worker processes, or auto: this process's share of the "
+                                            "usable cores (divided by the processes under torchrun), at most 16; "
+                                            "0 on a single core.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Out = Annotated[str | None, typer.Option(help="Run directory. (default: runs/<time>-<student>-<pid>)")]
@@ -220,7 +222,7 @@ def train(
     optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
     clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
     input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
-    workers: Workers = 2, seed: Seed = 0,
+    workers: Workers = "auto", seed: Seed = 0,
     device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
     skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
 ) -> None:
@@ -273,7 +275,7 @@ def distill(
     optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
     clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
     input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
-    workers: Workers = 2, seed: Seed = 0,
+    workers: Workers = "auto", seed: Seed = 0,
     device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
     skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
 ) -> None:
@@ -288,6 +290,7 @@ def _config(options: dict, *, student: str | None, method: Method,
     """One TrainConfig from a command's options; for --resume, the options given (checked against the saved config)."""
     resume = options.pop("resume", None)
     given = _given(options, options.pop("ctx"))
+    options["workers"] = TrainConfig.parse_workers(options["workers"])  # `--workers 4` or `--workers auto`
     if "alpha" in options:  # `--alpha 7` or `--alpha auto`
         options["alpha"] = TrainConfig.parse_alpha(options["alpha"])
     options = {k: v for k, v in options.items() if k != "model"}
@@ -323,13 +326,13 @@ def demo(
     fast: Annotated[bool, typer.Option(help="A one-minute smoke run instead of the ~5 minute demo.")] = False,
     out: Annotated[Path, typer.Option(help="Where the three runs are written.")] = Path("runs/demo"),
     seed: Seed = 0,
-    workers: Workers = 2,
+    workers: Workers = "auto",
 ) -> None:
     """Offline demo on the bundled data: teacher, baseline student and CWT student, compared."""
     from cwkd.demo import run_demo
 
     with _errors():
-        run_demo(out=out, fast=fast, seed=seed, workers=workers)
+        run_demo(out=out, fast=fast, seed=seed, workers=TrainConfig.parse_workers(workers))
 
 
 @app.command("eval")
@@ -348,7 +351,7 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")] = False,
     batch_size: BatchSize = 64, precision: Prec = Precision.fp32, input_size: Annotated[
         int | None, typer.Option(help="Input size for a timm name (default: as `cwkd train` picks).")] = None,
-    data_root: DataRoot = None, workers: Workers = 2, device: Device = "auto",
+    data_root: DataRoot = None, workers: Workers = "auto", device: Device = "auto",
 ) -> None:
     """Measure a checkpoint: top-1, top-5, mean loss and images/s on a data set split."""
     from cwkd.evaluation import evaluate_checkpoint
@@ -357,7 +360,8 @@ def eval_(
 
     with _errors():
         result = evaluate_checkpoint(checkpoint, weights=weights, data=data, data_root=data_root, split=split,
-                                     batch_size=batch_size, workers=workers, device=device, precision=precision,
+                                     batch_size=batch_size, workers=TrainConfig.parse_workers(workers), device=device,
+                                     precision=precision,
                                      per_class=per_class, input_size=input_size, task=task)
         typer.echo(json_text(result.to_dict())) if as_json else print_eval(result)
 

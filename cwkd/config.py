@@ -178,7 +178,7 @@ class InputSettings:
     in_chans: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    workers: int = 2
+    workers: int | str = "auto"  # a number of loader processes, or auto (cwkd.feed.resolve_workers)
 
     def validate(self) -> None:
         """Refuse sizes and statistics that cannot work."""
@@ -236,7 +236,7 @@ class TrainConfig:
     data_root: str | None = None
     download: bool = False
     skip_corrupt: bool = False
-    workers: int = 2
+    workers: int | str = "auto"  # a number of loader processes, or auto (cwkd.feed.resolve_workers)
     seed: int = 0
     device: str = "auto"
     out: str | None = None
@@ -257,6 +257,8 @@ class TrainConfig:
         self.optimizer = Optimizer(self.optimizer)
         self.precision = Precision(self.precision)
         self.mean, self.std = self.parse_stats("mean", self.mean), self.parse_stats("std", self.std)
+        if isinstance(self.workers, str):  # "4" or "Auto" from a script or a hand-edited config
+            self.workers = self.parse_workers(self.workers)
         if self.lr is None:
             self.lr = default_lr(self.task, self.optimizer)
         if self.weight_decay is None:
@@ -293,6 +295,21 @@ class TrainConfig:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"--alpha must be a number of at least 0, or auto; got {value!r}") from None
+
+    @staticmethod
+    def parse_workers(value: str | int) -> int | str:
+        """``--workers`` as typed: a whole number, or ``"auto"`` (checked by :meth:`validate`).
+
+        Example:
+            >>> TrainConfig.parse_workers("4"), TrainConfig.parse_workers("AUTO")
+            (4, 'auto')
+        """
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--workers must be a whole number of at least 0, or auto; got {value!r}") from None
 
     @property
     def uses_teacher(self) -> bool:
@@ -409,7 +426,7 @@ def _stats(flag: str, value) -> tuple[float, ...] | None:
 
 
 def check_sizes(*, hidden: int | None = None, input_size: int | None = None, in_chans: int | None = None,
-                batch_size: int | None = None, workers: int | None = None) -> None:
+                batch_size: int | None = None, workers: int | str | None = None) -> None:
     """Refuse sizes that are not positive or too large to allocate; None means "the default" (not checked).
 
     Example:
@@ -425,8 +442,8 @@ def check_sizes(*, hidden: int | None = None, input_size: int | None = None, in_
     if batch_size is not None:
         _positive("--batch-size", batch_size)
         _in_range("--batch-size", batch_size, 1, MAX_BATCH_SIZE, " images")
-    if workers is not None:
-        _in_range("--workers", workers, 0, MAX_WORKERS)
+    if workers is not None and workers != "auto":
+        _in_range("--workers", workers, 0, MAX_WORKERS, " (or auto)")
 
 
 def _in_range(name: str, value: int, low: int, high: int, unit: str = "") -> None:

@@ -41,7 +41,7 @@ FULL = DemoPlan()
 FAST = DemoPlan(teacher_epochs=1, student_epochs=1)
 
 
-def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: int = 0, workers: int = 2,
+def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: int = 0, workers: int | str = "auto",
              console: RunConsole | None = None) -> dict[str, RunResult]:
     """Train teacher, baseline student and CWT student on ``fashion-mnist-mini``; print a comparison.
 

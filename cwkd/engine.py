@@ -110,7 +110,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
                            lock=lock)
         _seed_all(cfg.seed)
         p = _build(cfg, out, resume is not None, device, rank, console, lock)
-        console.info(_describe(cfg, p.distiller, p.spec, p.dcfg, device, rank))
+        console.info(_describe(cfg, p.distiller, p.spec, p.dcfg, device, rank, p.train_loader.num_workers))
         keep_freed = reuse_freed_memory(device) if p.task.steady_shapes else contextlib.nullcontext(False)
         with rundir.StopSignals() as stop, keep_freed:
             if rank.main:
@@ -278,20 +278,25 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
                     console: RunConsole, label: str, epoch: int = 0, first_step: int = 0, rank: int = 0) -> dict:
     """Train on up to ``steps`` batches, starting at step ``first_step`` of ``epoch``.
 
-    Returns the mean loss parts, images/s, the optimizer ``steps`` done and the ``batches`` used (a
-    skipped non-finite step uses a batch but is no step). Each step reseeds the RNG from (seed, epoch,
-    step, rank), so a run resumed mid-epoch draws what an uninterrupted run would.
+    Returns the mean loss parts, images/s, the optimizer ``steps`` done, the ``batches`` used (a
+    skipped non-finite step uses a batch but is no step) and ``data_wait``: the share of the epoch's time
+    this process spent waiting for the loader's next batch (host clock around the fetch; no device sync).
+    Each step reseeds the RNG from (seed, epoch, step, rank), so a run resumed mid-epoch draws what an
+    uninterrupted run would.
     """
     p.distiller.train()
     memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     watch = None if _checks_each_step(cfg, device) else NonfiniteWatch(device)
     done = used = images_seen = skipped = 0
+    waited = 0.0  # seconds spent in the loader (a GPU may still work through queued steps meanwhile)
     started = time.perf_counter()
     console.start(label, steps)
     batches = iter(p.train_loader)
     while used < steps and not stop.requested:  # asked before fetching, so a stop never waits on data
+        fetch = time.perf_counter()
         batch = next(batches, None)
+        waited += time.perf_counter() - fetch
         if batch is None:
             break
         step, used = first_step + used, used + 1
@@ -322,7 +327,8 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
         watch.check(cfg, device, label)  # a stop may have come between two progress updates
     means, seconds = _reduce_means(sums, done), time.perf_counter() - started
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return {**means, "steps": done, "batches": used, "images_per_s": images_seen * world / max(seconds, 1e-9)}
+    return {**means, "steps": done, "batches": used, "images_per_s": images_seen * world / max(seconds, 1e-9),
+            "data_wait": min(waited / max(seconds, 1e-9), 1.0)}
 
 
 def _checks_each_step(cfg: TrainConfig, device: torch.device) -> bool:
@@ -364,12 +370,14 @@ def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]
 def _epoch_record(epoch: int, train: dict, val: dict, optimizer, seconds: float, task: TaskSpec) -> dict:
     record = {"epoch": epoch + 1}
     main = ("loss", "task_loss", "feat_loss", "kd_loss")
-    for key in (*main, *sorted(k for k in train if k not in main and k not in ("steps", "batches", "images_per_s"))):
+    counts = ("steps", "batches", "images_per_s", "data_wait")
+    for key in (*main, *sorted(k for k in train if k not in main and k not in counts)):
         if key in train:
             record[f"train_{key}"] = train[key]
     record.update({
         "val_loss": val["loss"], **{f"val_{name}": val[name] for name in task.metrics},
         "lr": optimizer.param_groups[0]["lr"], "images_per_s": train["images_per_s"], "epoch_s": seconds,
+        "data_wait": train["data_wait"],
     })
     return record
 
@@ -380,11 +388,12 @@ def _epoch_line(rec: dict, epochs: int, task: TaskSpec) -> str:
     scores = " ".join(f"{label} {rec[f'val_{name}']:.2f}%" for name, label in task.metrics.items())
     return (f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.4f} (task "
             f"{rec['train_task_loss']:.4f}{feat}{kd})  val {scores} loss {rec['val_loss']:.4f}  "
-            f"{rec['images_per_s']:.0f} img/s "
+            f"{rec['images_per_s']:.0f} img/s (data wait {100 * rec.get('data_wait', 0):.0f}%) "
             f"{rec['epoch_s']:.1f}s")
 
 
-def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: DataConfig, device, rank: Dist) -> str:
+def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: DataConfig, device, rank: Dist,
+              workers: int) -> str:
     pairs = ", ".join(
         f"{p.student.name} ({p.student.channels}x{p.student.height}x{p.student.width}) -> {p.teacher.name} "
         f"({p.teacher.channels}x{p.teacher.height}x{p.teacher.width})" for p in distiller.pairs
@@ -398,7 +407,8 @@ def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: DataCon
     what = (f"method {cfg.method.value}{options}, alpha {alpha}{kd}, pairs: {pairs}" if cfg.uses_teacher
             else "plain training (no teacher)")
     return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg.input_size)}), "
-            f"{what}; device {device}, precision {cfg.precision.value}, {rank.world} process(es){stats}")
+            f"{what}; device {device}, precision {cfg.precision.value}, {rank.world} process(es), {workers} loader "
+            f"worker(s){' (auto)' if cfg.workers == 'auto' else ''}{stats}")
 
 
 def _fmt_stats(values) -> str:

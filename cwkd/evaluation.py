@@ -177,7 +177,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: Precisio
 
 def evaluate_checkpoint(
     source: str | Path, *, weights: str | Path | None = None, data: str | None = None, data_root: str | None = None,
-    split: Split | str = Split.val, batch_size: int = 64, workers: int = 2, device: str = "auto",
+    split: Split | str = Split.val, batch_size: int = 64, workers: int | str = "auto", device: str = "auto",
     precision: Precision | str = Precision.fp32, per_class: bool = False, input_size: int | None = None,
     task: str | None = None,
 ) -> EvalResult:

@@ -28,6 +28,7 @@ from torchvision import transforms as T
 
 from cwkd.data import SMALL_IMAGE_MAX, DataSpec
 from cwkd.errors import ConfigError, DataError
+from cwkd.feed import DeviceInput, resolve_workers
 from cwkd.images import to_8bit
 from cwkd.models import input_channels
 
@@ -123,8 +124,12 @@ def _interpolation(name: str) -> T.InterpolationMode:
         raise ConfigError(f"unknown interpolation '{name}'; use bilinear, bicubic or nearest") from exc
 
 
-def build_transform(cfg: DataConfig, *, train: bool, channels: int) -> Callable[[Image.Image], torch.Tensor]:
+def build_transform(cfg: DataConfig, *, train: bool, channels: int,
+                    uint8: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """Build the image -> tensor transform for a model config from :func:`data_config`.
+
+    The tensor is the model's normalised float input, or with ``uint8`` the pixels as a uint8 ``[C, H, W]``
+    tensor, which :class:`cwkd.feed.DeviceInput` normalises on the device (the loaders' way).
 
     Channels are converted to what the model takes (gray data is replicated for RGB models, RGB data is
     made gray for 1-channel models). Images of 64 px or less train with resize + pad-and-crop + flip; larger
@@ -154,7 +159,7 @@ def build_transform(cfg: DataConfig, *, train: bool, channels: int) -> Callable[
     else:
         scale = math.floor(min(size) / cfg.crop_pct)
         steps += [T.Resize(scale, interpolation=interp), T.CenterCrop(size)]
-    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    steps += [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     return T.Compose(steps)
 
 
@@ -194,9 +199,13 @@ class _OnImage:
 
 
 def transformed_datasets(spec: DataSpec, cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    """The train and val splits of ``(image, label)`` items through :func:`build_transform`."""
-    return (Transformed(spec.train, _OnImage(build_transform(cfg, train=True, channels=spec.channels))),
-            Transformed(spec.val, _OnImage(build_transform(cfg, train=False, channels=spec.channels))))
+    """The train and val splits of ``(image, label)`` items through :func:`build_transform`, as uint8 pixels.
+
+    Why uint8: a batch then crosses from the workers, and to the GPU, in a quarter of the bytes; the loaders
+    of :func:`build_loaders` normalise it on the device (:class:`cwkd.feed.DeviceInput`).
+    """
+    return tuple(Transformed(split, _OnImage(build_transform(cfg, train=train, channels=spec.channels, uint8=True)))
+                 for split, train in ((spec.train, True), (spec.val, False)))  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -285,11 +294,17 @@ _SHM_FIX = "pass --workers 0, or give the machine more shared memory (Docker: do
 
 
 class _Loader(DataLoader):
-    """A DataLoader whose workers' shared-memory failures become one :class:`DataError` with the fix."""
+    """A DataLoader whose batches go through ``on_device`` (uint8 images to the model's input on the device), and
+    whose workers' shared-memory failures become one :class:`DataError` with the fix."""
+
+    def __init__(self, *args, on_device: Callable | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_device = on_device
 
     def __iter__(self) -> Iterator:
         try:
-            yield from super().__iter__()
+            for batch in super().__iter__():
+                yield batch if self.on_device is None else self.on_device(batch)
         except RuntimeError as exc:
             if self.num_workers == 0 or not _SHM_ERROR.search(str(exc)):
                 raise
@@ -299,10 +314,11 @@ class _Loader(DataLoader):
 
 
 def _warn_small_shm(cfg: DataConfig, batch_size: int, workers: int, *, distributed: bool = False,
-                    path: str = "/dev/shm") -> None:
+                    path: str = "/dev/shm", value_bytes: int = 4) -> None:
     """Warn when /dev/shm looks too small for the batches ``workers`` hand over (about 2 in flight each).
 
     Under torchrun every process on the machine shares /dev/shm: local rank 0 alone warns, for all of them.
+    ``value_bytes``: 1 for uint8 images, 4 for float ones.
     """
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed else 1
     if distributed and os.environ.get("LOCAL_RANK", "0") != "0":
@@ -311,7 +327,7 @@ def _warn_small_shm(cfg: DataConfig, batch_size: int, workers: int, *, distribut
         free = shutil.disk_usage(path).free
     except OSError:
         return  # no /dev/shm (not Linux): torch uses another mechanism
-    need = 4 * batch_size * math.prod(cfg.input_size) * workers * 2 * processes  # float32, prefetch_factor 2
+    need = value_bytes * batch_size * math.prod(cfg.input_size) * workers * 2 * processes  # prefetch_factor 2
     if free < need:
         each = f" in each of {processes} processes" if processes > 1 else ""
         warnings.warn(f"{path} has {free / 2**20:.0f} MiB free, but {workers} loader worker(s){each} need about "
@@ -324,7 +340,7 @@ def build_loaders(
     cfg: DataConfig,
     *,
     batch_size: int,
-    workers: int = 2,
+    workers: int | str = "auto",
     device: torch.device | str = "cpu",
     distributed: bool = False,
     seed: int = 0,
@@ -342,6 +358,7 @@ def build_loaders(
     Example:
         >>> train_loader, val_loader = build_loaders(spec, cfg, batch_size=64, workers=0)
     """
+    workers = resolve_workers(workers)
     if batch_size < 1 or workers < 0:
         raise ConfigError(f"batch_size must be >= 1 and workers >= 0 (got {batch_size} and {workers})")
     train, val = datasets or transformed_datasets(spec, cfg)
@@ -354,7 +371,8 @@ def build_loaders(
         "collate_fn": collate,
     }
     if workers > 0:
-        _warn_small_shm(cfg, batch_size, workers, distributed=distributed)
+        _warn_small_shm(cfg, batch_size, workers, distributed=distributed, value_bytes=_value_bytes(train))
+    common["on_device"] = DeviceInput(cfg.mean, cfg.std, device)
     shard = {} if distributed else {"num_replicas": 1, "rank": 0}
     train_sampler = EpochSampler(train, seed=seed, **shard)
     # The generator only seeds the workers' base RNG, which keeps loading off the global RNG.
@@ -364,6 +382,13 @@ def build_loaders(
     val_sampler = DistributedSampler(val, shuffle=False) if distributed else None
     val_loader = _Loader(val, sampler=val_sampler, shuffle=False, **common)
     return train_loader, val_loader
+
+
+def _value_bytes(dataset: Dataset) -> int:
+    """1 for items of :func:`build_transform` with ``uint8``, else 4 (float images, as other tasks give)."""
+    transform = getattr(getattr(dataset, "transform", None), "transform", None)
+    steps = getattr(transform, "transforms", None) or [None]
+    return 1 if isinstance(steps[-1], T.PILToTensor) else 4
 
 
 def set_epoch(loader, seed: int, epoch: int, start: int = 0) -> None:

@@ -258,3 +258,20 @@ def test_fpn_taps_probe_detectors_already_on_the_device(device):
     s_maps, t_maps = taps.pop()
     assert list(s_maps) == list(t_maps) == ["P2", "P3", "P4", "P5"]
     assert all(m.device.type == device.type for m in [*s_maps.values(), *t_maps.values()])
+
+
+def test_uint8_batches_are_normalised_on_the_device_as_on_the_host(device, folder):
+    """The loader copies uint8 pixels (pinned on CUDA) and normalises them on the device, in channels_last there:
+    the model's input equals the CPU float path's."""
+    from cwkd.data import load_data
+    from cwkd.loaders import build_loaders, data_config
+
+    spec = load_data(str(folder))
+    dcfg = data_config(create_model("test_resnet"), input_size=32)
+    loaders = [build_loaders(spec, dcfg, batch_size=4, workers=1, device=where, seed=0)[0] for where in (device, "cpu")]
+    assert loaders[0].pin_memory is (device.type == "cuda")
+    (on_device, labels), (on_cpu, _) = (next(iter(loader)) for loader in loaders)
+    assert on_device.device == device and on_device.dtype == torch.float32
+    if device.type == "cuda":
+        assert on_device.is_contiguous(memory_format=torch.channels_last) and labels.is_pinned()
+    torch.testing.assert_close(on_device.cpu(), on_cpu, rtol=0, atol=1e-6)

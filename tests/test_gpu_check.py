@@ -101,3 +101,42 @@ def test_grids_link_carried_data_and_snapshot_results_atomically(tmp_path, monke
     assert "results/accuracy_gpu/accuracy/cell.json" in names and "logs/grids_alpha.log" in names
     assert sorted(p.name for p in Check.out.iterdir()) == ["grids_results.tar.gz", "logs"]  # no temp file left
     assert gpu_grids._result_files(results["alpha"]) == 1 and gpu_grids._result_files(results["detection"]) == 0
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_throughput_step_measures_every_variant(tmp_path):
+    """``--only machine,throughput`` runs benchmarks/throughput.py --plan quick: end to end from JPEG files with 2 and
+    auto workers against the model-bound rate, each with its data-wait share, and a verdict on the CPU target."""
+    from cwkd.feed import resolve_workers
+
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "machine,throughput", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    step = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["throughput"]
+    assert step["status"] == "passed", step.get("reason")
+    rows = step["summary"]
+    assert list(rows) == ["model_bound", "workers_2", "workers_auto"]
+    assert rows["workers_2"]["workers"] == 2 and rows["workers_auto"]["workers"] == resolve_workers("auto")
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and 0 <= row["data_wait"] <= 1
+    assert rows["model_bound"]["ratio_to_model_bound"] == 1.0
+    assert "workers_2" in step["verdict"]["target"] and isinstance(step["verdict"]["met"], bool)
+    assert step["data"]["train_files"] == 32 and step["data"]["mean_kib"] > 20  # real JPEGs, not blank ones
+    assert (tmp_path / "throughput_quick.json").is_file()
+
+
+def test_throughput_verdict_decides_the_gpu_decode_path_by_ratio_and_data_wait(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import throughput
+
+    def rows(ratio: float, wait: float) -> dict:
+        return {"workers_2": {"images_per_s": 1.0, "workers": 2},
+                "workers_auto": {"ratio_to_model_bound": ratio, "data_wait": wait, "images_per_s": 1.0, "workers": 16}}
+
+    gpu = throughput.PLANS["gpu"]
+    assert throughput.verdict(gpu, rows(0.93, 0.05))["gpu_decode"].startswith("met")
+    assert throughput.verdict(gpu, rows(0.60, 0.40))["gpu_decode"].startswith("input-bound: build")
+    assert throughput.verdict(gpu, rows(0.80, 0.02))["gpu_decode"].startswith("missed with little data wait")
+    cpu = throughput.PLANS["cpu"]
+    slow = {**rows(1, 0), "workers_auto": {"images_per_s": 0.9, "workers": 2}}
+    assert throughput.verdict(cpu, rows(1, 0))["met"] and not throughput.verdict(cpu, slow)["met"]
