@@ -351,18 +351,25 @@ def test_double_ctrl_c_during_start_up_exits_130_cleanly(tmp_path):
     print(proc.stderr.strip())
 
 
-def test_ctrl_c_at_start_up_suggests_resume_only_for_a_run_with_state(folder, trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("caller", [signal.default_int_handler, signal.SIG_IGN])  # SIG_IGN: nohup, CI runners
+def test_ctrl_c_at_start_up_suggests_resume_only_for_a_run_with_state(folder, trained, tmp_path, monkeypatch,
+                                                                      caller):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("cwkd.tasks.classification.load_data", ctrl_c)
-    run = shutil.copytree(trained, tmp_path / "run")
-    resumed = runner.invoke(app, ["train", "--resume", str(run)])
-    assert resumed.exit_code == 130 and f"continue the run with --resume {run}" in resumed.output, resumed.output
-    new = tmp_path / "new"
-    fresh = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(new), *FAST])
-    assert fresh.exit_code == 130 and "--resume" not in fresh.output, fresh.output  # before: "... with --resume"
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the caller's handler is back
+    before = signal.signal(signal.SIGINT, caller)
+    try:
+        run = shutil.copytree(trained, tmp_path / "run")
+        resumed = runner.invoke(app, ["train", "--resume", str(run)])
+        assert resumed.exit_code == 130 and f"continue the run with --resume {run}" in resumed.output, resumed.output
+        new = tmp_path / "new"
+        fresh = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(new),
+                                    *FAST])
+        assert fresh.exit_code == 130 and "--resume" not in fresh.output, fresh.output  # before: "... --resume"
+        assert signal.getsignal(signal.SIGINT) is caller  # the caller's handler is back, SIG_IGN included
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # ----------------------------------------------------------------------------- divergence
