@@ -84,10 +84,15 @@ class RunLock:
         _held.add(fd)
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (unlink first, so no one locks a file about to go)."""
+        """Remove the lock file and drop the lock (unlink first, so no one locks a file about to go).
+
+        A folder that became unwritable keeps its ``.lock`` file, which blocks no one once the lock is dropped;
+        the error that stopped the run is the one to report.
+        """
         if self._fd is None or self._pid != os.getpid():  # not held, or a forked child's copy
             return
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         _held.discard(self._fd)
         os.close(self._fd)

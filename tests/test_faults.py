@@ -279,6 +279,42 @@ def test_read_only_mid_run_keeps_the_last_epoch(folder, tmp_path, monkeypatch):
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow
+def test_run_directory_made_unwritable_mid_run_is_one_line(folder, tmp_path, monkeypatch):
+    from cwkd import rundir
+
+    out = tmp_path / "r"
+    save_epoch, real_open, real_unlink = rundir.save_epoch, os.open, Path.unlink
+
+    def denied(path) -> OSError:
+        return PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def open_(path, *args, **kwargs):
+        if Path(path).parent == out:
+            raise denied(path)
+        return real_open(path, *args, **kwargs)
+
+    def unlink(self, missing_ok=False):
+        if self.parent == out:
+            raise denied(self)
+        return real_unlink(self, missing_ok=missing_ok)
+
+    def save_then_chmod(*args, **kwargs):  # epoch 1 saves; then `chmod a-w` the folder (as a non-root user)
+        best = save_epoch(*args, **kwargs)
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(Path, "unlink", unlink)  # the lock file cannot be removed either
+        return best
+
+    monkeypatch.setattr(rundir, "save_epoch", save_then_chmod)
+    _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, "--epochs", "2", *FAST],
+           "could not write", "metrics.jsonl", "Permission denied", "check free space and permissions")
+    monkeypatch.undo()  # before: releasing the lock raised PermissionError, a traceback hiding the line above
+    _, meta = load_checkpoint(out / "last.safetensors")
+    assert meta.epoch == 1 and load_state(out / "state.pt")["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    _ok(["train", "--resume", out])  # writable again: the run goes on from epoch 1
+
+
 def test_export_into_a_read_only_directory_is_one_line(trained, tmp_path, monkeypatch):
     target = tmp_path / "ro" / "student.safetensors"
     _erofs_on(monkeypatch, target.name)
