@@ -37,7 +37,7 @@ from cwkd.build import (
 from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
 from cwkd.distiller import FeatureDistiller, Renormalize
-from cwkd.errors import ConfigError, NonfiniteLoss, TrainingError
+from cwkd.errors import ConfigError, NonfiniteLoss, RunInterrupted, TrainingError
 from cwkd.evaluation import evaluate
 from cwkd.loaders import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
 from cwkd.metadata import CheckpointMeta, run_metadata
@@ -253,7 +253,7 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
             if rank.main:
                 rundir.save_interrupted(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, epoch,
                                         skip + train["batches"], p.best)
-            raise rundir.RunInterrupted(out, stop.signal_number)
+            raise RunInterrupted(out, stop.signal_number)
         if train["batches"] and not train["steps"]:
             raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
                                 f"--skip-nonfinite); lower --lr{fp16_advice(cfg, device, ' or ')}")
@@ -269,7 +269,7 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
             console.warn(f"skipped {bad} unreadable image(s) so far (--skip-corrupt); their paths are above")
             reported_bad = bad
         if stop.requested and epoch + 1 < cfg.epochs:  # the signal came after the last step: epoch saved
-            raise rundir.RunInterrupted(out, stop.signal_number)
+            raise RunInterrupted(out, stop.signal_number)
     return last
 
 

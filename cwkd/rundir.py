@@ -44,16 +44,6 @@ _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetens
 STATE_VERSION = 1
 
 
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM/SIGHUP stopped the run at a step boundary after saving; ``exit_code`` is 128 + signal."""
-
-    def __init__(self, out: Path, signal_number: int) -> None:
-        self.out, self.exit_code = out, 128 + signal_number
-        name = signal.Signals(signal_number).name
-        super().__init__(f"stopped by {name}; saved {out / 'last.safetensors'} and {out / 'state.pt'}; "
-                         f"continue with --resume {out}")
-
-
 class StopSignals:
     """Turn the first SIGINT/SIGTERM/SIGHUP into a request to stop at the next step; a second SIGINT aborts.
 

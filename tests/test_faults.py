@@ -387,6 +387,35 @@ def test_double_ctrl_c_during_start_up_exits_130_cleanly(tmp_path):
     print(proc.stderr.strip())
 
 
+_CTRL_C_WHILE_TORCH_IMPORTS = """
+import importlib.abc, os, signal, sys
+
+class CtrlCOnTorch(importlib.abc.MetaPathFinder):  # the user presses Ctrl-C while torch is being imported
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCOnTorch())
+sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", "unused", "--out", sys.argv[1], "--device", "cpu"]
+from cwkd.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_torch_imports_prints_the_interrupted_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_CTRL_C_WHILE_TORCH_IMPORTS), str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # before: exit 130 and no output at all (the KeyboardInterrupt escaped cwkd's handler, typer exited silently)
+    assert "interrupted before the first epoch finished; nothing to resume: run the same command again" in proc.stderr
+    print(proc.stderr.strip())
+
+
 @pytest.mark.parametrize("caller", [signal.default_int_handler, signal.SIG_IGN])  # SIG_IGN: nohup, CI runners
 def test_ctrl_c_at_start_up_suggests_resume_only_for_a_run_with_state(folder, trained, tmp_path, monkeypatch,
                                                                       caller):
