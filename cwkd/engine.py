@@ -251,8 +251,9 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
                                 rank=rank.rank)
         if stop.requested and skip + train["batches"] < steps_per_epoch:
             if rank.main:
-                rundir.save_interrupted(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, epoch,
-                                        skip + train["batches"], p.best)
+                with stop.saving():  # a second Ctrl-C waits: last.safetensors without state.pt is no resume
+                    rundir.save_interrupted(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, epoch,
+                                            skip + train["batches"], p.best)
             raise RunInterrupted(out, stop.signal_number)
         if train["batches"] and not train["steps"]:
             raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
@@ -262,7 +263,8 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
         last = _epoch_record(epoch, train, val, p.optimizer, time.perf_counter() - started, p.task)
         check_diverged(p.distiller, last, cfg, out, rank.main)  # poisoned weights never become last or best
         if rank.main:
-            p.best = rundir.save_epoch(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, last, p.best)
+            with stop.saving():
+                p.best = rundir.save_epoch(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, last, p.best)
         console.info(_epoch_line(last, cfg.epochs, p.task))
         bad = sum(getattr(split, "skipped", 0) for split in (p.spec.train, p.spec.val))
         if bad > reported_bad:

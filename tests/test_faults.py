@@ -387,6 +387,51 @@ def test_double_ctrl_c_during_start_up_exits_130_cleanly(tmp_path):
     print(proc.stderr.strip())
 
 
+_CTRL_C_TWICE_AROUND_A_SAVE = """
+import os, signal, sys, time
+import cwkd.engine, cwkd.rundir
+
+first_at = int(sys.argv[3])
+update, save_checkpoint, steps = cwkd.engine._update, cwkd.rundir.save_checkpoint, [0]
+
+def update_then_ctrl_c(*args, **kwargs):
+    update(*args, **kwargs)
+    steps[0] += 1
+    if steps[0] == first_at:
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: stop and save
+
+def save_then_ctrl_c(*args, **kwargs):
+    save_checkpoint(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)  # the second, once last.safetensors is written and before state.pt
+    time.sleep(0.5)
+
+cwkd.engine._update = update_then_ctrl_c
+cwkd.rundir.save_checkpoint = save_then_ctrl_c
+sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", sys.argv[1], "--out", sys.argv[2], "--epochs", "2",
+            "--batch-size", "2", "--input-size", "32", "--workers", "0", "--device", "cpu"]
+from cwkd.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_at", [2, 4], ids=["mid-epoch", "end-of-epoch"])  # 4 steps an epoch
+def test_a_second_ctrl_c_during_the_save_lets_it_finish(folder, tmp_path, first_at):
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_CTRL_C_TWICE_AROUND_A_SAVE), str(folder), str(out),
+                           str(first_at)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # before: last.safetensors without state.pt, "nothing to resume: run the same command again", and the rerun
+    # was refused ("already holds a run")
+    assert (out / "state.pt").is_file(), proc.stderr[-3000:]
+    assert f"stopped by SIGINT; saved {out / 'last.safetensors'} and {out / 'state.pt'}; continue with --resume" \
+        in proc.stderr, proc.stderr[-3000:]
+    _ok(["train", "--resume", out])
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
 _CTRL_C_WHILE_TORCH_IMPORTS = """
 import importlib.abc, os, signal, sys
 
