@@ -41,7 +41,14 @@ from cwkd.errors import ConfigError, NonfiniteLoss, RunInterrupted, TrainingErro
 from cwkd.evaluation import evaluate
 from cwkd.loaders import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
 from cwkd.metadata import CheckpointMeta, run_metadata
-from cwkd.nonfinite import NonfiniteWatch, check_diverged, finite_everywhere, fp16_advice, raise_nonfinite
+from cwkd.nonfinite import (
+    NonfiniteWatch,
+    check_diverged,
+    finite_everywhere,
+    fp16_advice,
+    raise_nonfinite,
+    saved_checkpoints,
+)
 from cwkd.optim import build_optimizer, build_scheduler
 from cwkd.precision import precision_warning, resolve_precision
 from cwkd.runlock import RunLock
@@ -287,6 +294,7 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
     memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     watch = None if _checks_each_step(cfg, device) else NonfiniteWatch(device)
+    why = {"distiller": p.distiller, "saved": saved_checkpoints(epoch, first_step)}  # for a non-finite loss
     done = used = images_seen = skipped = 0
     started = time.perf_counter()
     console.start(label, steps)
@@ -305,7 +313,7 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
             watch.see(out, step)
         elif not finite_everywhere(out["loss"]):
             skipped += 1
-            raise_nonfinite(out, step, skipped, cfg, device, label)  # raises once past --skip-nonfinite
+            raise_nonfinite(out, step, skipped, cfg, device, label, **why)  # raises once past --skip-nonfinite
             continue
         _update(p, out["loss"], cfg)
         for key, value in out.items():  # the loss and its parts, the task's own included (a detector's)
@@ -314,13 +322,13 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
         done, images_seen = done + 1, images_seen + len(images)
         if done % 10 == 0 or used == steps:  # done > 0 here: this step counted
             if watch is not None:
-                watch.check(cfg, device, label)
+                watch.check(cfg, device, label, **why)
             parts = {k.removesuffix("_loss") if k != "loss" else k: sums[k].item() / done
                      for k in ("loss", "task_loss", "feat_loss", "kd_loss") if k in sums}
             console.advance(used, {**parts, "img/s": images_seen / (time.perf_counter() - started)})
     console.stop()
     if watch is not None:
-        watch.check(cfg, device, label)  # a stop may have come between two progress updates
+        watch.check(cfg, device, label, **why)  # a stop may have come between two progress updates
     means, seconds = _reduce_means(sums, done), time.perf_counter() - started
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {**means, "steps": done, "batches": used, "images_per_s": images_seen * world / max(seconds, 1e-9)}

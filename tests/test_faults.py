@@ -31,6 +31,7 @@ from cwkd.distiller import FeatureDistiller
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.faults import fault_message
 from cwkd.metadata import CheckpointMeta
+from cwkd.models import create_model
 from cwkd.strict_json import json_text
 
 from .helpers import cli_fails as _fails
@@ -546,6 +547,51 @@ def test_feature_loss_overflow_names_alpha():
     parts = {"task_loss": torch.tensor(0.5), "feat_loss": torch.tensor(float("inf")), "loss": torch.tensor(math.inf)}
     with pytest.raises(engine.TrainingError, match="feature loss went non-finite.*--alpha 1e\\+30"):
         nonfinite.raise_nonfinite(parts, 0, 1, cfg, torch.device("cpu"), "epoch 1/1")
+
+
+def _nan_copy(src: Path, dst: Path) -> Path:
+    """``src`` (a safetensors file) with one NaN weight, its metadata kept."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    name = next(k for k, t in tensors.items() if k.endswith("weight") and t.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "weights"])
+def test_a_teacher_with_a_nan_weight_is_refused_when_it_loads(folder, trained, tmp_path, how):
+    nan = _nan_copy(trained / "best.safetensors", tmp_path / "nan_teacher.safetensors")
+    if how == "weights":  # plain weights: the student tensors of the checkpoint, without its metadata
+        plain = load_checkpoint(nan)[0]
+        save_file({k.removeprefix("student."): v for k, v in plain.items()}, str(nan))
+        teacher = ["--teacher", "test_resnet", "--teacher-weights", nan]
+    else:
+        teacher = ["--teacher", nan]
+    out = tmp_path / "r"
+    # before: "non-finite loss in epoch 1/1 ... --alpha 1 is likely too large ... the checkpoints of the last
+    # finished epoch are kept" (there were none)
+    _fails(["distill", *teacher, "--student", "test_resnet", "--data", folder, "--out", out, "--epochs", "1",
+            *FAST], f"the teacher's weights in {nan} are non-finite (1 tensor(s)", "an earlier checkpoint")
+    assert not out.exists()  # refused before anything was written
+
+
+def test_nonfinite_teacher_outputs_are_named():
+    teacher = create_model("test_resnet", num_classes=5)
+    with torch.no_grad():  # finite weights whose maps overflow
+        for module in teacher.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.mul_(1e12)
+    distiller = FeatureDistiller(teacher, create_model("test_resnet", num_classes=5), input_size=32)
+    out = distiller(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    cfg = engine.TrainConfig(data="-", student="-", teacher="t")
+    with pytest.raises(engine.TrainingError, match="the teacher's outputs are non-finite, though its weights are "
+                                                   "finite") as caught:
+        nonfinite.raise_nonfinite(out, 0, 1, cfg, torch.device("cpu"), "epoch 1/1", distiller=distiller,
+                                  saved=nonfinite.saved_checkpoints(0, 0))
+    assert "--alpha" not in str(caught.value) and "no checkpoint was written" in str(caught.value)
 
 
 def test_nonfinite_teacher_is_named(folder):
