@@ -7,6 +7,7 @@ never lose a run: see docs/reliability.md for the table of cases and messages.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -474,6 +475,9 @@ class _StopAfter:
 
     def __exit__(self, *exc) -> None:
         pass
+
+    def saving(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     @property
     def requested(self) -> bool:
