@@ -241,8 +241,8 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
                                ("pretrained" if cfg.teacher_pretrained else "random"),
                                mean=tuple(stats.mean), std=tuple(stats.std))
         teacher_classes, teacher_chans = _num_classes(model), in_chans
-    _refuse_nonfinite_teacher(model, cfg.teacher if source.checkpoint else cfg.teacher_weights
-                              or f"timm's {source.weights} {source.model}")
+    where = cfg.teacher if source.checkpoint else cfg.teacher_weights or f"timm's {source.weights} {source.model}"
+    _refuse_nonfinite_teacher(model, where)
     if teacher_classes != num_classes:
         raise ConfigError(
             f"the teacher predicts {teacher_classes} classes but the data has {num_classes}; fine-tune it "
