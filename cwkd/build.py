@@ -241,6 +241,8 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
                                ("pretrained" if cfg.teacher_pretrained else "random"),
                                mean=tuple(stats.mean), std=tuple(stats.std))
         teacher_classes, teacher_chans = _num_classes(model), in_chans
+    where = cfg.teacher if source.checkpoint else cfg.teacher_weights or f"timm's {source.weights} {source.model}"
+    _refuse_nonfinite_teacher(model, where)
     if teacher_classes != num_classes:
         raise ConfigError(
             f"the teacher predicts {teacher_classes} classes but the data has {num_classes}; fine-tune it "
@@ -252,6 +254,15 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
             f"pass --in-chans {teacher_chans}"
         )
     return model.eval().requires_grad_(False), source
+
+
+def _refuse_nonfinite_teacher(model: nn.Module, where: str) -> None:
+    """A teacher with NaN/inf weights makes every feature loss non-finite: refuse it, by name, as it loads."""
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"the teacher's weights in {where} are non-finite ({len(bad)} tensor(s), e.g. {bad[0]}); "
+                              "the run that trained it diverged: pass an earlier checkpoint of it, or train it again "
+                              "with a lower --lr")
 
 
 def _checkpoint_teacher(path: str, task: TaskSpec) -> tuple[nn.Module, TeacherSource, int, int]:

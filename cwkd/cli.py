@@ -20,7 +20,7 @@ import typer
 from cwkd import __version__
 from cwkd.choices import ExportFormat, Method, MgdMask, Reduction, Split, Task
 from cwkd.config import Optimizer, Precision, TrainConfig
-from cwkd.errors import CwkdError
+from cwkd.errors import CwkdError, RunInterrupted
 
 app = typer.Typer(
     name="cwkd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -100,9 +100,7 @@ def _errors(run_dir: str | None = None, *, training: bool = False) -> Iterator[N
 
     ``training``: the command trains, into ``run_dir`` if known; the message after a Ctrl-C says what to do.
     """
-    from cwkd.rundir import RunInterrupted
-
-    try:
+    try:  # nothing before this line: a Ctrl-C while torch imports must reach the handlers below
         yield
     except CwkdError as exc:
         if _state["debug"]:
@@ -227,7 +225,7 @@ def train(
     skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
 ) -> None:
     """Train one model without a teacher: a teacher to distil from, or the baseline student."""
-    with _errors():
+    with _errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
         cfg, options = _config(dict(locals()), student=model, method=Method.none, flag="--model")
     _run(cfg, resume, options)
 
@@ -280,7 +278,7 @@ def distill(
     skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
 ) -> None:
     """Distil a teacher into a student through channel-wise aligned features."""
-    with _errors():
+    with _errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
         cfg, options = _config(dict(locals()), student=student, method=method, flag="--student")
     _run(cfg, resume, options)
 

@@ -123,6 +123,9 @@ class FeatureDistiller(nn.Module):
             raise ConfigError("feature distillation and logit KD need a teacher; pass one, or method='none'")
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never saved
         object.__setattr__(self, "teacher_input", teacher_input)
+        # Whether the teacher's maps of the last training step were all finite (on the device: no host sync);
+        # a non-finite loss names the teacher when they were not (cwkd.nonfinite).
+        self.teacher_finite: torch.Tensor | None = None
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.pairs: list[Pair] = []
@@ -213,6 +216,9 @@ class FeatureDistiller(nn.Module):
         s_feats = self._s_hooks.pop()
         if self._taps is not None:  # the teacher runs on what the student's own forward saw
             s_feats, t_feats = self._taps.pop(teacher=targets is not None)
+        if t_feats:
+            with torch.no_grad():
+                self.teacher_finite = torch.stack([torch.isfinite(t).all() for t in t_feats.values()]).all()
         return outputs, s_feats, t_feats, t_logits
 
     def paired_maps(self, images: torch.Tensor, targets: Any) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:

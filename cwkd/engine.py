@@ -37,11 +37,18 @@ from cwkd.build import (
 from cwkd.config import Precision, TrainConfig
 from cwkd.console import RunConsole
 from cwkd.distiller import FeatureDistiller, Renormalize
-from cwkd.errors import ConfigError, NonfiniteLoss, TrainingError
+from cwkd.errors import ConfigError, NonfiniteLoss, RunInterrupted, TrainingError
 from cwkd.evaluation import evaluate
 from cwkd.loaders import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
 from cwkd.metadata import CheckpointMeta, run_metadata
-from cwkd.nonfinite import NonfiniteWatch, check_diverged, finite_everywhere, fp16_advice, raise_nonfinite
+from cwkd.nonfinite import (
+    NonfiniteWatch,
+    check_diverged,
+    finite_everywhere,
+    fp16_advice,
+    raise_nonfinite,
+    saved_checkpoints,
+)
 from cwkd.optim import build_optimizer, build_scheduler
 from cwkd.precision import precision_warning, resolve_precision
 from cwkd.runlock import RunLock
@@ -252,9 +259,10 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
                                 rank=rank.rank)
         if stop.requested and skip + train["batches"] < steps_per_epoch:
             if rank.main:
-                rundir.save_interrupted(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, epoch,
-                                        skip + train["batches"], p.best)
-            raise rundir.RunInterrupted(out, stop.signal_number)
+                with stop.saving():  # a second Ctrl-C waits: last.safetensors without state.pt is no resume
+                    rundir.save_interrupted(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, epoch,
+                                            skip + train["batches"], p.best)
+            raise RunInterrupted(out, stop.signal_number)
         if train["batches"] and not train["steps"]:
             raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
                                 f"--skip-nonfinite); lower --lr{fp16_advice(cfg, device, ' or ')}")
@@ -263,14 +271,15 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
         last = _epoch_record(epoch, train, val, p.optimizer, time.perf_counter() - started, p.task)
         check_diverged(p.distiller, last, cfg, out, rank.main)  # poisoned weights never become last or best
         if rank.main:
-            p.best = rundir.save_epoch(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, last, p.best)
+            with stop.saving():
+                p.best = rundir.save_epoch(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, last, p.best)
         console.info(_epoch_line(last, cfg.epochs, p.task))
         bad = sum(getattr(split, "skipped", 0) for split in (p.spec.train, p.spec.val))
         if bad > reported_bad:
             console.warn(f"skipped {bad} unreadable image(s) so far (--skip-corrupt); their paths are above")
             reported_bad = bad
         if stop.requested and epoch + 1 < cfg.epochs:  # the signal came after the last step: epoch saved
-            raise rundir.RunInterrupted(out, stop.signal_number)
+            raise RunInterrupted(out, stop.signal_number)
     return last
 
 
@@ -288,6 +297,7 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
     memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     watch = None if _checks_each_step(cfg, device) else NonfiniteWatch(device)
+    why = {"distiller": p.distiller, "saved": saved_checkpoints(epoch, first_step)}  # for a non-finite loss
     done = used = images_seen = skipped = 0
     waited = 0.0  # seconds spent in the loader (a GPU may still work through queued steps meanwhile)
     started = time.perf_counter()
@@ -309,7 +319,7 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
             watch.see(out, step)
         elif not finite_everywhere(out["loss"]):
             skipped += 1
-            raise_nonfinite(out, step, skipped, cfg, device, label)  # raises once past --skip-nonfinite
+            raise_nonfinite(out, step, skipped, cfg, device, label, **why)  # raises once past --skip-nonfinite
             continue
         _update(p, out["loss"], cfg)
         for key, value in out.items():  # the loss and its parts, the task's own included (a detector's)
@@ -318,13 +328,13 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
         done, images_seen = done + 1, images_seen + len(images)
         if done % 10 == 0 or used == steps:  # done > 0 here: this step counted
             if watch is not None:
-                watch.check(cfg, device, label)
+                watch.check(cfg, device, label, **why)
             parts = {k.removesuffix("_loss") if k != "loss" else k: sums[k].item() / done
                      for k in ("loss", "task_loss", "feat_loss", "kd_loss") if k in sums}
             console.advance(used, {**parts, "img/s": images_seen / (time.perf_counter() - started)})
     console.stop()
     if watch is not None:
-        watch.check(cfg, device, label)  # a stop may have come between two progress updates
+        watch.check(cfg, device, label, **why)  # a stop may have come between two progress updates
     means, seconds = _reduce_means(sums, done), time.perf_counter() - started
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {**means, "steps": done, "batches": used, "images_per_s": images_seen * world / max(seconds, 1e-9),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 
 class CwkdError(Exception):
     """Base class for every user-facing cwkd error. The message says what is wrong and how to fix it."""
@@ -41,3 +44,17 @@ class NonfiniteLoss(TrainingError):
 
 class ExportError(CwkdError):
     """An export that failed or did not verify."""
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM/SIGHUP stopped the run at a step boundary after saving; ``exit_code`` is 128 + signal.
+
+    Not a :class:`CwkdError`: it is no error, and the CLI exits with ``exit_code``, not 1. It lives here, away
+    from torch, so the CLI can catch it before torch has loaded (a Ctrl-C while torch imports).
+    """
+
+    def __init__(self, out: Path, signal_number: int) -> None:
+        self.out, self.exit_code = out, 128 + signal_number
+        name = signal.Signals(signal_number).name
+        super().__init__(f"stopped by {name}; saved {out / 'last.safetensors'} and {out / 'state.pt'}; "
+                         f"continue with --resume {out}")

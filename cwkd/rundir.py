@@ -7,12 +7,14 @@ mixes weights and optimizer state from different epochs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,20 +46,12 @@ _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetens
 STATE_VERSION = 1
 
 
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM/SIGHUP stopped the run at a step boundary after saving; ``exit_code`` is 128 + signal."""
-
-    def __init__(self, out: Path, signal_number: int) -> None:
-        self.out, self.exit_code = out, 128 + signal_number
-        name = signal.Signals(signal_number).name
-        super().__init__(f"stopped by {name}; saved {out / 'last.safetensors'} and {out / 'state.pt'}; "
-                         f"continue with --resume {out}")
-
-
 class StopSignals:
     """Turn the first SIGINT/SIGTERM/SIGHUP into a request to stop at the next step; a second SIGINT aborts.
 
     SIGHUP is what a run started over ssh gets when the connection drops: it saves and stops like SIGTERM.
+    A second SIGINT during :meth:`saving` waits for the save: aborting there would leave ``last.safetensors``
+    without the ``state.pt`` that makes it resumable.
     """
 
     #: Under DDP the ranks agree on the flag every this many reads (an all-reduce is a host sync).
@@ -68,6 +62,7 @@ class StopSignals:
         self._old: dict = {}
         self._reads = 0
         self._agreed = 0
+        self._saving = False
 
     @property
     def requested(self) -> bool:
@@ -89,8 +84,19 @@ class StopSignals:
             self.signal_number = self.signal_number or self._agreed
         return self._agreed != 0
 
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Write a save's files: a second SIGINT meanwhile is held off, and the run then stops as the first asked."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
     def _handle(self, signum, _frame) -> None:
         if self.signal_number and signum == signal.SIGINT:
+            if self._saving:
+                return
             raise KeyboardInterrupt
         self.signal_number = signum
 

@@ -31,6 +31,7 @@ from cwkd.distiller import FeatureDistiller
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.faults import fault_message
 from cwkd.metadata import CheckpointMeta
+from cwkd.models import create_model
 from cwkd.strict_json import json_text
 
 from .helpers import cli_fails as _fails
@@ -279,6 +280,42 @@ def test_read_only_mid_run_keeps_the_last_epoch(folder, tmp_path, monkeypatch):
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow
+def test_run_directory_made_unwritable_mid_run_is_one_line(folder, tmp_path, monkeypatch):
+    from cwkd import rundir
+
+    out = tmp_path / "r"
+    save_epoch, real_open, real_unlink = rundir.save_epoch, os.open, Path.unlink
+
+    def denied(path) -> OSError:
+        return PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def open_(path, *args, **kwargs):
+        if Path(path).parent == out:
+            raise denied(path)
+        return real_open(path, *args, **kwargs)
+
+    def unlink(self, missing_ok=False):
+        if self.parent == out:
+            raise denied(self)
+        return real_unlink(self, missing_ok=missing_ok)
+
+    def save_then_chmod(*args, **kwargs):  # epoch 1 saves; then `chmod a-w` the folder (as a non-root user)
+        best = save_epoch(*args, **kwargs)
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(Path, "unlink", unlink)  # the lock file cannot be removed either
+        return best
+
+    monkeypatch.setattr(rundir, "save_epoch", save_then_chmod)
+    _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, "--epochs", "2", *FAST],
+           "could not write", "metrics.jsonl", "Permission denied", "check free space and permissions")
+    monkeypatch.undo()  # before: releasing the lock raised PermissionError, a traceback hiding the line above
+    _, meta = load_checkpoint(out / "last.safetensors")
+    assert meta.epoch == 1 and load_state(out / "state.pt")["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    _ok(["train", "--resume", out])  # writable again: the run goes on from epoch 1
+
+
 def test_export_into_a_read_only_directory_is_one_line(trained, tmp_path, monkeypatch):
     target = tmp_path / "ro" / "student.safetensors"
     _erofs_on(monkeypatch, target.name)
@@ -351,18 +388,99 @@ def test_double_ctrl_c_during_start_up_exits_130_cleanly(tmp_path):
     print(proc.stderr.strip())
 
 
-def test_ctrl_c_at_start_up_suggests_resume_only_for_a_run_with_state(folder, trained, tmp_path, monkeypatch):
+_CTRL_C_TWICE_AROUND_A_SAVE = """
+import os, signal, sys, time
+import cwkd.engine, cwkd.rundir
+
+first_at = int(sys.argv[3])
+update, save_checkpoint, steps = cwkd.engine._update, cwkd.rundir.save_checkpoint, [0]
+
+def update_then_ctrl_c(*args, **kwargs):
+    update(*args, **kwargs)
+    steps[0] += 1
+    if steps[0] == first_at:
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: stop and save
+
+def save_then_ctrl_c(*args, **kwargs):
+    save_checkpoint(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)  # the second, once last.safetensors is written and before state.pt
+    time.sleep(0.5)
+
+cwkd.engine._update = update_then_ctrl_c
+cwkd.rundir.save_checkpoint = save_then_ctrl_c
+sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", sys.argv[1], "--out", sys.argv[2], "--epochs", "2",
+            "--batch-size", "2", "--input-size", "32", "--workers", "0", "--device", "cpu"]
+from cwkd.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_at", [2, 4], ids=["mid-epoch", "end-of-epoch"])  # 4 steps an epoch
+def test_a_second_ctrl_c_during_the_save_lets_it_finish(folder, tmp_path, first_at):
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_CTRL_C_TWICE_AROUND_A_SAVE), str(folder), str(out),
+                           str(first_at)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # before: last.safetensors without state.pt, "nothing to resume: run the same command again", and the rerun
+    # was refused ("already holds a run")
+    assert (out / "state.pt").is_file(), proc.stderr[-3000:]
+    assert f"stopped by SIGINT; saved {out / 'last.safetensors'} and {out / 'state.pt'}; continue with --resume" \
+        in proc.stderr, proc.stderr[-3000:]
+    _ok(["train", "--resume", out])
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
+_CTRL_C_WHILE_TORCH_IMPORTS = """
+import importlib.abc, os, signal, sys
+
+class CtrlCOnTorch(importlib.abc.MetaPathFinder):  # the user presses Ctrl-C while torch is being imported
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCOnTorch())
+sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", "unused", "--out", sys.argv[1], "--device", "cpu"]
+from cwkd.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_torch_imports_prints_the_interrupted_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_CTRL_C_WHILE_TORCH_IMPORTS), str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # before: exit 130 and no output at all (the KeyboardInterrupt escaped cwkd's handler, typer exited silently)
+    assert "interrupted before the first epoch finished; nothing to resume: run the same command again" in proc.stderr
+    print(proc.stderr.strip())
+
+
+@pytest.mark.parametrize("caller", [signal.default_int_handler, signal.SIG_IGN])  # SIG_IGN: nohup, CI runners
+def test_ctrl_c_at_start_up_suggests_resume_only_for_a_run_with_state(folder, trained, tmp_path, monkeypatch,
+                                                                      caller):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("cwkd.tasks.classification.load_data", ctrl_c)
-    run = shutil.copytree(trained, tmp_path / "run")
-    resumed = runner.invoke(app, ["train", "--resume", str(run)])
-    assert resumed.exit_code == 130 and f"continue the run with --resume {run}" in resumed.output, resumed.output
-    new = tmp_path / "new"
-    fresh = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(new), *FAST])
-    assert fresh.exit_code == 130 and "--resume" not in fresh.output, fresh.output  # before: "... with --resume"
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the caller's handler is back
+    before = signal.signal(signal.SIGINT, caller)
+    try:
+        run = shutil.copytree(trained, tmp_path / "run")
+        resumed = runner.invoke(app, ["train", "--resume", str(run)])
+        assert resumed.exit_code == 130 and f"continue the run with --resume {run}" in resumed.output, resumed.output
+        new = tmp_path / "new"
+        fresh = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(new),
+                                    *FAST])
+        assert fresh.exit_code == 130 and "--resume" not in fresh.output, fresh.output  # before: "... --resume"
+        assert signal.getsignal(signal.SIGINT) is caller  # the caller's handler is back, SIG_IGN included
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -429,6 +547,51 @@ def test_feature_loss_overflow_names_alpha():
     parts = {"task_loss": torch.tensor(0.5), "feat_loss": torch.tensor(float("inf")), "loss": torch.tensor(math.inf)}
     with pytest.raises(engine.TrainingError, match="feature loss went non-finite.*--alpha 1e\\+30"):
         nonfinite.raise_nonfinite(parts, 0, 1, cfg, torch.device("cpu"), "epoch 1/1")
+
+
+def _nan_copy(src: Path, dst: Path) -> Path:
+    """``src`` (a safetensors file) with one NaN weight, its metadata kept."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    name = next(k for k, t in tensors.items() if k.endswith("weight") and t.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "weights"])
+def test_a_teacher_with_a_nan_weight_is_refused_when_it_loads(folder, trained, tmp_path, how):
+    nan = _nan_copy(trained / "best.safetensors", tmp_path / "nan_teacher.safetensors")
+    if how == "weights":  # plain weights: the student tensors of the checkpoint, without its metadata
+        plain = load_checkpoint(nan)[0]
+        save_file({k.removeprefix("student."): v for k, v in plain.items()}, str(nan))
+        teacher = ["--teacher", "test_resnet", "--teacher-weights", nan]
+    else:
+        teacher = ["--teacher", nan]
+    out = tmp_path / "r"
+    # before: "non-finite loss in epoch 1/1 ... --alpha 1 is likely too large ... the checkpoints of the last
+    # finished epoch are kept" (there were none)
+    _fails(["distill", *teacher, "--student", "test_resnet", "--data", folder, "--out", out, "--epochs", "1",
+            *FAST], f"the teacher's weights in {nan} are non-finite (1 tensor(s)", "an earlier checkpoint")
+    assert not out.exists()  # refused before anything was written
+
+
+def test_nonfinite_teacher_outputs_are_named():
+    teacher = create_model("test_resnet", num_classes=5)
+    with torch.no_grad():  # finite weights whose maps overflow
+        for module in teacher.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.mul_(1e12)
+    distiller = FeatureDistiller(teacher, create_model("test_resnet", num_classes=5), input_size=32)
+    out = distiller(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    cfg = engine.TrainConfig(data="-", student="-", teacher="t")
+    with pytest.raises(engine.TrainingError, match="the teacher's outputs are non-finite, though its weights are "
+                                                   "finite") as caught:
+        nonfinite.raise_nonfinite(out, 0, 1, cfg, torch.device("cpu"), "epoch 1/1", distiller=distiller,
+                                  saved=nonfinite.saved_checkpoints(0, 0))
+    assert "--alpha" not in str(caught.value) and "no checkpoint was written" in str(caught.value)
 
 
 def test_nonfinite_teacher_is_named(folder):

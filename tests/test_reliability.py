@@ -7,6 +7,7 @@ never lose a run: see docs/reliability.md for the table of cases and messages.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -415,6 +416,17 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_pat
     assert meta.epoch == 1 and load_state(out / "state.pt")["epoch"] == 1
 
 
+@pytest.mark.parametrize("each_step", [True, False], ids=["checked-each-step", "checked-on-device"])
+def test_nonfinite_loss_in_the_first_epoch_claims_no_checkpoint(folder, tmp_path, nan_after, monkeypatch, each_step):
+    monkeypatch.setattr(engine, "_checks_each_step", lambda cfg, device: each_step)
+    nan_after(1)  # epoch 1 fails at its second step: nothing was saved
+    out = tmp_path / "r"
+    error = _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, *FAST, "--epochs", "3"],
+                   "non-finite loss in epoch 1/3, step 2", "no checkpoint was written")
+    assert "are kept" not in error  # before: "the checkpoints of the last finished epoch are kept"
+    assert not (out / "last.safetensors").exists()
+
+
 def test_huge_lr_gives_a_nonfinite_loss_error(folder, tmp_path):
     _fails(["train", "--model", "test_resnet", "--data", folder, "--out", tmp_path / "r", *FAST, "--epochs", "3",
             "--lr", "1e30", "--warmup-epochs", "0"], "non-finite loss", "lower --lr (it was 1e+30)")
@@ -463,6 +475,9 @@ class _StopAfter:
 
     def __exit__(self, *exc) -> None:
         pass
+
+    def saving(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     @property
     def requested(self) -> bool:

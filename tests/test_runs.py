@@ -8,6 +8,7 @@ The resume cases (changed options, moved or replaced inputs, a damaged config.js
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -220,6 +221,37 @@ def test_lock_names_its_holder_and_is_released(tmp_path):
     assert not (tmp_path / ".lock").exists()
 
 
+_FOREIGN_HOLDER = ("import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
+                   "print(1, flush=True); time.sleep(float(sys.argv[2]))")
+
+
+def test_a_lock_whose_recorded_holder_died_is_waited_for_and_never_names_it(tmp_path, monkeypatch):
+    from cwkd import runlock
+
+    for hold_s, wait_s in ((1.0, 30.0), (60.0, 0.5)):
+        (tmp_path / ".lock").write_text("999999999\n")  # a run that died; a process it started holds the lock
+        monkeypatch.setattr(runlock, "ORPHAN_WAIT_S", wait_s)
+        holder = subprocess.Popen([sys.executable, "-c", _FOREIGN_HOLDER, str(tmp_path / ".lock"), str(hold_s)],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            holder.stdout.readline()  # it holds the lock now
+            lock = RunLock(tmp_path)
+            if hold_s < wait_s:
+                lock.acquire()  # taken once the leftover process ended
+                lock.release()
+                continue
+            with pytest.raises(ConfigError) as refused:
+                lock.acquire()
+            message = str(refused.value)
+            assert "in use by another cwkd process" not in message, message
+            assert "left over from a cwkd run whose main process (pid 999999999) has ended" in message, message
+            print(f"error: {message}")
+        finally:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()
+
+
 def test_lock_is_released_when_a_run_fails(folder, tmp_path):
     out = tmp_path / "r"
     _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, *FAST, "--epochs", "3",
@@ -250,6 +282,36 @@ def test_a_running_run_refuses_a_second_process_and_a_killed_one_does_not(long_f
     done = len(_epochs(out))
     _ok(["train", "--resume", out, "--epochs", str(done + 1)])
     assert _epochs(out) == list(range(1, done + 2))  # one line per epoch: no second writer
+    assert not (out / ".lock").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux's /proc; empty elsewhere)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_loader_workers_alive_resumes_at_once(long_folder, tmp_path):
+    out = tmp_path / "run"
+    first = _start(["train", "--model", "test_resnet", "--data", long_folder, "--out", out, *FAST, "--workers", "2",
+                    "--epochs", "1000"])
+    try:
+        _wait_for(out / "state.pt", first)
+        if sys.platform.startswith("linux"):
+            assert _children(first.pid), "the run has no loader workers to outlive it"
+        os.kill(first.pid, signal.SIGKILL)  # the main process only, as the OOM killer does; its workers live on
+        first.wait(timeout=60)
+        with RunLock(out) as lock:  # at once: before, the forked workers held the flock ~5 s more
+            lock.acquire()
+        code, stderr = _cli(["train", "--resume", out, "--epochs", str(len(_epochs(out)) + 1)])
+        assert code == 0 and "in use" not in stderr, stderr[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # the workers left of the killed run
     assert not (out / ".lock").exists()
 
 
