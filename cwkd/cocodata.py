@@ -13,13 +13,16 @@ background), whatever the ids are (COCO's run 1-90 with gaps); ``category_ids[la
 evaluation. Boxes are clipped to the image; boxes under 2 px wide or high are dropped and counted
 (``dropped``), crowd regions (``iscrowd``) are left out of training targets (COCO's evaluation reads
 them from the JSON), and images without objects stay (torchvision's detectors train on empty targets).
-Masks may be polygons or RLE; uncompressed RLE and polygons need no pycocotools.
+Masks may be polygons or RLE; uncompressed RLE and polygons need no pycocotools. The JSON is checked once
+at load (:mod:`cwkd.cococheck`): a malformed record is one error naming the file, the record and the field,
+and a polygon with fewer than 3 points is dropped with a warning (pycocotools cannot score it).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from cwkd.cococheck import check_coco
 from cwkd.composite import rle_decode
 from cwkd.errors import DataError
 from cwkd.segdata import read_image
@@ -51,6 +55,11 @@ class CocoDetection(Dataset):
                  category_ids: Sequence[int] | None = None) -> None:
         self.annotations, self.images, self.masks = Path(annotations), Path(images), masks
         self.coco = _read_json(self.annotations)
+        polygons, objects = check_coco(self.coco, self.annotations, masks=masks)
+        if polygons:  # once per file, at load: such a polygon cannot be drawn for training nor scored by COCO
+            left = f", and {objects} object(s) that had no other polygon" if objects else ""
+            warnings.warn(f"{self.annotations}: dropped {polygons} polygon(s) with fewer than 3 points{left}; "
+                          "give each polygon 3 or more x, y points to keep it", stacklevel=2)
         categories = sorted(self.coco["categories"], key=lambda c: c["id"])
         self.category_ids = list(category_ids) if category_ids is not None else [c["id"] for c in categories]
         self.classes = [c["name"] for c in categories]
@@ -131,9 +140,8 @@ def _mask(ann: dict, size: tuple[int, int], image: Path) -> np.ndarray:
     seg = ann.get("segmentation")
     if isinstance(seg, list):  # polygons: [[x0, y0, x1, y1, ...], ...] in pixels
         canvas = Image.new("L", (size[1], size[0]), 0)
-        for polygon in seg:
-            if len(polygon) >= 6:
-                ImageDraw.Draw(canvas).polygon([float(v) for v in polygon], fill=1, outline=1)
+        for polygon in seg:  # each of 3 points or more (cwkd.cococheck dropped the others at load)
+            ImageDraw.Draw(canvas).polygon([float(v) for v in polygon], fill=1, outline=1)
         return np.asarray(canvas, dtype=np.uint8)
     if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
         raise DataError(f"annotation {ann.get('id')} of {image} has no mask (segmentation: {str(seg)[:40]}); "
