@@ -207,7 +207,19 @@ def load_coco(root: str | Path, *, masks: bool = False) -> DetectionSpec:
         splits[split] = CocoDetection(root / json_file, root / images, masks=masks, category_ids=ids)
     if not len(splits["train"]):
         raise DataError(f"{root / layout['train'][0]} lists no images; add some")
+    _check_scorable(splits["val"], masks=masks)
     return DetectionSpec(root.name, splits["train"], splits["val"])
+
+
+def _check_scorable(val: CocoDetection, *, masks: bool) -> None:
+    """Refuse a val split COCO AP cannot score (no image, or no object outside crowd regions) before any training:
+    its AP would be undefined every epoch, and no best checkpoint could be picked."""
+    objects = sum(1 for ann in val.coco["annotations"] if not ann.get("iscrowd", 0))
+    if not len(val) or not objects:
+        what = "no images" if not len(val) else "no objects" + (" with a mask" if masks else "") + \
+            " outside crowd regions"
+        raise DataError(f"{val.annotations} lists {what}, so COCO AP cannot score the val split (it would be "
+                        "undefined every epoch, and no best checkpoint picked); add annotated images to it")
 
 
 class DetectionTransform:

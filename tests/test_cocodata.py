@@ -202,3 +202,15 @@ def test_polygons_under_3_points_are_dropped_at_load_with_one_warning(tmp_path):
 
     assert _ground_truth_as_predictions(spec.val).compute()["mask_ap"] > 50  # scored (PIL's outline adds pixels)
 
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda c: c.update(annotations=[]), "lists no objects outside crowd regions"),
+    (lambda c: [a.update(iscrowd=1) for a in c["annotations"]], "lists no objects outside crowd regions"),
+    (lambda c: c.update(images=[], annotations=[]), "lists no images"),
+])
+def test_a_val_split_coco_ap_cannot_score_is_refused_before_training(tmp_path, change, needle):
+    """It used to train every epoch with AP NaN, write no best.safetensors, and report 'best -1.00% at epoch 0'."""
+    root = coco2017(tmp_path)
+    _edit(root, "val", change)
+    with pytest.raises(DataError, match=f"instances_val2017.json {needle}, so COCO AP cannot score the val split"):
+        load_coco(root)
