@@ -159,11 +159,13 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int, input_size:
 
     ``input_size`` reaches models that resize their own input (detectors).
     """
-    from cwkd.tasks import get_task
+    from cwkd.tasks import check_model_task, get_task
 
-    return get_task(cfg.task).build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
-                                          pretrained=cfg.student_pretrained, weights=cfg.student_weights,
-                                          new_head=True, input_size=input_size)
+    task = get_task(cfg.task)
+    check_model_task(cfg.student, task.name)
+    return task.build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
+                            pretrained=cfg.student_pretrained, weights=cfg.student_weights, new_head=True,
+                            input_size=input_size)
 
 
 def teacher_in_chans(cfg: TrainConfig) -> int | None:
@@ -214,13 +216,14 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
     The description's ``mean`` and ``std`` are the input statistics the teacher expects: the
     checkpoint's own, or timm's config for the model otherwise.
     """
-    from cwkd.tasks import get_task
+    from cwkd.tasks import check_model_task, get_task
 
     assert cfg.teacher is not None
     task = get_task(cfg.task)
     if is_checkpoint_path(cfg.teacher):
         model, source, teacher_classes, teacher_chans = _checkpoint_teacher(cfg.teacher, task)
     else:
+        check_model_task(cfg.teacher, task.name, teacher=True)
         name = task.resolve_name(cfg.teacher)
         if not (cfg.teacher_weights or cfg.teacher_pretrained or cfg.allow_random_teacher):
             raise ConfigError(
