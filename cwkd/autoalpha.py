@@ -16,7 +16,8 @@ hard as the task term.
 ``g_feat`` is measured through a *fitted* map, not through the run's own aligners: per pair, the
 least-squares 1x1 linear map (with a bias, a tiny ridge, in float64) from the student's pixels (resized
 as the distiller does) to the teacher's, fitted on the other probe batches (so it cannot memorise the
-one it is measured on), with the run's loss reduction. An
+one it is measured on; a single batch is measured as two halves, each through the map the other half
+fits), with the run's loss reduction. An
 untrained aligner says little about its pull once it has adapted (MGD's generator starts with ~40x
 less gradient on the student than CWT's, so a rule through it picked an alpha that diverged), while
 the best linear aligner is the same for every method: cwt, linear and MGD get the same alpha. A
@@ -39,6 +40,7 @@ The measurement behind :data:`RATIO` is ``benchmarks/alpha.py --probe`` (docs/be
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Iterable
@@ -83,13 +85,18 @@ class AutoAlpha:
     feat_loss: float     # median feature loss
     batches: int
     capped: bool = False  # alpha was lowered to MAX_LOSS_RATIO * task_loss / feat_loss
+    halves: bool = False  # one batch alone, measured as two halves (``batches`` counts them)
 
     def line(self) -> str:
         """The one line a run prints."""
         cap = (f"; capped so the weighted feature loss starts at most {MAX_LOSS_RATIO:g}x the task loss"
                if self.capped else "")
         return (f"alpha auto: picked {self.alpha:.4g} (task grad {self.grad_task:.4g}, feature grad "
-                f"{self.grad_feat:.4g}, over {self.batches} batches{cap})")
+                f"{self.grad_feat:.4g}, over {self._measured()}{cap})")
+
+    def _measured(self) -> str:
+        """What was measured: ``5 batches``, or ``1 batch, as two halves`` (a train set of one batch)."""
+        return "1 batch, as two halves" if self.halves else f"{self.batches} batches"
 
 
 def pick_alpha(distiller, batches: Iterable[tuple], *, ratio: float = RATIO,
@@ -128,13 +135,14 @@ def measure(distiller, batches: Iterable[tuple], *,
     rows = []
     try:
         distiller.train()
-        fits = _fit_maps(distiller, batches, autocast)
-        for (images, targets), batch_fits in zip(batches, fits, strict=True):
+        for index, part, fits in _fit_maps(distiller, batches, autocast):
+            images, targets = batches[index]
             with autocast() if autocast is not None else contextlib.nullcontext():
                 outputs, maps = distiller.paired_maps(images, targets)
                 task = distiller.task_loss(outputs, targets)["task_loss"]
-            feat, scale = _fitted_loss(maps, batch_fits, distiller.reduction)
+            feat, scale = _fitted_loss([(s[part], t[part]) for s, t in maps], fits, distiller.reduction)
             row = _grad_norms(task, feat, params)
+            row["half"] = float(part != slice(None))
             if row["feat_loss"] <= EXACT * scale:  # the fitted map reproduces the teacher: float noise is left
                 row["grad_feat"] = 0.0
             rows.append(row)
@@ -149,27 +157,40 @@ def measure(distiller, batches: Iterable[tuple], *,
 
 
 def _fit_maps(distiller, batches: list[tuple], autocast: Callable[[], contextlib.AbstractContextManager] | None
-              ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per batch, per pair: the ridge least-squares 1x1 map ``(W, b)`` from the student's pixels to the teacher's.
+              ) -> list[tuple[int, slice, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """What to measure: per part, ``(batch index, samples, per pair the ridge least-squares 1x1 map (W, b))``.
 
-    Each batch's map is fitted on the *other* batches (one batch alone: on itself), so a map with more channels
-    than pixels cannot simply memorise the batch it is measured on (a near-zero loss, a huge alpha).
+    A part is a batch, or with one batch alone each half of it. Each part's map is fitted on the *other*
+    parts, so a map with more channels than pixels cannot memorise what it is measured on (a near-zero loss,
+    then a refusal or a huge alpha). One batch of one sample has nothing to hold out: a TrainingError.
     """
-    stats: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per batch, per pair: (X^T X, X^T Y), float64
+    parts = [(index, slice(None)) for index in range(len(batches))]
+    if len(batches) == 1:
+        size = _batch_size(batches[0])
+        if size < 2:
+            raise TrainingError("alpha auto: the training data gave one batch of one sample, and the probe map "
+                                "must be fitted on other samples than it is measured on; add training images, or "
+                                "set --alpha by hand")
+        parts = [(0, slice(0, size // 2)), (0, slice(size // 2, None))]
+    stats: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per part, per pair: (X^T X, X^T Y), float64
     with torch.no_grad():
-        for images, targets in batches:
+        for index, images_targets in enumerate(batches):
             with autocast() if autocast is not None else contextlib.nullcontext():
-                _, maps = distiller.paired_maps(images, targets)
-            stats.append([])
-            for s, t in maps:
-                x, y = _pixels(s), _pixels(t)
-                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # the bias column
-                stats[-1].append((x.T @ x, x.T @ y))
+                _, maps = distiller.paired_maps(*images_targets)
+            for _, part in (p for p in parts if p[0] == index):
+                stats.append([])
+                for s, t in maps:
+                    x, y = _pixels(s[part]), _pixels(t[part])
+                    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # the bias column
+                    stats[-1].append((x.T @ x, x.T @ y))
     totals = [(sum(b[i][0] for b in stats), sum(b[i][1] for b in stats)) for i in range(len(distiller.pairs))]
-    if len(stats) == 1:
-        return [[_solve(*total) for total in totals]]
-    return [[_solve(xtx - own[0], xty - own[1]) for (xtx, xty), own in zip(totals, batch, strict=True)]
-            for batch in stats]
+    return [(index, part, [_solve(xtx - own[0], xty - own[1]) for (xtx, xty), own in zip(totals, fit, strict=True)])
+            for (index, part), fit in zip(parts, stats, strict=True)]
+
+
+def _batch_size(batch: tuple) -> int:
+    """The samples in one ``(images, targets)`` batch (a tensor, or a list of images as detectors take)."""
+    return len(batch[0])
 
 
 def _pixels(m: torch.Tensor) -> torch.Tensor:
@@ -234,7 +255,8 @@ def choose(rows: list[dict[str, float]], *, ratio: float = RATIO) -> AutoAlpha:
     alpha = ratio * med["grad_task"] / med["grad_feat"]
     cap = MAX_LOSS_RATIO * med["task_loss"] / med["feat_loss"] if med["feat_loss"] > 0 else math.inf
     return AutoAlpha(alpha=min(alpha, cap), grad_task=med["grad_task"], grad_feat=med["grad_feat"],
-                     task_loss=med["task_loss"], feat_loss=med["feat_loss"], batches=len(rows), capped=alpha > cap)
+                     task_loss=med["task_loss"], feat_loss=med["feat_loss"], batches=len(rows), capped=alpha > cap,
+                     halves=any(r.get("half") for r in rows))
 
 
 class BackOff:
@@ -275,5 +297,5 @@ def _broadcast(picked: AutoAlpha, device: torch.device) -> AutoAlpha:
                            float(picked.capped)], dtype=torch.float64, device=device)
     dist.broadcast(values, src=0)
     a, gt, gf, tl, fl, capped = values.tolist()
-    return AutoAlpha(alpha=a, grad_task=gt, grad_feat=gf, task_loss=tl, feat_loss=fl, batches=picked.batches,
-                     capped=bool(capped))
+    return dataclasses.replace(picked, alpha=a, grad_task=gt, grad_feat=gf, task_loss=tl, feat_loss=fl,
+                               capped=bool(capped))

@@ -111,6 +111,20 @@ def test_a_teacher_that_is_a_linear_map_of_the_student_has_nothing_to_teach():
         pick_alpha(d, _batches())
 
 
+def test_a_single_batch_is_measured_as_two_halves_each_through_the_map_the_other_fits():
+    """A train set of one batch failed with "a linear map ... already gives the teacher's": the map was fitted on
+    the very batch it measured (here 4 pixels of 64 channels, which it memorised exactly)."""
+    batch = _batches(1)
+    rows = measure(_distiller(), batch)
+    assert len(rows) == 2 and all(r["grad_feat"] > 0 and r["feat_loss"] > 1e-6 for r in rows)
+    picked = pick_alpha(_distiller(), batch)
+    assert math.isfinite(picked.alpha) and picked.alpha > 0 and "over 1 batch, as two halves" in picked.line()
+    images, labels = batch[0]
+    with pytest.raises(TrainingError, match="one batch of one sample, and the probe map must be fitted on other "
+                                            "samples than it is measured on; add training images, or set --alpha"):
+        pick_alpha(_distiller(), [(images[:1], labels[:1])])
+
+
 def test_detection_feature_taps_get_an_alpha_too():
     """A detector's pairs come from its FPN taps; the fitted measurement reads them through the same seam."""
     task = get_task("detection")
