@@ -26,7 +26,12 @@ gradient ratio does not care about the loss form (``mean`` or the paper's ``sum`
 
 - the weighted fitted feature loss may start at most :data:`MAX_LOSS_RATIO` (7.5) times the task loss
   (the benchmark's sweeps in these units: 4.5x and 7.4x trained best, 9.7x lost 4 points, 18x diverged),
-  and alpha is capped there with a printed reason (a student whose task gradient is huge at init hits it);
+  and alpha is capped there with a printed reason (a student whose task gradient is huge at init hits it).
+  It bounds alpha times the loss through the *fitted* map, over the task loss, on the probe batches: not the
+  feature loss a run reports, which goes through the run's own aligners. Those start untrained and report
+  more (many times more on a detector) until they fit; the printed line gives both ratios. The cap stays
+  in fitted units because the sweeps that set it were measured in them, and an untrained aligner's loss
+  depends on its random start and its method, which the rule keeps out;
 - a loss that still goes non-finite in the first epoch starts the run again from its first step at
   alpha / :data:`BACK_OFF` (4), at most :data:`MAX_BACK_OFFS` (3) times (:class:`BackOff`; not under DDP):
   MGD takes less alpha than cwt and linear on some students, and no measure before training told which;
@@ -86,13 +91,19 @@ class AutoAlpha:
     batches: int
     capped: bool = False  # alpha was lowered to MAX_LOSS_RATIO * task_loss / feat_loss
     halves: bool = False  # one batch alone, measured as two halves (``batches`` counts them)
+    own_loss: float = math.nan  # median feature loss through the run's own (untrained) aligners: what a run reports
 
     def line(self) -> str:
-        """The one line a run prints."""
-        cap = (f"; capped so the weighted feature loss starts at most {MAX_LOSS_RATIO:g}x the task loss"
-               if self.capped else "")
+        """The one line a run prints: the pick, and the weighted feature loss over the task loss it starts at,
+        through the fitted map (what the cap bounds) and through the run's own untrained aligners (what the
+        first steps report, until the aligners fit)."""
+        cap = "; capped there" if self.capped else ""
+        own = (f", {self.alpha * self.own_loss / self.task_loss:.3g}x through this run's untrained aligners"
+               if math.isfinite(self.own_loss) and self.task_loss > 0 else "")
         return (f"alpha auto: picked {self.alpha:.4g} (task grad {self.grad_task:.4g}, feature grad "
-                f"{self.grad_feat:.4g}, over {self._measured()}{cap})")
+                f"{self.grad_feat:.4g}, over {self._measured()}); the weighted feature loss starts at "
+                f"{self.alpha * self.feat_loss / self.task_loss:.3g}x the task loss through a fitted linear map "
+                f"(at most {MAX_LOSS_RATIO:g}x{cap}){own}")
 
     def _measured(self) -> str:
         """What was measured: ``5 batches``, or ``1 batch, as two halves`` (a train set of one batch)."""
@@ -120,8 +131,9 @@ def pick_alpha(distiller, batches: Iterable[tuple], *, ratio: float = RATIO,
 
 def measure(distiller, batches: Iterable[tuple], *,
             autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[dict[str, float]]:
-    """Per batch: ``grad_task``, ``grad_feat`` (alpha 1, through the fitted maps) on the shared parameters,
-    ``task_loss``, ``feat_loss`` (the fitted map's).
+    """Per batch (or half of a lone batch): ``grad_task``, ``grad_feat`` (alpha 1, through the fitted maps) on the
+    shared parameters, ``task_loss``, ``feat_loss`` (the fitted map's), ``own_loss`` (through the run's own
+    aligners, as the run reports it) and ``half`` (1 for a half).
 
     The weights, their ``.grad`` and every buffer (BatchNorm statistics) are as before; the mode is restored.
     """
@@ -138,11 +150,11 @@ def measure(distiller, batches: Iterable[tuple], *,
         for index, part, fits in _fit_maps(distiller, batches, autocast):
             images, targets = batches[index]
             with autocast() if autocast is not None else contextlib.nullcontext():
-                outputs, maps = distiller.paired_maps(images, targets)
+                outputs, maps, own = distiller.paired_maps(images, targets)
                 task = distiller.task_loss(outputs, targets)["task_loss"]
             feat, scale = _fitted_loss([(s[part], t[part]) for s, t in maps], fits, distiller.reduction)
             row = _grad_norms(task, feat, params)
-            row["half"] = float(part != slice(None))
+            row["half"], row["own_loss"] = float(part != slice(None)), own
             if row["feat_loss"] <= EXACT * scale:  # the fitted map reproduces the teacher: float noise is left
                 row["grad_feat"] = 0.0
             rows.append(row)
@@ -176,7 +188,7 @@ def _fit_maps(distiller, batches: list[tuple], autocast: Callable[[], contextlib
     with torch.no_grad():
         for index, images_targets in enumerate(batches):
             with autocast() if autocast is not None else contextlib.nullcontext():
-                _, maps = distiller.paired_maps(*images_targets)
+                _, maps, _ = distiller.paired_maps(*images_targets)
             for _, part in (p for p in parts if p[0] == index):
                 stats.append([])
                 for s, t in maps:
@@ -256,7 +268,8 @@ def choose(rows: list[dict[str, float]], *, ratio: float = RATIO) -> AutoAlpha:
     cap = MAX_LOSS_RATIO * med["task_loss"] / med["feat_loss"] if med["feat_loss"] > 0 else math.inf
     return AutoAlpha(alpha=min(alpha, cap), grad_task=med["grad_task"], grad_feat=med["grad_feat"],
                      task_loss=med["task_loss"], feat_loss=med["feat_loss"], batches=len(rows), capped=alpha > cap,
-                     halves=any(r.get("half") for r in rows))
+                     halves=any(r.get("half") for r in rows),
+                     own_loss=statistics.median(r.get("own_loss", math.nan) for r in rows))
 
 
 class BackOff:
@@ -294,8 +307,8 @@ def _plain(values: dict[str, float]) -> str:
 def _broadcast(picked: AutoAlpha, device: torch.device) -> AutoAlpha:
     """Rank 0's pick on every rank."""
     values = torch.tensor([picked.alpha, picked.grad_task, picked.grad_feat, picked.task_loss, picked.feat_loss,
-                           float(picked.capped)], dtype=torch.float64, device=device)
+                           float(picked.capped), picked.own_loss], dtype=torch.float64, device=device)
     dist.broadcast(values, src=0)
-    a, gt, gf, tl, fl, capped = values.tolist()
+    a, gt, gf, tl, fl, capped, own = values.tolist()
     return dataclasses.replace(picked, alpha=a, grad_task=gt, grad_feat=gf, task_loss=tl, feat_loss=fl,
-                               capped=bool(capped))
+                               capped=bool(capped), own_loss=own)

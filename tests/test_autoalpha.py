@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -123,6 +124,21 @@ def test_a_single_batch_is_measured_as_two_halves_each_through_the_map_the_other
     with pytest.raises(TrainingError, match="one batch of one sample, and the probe map must be fitted on other "
                                             "samples than it is measured on; add training images, or set --alpha"):
         pick_alpha(_distiller(), [(images[:1], labels[:1])])
+
+
+def test_the_line_gives_the_capped_fitted_ratio_and_the_ratio_the_run_will_report():
+    """The cap bounds the loss through the fitted map; a run reports the loss through its own untrained aligners,
+    which starts far higher (a detection run saw 57x under a '7.5x' cap): the line now gives both."""
+    d, batches = _distiller(), _batches()
+    picked = pick_alpha(d, batches)
+    d.train()
+    with torch.no_grad():
+        reported = statistics.median(float(d(*batch)["feat_loss"]) for batch in batches)  # what epoch 1 logs
+    assert picked.own_loss == pytest.approx(reported, rel=1e-5)
+    fitted, own = picked.alpha * picked.feat_loss / picked.task_loss, picked.alpha * reported / picked.task_loss
+    assert fitted <= MAX_LOSS_RATIO < own  # the cap holds in fitted units only: here the aligners start far above
+    assert (f"the weighted feature loss starts at {fitted:.3g}x the task loss through a fitted linear map (at most "
+            f"7.5x), {own:.3g}x through this run's untrained aligners") in picked.line()
 
 
 def test_detection_feature_taps_get_an_alpha_too():
