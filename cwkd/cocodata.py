@@ -56,10 +56,6 @@ class CocoDetection(Dataset):
         self.annotations, self.images, self.masks = Path(annotations), Path(images), masks
         self.coco = _read_json(self.annotations)
         polygons, objects = check_coco(self.coco, self.annotations, masks=masks)
-        if polygons:  # once per file, at load: such a polygon cannot be drawn for training nor scored by COCO
-            left = f", and {objects} object(s) that had no other polygon" if objects else ""
-            warnings.warn(f"{self.annotations}: dropped {polygons} polygon(s) with fewer than 3 points{left}; "
-                          "give each polygon 3 or more x, y points to keep it", stacklevel=2)
         categories = sorted(self.coco["categories"], key=lambda c: c["id"])
         self.category_ids = list(category_ids) if category_ids is not None else [c["id"] for c in categories]
         self.classes = [c["name"] for c in categories]
@@ -70,6 +66,18 @@ class CocoDetection(Dataset):
         self.records = sorted(self.coco["images"], key=lambda r: r["id"])
         self.dropped = 0
         self._objects = self._index(self.coco["annotations"])
+        self._warn_dropped(polygons, objects)
+
+    def _warn_dropped(self, polygons: int, objects: int) -> None:
+        """One warning per file, at load, for what the targets leave out that a user would not see otherwise."""
+        if polygons:  # such a polygon can neither be drawn for training nor scored by COCO
+            left = f", and {objects} object(s) that had no other polygon" if objects else ""
+            warnings.warn(f"{self.annotations}: dropped {polygons} polygon(s) with fewer than 3 points{left}; "
+                          "give each polygon 3 or more x, y points to keep it", stacklevel=3)
+        if self.dropped:
+            warnings.warn(f"{self.annotations}: left {self.dropped} object(s) with a box {MIN_BOX_SIDE:g} px wide or "
+                          "high or less out of the targets (too small to draw or train on; COCO's scoring still "
+                          "reads them); fix their bbox to train on them", stacklevel=3)
 
     def _index(self, annotations: list[dict]) -> dict[int, list[dict]]:
         known, objects = {r["id"] for r in self.records}, defaultdict(list)
