@@ -72,13 +72,13 @@ def test_a_detection_teacher_for_a_classifier_is_one_clear_error(coco, tmp_path)
 ])
 def test_a_model_of_another_task_names_its_task_not_a_close_timm_name(name, task, needle):
     """`--model fasterrcnn_test_resnet --task classification` said "unknown model ...; did you mean test_resnet?"."""
-    from cwkd.tasks import check_model_task
+    from cwkd.build import check_model_task
 
     with pytest.raises(ConfigError, match=needle):
-        check_model_task(name, task)
+        check_model_task(name, Task(task))
     check_model_task(name, infer_task(name))
-    check_model_task("test_resnett", task)  # unknown to every task: the task's own lookup says so
-    check_model_task("maskrcnn_test_resnet", "detection", teacher=True)  # a Mask R-CNN may teach a detector
+    check_model_task("test_resnett", Task(task))  # unknown to every task: the task's own lookup says so
+    check_model_task("maskrcnn_test_resnet", Task.detection, teacher=True)  # a Mask R-CNN may teach a detector
 
 
 def test_a_detector_under_task_classification_is_one_clean_line(tmp_path):

@@ -59,32 +59,6 @@ def can_teach(teacher: Task, student: Task) -> bool:
     return teacher is student or teacher in _TEACHES.get(student, ())
 
 
-def check_model_task(name: str, task: Task | str, *, teacher: bool = False) -> None:
-    """Refuse a model name another task owns (``fasterrcnn_*`` under ``--task classification``), naming its task.
-
-    A name no task knows passes: the task's own lookup then says it is unknown (with timm's close names).
-    A teacher passes when its task may teach this one (:func:`can_teach`).
-
-    Example:
-        >>> check_model_task("pspnet_resnet18", "segmentation")
-    """
-    task = _as_task(task)
-    found = _of(name)
-    if found is Task.classification:
-        from cwkd.models import is_model_name
-
-        if not is_model_name(name):
-            return  # unknown to every task
-    if found is task or (teacher and can_teach(found, task)):
-        return
-    kind = f"{'an' if found.value[0] in 'aeiou' else 'a'} {found.value} model"
-    if teacher:
-        raise ConfigError(f"the teacher '{name}' is {kind} but this run is {task.value}; pick a {task.value} "
-                          f"teacher, or pass --task {found.value} with {kind} as the student")
-    raise ConfigError(f"'{name}' is {kind} but this run is {task.value}; pass --task {found.value}, or leave "
-                      "--task out (the model name sets it)")
-
-
 def _of(name: str) -> Task:
     """The task a model name says."""
     from cwkd.detmodels import detection_task
@@ -103,4 +77,4 @@ def _as_task(value: Task | str) -> Task:
         raise ConfigError(f"unknown task '{value}'; use one of {', '.join(t.value for t in Task)}") from None
 
 
-__all__ = ["Task", "can_teach", "check_model_task", "get_task", "infer_task"]
+__all__ = ["Task", "can_teach", "get_task", "infer_task"]
