@@ -134,6 +134,9 @@ def _read_json(path: Path) -> dict:
         coco = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path} as COCO JSON ({type(exc).__name__}: {exc}); replace the file") from exc
+    if not isinstance(coco, dict):
+        raise DataError(f"{path} holds a JSON {type(coco).__name__}, not an object; a COCO instances file is an "
+                        "object with images, annotations and categories")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(coco.get(k), list)]
     if missing:
         raise DataError(f"{path} has no list '{missing[0]}'; a COCO instances file has images, annotations "

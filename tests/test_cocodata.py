@@ -184,6 +184,13 @@ def test_wrongly_shaped_coco_fields_are_one_line_naming_file_record_and_field(tm
         load_coco(root, masks=True)
 
 
+def test_a_json_that_is_not_an_object_is_one_line(tmp_path):
+    root = coco2017(tmp_path)
+    (root / "annotations" / "instances_train2017.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="instances_train2017.json holds a JSON list, not an object; a COCO instances"):
+        load_coco(root)
+
+
 def test_polygons_under_3_points_are_dropped_at_load_with_one_warning(tmp_path):
     """pycocotools fails on such a polygon when it scores the val split, after a whole epoch has trained."""
     root = coco2017(tmp_path)
