@@ -174,7 +174,8 @@ def _fit_maps(distiller, batches: list[tuple], autocast: Callable[[], contextlib
 
     A part is a batch, or with one batch alone each half of it. Each part's map is fitted on the *other*
     parts, so a map with more channels than pixels cannot memorise what it is measured on (a near-zero loss,
-    then a refusal or a huge alpha). One batch of one sample has nothing to hold out: a TrainingError.
+    then a refusal or a huge alpha). One batch of one sample has nothing to hold out, and halves with fewer
+    pixels than a map has unknowns (for every pair) fit nothing that carries over: a TrainingError each.
     """
     parts = [(index, slice(None)) for index in range(len(batches))]
     if len(batches) == 1:
@@ -185,19 +186,33 @@ def _fit_maps(distiller, batches: list[tuple], autocast: Callable[[], contextlib
                                 "set --alpha by hand")
         parts = [(0, slice(0, size // 2)), (0, slice(size // 2, None))]
     stats: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per part, per pair: (X^T X, X^T Y), float64
+    smallest: dict[int, tuple[int, int]] = {}  # per pair: (pixels, unknowns) of its smallest part
     with torch.no_grad():
         for index, images_targets in enumerate(batches):
             with autocast() if autocast is not None else contextlib.nullcontext():
                 _, maps, _ = distiller.paired_maps(*images_targets)
             for _, part in (p for p in parts if p[0] == index):
                 stats.append([])
-                for s, t in maps:
+                for i, (s, t) in enumerate(maps):
                     x, y = _pixels(s[part]), _pixels(t[part])
                     x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # the bias column
                     stats[-1].append((x.T @ x, x.T @ y))
+                    smallest[i] = min(smallest.get(i, tuple(x.shape)), tuple(x.shape))
+    if len(batches) == 1 and all(pixels < unknowns for pixels, unknowns in smallest.values()):
+        _too_few_pixels(distiller, smallest[0])
     totals = [(sum(b[i][0] for b in stats), sum(b[i][1] for b in stats)) for i in range(len(distiller.pairs))]
     return [(index, part, [_solve(xtx - own[0], xty - own[1]) for (xtx, xty), own in zip(totals, fit, strict=True)])
             for (index, part), fit in zip(parts, stats, strict=True)]
+
+
+def _too_few_pixels(distiller, shape: tuple[int, int]) -> None:
+    """One lone batch whose halves are too small to fit a map on one and measure it on the other: say so."""
+    pair, (pixels, unknowns) = distiller.pairs[0], shape
+    others = " (every other pair's half is too small as well)" if len(distiller.pairs) > 1 else ""
+    raise TrainingError(f"alpha auto: the training data gave one batch, so the probe map is fitted on one half of "
+                        f"it and measured on the other, and a half holds {pixels} pixel(s) of {pair.student.name}'s "
+                        f"{unknowns - 1}-channel maps, fewer than the {unknowns} such a map needs{others}; add "
+                        "training images or raise --input-size, or set --alpha by hand")
 
 
 def _batch_size(batch: tuple) -> int:
