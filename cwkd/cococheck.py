@@ -72,7 +72,8 @@ def _check_segmentation(path: Path, index: int, ann: dict) -> int:
     seg = ann.get("segmentation")
     if isinstance(seg, dict):
         size = seg.get("size")
-        if "counts" not in seg or not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+        if not isinstance(seg.get("counts"), list | str) or not (isinstance(size, list) and len(size) == 2
+                                                                  and all(_is_int(v) for v in size)):
             _fail(path, "annotations", index, ann, f"has 'segmentation' {_short(seg)}; an RLE mask has 'counts' "
                                                    "and 'size' [height, width]")
         return 0

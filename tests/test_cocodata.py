@@ -174,6 +174,8 @@ def test_compressed_rle_without_pycocotools_names_the_extra(tmp_path, monkeypatc
     ("train", lambda c: c["categories"][2].pop("name"), "categories[2] (id 14) has no 'name'"),
     ("val", lambda c: c["images"][1].update(id=c["images"][0]["id"]), "images[1] (id 1) repeats an id"),
     ("train", lambda c: c["annotations"][0].update(segmentation=[[1, 2, "x", 4, 5, 6]]), "has a polygon"),
+    ("val", lambda c: c["annotations"][1].update(segmentation={"size": [64, 64], "counts": 5}),
+     "annotations[1] (id 2) has 'segmentation' {'size': [64, 64], 'counts': 5}; an RLE mask has 'counts'"),
 ])
 def test_wrongly_shaped_coco_fields_are_one_line_naming_file_record_and_field(tmp_path, split, change, needle):
     """Each of these was a traceback (an image without file_name only mid-epoch, in a loader worker)."""
