@@ -16,7 +16,8 @@ hard as the task term.
 ``g_feat`` is measured through a *fitted* map, not through the run's own aligners: per pair, the
 least-squares 1x1 linear map (with a bias, a tiny ridge, in float64) from the student's pixels (resized
 as the distiller does) to the teacher's, fitted on the other probe batches (so it cannot memorise the
-one it is measured on), with the run's loss reduction. An
+one it is measured on; a single batch is measured as two halves, each through the map the other half
+fits), with the run's loss reduction. An
 untrained aligner says little about its pull once it has adapted (MGD's generator starts with ~40x
 less gradient on the student than CWT's, so a rule through it picked an alpha that diverged), while
 the best linear aligner is the same for every method: cwt, linear and MGD get the same alpha. A
@@ -25,7 +26,12 @@ gradient ratio does not care about the loss form (``mean`` or the paper's ``sum`
 
 - the weighted fitted feature loss may start at most :data:`MAX_LOSS_RATIO` (7.5) times the task loss
   (the benchmark's sweeps in these units: 4.5x and 7.4x trained best, 9.7x lost 4 points, 18x diverged),
-  and alpha is capped there with a printed reason (a student whose task gradient is huge at init hits it);
+  and alpha is capped there with a printed reason (a student whose task gradient is huge at init hits it).
+  It bounds alpha times the loss through the *fitted* map, over the task loss, on the probe batches: not the
+  feature loss a run reports, which goes through the run's own aligners. Those start untrained and report
+  more (many times more on a detector) until they fit; the printed line gives both ratios. The cap stays
+  in fitted units because the sweeps that set it were measured in them, and an untrained aligner's loss
+  depends on its random start and its method, which the rule keeps out;
 - a loss that still goes non-finite in the first epoch starts the run again from its first step at
   alpha / :data:`BACK_OFF` (4), at most :data:`MAX_BACK_OFFS` (3) times (:class:`BackOff`; not under DDP):
   MGD takes less alpha than cwt and linear on some students, and no measure before training told which;
@@ -39,6 +45,7 @@ The measurement behind :data:`RATIO` is ``benchmarks/alpha.py --probe`` (docs/be
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Iterable
@@ -83,13 +90,24 @@ class AutoAlpha:
     feat_loss: float     # median feature loss
     batches: int
     capped: bool = False  # alpha was lowered to MAX_LOSS_RATIO * task_loss / feat_loss
+    halves: bool = False  # one batch alone, measured as two halves (``batches`` counts them)
+    own_loss: float = math.nan  # median feature loss through the run's own (untrained) aligners: what a run reports
 
     def line(self) -> str:
-        """The one line a run prints."""
-        cap = (f"; capped so the weighted feature loss starts at most {MAX_LOSS_RATIO:g}x the task loss"
-               if self.capped else "")
+        """The one line a run prints: the pick, and the weighted feature loss over the task loss it starts at,
+        through the fitted map (what the cap bounds) and through the run's own untrained aligners (what the
+        first steps report, until the aligners fit)."""
+        cap = "; capped there" if self.capped else ""
+        own = (f", {self.alpha * self.own_loss / self.task_loss:.3g}x through this run's untrained aligners"
+               if math.isfinite(self.own_loss) and self.task_loss > 0 else "")
         return (f"alpha auto: picked {self.alpha:.4g} (task grad {self.grad_task:.4g}, feature grad "
-                f"{self.grad_feat:.4g}, over {self.batches} batches{cap})")
+                f"{self.grad_feat:.4g}, over {self._measured()}); the weighted feature loss starts at "
+                f"{self.alpha * self.feat_loss / self.task_loss:.3g}x the task loss through a fitted linear map "
+                f"(at most {MAX_LOSS_RATIO:g}x{cap}){own}")
+
+    def _measured(self) -> str:
+        """What was measured: ``5 batches``, or ``1 batch, as two halves`` (a train set of one batch)."""
+        return "1 batch, as two halves" if self.halves else f"{self.batches} batches"
 
 
 def pick_alpha(distiller, batches: Iterable[tuple], *, ratio: float = RATIO,
@@ -113,8 +131,9 @@ def pick_alpha(distiller, batches: Iterable[tuple], *, ratio: float = RATIO,
 
 def measure(distiller, batches: Iterable[tuple], *,
             autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[dict[str, float]]:
-    """Per batch: ``grad_task``, ``grad_feat`` (alpha 1, through the fitted maps) on the shared parameters,
-    ``task_loss``, ``feat_loss`` (the fitted map's).
+    """Per batch (or half of a lone batch): ``grad_task``, ``grad_feat`` (alpha 1, through the fitted maps) on the
+    shared parameters, ``task_loss``, ``feat_loss`` (the fitted map's), ``own_loss`` (through the run's own
+    aligners, as the run reports it) and ``half`` (1 for a half).
 
     The weights, their ``.grad`` and every buffer (BatchNorm statistics) are as before; the mode is restored.
     """
@@ -128,13 +147,14 @@ def measure(distiller, batches: Iterable[tuple], *,
     rows = []
     try:
         distiller.train()
-        fits = _fit_maps(distiller, batches, autocast)
-        for (images, targets), batch_fits in zip(batches, fits, strict=True):
+        for index, part, fits in _fit_maps(distiller, batches, autocast):
+            images, targets = batches[index]
             with autocast() if autocast is not None else contextlib.nullcontext():
-                outputs, maps = distiller.paired_maps(images, targets)
+                outputs, maps, own = distiller.paired_maps(images, targets)
                 task = distiller.task_loss(outputs, targets)["task_loss"]
-            feat, scale = _fitted_loss(maps, batch_fits, distiller.reduction)
+            feat, scale = _fitted_loss([(s[part], t[part]) for s, t in maps], fits, distiller.reduction)
             row = _grad_norms(task, feat, params)
+            row["half"], row["own_loss"] = float(part != slice(None)), own
             if row["feat_loss"] <= EXACT * scale:  # the fitted map reproduces the teacher: float noise is left
                 row["grad_feat"] = 0.0
             rows.append(row)
@@ -149,27 +169,55 @@ def measure(distiller, batches: Iterable[tuple], *,
 
 
 def _fit_maps(distiller, batches: list[tuple], autocast: Callable[[], contextlib.AbstractContextManager] | None
-              ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per batch, per pair: the ridge least-squares 1x1 map ``(W, b)`` from the student's pixels to the teacher's.
+              ) -> list[tuple[int, slice, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """What to measure: per part, ``(batch index, samples, per pair the ridge least-squares 1x1 map (W, b))``.
 
-    Each batch's map is fitted on the *other* batches (one batch alone: on itself), so a map with more channels
-    than pixels cannot simply memorise the batch it is measured on (a near-zero loss, a huge alpha).
+    A part is a batch, or with one batch alone each half of it. Each part's map is fitted on the *other*
+    parts, so a map with more channels than pixels cannot memorise what it is measured on (a near-zero loss,
+    then a refusal or a huge alpha). One batch of one sample has nothing to hold out, and halves with fewer
+    pixels than a map has unknowns (for every pair) fit nothing that carries over: a TrainingError each.
     """
-    stats: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per batch, per pair: (X^T X, X^T Y), float64
+    parts = [(index, slice(None)) for index in range(len(batches))]
+    if len(batches) == 1:
+        size = _batch_size(batches[0])
+        if size < 2:
+            raise TrainingError("alpha auto: the training data gave one batch of one sample, and the probe map "
+                                "must be fitted on other samples than it is measured on; add training images, or "
+                                "set --alpha by hand")
+        parts = [(0, slice(0, size // 2)), (0, slice(size // 2, None))]
+    stats: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per part, per pair: (X^T X, X^T Y), float64
+    smallest: dict[int, tuple[int, int]] = {}  # per pair: (pixels, unknowns) of its smallest part
     with torch.no_grad():
-        for images, targets in batches:
+        for index, images_targets in enumerate(batches):
             with autocast() if autocast is not None else contextlib.nullcontext():
-                _, maps = distiller.paired_maps(images, targets)
-            stats.append([])
-            for s, t in maps:
-                x, y = _pixels(s), _pixels(t)
-                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # the bias column
-                stats[-1].append((x.T @ x, x.T @ y))
+                _, maps, _ = distiller.paired_maps(*images_targets)
+            for _, part in (p for p in parts if p[0] == index):
+                stats.append([])
+                for i, (s, t) in enumerate(maps):
+                    x, y = _pixels(s[part]), _pixels(t[part])
+                    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # the bias column
+                    stats[-1].append((x.T @ x, x.T @ y))
+                    smallest[i] = min(smallest.get(i, tuple(x.shape)), tuple(x.shape))
+    if len(batches) == 1 and all(pixels < unknowns for pixels, unknowns in smallest.values()):
+        _too_few_pixels(distiller, smallest[0])
     totals = [(sum(b[i][0] for b in stats), sum(b[i][1] for b in stats)) for i in range(len(distiller.pairs))]
-    if len(stats) == 1:
-        return [[_solve(*total) for total in totals]]
-    return [[_solve(xtx - own[0], xty - own[1]) for (xtx, xty), own in zip(totals, batch, strict=True)]
-            for batch in stats]
+    return [(index, part, [_solve(xtx - own[0], xty - own[1]) for (xtx, xty), own in zip(totals, fit, strict=True)])
+            for (index, part), fit in zip(parts, stats, strict=True)]
+
+
+def _too_few_pixels(distiller, shape: tuple[int, int]) -> None:
+    """One lone batch whose halves are too small to fit a map on one and measure it on the other: say so."""
+    pair, (pixels, unknowns) = distiller.pairs[0], shape
+    others = " (every other pair's half is too small as well)" if len(distiller.pairs) > 1 else ""
+    raise TrainingError(f"alpha auto: the training data gave one batch, so the probe map is fitted on one half of "
+                        f"it and measured on the other, and a half holds {pixels} pixel(s) of {pair.student.name}'s "
+                        f"{unknowns - 1}-channel maps, fewer than the {unknowns} such a map needs{others}; add "
+                        "training images or raise --input-size, or set --alpha by hand")
+
+
+def _batch_size(batch: tuple) -> int:
+    """The samples in one ``(images, targets)`` batch (a tensor, or a list of images as detectors take)."""
+    return len(batch[0])
 
 
 def _pixels(m: torch.Tensor) -> torch.Tensor:
@@ -234,7 +282,9 @@ def choose(rows: list[dict[str, float]], *, ratio: float = RATIO) -> AutoAlpha:
     alpha = ratio * med["grad_task"] / med["grad_feat"]
     cap = MAX_LOSS_RATIO * med["task_loss"] / med["feat_loss"] if med["feat_loss"] > 0 else math.inf
     return AutoAlpha(alpha=min(alpha, cap), grad_task=med["grad_task"], grad_feat=med["grad_feat"],
-                     task_loss=med["task_loss"], feat_loss=med["feat_loss"], batches=len(rows), capped=alpha > cap)
+                     task_loss=med["task_loss"], feat_loss=med["feat_loss"], batches=len(rows), capped=alpha > cap,
+                     halves=any(r.get("half") for r in rows),
+                     own_loss=statistics.median(r.get("own_loss", math.nan) for r in rows))
 
 
 class BackOff:
@@ -272,8 +322,8 @@ def _plain(values: dict[str, float]) -> str:
 def _broadcast(picked: AutoAlpha, device: torch.device) -> AutoAlpha:
     """Rank 0's pick on every rank."""
     values = torch.tensor([picked.alpha, picked.grad_task, picked.grad_feat, picked.task_loss, picked.feat_loss,
-                           float(picked.capped)], dtype=torch.float64, device=device)
+                           float(picked.capped), picked.own_loss], dtype=torch.float64, device=device)
     dist.broadcast(values, src=0)
-    a, gt, gf, tl, fl, capped = values.tolist()
-    return AutoAlpha(alpha=a, grad_task=gt, grad_feat=gf, task_loss=tl, feat_loss=fl, batches=picked.batches,
-                     capped=bool(capped))
+    a, gt, gf, tl, fl, capped, own = values.tolist()
+    return dataclasses.replace(picked, alpha=a, grad_task=gt, grad_feat=gf, task_loss=tl, feat_loss=fl,
+                               capped=bool(capped), own_loss=own)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cwkd.checkpoint import load_checkpoint, read_metadata, read_state_dict, student_state
+from cwkd.choices import Task
 from cwkd.config import Precision, TrainConfig
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.loaders import data_config
@@ -154,6 +155,30 @@ def is_checkpoint_path(value: str) -> bool:
     return looks_like_path(value) or path.is_file() or (path.is_dir() and not is_model_name(value))
 
 
+def check_model_task(name: str, task: Task, *, teacher: bool = False) -> None:
+    """Refuse a model name another task owns (``fasterrcnn_*`` under ``--task classification``), naming its task.
+
+    A name no task knows passes: the task's own lookup then says it is unknown (with timm's close names).
+    A teacher passes when its task may teach this one (:func:`cwkd.tasks.can_teach`).
+
+    Example:
+        >>> check_model_task("pspnet_resnet18", Task.segmentation)
+    """
+    from cwkd.tasks import can_teach, infer_task
+
+    found = infer_task(name)  # what the name says; classification for any other name
+    if found is Task.classification and not is_model_name(name):
+        return  # unknown to every task
+    if found is task or (teacher and can_teach(found, task)):
+        return
+    kind = f"{'an' if found.value[0] in 'aeiou' else 'a'} {found.value} model"
+    if teacher:
+        raise ConfigError(f"the teacher '{name}' is {kind} but this run is {task.value}; pick a {task.value} "
+                          f"teacher, or pass --task {found.value} with {kind} as the student")
+    raise ConfigError(f"'{name}' is {kind} but this run is {task.value}; pass --task {found.value}, or leave "
+                      "--task out (the model name sets it)")
+
+
 def build_student(cfg: TrainConfig, num_classes: int, in_chans: int, input_size: int | None = None) -> nn.Module:
     """The student of the run's task: from scratch, pretrained weights, or a local weights file to fine-tune.
 
@@ -161,9 +186,11 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int, input_size:
     """
     from cwkd.tasks import get_task
 
-    return get_task(cfg.task).build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
-                                          pretrained=cfg.student_pretrained, weights=cfg.student_weights,
-                                          new_head=True, input_size=input_size)
+    task = get_task(cfg.task)
+    check_model_task(cfg.student, task.name)
+    return task.build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
+                            pretrained=cfg.student_pretrained, weights=cfg.student_weights, new_head=True,
+                            input_size=input_size)
 
 
 def teacher_in_chans(cfg: TrainConfig) -> int | None:
@@ -221,6 +248,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
     if is_checkpoint_path(cfg.teacher):
         model, source, teacher_classes, teacher_chans = _checkpoint_teacher(cfg.teacher, task)
     else:
+        check_model_task(cfg.teacher, task.name, teacher=True)
         name = task.resolve_name(cfg.teacher)
         if not (cfg.teacher_weights or cfg.teacher_pretrained or cfg.allow_random_teacher):
             raise ConfigError(

@@ -13,13 +13,16 @@ background), whatever the ids are (COCO's run 1-90 with gaps); ``category_ids[la
 evaluation. Boxes are clipped to the image; boxes under 2 px wide or high are dropped and counted
 (``dropped``), crowd regions (``iscrowd``) are left out of training targets (COCO's evaluation reads
 them from the JSON), and images without objects stay (torchvision's detectors train on empty targets).
-Masks may be polygons or RLE; uncompressed RLE and polygons need no pycocotools.
+Masks may be polygons or RLE; uncompressed RLE and polygons need no pycocotools. The JSON is checked once
+at load (:mod:`cwkd.cococheck`): a malformed record is one error naming the file, the record and the field,
+and a polygon with fewer than 3 points is dropped with a warning (pycocotools cannot score it).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from cwkd.cococheck import check_coco
 from cwkd.composite import rle_decode
 from cwkd.errors import DataError
 from cwkd.segdata import read_image
@@ -51,6 +55,7 @@ class CocoDetection(Dataset):
                  category_ids: Sequence[int] | None = None) -> None:
         self.annotations, self.images, self.masks = Path(annotations), Path(images), masks
         self.coco = _read_json(self.annotations)
+        polygons, objects = check_coco(self.coco, self.annotations, masks=masks)
         categories = sorted(self.coco["categories"], key=lambda c: c["id"])
         self.category_ids = list(category_ids) if category_ids is not None else [c["id"] for c in categories]
         self.classes = [c["name"] for c in categories]
@@ -61,6 +66,18 @@ class CocoDetection(Dataset):
         self.records = sorted(self.coco["images"], key=lambda r: r["id"])
         self.dropped = 0
         self._objects = self._index(self.coco["annotations"])
+        self._warn_dropped(polygons, objects)
+
+    def _warn_dropped(self, polygons: int, objects: int) -> None:
+        """One warning per file, at load, for what the targets leave out that a user would not see otherwise."""
+        if polygons:  # such a polygon can neither be drawn for training nor scored by COCO
+            left = f", and {objects} object(s) that had no other polygon" if objects else ""
+            warnings.warn(f"{self.annotations}: dropped {polygons} polygon(s) with fewer than 3 points{left}; "
+                          "give each polygon 3 or more x, y points to keep it", stacklevel=3)
+        if self.dropped:
+            warnings.warn(f"{self.annotations}: left {self.dropped} object(s) with a box {MIN_BOX_SIDE:g} px wide or "
+                          "high or less out of the targets (too small to draw or train on; COCO's scoring still "
+                          "reads them); fix their bbox to train on them", stacklevel=3)
 
     def _index(self, annotations: list[dict]) -> dict[int, list[dict]]:
         known, objects = {r["id"] for r in self.records}, defaultdict(list)
@@ -117,6 +134,9 @@ def _read_json(path: Path) -> dict:
         coco = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path} as COCO JSON ({type(exc).__name__}: {exc}); replace the file") from exc
+    if not isinstance(coco, dict):
+        raise DataError(f"{path} holds a JSON {type(coco).__name__}, not an object; a COCO instances file is an "
+                        "object with images, annotations and categories")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(coco.get(k), list)]
     if missing:
         raise DataError(f"{path} has no list '{missing[0]}'; a COCO instances file has images, annotations "
@@ -131,9 +151,8 @@ def _mask(ann: dict, size: tuple[int, int], image: Path) -> np.ndarray:
     seg = ann.get("segmentation")
     if isinstance(seg, list):  # polygons: [[x0, y0, x1, y1, ...], ...] in pixels
         canvas = Image.new("L", (size[1], size[0]), 0)
-        for polygon in seg:
-            if len(polygon) >= 6:
-                ImageDraw.Draw(canvas).polygon([float(v) for v in polygon], fill=1, outline=1)
+        for polygon in seg:  # each of 3 points or more (cwkd.cococheck dropped the others at load)
+            ImageDraw.Draw(canvas).polygon([float(v) for v in polygon], fill=1, outline=1)
         return np.asarray(canvas, dtype=np.uint8)
     if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
         raise DataError(f"annotation {ann.get('id')} of {image} has no mask (segmentation: {str(seg)[:40]}); "
@@ -199,7 +218,19 @@ def load_coco(root: str | Path, *, masks: bool = False) -> DetectionSpec:
         splits[split] = CocoDetection(root / json_file, root / images, masks=masks, category_ids=ids)
     if not len(splits["train"]):
         raise DataError(f"{root / layout['train'][0]} lists no images; add some")
+    _check_scorable(splits["val"], masks=masks)
     return DetectionSpec(root.name, splits["train"], splits["val"])
+
+
+def _check_scorable(val: CocoDetection, *, masks: bool) -> None:
+    """Refuse a val split COCO AP cannot score (no image, or no object outside crowd regions) before any training:
+    its AP would be undefined every epoch, and no best checkpoint could be picked."""
+    objects = sum(1 for ann in val.coco["annotations"] if not ann.get("iscrowd", 0))
+    if not len(val) or not objects:
+        what = "no images" if not len(val) else "no objects" + (" with a mask" if masks else "") + \
+            " outside crowd regions"
+        raise DataError(f"{val.annotations} lists {what}, so COCO AP cannot score the val split (it would be "
+                        "undefined every epoch, and no best checkpoint picked); add annotated images to it")
 
 
 class DetectionTransform:

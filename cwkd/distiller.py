@@ -221,16 +221,22 @@ class FeatureDistiller(nn.Module):
                 self.teacher_finite = torch.stack([torch.isfinite(t).all() for t in t_feats.values()]).all()
         return outputs, s_feats, t_feats, t_logits
 
-    def paired_maps(self, images: torch.Tensor, targets: Any) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The student's outputs and, per pair, ``(student map, teacher map)`` of one batch, before any aligner.
+    def paired_maps(self, images: torch.Tensor, targets: Any
+                    ) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], float]:
+        """The student's outputs; per pair, ``(student map, teacher map)`` of one batch, before any aligner; and
+        the feature loss through the run's own aligners (alpha 1, no graph): ``forward``'s ``feat_loss`` now.
 
         The student map is resized to the teacher's as :meth:`align` would (it keeps its graph); the teacher map
-        has none. ``cwkd.autoalpha`` fits its own map between the two.
+        has none. ``cwkd.autoalpha`` fits its own map between the two. Random draws of the aligners (MGD's
+        masks) are undone, so a probe leaves the random state as it found it.
         """
         outputs, s_feats, t_feats, _ = self._run(images, targets)
         maps = [(self._resize(i, to_map(s_feats[p.student.name], p.student)),
                  to_map(t_feats[p.teacher.name], p.teacher)) for i, p in enumerate(self.pairs)]
-        return outputs, maps
+        cuda = [m.device for m, _ in maps[:1] if m.device.type == "cuda"]
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            own = float(self._feature_losses(s_feats, t_feats, {}))
+        return outputs, maps, own
 
     def _feature_losses(self, s_feats: dict, t_feats: dict, out: dict) -> torch.Tensor:
         total = 0.0

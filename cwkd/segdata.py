@@ -7,12 +7,14 @@ Two layouts are found under ``--data ROOT``:
 - plain: ``{train,val}/images/<name>.<ext>`` with ``{train,val}/masks/<name>.png`` of the same stem.
 
 A mask holds one class index per pixel; 255 means "ignore" (VOC's object borders). Class names come
-from ``classes.txt`` (one per line, background first) when the folder has one, else numbers.
+from ``classes.txt`` (one per line, background first) when the folder has one, else numbers: one per
+value up to the largest the masks hold, with a warning when some of those values appear in no mask.
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,8 +167,28 @@ def _class_names(base: Path, pairs: list[tuple[Path, Path]]) -> list[str]:
         if len(names) < 2:
             raise DataError(f"{listing} names {len(names)} class(es); list at least background and one class")
         return names
-    top = max(int(np.max(m, initial=0, where=m != IGNORE_INDEX)) for m in (read_mask(p) for _, p in pairs))
+    first: dict[int, Path] = {}  # each class value the masks hold, and the first mask that holds it
+    for _, path in pairs:
+        for value in np.unique(read_mask(path)).tolist():
+            first.setdefault(value, path)
+    first.pop(IGNORE_INDEX, None)
+    top = max(first, default=0)
+    if first and len(first) < top + 1:  # a stray value (a 77 among 0-9) would silently make a 78-class model
+        warnings.warn(f"{base} has no classes.txt, so its masks' values ({_ranges(sorted(first))}) number the "
+                      f"classes: {top + 1} (0-{top}), {top + 1 - len(first)} of which no mask holds; if {top} is a "
+                      f"stray value, fix {first[top]}, else list every class in {listing}", stacklevel=3)
     return [str(i) for i in range(max(top + 1, 2))]
+
+
+def _ranges(values: list[int]) -> str:
+    """Sorted integers as runs: ``[0, 1, 2, 3, 77]`` -> ``0-3, 77``."""
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][-1] + 1:
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 class JointTransform:

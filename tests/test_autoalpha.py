@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -111,6 +112,46 @@ def test_a_teacher_that_is_a_linear_map_of_the_student_has_nothing_to_teach():
         pick_alpha(d, _batches())
 
 
+def test_a_single_batch_is_measured_as_two_halves_each_through_the_map_the_other_fits():
+    """A train set of one batch failed with "a linear map ... already gives the teacher's": the map was fitted on
+    the very batch it measured, and memorised it."""
+    def every_stage() -> FeatureDistiller:  # maps of 16x16 down to 1x1: the larger ones fit on a half of 4 images
+        torch.manual_seed(0)
+        teacher, student = (timm.create_model(n, num_classes=4) for n in ("test_resnet", "test_efficientnet"))
+        return FeatureDistiller(teacher, student, pairs="all", alpha="auto", input_size=32)
+
+    batch = _batches(1)
+    rows = measure(every_stage(), batch)
+    assert len(rows) == 2 and all(r["grad_feat"] > 0 and r["feat_loss"] > 1e-6 for r in rows)
+    picked = pick_alpha(every_stage(), batch)
+    assert math.isfinite(picked.alpha) and picked.alpha > 0 and "over 1 batch, as two halves" in picked.line()
+
+
+def test_a_single_batch_too_small_to_split_says_exactly_that():
+    images, labels = _batches(1)[0]
+    with pytest.raises(TrainingError, match="a half holds 2 pixel\\(s\\) of blocks.4's 64-channel maps, fewer than "
+                                            "the 65 such a map needs; add training images or raise --input-size"):
+        pick_alpha(_distiller(), [(images, labels)])  # 1x1 maps, 2 images a half
+    with pytest.raises(TrainingError, match="one batch of one sample, and the probe map must be fitted on other "
+                                            "samples than it is measured on; add training images, or set --alpha"):
+        pick_alpha(_distiller(), [(images[:1], labels[:1])])
+
+
+def test_the_line_gives_the_capped_fitted_ratio_and_the_ratio_the_run_will_report():
+    """The cap bounds the loss through the fitted map; a run reports the loss through its own untrained aligners,
+    which starts far higher (a detection run saw 57x under a '7.5x' cap): the line now gives both."""
+    d, batches = _distiller(), _batches()
+    picked = pick_alpha(d, batches)
+    d.train()
+    with torch.no_grad():
+        reported = statistics.median(float(d(*batch)["feat_loss"]) for batch in batches)  # what epoch 1 logs
+    assert picked.own_loss == pytest.approx(reported, rel=1e-5)
+    fitted, own = picked.alpha * picked.feat_loss / picked.task_loss, picked.alpha * reported / picked.task_loss
+    assert fitted <= MAX_LOSS_RATIO < own  # the cap holds in fitted units only: here the aligners start far above
+    assert (f"the weighted feature loss starts at {fitted:.3g}x the task loss through a fitted linear map (at most "
+            f"7.5x), {own:.3g}x through this run's untrained aligners") in picked.line()
+
+
 def test_detection_feature_taps_get_an_alpha_too():
     """A detector's pairs come from its FPN taps; the fitted measurement reads them through the same seam."""
     task = get_task("detection")
@@ -120,7 +161,7 @@ def test_detection_feature_taps_get_an_alpha_too():
     d = FeatureDistiller(teacher, student, alpha="auto", input_size=64, task_loss=task.loss_fn(), logits_of=None,
                          student_forward=task.forward, feature_taps=task.feature_taps)
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
-    picked = pick_alpha(d, [(list(torch.rand(2, 3, 64, 64)), targets)])
+    picked = pick_alpha(d, [(list(torch.rand(2, 3, 64, 64)), targets) for _ in range(2)])
     assert math.isfinite(picked.alpha) and picked.alpha > 0
 
 

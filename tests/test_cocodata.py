@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,9 @@ def test_degenerate_boxes_are_dropped_and_counted_and_empty_images_stay(tmp_path
         coco["annotations"][0]["bbox"][2] = 1  # 1 px wide
         coco["annotations"][1]["bbox"][3] = 0.5
     _edit(root, "train", change)
-    spec = load_coco(root, masks=True)
+    with pytest.warns(UserWarning, match=r"instances_train2017.json: left 2 object\(s\) with a box 1 px wide or high "
+                                         "or less out of the targets"):  # once, at load (they were silent)
+        spec = load_coco(root, masks=True)
     assert spec.train.dropped == 2
     image, target = spec.train[0]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
@@ -157,3 +161,67 @@ def test_compressed_rle_without_pycocotools_names_the_extra(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "pycocotools", None)
     with pytest.raises(DataError, match=r"compressed RLE mask, which needs pycocotools; .*cwkd\[detection\]"):
         load_coco(root, masks=True).train[0]
+
+
+@pytest.mark.parametrize("split, change, needle", [
+    ("train", lambda c: c["annotations"][0].pop("bbox"),
+     "annotations[0] (id 1) has 'bbox' None; it must be 4 numbers [x, y, width, height] in pixels"),
+    ("train", lambda c: c["annotations"][0].update(bbox=[1, 2, 3]), "annotations[0] (id 1) has 'bbox' [1, 2, 3]; "),
+    ("train", lambda c: c["annotations"].__setitem__(1, "cat"), "annotations[1] is 'cat', not an object"),
+    ("val", lambda c: c["images"][1].pop("file_name"), "images[1] (id 2) has no 'file_name'"),
+    ("train", lambda c: c["images"][0].update(width="abc"), "images[0] (id 1) has 'width' 'abc'; it must be a "
+                                                            "positive integer"),
+    ("train", lambda c: c["categories"][2].pop("name"), "categories[2] (id 14) has no 'name'"),
+    ("val", lambda c: c["images"][1].update(id=c["images"][0]["id"]), "images[1] (id 1) repeats an id"),
+    ("train", lambda c: c["annotations"][0].update(segmentation=[[1, 2, "x", 4, 5, 6]]), "has a polygon"),
+    ("val", lambda c: c["annotations"][1].update(segmentation={"size": [64, 64], "counts": 5}),
+     "annotations[1] (id 2) has 'segmentation' {'size': [64, 64], 'counts': 5}; an RLE mask has 'counts'"),
+])
+def test_wrongly_shaped_coco_fields_are_one_line_naming_file_record_and_field(tmp_path, split, change, needle):
+    """Each of these was a traceback (an image without file_name only mid-epoch, in a loader worker)."""
+    root = coco2017(tmp_path)
+    _edit(root, split, change)
+    path = root / "annotations" / f"instances_{split}2017.json"
+    with pytest.raises(DataError, match=rf"^{re.escape(f'{path}: ')}.*{re.escape(needle)}.*fix or remove that record"):
+        load_coco(root, masks=True)
+
+
+def test_a_json_that_is_not_an_object_is_one_line(tmp_path):
+    root = coco2017(tmp_path)
+    (root / "annotations" / "instances_train2017.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="instances_train2017.json holds a JSON list, not an object; a COCO instances"):
+        load_coco(root)
+
+
+def test_polygons_under_3_points_are_dropped_at_load_with_one_warning(tmp_path):
+    """pycocotools fails on such a polygon when it scores the val split, after a whole epoch has trained."""
+    root = coco2017(tmp_path)
+
+    def change(coco):
+        coco["annotations"][0]["segmentation"] = [[1, 2, 3, 4], [10, 10, 30, 10, 30, 20]]  # one of 2 points
+        coco["annotations"][1]["segmentation"] = [[5, 6]]  # its only polygon: the object goes too
+    _edit(root, "val", change)
+    with pytest.warns(UserWarning, match=r"instances_val2017.json: dropped 2 polygon\(s\) with fewer than 3 "
+                                         r"points, and 1 object\(s\) that had no other polygon"):
+        spec = load_coco(root, masks=True)
+    assert [a["id"] for a in spec.val.coco["annotations"]][:2] == [1, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_coco(root)  # boxes only: polygons are never read
+    pytest.importorskip("pycocotools")
+    from tests.test_cocoeval import _ground_truth_as_predictions
+
+    assert _ground_truth_as_predictions(spec.val).compute()["mask_ap"] > 50  # scored (PIL's outline adds pixels)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda c: c.update(annotations=[]), "lists no objects outside crowd regions"),
+    (lambda c: [a.update(iscrowd=1) for a in c["annotations"]], "lists no objects outside crowd regions"),
+    (lambda c: c.update(images=[], annotations=[]), "lists no images"),
+])
+def test_a_val_split_coco_ap_cannot_score_is_refused_before_training(tmp_path, change, needle):
+    """It used to train every epoch with AP NaN, write no best.safetensors, and report 'best -1.00% at epoch 0'."""
+    root = coco2017(tmp_path)
+    _edit(root, "val", change)
+    with pytest.raises(DataError, match=f"instances_val2017.json {needle}, so COCO AP cannot score the val split"):
+        load_coco(root)

@@ -62,6 +62,33 @@ def test_a_detection_teacher_for_a_classifier_is_one_clear_error(coco, tmp_path)
                "--out", tmp_path / "x", *FAST], "is a detection model but the student resnet18 is a classification")
 
 
+@pytest.mark.parametrize("name, task, needle", [
+    ("fasterrcnn_test_resnet", "classification", "'fasterrcnn_test_resnet' is a detection model but this run is "
+                                                 "classification; pass --task detection"),
+    ("pspnet_test_resnet", "detection", "'pspnet_test_resnet' is a segmentation model but this run is detection; "
+                                        "pass --task segmentation"),
+    ("maskrcnn_test_resnet", "segmentation", "is an instance model but this run is segmentation; pass --task instance"),
+    ("test_resnet", "detection", "'test_resnet' is a classification model but this run is detection"),
+])
+def test_a_model_of_another_task_names_its_task_not_a_close_timm_name(name, task, needle):
+    """`--model fasterrcnn_test_resnet --task classification` said "unknown model ...; did you mean test_resnet?"."""
+    from cwkd.build import check_model_task
+
+    with pytest.raises(ConfigError, match=needle):
+        check_model_task(name, Task(task))
+    check_model_task(name, infer_task(name))
+    check_model_task("test_resnett", Task(task))  # unknown to every task: the task's own lookup says so
+    check_model_task("maskrcnn_test_resnet", Task.detection, teacher=True)  # a Mask R-CNN may teach a detector
+
+
+def test_a_detector_under_task_classification_is_one_clean_line(tmp_path):
+    cli_fails(["train", "--model", STUDENT, "--task", "classification", "--data", "fashion-mnist-mini", "--out",
+               tmp_path / "r", *FAST], "is a detection model but this run is classification; pass --task detection")
+    cli_fails(["distill", "--teacher", STUDENT, "--student", "test_resnet", "--task", "classification",
+               "--allow-random-teacher", "--data", "fashion-mnist-mini", "--out", tmp_path / "d", *FAST],
+              "the teacher 'fasterrcnn_test_resnet' is a detection model but this run is classification")
+
+
 def test_inspect_pairs_fpn_levels_by_stride_not_by_index():
     report = propose_pairs(TEACHER, "retinanet_test_resnet", input_size=64)
     # the two-stage teacher's FPN starts at stride 4 ('0'), RetinaNet's at 8 ('0'): index pairing would be wrong

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -43,9 +45,28 @@ def test_voc_layout_from_the_generator_loads_with_its_class_names(tmp_path):
 def test_plain_layout_numbers_classes_from_the_masks(tmp_path):
     mask = np.zeros((12, 16), np.uint8)
     mask[2:5, 3:9], mask[0, 0] = 3, IGNORE_INDEX
-    spec = load_segmentation(_plain(tmp_path, [mask, mask]))
+    with pytest.warns(UserWarning, match="4 \\(0-3\\), 2 of which no mask holds"):  # 1 and 2 appear nowhere
+        spec = load_segmentation(_plain(tmp_path, [mask, mask]))
     assert spec.classes == ["0", "1", "2", "3"]
     assert spec.val[1][1][2, 3] == 3
+
+
+def test_a_stray_mask_value_without_classes_txt_is_warned_once_not_silently_78_classes(tmp_path):
+    masks = [np.zeros((12, 16), np.uint8) for _ in range(3)]
+    for value, mask in enumerate(masks, start=1):
+        mask[2:5, 3:9] = value
+    masks[2][0, 0] = 77
+    root = _plain(tmp_path, masks)
+    with pytest.warns(UserWarning, match=r"has no classes.txt, so its masks' values \(0-3, 77\) number the "
+                                         r"classes: 78 \(0-77\), 73 of which no mask holds; if 77 is a stray "
+                                         r"value, fix .*train/masks/2.png, else list every class in .*classes.txt"
+                      ) as caught:
+        spec = load_segmentation(root)
+    assert spec.num_classes == 78 and len(caught) == 1
+    (root / "classes.txt").write_text("\n".join(f"c{i}" for i in range(78)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_segmentation(root)  # the classes are listed: nothing to warn about
 
 
 def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
