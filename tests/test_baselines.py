@@ -137,7 +137,7 @@ def test_a_cwd_distiller_reports_the_channel_divergence():
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
     out = d(images, labels)
     (key,) = [k for k in out if k.startswith("feat/")]
-    _, maps = d.paired_maps(images, labels)
+    _, maps, _ = d.paired_maps(images, labels)
     (s, t), = maps
     assert out[key].item() == pytest.approx(channel_divergence(d.align(0, s), t, 2.0).item(), rel=1e-4)
     out["loss"].backward()
