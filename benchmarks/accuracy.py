@@ -19,7 +19,7 @@ Design (see docs/benchmarks.md, "## Accuracy", for the reasoning):
   run to a few minutes on 2 CPU cores; the teacher sees a larger superset of it. Scoring is always on
   the full 10k test split (``val`` for fashion-mnist in cwkd).
 - alpha is in cwkd's mean-MSE form; the main grid uses 7, which is MGD's ImageNet setting (7e-5 in the
-  summed form) converted with ``cwkd.losses.convert_alpha``.
+  summed form) converted with ``cwkd.core.losses.convert_alpha``.
 - Reported is the last epoch's top-1 (the cosine schedule ends at lr 0), not the best epoch, which
   would select on the test set.
 
@@ -157,7 +157,7 @@ def prepare_data(plan: Plan, teacher: bool = True) -> tuple[Path, Path]:
 
 def _write_subsets(plan: Plan, roots: list[Path]) -> None:
     """Write the missing subsets among ``roots`` (student first, then teacher) from the Fashion-MNIST IDX files."""
-    from cwkd.data import find_fashion_mnist, read_idx
+    from cwkd.tasks.classification.data import find_fashion_mnist, read_idx
 
     files = find_fashion_mnist(None)
     if files is None:
@@ -283,9 +283,9 @@ def run_cell(plan: Plan, cell: Cell, data_root: str, teacher: str) -> dict:
     """
     import torch
 
-    from cwkd.config import TrainConfig
-    from cwkd.engine import run
     from cwkd.errors import TrainingError
+    from cwkd.training.config import TrainConfig
+    from cwkd.training.engine import run
 
     torch.set_num_threads(int(os.environ.get("CWKD_BENCH_THREADS", "1")))
     norm = teacher_normalization(plan.teacher, plan.input_size)
@@ -340,7 +340,7 @@ def teacher_normalization(teacher: str, input_size: int) -> dict:
     """
     import timm
 
-    from cwkd.loaders import data_config
+    from cwkd.data.loading import data_config
 
     stats = data_config(timm.create_model(teacher, num_classes=10, in_chans=1), input_size=input_size, in_chans=1)
     return {"mean": list(stats.mean), "std": list(stats.std)}
@@ -602,11 +602,11 @@ def diagnose(plan: Plan, images: int = 256) -> dict:
     import timm
     import torch
 
-    from cwkd.build import build_teacher
-    from cwkd.config import TrainConfig
-    from cwkd.data import load_data
-    from cwkd.distiller import FeatureDistiller
-    from cwkd.loaders import build_transform, data_config
+    from cwkd.core.distiller import FeatureDistiller
+    from cwkd.data.loading import build_transform, data_config
+    from cwkd.tasks.classification.data import load_data
+    from cwkd.training.build import build_teacher
+    from cwkd.training.config import TrainConfig
 
     torch.set_num_threads(int(os.environ.get("CWKD_BENCH_THREADS", "1")))
     student_root, _ = prepare_data(plan)
@@ -655,11 +655,11 @@ def teacher_input_check(plan: Plan, images: int = 3000) -> dict:
     import timm
     import torch
 
-    from cwkd.build import build_teacher
-    from cwkd.config import TrainConfig
-    from cwkd.data import load_data
-    from cwkd.distiller import Renormalize
-    from cwkd.loaders import build_loaders, data_config
+    from cwkd.core.distiller import Renormalize
+    from cwkd.data.loading import build_loaders, data_config
+    from cwkd.tasks.classification.data import load_data
+    from cwkd.training.build import build_teacher
+    from cwkd.training.config import TrainConfig
 
     student_root, _ = prepare_data(plan)
     spec = load_data("fashion-mnist", root=str(student_root))

@@ -110,12 +110,12 @@ def probe(plan: Plan, batches: int = 5) -> dict:
     import timm
     import torch
 
-    from cwkd.autoalpha import MAX_LOSS_RATIO, RATIO, measure, pick_alpha
-    from cwkd.build import build_teacher
-    from cwkd.config import TrainConfig
-    from cwkd.data import load_data
-    from cwkd.distiller import FeatureDistiller
-    from cwkd.loaders import build_loaders, data_config
+    from cwkd.core.autoalpha import MAX_LOSS_RATIO, RATIO, measure, pick_alpha
+    from cwkd.core.distiller import FeatureDistiller
+    from cwkd.data.loading import build_loaders, data_config
+    from cwkd.tasks.classification.data import load_data
+    from cwkd.training.build import build_teacher
+    from cwkd.training.config import TrainConfig
 
     student_root, teacher_root = accuracy.prepare_data(plan)
     accuracy.train_teacher(plan, teacher_root)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cwkd.data import FASHION_MNIST_CLASSES, find_fashion_mnist, read_idx
 from cwkd.errors import DataError
+from cwkd.tasks.classification.data import FASHION_MNIST_CLASSES, find_fashion_mnist, read_idx
 
 SEED = 0
 TRAIN_PER_CLASS = 600

@@ -1,7 +1,8 @@
 """What cwkd's small-input ROI sampling saves: a detector's train step and eval forward, both ways (issue 12).
 
-At ``input_size`` 320 or less cwkd's R-CNNs keep 150 test-time proposals, 1000/500 in training and sample 128
-ROIs per image (``cwkd.detmodels._small_input``); torchvision's defaults (2000 proposals, 512 ROIs) are made for
+At ``input_size`` 320 or less cwkd's R-CNNs keep 150 test-time proposals, 1000/500 in training and sample
+128 ROIs per image (``cwkd.tasks.detection.models._small_input``);
+torchvision's defaults (2000 proposals, 512 ROIs) are made for
 800 px images. This times, on one batch of random images with three boxes (and masks) each, the median train
 step (forward, backward, SGD) and eval forward of each model built by cwkd at ``--size``, once as built and
 once with torchvision's counts put back. Results go to ``benchmarks/results/roi_sampling.json``.
@@ -26,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cwkd.detmodels import create_detection_model  # noqa: E402
+from cwkd.tasks.detection.models import create_detection_model  # noqa: E402
 
 #: torchvision's own counts (its FasterRCNN/MaskRCNN defaults).
 TORCHVISION = {"pre_train": 2000, "post_train": 2000, "pre_test": 1000, "post_test": 1000, "rois": 512}

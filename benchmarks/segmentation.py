@@ -1,6 +1,6 @@
 """Semantic segmentation on real Fashion-MNIST items: does channel-wise distillation pay? (issue 11)
 
-The data are canvases with 2-6 real Fashion-MNIST items each (``cwkd.composite``; train items for the train
+The data are canvases with 2-6 real Fashion-MNIST items each (``cwkd.data.composite``; train items for the train
 canvases, test items for val, never mixed) and a per-pixel class mask (background + 10 classes). A PSPNet
 teacher on a dilated ResNet-50 is trained once with ``cwkd train``; then each student is trained alone
 (``none``) and distilled with each method under the same schedule and seeds:
@@ -80,8 +80,8 @@ def key(student: str, method: str, seed: int) -> str:
 
 def prepare_data(plan: Plan) -> Path:
     """Write the composited data set once (seed 0) and return its folder."""
-    from cwkd.composite import items_from_spec, write_dense_dataset
-    from cwkd.data import load_data
+    from cwkd.data.composite import items_from_spec, write_dense_dataset
+    from cwkd.tasks.classification.data import load_data
 
     root = plan.runs / "data" / f"fm-dense-{plan.canvas}px-{plan.train_canvases}-{plan.val_canvases}"
     if not (root / "done").is_file():
@@ -210,8 +210,8 @@ def step_cost(plan: Plan, rounds: int = 7) -> dict:
     import torch
 
     from cwkd import FeatureDistiller
-    from cwkd.heads import create_segmentation_model
     from cwkd.tasks import get_task
+    from cwkd.tasks.segmentation.models import create_segmentation_model
 
     torch.manual_seed(0)
     task, size, batch = get_task("segmentation"), plan.canvas, plan.batch_size

@@ -23,7 +23,7 @@ gradients, optimizer state and allocator slack; on CUDA ``torch.cuda.max_memory_
 the memory allocated once the models are built.
 
 Allocator: every variant, peers included, runs under the memory policy cwkd's engine uses for a CPU
-run (``cwkd.build.reuse_freed_memory``: glibc keeps freed memory for the next step instead of
+run (``cwkd.training.build.reuse_freed_memory``: glibc keeps freed memory for the next step instead of
 unmapping it). Under glibc's default a step page-faults its large activations in again every time,
 which made the 224 px student step about twice as slow and the ratios depend on what ran before;
 ``--system-malloc`` measures that default instead.
@@ -42,7 +42,7 @@ Usage:
     python benchmarks/speed.py --variants student,teacher,cwkd,cwkd_sync --memory-of cwkd  # a chosen few
 
 Optional variants run only when ``--variants`` names them: ``cwkd_sync`` and ``cwkd_amp_sync`` add the
-engine's per-step non-finite check (``cwkd.nonfinite.finite_everywhere``, one host sync a step) to (c), so
+engine's per-step non-finite check (``cwkd.training.nonfinite.finite_everywhere``, one host sync a step) to (c), so
 their ratio to (c) is what that sync costs on a GPU; ``timm_logit_amp`` is timm's logit task under autocast.
 """
 
@@ -74,15 +74,15 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from cwkd.aligner import aligner_macs
-from cwkd.build import reuse_freed_memory
-from cwkd.config import Precision
-from cwkd.distiller import FeatureDistiller
-from cwkd.features import probe
-from cwkd.losses import feature_loss
-from cwkd.models import create_model
-from cwkd.pairing import Pair, pair_layers
-from cwkd.precision import fast_precisions
+from cwkd.core.aligner import aligner_macs
+from cwkd.core.distiller import FeatureDistiller
+from cwkd.core.features import probe
+from cwkd.core.losses import feature_loss
+from cwkd.core.pairing import Pair, pair_layers
+from cwkd.runtime import fast_precisions
+from cwkd.tasks.classification.models import create_model
+from cwkd.training.build import reuse_freed_memory
+from cwkd.training.config import Precision
 
 TARGET_RATIO = 1.10
 PEERS = ("timm_logit", "timm_feature", "torchdistill_fitnet")
@@ -219,7 +219,7 @@ def _loss_step(b: Bench, module: nn.Module, params, check: Callable[[torch.Tenso
 
 def _cwkd_sync_step(b: Bench) -> Step:
     """(c) with the engine's own per-step non-finite check, which reads the loss on the host."""
-    from cwkd import nonfinite
+    from cwkd.training import nonfinite
 
     check = nonfinite.finite_everywhere  # looked up now: a renamed check is a setup error, not a crash mid-run
     distiller = _place(FeatureDistiller(b.teacher, b.student, input_size=b.cfg.input_size, pairs="last"), b).train()
@@ -718,7 +718,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "other fp32 cwkd variants and the peers)")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default allocator policy for every variant, instead of the one cwkd's\n"
-                        "engine uses on the CPU (cwkd.build.reuse_freed_memory: freed memory is kept for\n"
+                        "engine uses on the CPU (cwkd.training.build.reuse_freed_memory: freed memory is kept for\n"
                         "the next step); shows what that policy is worth")
     p.add_argument("--quick", action="store_true",
                    help="the small config only, fewer rounds, memory of a, b, c only: < 1 minute")

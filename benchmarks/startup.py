@@ -41,7 +41,7 @@ def cases() -> dict[str, list[str]]:
     """Name -> argv after the interpreter: the baselines, then every cwkd case."""
     import typer.main
 
-    from cwkd.cli import app
+    from cwkd.cli.app import app
 
     commands = sorted(typer.main.get_command(app).commands)
     cwkd = {"cwkd --help": ["--help"], "cwkd --version": ["--version"]}

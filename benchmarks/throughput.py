@@ -1,7 +1,7 @@
 """End-to-end distillation throughput on real JPEG files: does the input keep the model fed? (issue 27)
 
 For the paper's pair (resnet50 -> mobilenetv1_100, 224 px) it times the engine's own training step
-(``cwkd.engine.train_one_epoch``, on pieces built by the engine's ``_build``) three ways:
+(``cwkd.training.engine.train_one_epoch``, on pieces built by the engine's ``_build``) three ways:
 
     model_bound   the same batches, read once and held on the device: the step alone, no input at all
                   (timed before and after the others; the faster counts, as the bound is a ceiling)
@@ -99,7 +99,7 @@ def _source_images():
     """Fashion-MNIST's images and labels: the system copy, else the bundled mini set; and which it was."""
     import numpy as np
 
-    from cwkd.data import find_fashion_mnist, read_idx
+    from cwkd.tasks.classification.data import find_fashion_mnist, read_idx
 
     files = find_fashion_mnist()
     if files is not None:
@@ -170,12 +170,12 @@ class _Continuing:
 
 
 def _pieces(plan: Plan, folder: str, work: Path, device):
-    """The engine's pieces for the plan (``cwkd.engine._build``: data, models, optimizer), and the config."""
-    from cwkd.build import setup_distributed
-    from cwkd.config import TrainConfig
-    from cwkd.console import RunConsole
-    from cwkd.engine import _build
-    from cwkd.runlock import RunLock
+    """The engine's pieces for the plan (``cwkd.training.engine._build``: data, models, optimizer), and the config."""
+    from cwkd.training.build import setup_distributed
+    from cwkd.training.config import TrainConfig
+    from cwkd.training.console import RunConsole
+    from cwkd.training.engine import _build
+    from cwkd.training.runlock import RunLock
 
     cfg = TrainConfig(data=folder, student=plan.student, teacher=plan.teacher, allow_random_teacher=True,
                       input_size=plan.input_size, batch_size=plan.batch, precision=plan.precision, workers=0,
@@ -187,7 +187,7 @@ def _pieces(plan: Plan, folder: str, work: Path, device):
 
 def _timed(p, cfg, device, console, source, plan: Plan) -> dict:
     """Warm up, then time ``plan.steps`` engine steps fed by ``source`` (one iterator for both)."""
-    from cwkd.engine import train_one_epoch
+    from cwkd.training.engine import train_one_epoch
 
     p.train_loader = _Continuing(source)
     go = SimpleNamespace(requested=False)
@@ -202,9 +202,9 @@ def measure(plan: Plan, folder: str, work: Path) -> dict:
     """Every variant's images/s and data-wait share, on pieces built once."""
     import torch
 
-    from cwkd.build import resolve_device
-    from cwkd.feed import resolve_workers
-    from cwkd.loaders import build_loaders
+    from cwkd.data.feed import resolve_workers
+    from cwkd.data.loading import build_loaders
+    from cwkd.training.build import resolve_device
 
     device = resolve_device(plan.device, plan.precision)
     p, cfg, console = _pieces(plan, folder, work, device)
@@ -249,7 +249,7 @@ def verdict(plan: Plan, rows: dict) -> dict:
 def _machine(device: str) -> dict:
     import torch
 
-    from cwkd.feed import local_processes, usable_cores
+    from cwkd.data.feed import local_processes, usable_cores
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "usable_cores": usable_cores(), "local_processes": local_processes(),

@@ -20,20 +20,20 @@ __version__ = "0.1.0"
 
 #: Where each public name lives: ``cwkd.NAME`` imports ``cwkd.<module>`` on first use.
 _SOURCES = {
-    "cwkd.aligner": ["build_aligner"],
-    "cwkd.autoalpha": ["AutoAlpha", "pick_alpha"],
+    "cwkd.core.aligner": ["build_aligner"],
+    "cwkd.core.autoalpha": ["AutoAlpha", "pick_alpha"],
     "cwkd.choices": ["Method", "Reduction"],
-    "cwkd.config": ["Optimizer", "Precision", "TrainConfig"],
-    "cwkd.distiller": ["FeatureDistiller", "Renormalize"],
+    "cwkd.training.config": ["Optimizer", "Precision", "TrainConfig"],
+    "cwkd.core.distiller": ["FeatureDistiller", "Renormalize"],
     "cwkd.errors": ["CheckpointError", "ConfigError", "CwkdError", "DataError", "ExportError", "LayerError",
                     "ModelNotFoundError", "PairingError", "TrainingError"],
     "cwkd.evaluation": ["evaluate_checkpoint", "load_student"],
     "cwkd.export": ["export_student"],
-    "cwkd.features": ["FeatureHooks", "LayerInfo", "probe"],
+    "cwkd.core.features": ["FeatureHooks", "LayerInfo", "probe"],
     "cwkd.inspection": ["inspect_model", "propose_pairs"],
-    "cwkd.losses": ["convert_alpha", "feature_loss", "kd_loss"],
-    "cwkd.models": ["create_model"],
-    "cwkd.pairing": ["Pair", "pair_layers"],
+    "cwkd.core.losses": ["convert_alpha", "feature_loss", "kd_loss"],
+    "cwkd.tasks.classification.models": ["create_model"],
+    "cwkd.core.pairing": ["Pair", "pair_layers"],
 }
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
 

@@ -1,7 +1,7 @@
 """The fixed choices of cwkd's options, as ``str`` Enums, in a module that imports nothing heavy.
 
 The CLI declares its options with these before any command runs, so ``cwkd --help`` never loads
-torch. The modules that use them re-export them: ``cwkd.aligner.Method``, ``cwkd.losses.Reduction``,
+torch. The modules that use them re-export them: ``cwkd.core.aligner.Method``, ``cwkd.core.losses.Reduction``,
 ``cwkd.evaluation.Split`` and ``cwkd.export.ExportFormat`` keep working.
 """
 
@@ -37,7 +37,7 @@ class Reduction(str, Enum):
 class AlphaChoice(str, Enum):
     """The word ``--alpha`` takes instead of a number."""
 
-    auto = "auto"  # picked from the first batches' gradients (cwkd.autoalpha)
+    auto = "auto"  # picked from the first batches' gradients (cwkd.core.autoalpha)
 
 
 class Split(str, Enum):

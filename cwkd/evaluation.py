@@ -2,7 +2,7 @@
 
 A cwkd checkpoint holds the student and its aligners; its metadata says which timm model it is, its
 classes, input size and normalisation. Evaluation rebuilds the validation transform from that metadata
-and scores with :func:`cwkd.engine.evaluate`, the same function that wrote ``val_top1`` to metrics.jsonl,
+and scores with :func:`cwkd.training.engine.evaluate`, the same function that wrote ``val_top1`` to metrics.jsonl,
 so the numbers agree. A student file written by ``cwkd export --format safetensors`` loads here too.
 """
 
@@ -20,17 +20,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from cwkd.build import Dist, resolve_device
-from cwkd.checkpoint import load_checkpoint, read_state_dict, student_state
 from cwkd.choices import Split  # defined torch-free for the CLI; re-exported here
-from cwkd.config import Precision, check_sizes
-from cwkd.data import DataSpec
+from cwkd.data.loading import DataConfig, build_loaders, data_config
 from cwkd.errors import CheckpointError, ConfigError, DataError
-from cwkd.loaders import DataConfig, build_loaders, data_config
-from cwkd.metadata import CheckpointMeta, is_student_file
-from cwkd.models import create_model, resolve_name, shape_of_weights
-from cwkd.precision import precision_warning, resolve_precision
+from cwkd.files.checkpoint import load_checkpoint, read_state_dict, student_state
+from cwkd.files.metadata import CheckpointMeta, is_student_file
+from cwkd.runtime import precision_warning, resolve_precision
 from cwkd.tasks import get_task, infer_task
+from cwkd.tasks.classification.data import DataSpec
+from cwkd.tasks.classification.models import create_model, resolve_name, shape_of_weights
+from cwkd.training.build import Dist, resolve_device
+from cwkd.training.config import Precision, check_sizes
 
 
 @dataclass
@@ -311,7 +311,7 @@ def _check_classes(meta: CheckpointMeta, spec: DataSpec) -> list[str]:
 
 
 class _Confusion:
-    """Counts (true, predicted) pairs while :func:`cwkd.engine.evaluate` runs, changing nothing it computes.
+    """Counts (true, predicted) pairs while :func:`cwkd.training.engine.evaluate` runs, changing nothing it computes.
 
     Why a hook and a tee: the top-1 then comes from the one function that also wrote metrics.jsonl.
     """

@@ -25,12 +25,12 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from cwkd.checkpoint import atomic_write
 from cwkd.choices import ExportFormat  # defined torch-free for the CLI; re-exported here
+from cwkd.data.loading import build_loaders
 from cwkd.errors import CwkdError, ExportError
 from cwkd.evaluation import checkpoint_data_config, read_student
-from cwkd.loaders import build_loaders
-from cwkd.metadata import CheckpointMeta
+from cwkd.files.checkpoint import atomic_write
+from cwkd.files.metadata import CheckpointMeta
 from cwkd.tasks import get_task
 from cwkd.tasks.base import ExportIO
 
@@ -190,7 +190,8 @@ Runner = Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 def _load_safetensors(payload: bytes, meta: CheckpointMeta) -> Runner:
-    """The exported state dict in a freshly built plain model (timm's, or cwkd.heads'), as a user would load it."""
+    """The exported state dict in a freshly built plain model (timm's, or cwkd.tasks.segmentation.models'),
+    as a user would load it."""
     task = get_task(meta.task)
     model = task.build_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans,
                              input_size=meta.input_size[-1])

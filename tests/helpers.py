@@ -30,7 +30,7 @@ def cli_ok(args: list) -> str:
     """Run the CLI in-process; expect exit 0 and return its output."""
     from typer.testing import CliRunner
 
-    from cwkd.cli import app
+    from cwkd.cli.app import app
 
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
@@ -46,7 +46,7 @@ def cli_fails(args: list, *needles: str) -> str:
     """Run the CLI in-process; expect exit 1 with exactly one ``error:`` line (no traceback) holding every needle."""
     from typer.testing import CliRunner
 
-    from cwkd.cli import app
+    from cwkd.cli.app import app
 
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 1, result.output

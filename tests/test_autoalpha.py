@@ -13,12 +13,12 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from cwkd.autoalpha import MAX_LOSS_RATIO, RATIO, choose, measure, pick_alpha
-from cwkd.checkpoint import read_metadata
-from cwkd.cli import app
-from cwkd.composite import Items, write_dense_dataset
-from cwkd.distiller import FeatureDistiller
+from cwkd.cli.app import app
+from cwkd.core.autoalpha import MAX_LOSS_RATIO, RATIO, choose, measure, pick_alpha
+from cwkd.core.distiller import FeatureDistiller
+from cwkd.data.composite import Items, write_dense_dataset
 from cwkd.errors import ConfigError, TrainingError
+from cwkd.files.checkpoint import read_metadata
 from cwkd.tasks import get_task
 
 from .helpers import cli_fails
@@ -262,10 +262,11 @@ def test_segmentation_distill_with_auto_alpha(tmp_path):
 
 def _explode_above(monkeypatch, limit: float, picked: float) -> None:
     """Auto picks ``picked``; every step's loss is inf while the distiller's alpha is above ``limit``."""
-    import cwkd.autoalpha
-    from cwkd.autoalpha import AutoAlpha
+    import cwkd.core.autoalpha
+    from cwkd.core.autoalpha import AutoAlpha
 
-    monkeypatch.setattr(cwkd.autoalpha, "choose", lambda rows, ratio=RATIO: AutoAlpha(picked, 1.0, 1.0, 1.0, 1.0, 5))
+    monkeypatch.setattr(cwkd.core.autoalpha, "choose",
+                        lambda rows, ratio=RATIO: AutoAlpha(picked, 1.0, 1.0, 1.0, 1.0, 5))
     forward = FeatureDistiller.forward
 
     def exploding(self, images, targets=None):

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from cwkd import ConfigError, FeatureDistiller, create_model
-from cwkd.aligner import ChannelAlign, MaskedGenerator, aligner_macs, build_aligner
-from cwkd.config import TrainConfig
-from cwkd.losses import channel_divergence, kd_loss
-from cwkd.metadata import CheckpointMeta
+from cwkd.core.aligner import ChannelAlign, MaskedGenerator, aligner_macs, build_aligner
+from cwkd.core.losses import channel_divergence, kd_loss
+from cwkd.files.metadata import CheckpointMeta
+from cwkd.training.config import TrainConfig
 
 
 def _mask(kind: str, ratio: float, shape=(4, 32, 16, 16), seed: int = 0) -> torch.Tensor:

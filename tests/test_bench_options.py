@@ -21,9 +21,10 @@ def accuracy(monkeypatch):
 
 
 def test_the_student_subset_alone_needs_no_fashion_mnist(accuracy, tmp_path, monkeypatch):
-    import cwkd.data
+    import cwkd.tasks.classification.data
 
-    monkeypatch.setattr(cwkd.data, "find_fashion_mnist", lambda root=None: None)  # as on the GPU machine
+    # as on the GPU machine
+    monkeypatch.setattr(cwkd.tasks.classification.data, "find_fashion_mnist", lambda root=None: None)
     plan = replace(accuracy.Plan(), runs=tmp_path)
     student = tmp_path / "data" / "fmnist-train5000-test10000"
     student.mkdir(parents=True)

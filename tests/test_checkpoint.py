@@ -12,7 +12,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from cwkd.checkpoint import (
+from cwkd.errors import CheckpointError, ConfigError
+from cwkd.files.checkpoint import (
     append_jsonl,
     atomic_write,
     atomic_write_text,
@@ -23,8 +24,7 @@ from cwkd.checkpoint import (
     save_checkpoint,
     save_state,
 )
-from cwkd.errors import CheckpointError, ConfigError
-from cwkd.metadata import FORMAT_VERSION, CheckpointMeta
+from cwkd.files.metadata import FORMAT_VERSION, CheckpointMeta
 
 
 def _meta(**extra: object) -> dict:

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from cwkd.cli import app
+from cwkd.cli.app import app
 
 runner = CliRunner()
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from cwkd.cocodata import DetectionTransform, TransformedDetections, collate_detection, load_coco
-from cwkd.composite import write_dense_dataset
+from cwkd.data.composite import write_dense_dataset
 from cwkd.errors import DataError
+from cwkd.tasks.detection.data import DetectionTransform, TransformedDetections, collate_detection, load_coco
 from tests.test_composite import _items
 
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from cwkd.cocodata import collate_detection, load_coco
-from cwkd.cocoeval import CocoScore
 from cwkd.errors import ConfigError
+from cwkd.tasks.detection.data import collate_detection, load_coco
+from cwkd.tasks.detection.metric import CocoScore
 from tests.test_cocodata import coco2017, composited
 
 #: Scoring needs the optional extra (CI installs it through the dev extra); the error without it is tested below.
@@ -72,7 +72,7 @@ def test_a_wrong_class_scores_0_and_so_does_detecting_nothing(tmp_path):
 @needs_pycocotools
 @pytest.mark.slow
 def test_a_real_detector_is_scored_on_the_val_split(tmp_path):
-    from cwkd.detmodels import create_detection_model
+    from cwkd.tasks.detection.models import create_detection_model
 
     spec = load_coco(composited(tmp_path), masks=True)
     model = create_detection_model("maskrcnn_test_resnet", spec.num_classes, input_size=64).eval()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cwkd.composite import Items, compose, rle_decode, rle_encode, write_dense_dataset
+from cwkd.data.composite import Items, compose, rle_decode, rle_encode, write_dense_dataset
 
 
 def _items(n: int = 40) -> Items:

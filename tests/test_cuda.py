@@ -19,14 +19,14 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from cwkd import rundir
-from cwkd.build import autocast_dtype
-from cwkd.checkpoint import load_state
-from cwkd.cli import app
-from cwkd.config import Precision, TrainConfig
-from cwkd.distiller import FeatureDistiller
-from cwkd.engine import run
-from cwkd.models import create_model
+from cwkd.cli.app import app
+from cwkd.core.distiller import FeatureDistiller
+from cwkd.files.checkpoint import load_state
+from cwkd.tasks.classification.models import create_model
+from cwkd.training import rundir
+from cwkd.training.build import autocast_dtype
+from cwkd.training.config import Precision, TrainConfig
+from cwkd.training.engine import run
 
 from .helpers import read_metrics
 from .test_reliability import _assert_same_weights, _StopAfter
@@ -244,8 +244,8 @@ def test_compile_keeps_the_feature_hooks_firing(device, compile_here, folder, tm
 
 def test_fpn_taps_probe_detectors_already_on_the_device(device):
     """Teacher and student moved to the device before the taps are built: the probe batch follows them."""
-    from cwkd.fpnlevels import FPNTaps
     from cwkd.tasks import get_task
+    from cwkd.tasks.detection.fpn import FPNTaps
 
     task = get_task("detection")
     teacher = task.build_model("maskrcnn_test_resnet", num_classes=4, input_size=64).eval().to(device)
@@ -263,8 +263,8 @@ def test_fpn_taps_probe_detectors_already_on_the_device(device):
 def test_uint8_batches_are_normalised_on_the_device_as_on_the_host(device, folder):
     """The loader copies uint8 pixels (pinned on CUDA) and normalises them on the device, in channels_last there:
     the model's input equals the CPU float path's."""
-    from cwkd.data import load_data
-    from cwkd.loaders import build_loaders, data_config
+    from cwkd.data.loading import build_loaders, data_config
+    from cwkd.tasks.classification.data import load_data
 
     spec = load_data(str(folder))
     dcfg = data_config(create_model("test_resnet"), input_size=32)

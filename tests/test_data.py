@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cwkd import data as cwkd_data
-from cwkd.data import ArrayDataset, load_data, read_idx
+from cwkd.data.loading import build_loaders, build_transform, data_config
 from cwkd.errors import ConfigError, DataError
-from cwkd.loaders import build_loaders, build_transform, data_config
-from cwkd.models import create_model
+from cwkd.tasks.classification import data as cwkd_data
+from cwkd.tasks.classification.data import ArrayDataset, load_data, read_idx
+from cwkd.tasks.classification.models import create_model
 
 
 def _png(path: Path, mode: str = "RGB", size: int = 12, seed: int = 0) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from cwkd.cli import app
+from cwkd.cli.app import app
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_demo_fast_runs_offline(tmp_path):
 def test_demo_recognises_its_own_runs_old_and_new(tmp_path, saved, ours):
     import json
 
-    from cwkd.demo import _check_own_run
+    from cwkd.cli.demo import _check_own_run
     from cwkd.errors import ConfigError
 
     (tmp_path / "config.json").write_text(json.dumps({"config": {"data": "x", "student": "y", **saved}}))

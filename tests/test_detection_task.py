@@ -16,14 +16,14 @@ import torch
 from typer.testing import CliRunner
 
 import cwkd.export
-from cwkd.cli import app
-from cwkd.composite import Items, write_dense_dataset
-from cwkd.config import Optimizer, TrainConfig
-from cwkd.detmodels import create_detection_model
+from cwkd.cli.app import app
+from cwkd.data.composite import Items, write_dense_dataset
 from cwkd.errors import ConfigError
 from cwkd.export import ExportFormat, export_student
 from cwkd.inspection import inspect_model, propose_pairs
 from cwkd.tasks import Task, get_task, infer_task
+from cwkd.tasks.detection.models import create_detection_model
+from cwkd.training.config import Optimizer, TrainConfig
 from tests.helpers import cli_fails, cli_ok, make_image_folder, read_metrics
 
 runner = CliRunner()
@@ -72,7 +72,7 @@ def test_a_detection_teacher_for_a_classifier_is_one_clear_error(coco, tmp_path)
 ])
 def test_a_model_of_another_task_names_its_task_not_a_close_timm_name(name, task, needle):
     """`--model fasterrcnn_test_resnet --task classification` said "unknown model ...; did you mean test_resnet?"."""
-    from cwkd.build import check_model_task
+    from cwkd.training.build import check_model_task
 
     with pytest.raises(ConfigError, match=needle):
         check_model_task(name, Task(task))
@@ -129,10 +129,11 @@ def test_instance_training_scores_mask_ap_and_picks_best_by_it(teacher):
 
 
 def test_a_detector_trains_under_glibcs_own_memory_policy(coco, tmp_path, monkeypatch):
-    import cwkd.engine
+    import cwkd.training.engine
 
     kept = []
-    monkeypatch.setattr(cwkd.engine, "reuse_freed_memory", lambda device: kept.append(device) or nullcontext(True))
+    monkeypatch.setattr(cwkd.training.engine, "reuse_freed_memory",
+                        lambda device: kept.append(device) or nullcontext(True))
     cli_ok(["train", "--model", STUDENT, "--data", coco, "--out", tmp_path / "det", "--input-size", "64", *FAST])
     assert kept == []  # a detector's step sizes vary: kept freed memory fragments the heap
     folder = make_image_folder(tmp_path / "images")
@@ -238,8 +239,8 @@ def test_verify_refuses_another_number_of_detections_and_writes_nothing(teacher,
 
 @pytest.mark.slow
 def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(coco, tmp_path, monkeypatch):
-    from cwkd import rundir
-    from cwkd.checkpoint import load_state
+    from cwkd.files.checkpoint import load_state
+    from cwkd.training import rundir
 
     from .test_reliability import _assert_same_weights, _StopAfter
 
@@ -261,8 +262,8 @@ DDP_SCRIPT = """
 import sys
 import torch.distributed as dist
 from safetensors.torch import save_file
-from cwkd.config import TrainConfig
-from cwkd.engine import run
+from cwkd.training.config import TrainConfig
+from cwkd.training.engine import run
 cfg = TrainConfig(data=sys.argv[1], student="fasterrcnn_test_resnet", teacher=sys.argv[2], epochs=1, batch_size=2,
                   lr=0.005, workers=0, device="cpu", out=sys.argv[3], quiet=True)
 result = run(cfg)
@@ -289,7 +290,7 @@ def test_two_process_gloo_ddp_distills_a_detector(coco, teacher, tmp_path):
 
 
 def test_taps_give_both_sides_maps_of_one_padded_batch_and_clear():
-    from cwkd.fpnlevels import FPNTaps
+    from cwkd.tasks.detection.fpn import FPNTaps
 
     task = get_task("detection")
     teacher = task.build_model(TEACHER, num_classes=4, input_size=64).eval()

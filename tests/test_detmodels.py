@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cwkd.detmodels import (
+from cwkd.errors import ConfigError, ModelNotFoundError, PairingError
+from cwkd.tasks.detection.fpn import FPNLevel, fpn_levels, pair_fpn_levels, teacher_backbone_features
+from cwkd.tasks.detection.models import (
     TORCHVISION_DETECTORS,
     TORCHVISION_INSTANCE,
     create_detection_model,
     detection_task,
     list_detection_models,
 )
-from cwkd.errors import ConfigError, ModelNotFoundError, PairingError
-from cwkd.fpnlevels import FPNLevel, fpn_levels, pair_fpn_levels, teacher_backbone_features
 
 
 def _classes(model) -> int:

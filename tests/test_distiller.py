@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cwkd import ConfigError, FeatureDistiller, Method, Renormalize, create_model
-from cwkd.aligner import ChannelWiseTransform, LinearTransform, MaskedGenerator
-from cwkd.losses import convert_alpha, feature_loss
+from cwkd.core.aligner import ChannelWiseTransform, LinearTransform, MaskedGenerator
+from cwkd.core.losses import convert_alpha, feature_loss
 
 from .test_features import Tiny
 

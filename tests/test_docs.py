@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from cwkd.cli import app
+from cwkd.cli.app import app
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

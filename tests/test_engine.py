@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cwkd.build import reuse_freed_memory
-from cwkd.checkpoint import load_checkpoint
-from cwkd.cli import app
-from cwkd.data import load_data
-from cwkd.engine import evaluate
-from cwkd.loaders import build_loaders, data_config
-from cwkd.models import create_model
+from cwkd.cli.app import app
+from cwkd.data.loading import build_loaders, data_config
+from cwkd.files.checkpoint import load_checkpoint
+from cwkd.tasks.classification.data import load_data
+from cwkd.tasks.classification.models import create_model
+from cwkd.training.build import reuse_freed_memory
+from cwkd.training.engine import evaluate
 
 runner = CliRunner()
 COMMON = ["--epochs", "1", "--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu"]
@@ -74,7 +74,7 @@ def test_resume_continues_from_saved_epoch(folder, teacher_ckpt, tmp_path):
 
 
 def test_resume_takes_run_options_and_refuses_changed_ones(folder, teacher_ckpt, tmp_path):
-    from cwkd.rundir import load_config
+    from cwkd.training.rundir import load_config
 
     out = tmp_path / "run"
     args = ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet", "--data", str(folder),
@@ -119,7 +119,7 @@ def test_bf16_and_linear_and_mgd_run_on_cpu(folder, teacher_ckpt, tmp_path):
 
 def test_teacher_sees_its_own_normalisation(folder, tmp_path, monkeypatch):
     """A teacher trained on other input statistics than the student's gets batches remapped to its own."""
-    import cwkd.engine as engine
+    import cwkd.training.engine as engine
 
     teacher = tmp_path / "teacher"
     result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(teacher),
@@ -169,8 +169,8 @@ DDP_SCRIPT = """
 import sys
 from safetensors.torch import save_file
 import torch.distributed as dist
-from cwkd.config import TrainConfig
-from cwkd.engine import run
+from cwkd.training.config import TrainConfig
+from cwkd.training.engine import run
 cfg = TrainConfig(data=sys.argv[1], student="test_efficientnet", teacher=sys.argv[2], epochs=1, batch_size=4,
                   input_size=32, workers=0, device="cpu", out=sys.argv[3], quiet=True)
 result = run(cfg)
@@ -201,7 +201,7 @@ _FREED_MEMORY_CHECK = """
 import json
 from pathlib import Path
 import torch
-from cwkd.build import reuse_freed_memory
+from cwkd.training.build import reuse_freed_memory
 
 def resident():
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))

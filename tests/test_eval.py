@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import cwkd
-from cwkd.cli import app
+from cwkd.cli.app import app
 from cwkd.evaluation import read_student
 
 from .helpers import make_image_folder

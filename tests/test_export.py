@@ -17,7 +17,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import cwkd
-from cwkd.cli import app
+from cwkd.cli.app import app
 from cwkd.errors import ExportError
 from cwkd.export import export_student
 

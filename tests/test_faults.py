@@ -24,15 +24,16 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cwkd import checkpoint, engine, nonfinite
-from cwkd.checkpoint import atomic_write, load_checkpoint, load_state, save_checkpoint
-from cwkd.cli import app
-from cwkd.distiller import FeatureDistiller
+from cwkd.cli.app import app
+from cwkd.cli.faults import fault_message
+from cwkd.core.distiller import FeatureDistiller
 from cwkd.errors import CheckpointError, ConfigError
-from cwkd.faults import fault_message
-from cwkd.metadata import CheckpointMeta
-from cwkd.models import create_model
-from cwkd.strict_json import json_text
+from cwkd.files import checkpoint
+from cwkd.files.checkpoint import atomic_write, load_checkpoint, load_state, save_checkpoint
+from cwkd.files.metadata import CheckpointMeta
+from cwkd.files.strict_json import json_text
+from cwkd.tasks.classification.models import create_model
+from cwkd.training import engine, nonfinite
 
 from .helpers import cli_fails as _fails
 from .helpers import make_image_folder
@@ -160,7 +161,7 @@ def test_fault_message_names_cause_and_fix(kind):
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_oom_advice_offers_bf16_only_where_it_is_native(monkeypatch, native):
     # bf16 halves activations, but on a CPU without native bf16 it runs 8-30x slower (issue 15)
-    monkeypatch.setattr("cwkd.precision.cpu_bf16_native", lambda: native)
+    monkeypatch.setattr("cwkd.runtime.cpu_bf16_native", lambda: native)
     assert ("--precision bf16" in fault_message(MemoryError())) is native
 
 
@@ -282,7 +283,7 @@ def test_read_only_mid_run_keeps_the_last_epoch(folder, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_run_directory_made_unwritable_mid_run_is_one_line(folder, tmp_path, monkeypatch):
-    from cwkd import rundir
+    from cwkd.training import rundir
 
     out = tmp_path / "r"
     save_epoch, real_open, real_unlink = rundir.save_epoch, os.open, Path.unlink
@@ -355,7 +356,7 @@ def test_a_run_that_never_finished_an_epoch_is_replaced_without_overwrite(folder
 
 _DOUBLE_CTRL_C = """
 import os, signal, sys, time
-import cwkd.engine
+import cwkd.training.engine
 
 class _Teardown:  # like a DataLoader iterator whose __del__ waits for its workers
     def __del__(self):
@@ -367,11 +368,11 @@ def load_data(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(30)
 
-import cwkd.tasks.classification  # where the engine's task loads classification data
-cwkd.tasks.classification.load_data = load_data
+import cwkd.tasks.classification.task  # where the engine's task loads classification data
+cwkd.tasks.classification.task.load_data = load_data
 sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", "unused", "--out", sys.argv[1],
             "--device", "cpu", "--workers", "0"]
-from cwkd.cli import main
+from cwkd.cli.app import main
 main()
 """
 
@@ -390,10 +391,10 @@ def test_double_ctrl_c_during_start_up_exits_130_cleanly(tmp_path):
 
 _CTRL_C_TWICE_AROUND_A_SAVE = """
 import os, signal, sys, time
-import cwkd.engine, cwkd.rundir
+import cwkd.training.engine, cwkd.training.rundir
 
 first_at = int(sys.argv[3])
-update, save_checkpoint, steps = cwkd.engine._update, cwkd.rundir.save_checkpoint, [0]
+update, save_checkpoint, steps = cwkd.training.engine._update, cwkd.training.rundir.save_checkpoint, [0]
 
 def update_then_ctrl_c(*args, **kwargs):
     update(*args, **kwargs)
@@ -406,11 +407,11 @@ def save_then_ctrl_c(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)  # the second, once last.safetensors is written and before state.pt
     time.sleep(0.5)
 
-cwkd.engine._update = update_then_ctrl_c
-cwkd.rundir.save_checkpoint = save_then_ctrl_c
+cwkd.training.engine._update = update_then_ctrl_c
+cwkd.training.rundir.save_checkpoint = save_then_ctrl_c
 sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", sys.argv[1], "--out", sys.argv[2], "--epochs", "2",
             "--batch-size", "2", "--input-size", "32", "--workers", "0", "--device", "cpu"]
-from cwkd.cli import main
+from cwkd.cli.app import main
 main()
 """
 
@@ -445,7 +446,7 @@ class CtrlCOnTorch(importlib.abc.MetaPathFinder):  # the user presses Ctrl-C whi
 
 sys.meta_path.insert(0, CtrlCOnTorch())
 sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", "unused", "--out", sys.argv[1], "--device", "cpu"]
-from cwkd.cli import main
+from cwkd.cli.app import main
 main()
 """
 
@@ -468,7 +469,7 @@ def test_ctrl_c_at_start_up_suggests_resume_only_for_a_run_with_state(folder, tr
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("cwkd.tasks.classification.load_data", ctrl_c)
+    monkeypatch.setattr("cwkd.tasks.classification.task.load_data", ctrl_c)
     before = signal.signal(signal.SIGINT, caller)
     try:
         run = shutil.copytree(trained, tmp_path / "run")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cwkd import LayerError, PairingError, create_model, pair_layers, probe
-from cwkd.features import FeatureHooks, to_map
+from cwkd.core.features import FeatureHooks, to_map
 
 
 def _stages(model, size=64):

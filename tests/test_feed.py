@@ -1,4 +1,4 @@
-"""Feeding the device: ``--workers auto``, and uint8 batches normalised on the device (cwkd.feed)."""
+"""Feeding the device: ``--workers auto``, and uint8 batches normalised on the device (cwkd.data.feed)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from cwkd import feed
-from cwkd.config import TrainConfig
+from cwkd.data import feed
 from cwkd.errors import ConfigError
+from cwkd.training.config import TrainConfig
 from tests.helpers import cli_fails
 
 # ----------------------------------------------------------------------------- 1. --workers auto
@@ -69,7 +69,7 @@ def _spec(tmp_path, gray: bool):
     """A gray array data set of 28 px items, or an RGB image folder of 80 px files (RandomResizedCrop's path)."""
     import numpy as np
 
-    from cwkd.data import ArrayDataset, DataSpec, load_data
+    from cwkd.tasks.classification.data import ArrayDataset, DataSpec, load_data
     from tests.helpers import make_image_folder
 
     if not gray:
@@ -87,7 +87,7 @@ def test_device_normalised_batches_equal_the_float_transform(tmp_path, gray, siz
     import timm
     import torch
 
-    from cwkd.loaders import Transformed, _OnImage, build_loaders, build_transform, data_config
+    from cwkd.data.loading import Transformed, _OnImage, build_loaders, build_transform, data_config
 
     spec = _spec(tmp_path, gray)
     model = timm.create_model("test_resnet", in_chans=1 if gray else 3)
@@ -127,8 +127,8 @@ def test_teacher_remap_of_a_device_batch_equals_the_teachers_own_normalisation(t
     import timm
     import torch
 
-    from cwkd.distiller import Renormalize
-    from cwkd.loaders import Transformed, _OnImage, build_loaders, build_transform, data_config
+    from cwkd.core.distiller import Renormalize
+    from cwkd.data.loading import Transformed, _OnImage, build_loaders, build_transform, data_config
 
     spec = _spec(tmp_path, gray=False)
     dcfg = data_config(timm.create_model("test_resnet"), input_size=72)
@@ -149,7 +149,7 @@ def test_the_shm_warning_counts_uint8_batches_as_one_byte_a_value(tmp_path, monk
 
     import timm
 
-    from cwkd.loaders import Transformed, _OnImage, build_loaders, build_transform, data_config
+    from cwkd.data.loading import Transformed, _OnImage, build_loaders, build_transform, data_config
 
     spec = _spec(tmp_path, gray=True)
     dcfg = data_config(timm.create_model("test_resnet", in_chans=1), input_size=32, in_chans=1)
@@ -174,14 +174,14 @@ def test_an_input_bound_run_reports_its_data_wait(folder, tmp_path, monkeypatch)
     every image takes 40 ms to read and the model a few."""
     import time
 
-    from cwkd.data import ImageFolderDataset
-    from cwkd.engine import run
+    from cwkd.tasks.classification.data import ImageFolderDataset
+    from cwkd.training.engine import run
     from tests.helpers import read_metrics
 
     read = ImageFolderDataset.__getitem__
     monkeypatch.setattr(ImageFolderDataset, "__getitem__", lambda self, i: (time.sleep(0.04), read(self, i))[1])
     lines = []
-    monkeypatch.setattr("cwkd.console.RunConsole.info", lambda self, text: lines.append(text))
+    monkeypatch.setattr("cwkd.training.console.RunConsole.info", lambda self, text: lines.append(text))
     cfg = TrainConfig(data=str(folder), student="test_resnet", method="none", epochs=1, batch_size=4, input_size=32,
                       workers=0, device="cpu", out=str(tmp_path / "run"))
     run(cfg)

@@ -107,7 +107,7 @@ def test_grids_link_carried_data_and_snapshot_results_atomically(tmp_path, monke
 def test_dry_run_of_the_throughput_step_measures_every_variant(tmp_path):
     """``--only machine,throughput`` runs benchmarks/throughput.py --plan quick: end to end from JPEG files with 2 and
     auto workers against the model-bound rate, each with its data-wait share, and a verdict on the CPU target."""
-    from cwkd.feed import resolve_workers
+    from cwkd.data.feed import resolve_workers
 
     done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "machine,throughput", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=300)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cwkd.errors import ConfigError, ModelNotFoundError
-from cwkd.heads import create_segmentation_model, is_segmentation_name
+from cwkd.tasks.segmentation.models import create_segmentation_model, is_segmentation_name
 
 
 @pytest.mark.parametrize("name", ["pspnet_test_resnet", "deeplabv3_test_resnet", "pspnet_mobilenetv3_small_050"])

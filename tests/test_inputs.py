@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cwkd import images
-from cwkd.checkpoint import save_checkpoint
-from cwkd.cli import app
-from cwkd.data import ArrayDataset, DataSpec, load_data
+from cwkd.cli.app import app
+from cwkd.data import images
+from cwkd.data.loading import build_loaders, build_transform, check_split_sizes, data_config
 from cwkd.errors import DataError
-from cwkd.loaders import build_loaders, build_transform, check_split_sizes, data_config
-from cwkd.metadata import CheckpointMeta
-from cwkd.models import create_model
+from cwkd.files.checkpoint import save_checkpoint
+from cwkd.files.metadata import CheckpointMeta
+from cwkd.tasks.classification.data import ArrayDataset, DataSpec, load_data
+from cwkd.tasks.classification.models import create_model
 
 from .helpers import cli_fails as _fails
 
@@ -255,7 +255,7 @@ def test_shared_memory_failure_names_the_fix(monkeypatch):
 def test_small_shm_warns_before_loading(monkeypatch):
     import shutil
 
-    from cwkd import loaders
+    from cwkd.data import loading as loaders
 
     monkeypatch.setattr(loaders.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(64 << 20, 60 << 20, 4 << 20))
     cfg = data_config(create_model("test_resnet"), input_size=224)
@@ -267,7 +267,7 @@ def test_small_shm_under_torchrun_warns_once_for_every_process_on_the_machine(mo
     import shutil
     import warnings
 
-    from cwkd import loaders
+    from cwkd.data import loading as loaders
 
     cfg = data_config(create_model("test_resnet"), input_size=224)
     one = 4 * 64 * 3 * 224 * 224 * 2 * 2  # what one process's 2 workers hand over at batch 64

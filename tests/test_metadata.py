@@ -10,13 +10,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from cwkd.checkpoint import load_checkpoint, save_checkpoint
-from cwkd.config import TrainConfig
+from cwkd.data.loading import DataConfig
 from cwkd.errors import CheckpointError
 from cwkd.evaluation import read_student
-from cwkd.loaders import DataConfig
-from cwkd.metadata import CheckpointMeta, run_metadata
-from cwkd.models import create_model
+from cwkd.files.checkpoint import load_checkpoint, save_checkpoint
+from cwkd.files.metadata import CheckpointMeta, run_metadata
+from cwkd.tasks.classification.models import create_model
+from cwkd.training.config import TrainConfig
 
 #: The exact metadata a run checkpoint held before CheckpointMeta (rundir.checkpoint_metadata + save_epoch).
 _OLD_RUN_META = {

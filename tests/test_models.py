@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from cwkd import CheckpointError, ModelNotFoundError, create_model
-from cwkd.cli import app
-from cwkd.models import resolve_name
+from cwkd.cli.app import app
+from cwkd.tasks.classification.models import resolve_name
 
 
 def test_aliases_and_suggestions():

@@ -65,6 +65,6 @@ def test_convnext_and_resnet_pair_their_last_stage_at_the_default_176():
 @pytest.mark.parametrize("size,feat,reduction", [(176, 6, 32), (176, 5, 32), (70, 5, 16), (70, 2, 32),
                                                  (224, 16, 14), (176, 121, None), (32, 33, None)])
 def test_nominal_reduction(size, feat, reduction):
-    from cwkd.features import _reduction
+    from cwkd.core.features import _reduction
 
     assert _reduction(size, feat) == reduction

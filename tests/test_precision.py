@@ -12,13 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cwkd import precision
-from cwkd.build import autocast_dtype, resolve_device
-from cwkd.cli import app
-from cwkd.config import Precision, TrainConfig
+from cwkd import runtime as precision
+from cwkd.cli.app import app
 from cwkd.errors import ConfigError, TrainingError
-from cwkd.nonfinite import raise_nonfinite
-from cwkd.precision import fast_precisions, precision_warning, resolve_precision
+from cwkd.runtime import fast_precisions, precision_warning, resolve_precision
+from cwkd.training.build import autocast_dtype, resolve_device
+from cwkd.training.config import Precision, TrainConfig
+from cwkd.training.nonfinite import raise_nonfinite
 
 runner = CliRunner()
 COMMON = ["--epochs", "1", "--batch-size", "4", "--input-size", "32", "--workers", "0", "--device", "cpu"]

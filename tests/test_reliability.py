@@ -23,12 +23,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cwkd import engine, rundir
-from cwkd.checkpoint import load_checkpoint, load_state
-from cwkd.cli import app
-from cwkd.distiller import FeatureDistiller
+from cwkd.cli.app import app
+from cwkd.core.distiller import FeatureDistiller
 from cwkd.errors import ConfigError
-from cwkd.models import create_model
+from cwkd.files.checkpoint import load_checkpoint, load_state
+from cwkd.tasks.classification.models import create_model
+from cwkd.training import engine, rundir
 
 from .helpers import make_image_folder
 from .helpers import wait_for as _wait_for

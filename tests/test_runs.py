@@ -24,11 +24,12 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cwkd import demo, runinputs
-from cwkd.cli import app
+from cwkd.cli import demo
+from cwkd.cli.app import app
 from cwkd.errors import ConfigError
-from cwkd.models import create_model
-from cwkd.runlock import RunLock
+from cwkd.tasks.classification.models import create_model
+from cwkd.training import runinputs
+from cwkd.training.runlock import RunLock
 
 from .helpers import cli_fails as _fails
 from .helpers import make_image_folder
@@ -226,7 +227,7 @@ _FOREIGN_HOLDER = ("import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(
 
 
 def test_a_lock_whose_recorded_holder_died_is_waited_for_and_never_names_it(tmp_path, monkeypatch):
-    from cwkd import runlock
+    from cwkd.training import runlock
 
     for hold_s, wait_s in ((1.0, 30.0), (60.0, 0.5)):
         (tmp_path / ".lock").write_text("999999999\n")  # a run that died; a process it started holds the lock

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cwkd.composite import Items, write_dense_dataset
+from cwkd.data.composite import Items, write_dense_dataset
+from cwkd.data.loading import Transformed
 from cwkd.errors import DataError
-from cwkd.loaders import Transformed
-from cwkd.miou import SegmentationScore
-from cwkd.segdata import IGNORE_INDEX, JointTransform, load_segmentation
+from cwkd.tasks.segmentation.data import IGNORE_INDEX, JointTransform, load_segmentation
+from cwkd.tasks.segmentation.metric import SegmentationScore
 
 
 def _voc(tmp_path, n=4):

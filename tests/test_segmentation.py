@@ -10,12 +10,12 @@ import safetensors.torch
 import torch
 from typer.testing import CliRunner
 
-from cwkd.cli import app
-from cwkd.composite import Items, write_dense_dataset
+from cwkd.cli.app import app
+from cwkd.data.composite import Items, write_dense_dataset
 from cwkd.errors import ConfigError
-from cwkd.heads import create_segmentation_model
 from cwkd.inspection import propose_pairs
 from cwkd.tasks import Task, get_task, infer_task
+from cwkd.tasks.segmentation.models import create_segmentation_model
 
 from .helpers import cli_ok, read_metrics
 
@@ -90,7 +90,7 @@ def test_onnx_export_of_a_pspnet_verifies(teacher, tmp_path):
 
 
 def test_grid_pool_traces_to_the_same_averages_as_adaptive_pooling():
-    from cwkd.heads import GridPool
+    from cwkd.tasks.segmentation.models import GridPool
 
     x = torch.randn(2, 4, 8, 11)
     for bins in (1, 2, 3, 6):
@@ -100,8 +100,8 @@ def test_grid_pool_traces_to_the_same_averages_as_adaptive_pooling():
 
 @pytest.mark.slow
 def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(voc, tmp_path, monkeypatch):
-    from cwkd import rundir
-    from cwkd.checkpoint import load_state
+    from cwkd.files.checkpoint import load_state
+    from cwkd.training import rundir
 
     from .test_reliability import _assert_same_weights, _StopAfter
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import cwkd
 from cwkd import choices
-from cwkd.cli import app
+from cwkd.cli.app import app
 
 runner = CliRunner()
 
@@ -46,7 +46,7 @@ def test_help_of_every_command_loads_neither_torch_nor_timm():
     code = f"""
 import json, sys
 from typer.testing import CliRunner
-from cwkd.cli import app
+from cwkd.cli.app import app
 runner = CliRunner()
 codes = {{c: runner.invoke(app, [*c.split(), "--help"]).exit_code for c in {["", *commands]!r}}}
 codes["--version"] = runner.invoke(app, ["--version"]).exit_code
@@ -84,10 +84,10 @@ def test_unknown_attribute_is_an_attribute_error():
 
 
 def test_enums_keep_their_old_import_paths():
-    from cwkd.aligner import Method
+    from cwkd.core.aligner import Method
+    from cwkd.core.losses import Reduction
     from cwkd.evaluation import Split
     from cwkd.export import ExportFormat
-    from cwkd.losses import Reduction
 
     assert (Method, Reduction, Split, ExportFormat) == (
         choices.Method, choices.Reduction, choices.Split, choices.ExportFormat)
@@ -118,7 +118,7 @@ def test_distiller_names_the_parameter_that_is_not_finite(name, value):
 def test_warnings_come_from_rank_zero_only(enabled, quiet, printed):
     import io
 
-    from cwkd.console import RunConsole
+    from cwkd.training.console import RunConsole
 
     stream = io.StringIO()
     RunConsole(quiet=quiet, enabled=enabled, stream=stream).warn("disk almost full")
@@ -126,9 +126,11 @@ def test_warnings_come_from_rank_zero_only(enabled, quiet, printed):
 
 
 @pytest.mark.parametrize("module, never", [
-    ("cwkd.export", ["cwkd.engine", "cwkd.rundir", "cwkd.distiller"]),  # exporting needs no training engine
-    ("cwkd.evaluation", ["cwkd.engine", "cwkd.rundir"]),
-    ("cwkd.rundir", ["cwkd.evaluation", "cwkd.engine"]),  # the old cycle: rundir -> evaluation -> engine -> rundir
+    # exporting needs no training engine
+    ("cwkd.export", ["cwkd.training.engine", "cwkd.training.rundir", "cwkd.core.distiller"]),
+    ("cwkd.evaluation", ["cwkd.training.engine", "cwkd.training.rundir"]),
+    # the old cycle: rundir -> evaluation -> engine -> rundir
+    ("cwkd.training.rundir", ["cwkd.evaluation", "cwkd.training.engine"]),
 ])
 def test_modules_import_only_what_they_use(module, never):
     result = _run_python(f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('cwkd')))")

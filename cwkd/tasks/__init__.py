@@ -22,10 +22,10 @@ if TYPE_CHECKING:
     from cwkd.tasks.base import TaskSpec
 
 #: The module and class of each task, imported on first use (a classifier never loads the others).
-_MODULES = {Task.classification: ("cwkd.tasks.classification", "Classification"),
-            Task.segmentation: ("cwkd.tasks.segmentation", "Segmentation"),
-            Task.detection: ("cwkd.tasks.detection", "Detection"),
-            Task.instance: ("cwkd.tasks.detection", "Instance")}
+_MODULES = {Task.classification: ("cwkd.tasks.classification.task", "Classification"),
+            Task.segmentation: ("cwkd.tasks.segmentation.task", "Segmentation"),
+            Task.detection: ("cwkd.tasks.detection.task", "Detection"),
+            Task.instance: ("cwkd.tasks.detection.task", "Instance")}
 #: Tasks whose models may teach another task's: a detector's FPN teaches a Mask R-CNN's, and back.
 _TEACHES = {Task.detection: {Task.instance}, Task.instance: {Task.detection}}
 
@@ -61,8 +61,8 @@ def can_teach(teacher: Task, student: Task) -> bool:
 
 def _of(name: str) -> Task:
     """The task a model name says."""
-    from cwkd.detmodels import detection_task
-    from cwkd.heads import is_segmentation_name
+    from cwkd.tasks.detection.models import detection_task
+    from cwkd.tasks.segmentation.models import is_segmentation_name
 
     if is_segmentation_name(name):
         return Task.segmentation

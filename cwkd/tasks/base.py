@@ -15,11 +15,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Task
-from cwkd.config import Optimizer
-from cwkd.data import DataSpec
+from cwkd.tasks.classification.data import DataSpec
+from cwkd.training.config import Optimizer
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
-    from cwkd.loaders import DataConfig
+    from cwkd.data.loading import DataConfig
 
 
 class FeatureTaps(Protocol):
@@ -82,14 +82,16 @@ class TaskSpec:
     mgd_mask: tuple[MgdMask, float] = (MgdMask.pixel, 0.75)
     #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
     ddp_find_unused: bool = False
-    #: Whether every training step allocates tensors of the same sizes, so that keeping freed memory for the next
-    #: step (:func:`cwkd.build.reuse_freed_memory`, on the CPU) pays. A detector's sizes vary with its proposals
-    #: and objects, and with freed memory kept the heap fragments: a Mask R-CNN run grew until it was killed.
+    #: Whether every training step allocates tensors of the same sizes, so that keeping freed memory for the
+    #: next step (:func:`cwkd.training.build.reuse_freed_memory`, on the CPU) pays. A detector's sizes vary
+    #: with its proposals and objects, and with freed memory kept the heap fragments: a Mask R-CNN
+    #: run grew until it was killed.
     steady_shapes: bool = True
     #: How the loaders batch items (None: torch's default stacking).
     collate: Callable | None = None
-    #: The peak learning rate per optimizer when ``--lr`` is not given; one not here takes
-    #: :data:`cwkd.config.OPTIMIZER_DEFAULTS`. Read once, when the config is resolved (config.json keeps the number).
+    #: The peak learning rate per optimizer when ``--lr`` is not given; one not here
+    #: takes :data:`cwkd.training.config.OPTIMIZER_DEFAULTS`. Read once, when the config is
+    #: resolved (config.json keeps the number).
     default_lr: dict[Optimizer, float] = {}
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
@@ -117,7 +119,7 @@ class TaskSpec:
     def datasets(self, spec: DataSpec, dcfg: DataConfig) -> tuple[Dataset, Dataset]:
         """The train and val data sets transformed to tensors for a data config (required).
 
-        Items must accept ``(index, seed)`` keys from :class:`~cwkd.loaders.EpochSampler`.
+        Items must accept ``(index, seed)`` keys from :class:`~cwkd.data.loading.EpochSampler`.
         """
         raise NotImplementedError
 
@@ -148,7 +150,7 @@ class TaskSpec:
         return self.mgd_mask
 
     def loss_fn(self, label_smoothing: float = 0.0) -> Callable:
-        """:meth:`loss` with its options bound, as :class:`~cwkd.distiller.FeatureDistiller` takes it."""
+        """:meth:`loss` with its options bound, as :class:`~cwkd.core.distiller.FeatureDistiller` takes it."""
         return lambda outputs, targets: self.loss(outputs, targets, label_smoothing=label_smoothing)
 
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision, channels_last: bool = False,

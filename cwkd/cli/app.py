@@ -1,0 +1,407 @@
+"""The ``cwkd`` command line. Each command parses options, builds one typed config and calls one
+library function; errors from the library become one clean line and exit code 1.
+
+This module imports nothing that loads torch or timm: commands import the library inside their
+bodies, so ``cwkd --help`` and ``cwkd --version`` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cwkd import __version__
+from cwkd.choices import ExportFormat, Method, MgdMask, Reduction, Split, Task
+from cwkd.errors import CwkdError, RunInterrupted
+from cwkd.training.config import Optimizer, Precision, TrainConfig
+
+app = typer.Typer(
+    name="cwkd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Channel-wise feature knowledge distillation: train a small student to mimic a big teacher.",
+)
+_state = {"debug": False}
+
+# Reusable option types -------------------------------------------------------------------------
+Data = Annotated[str, typer.Option("--data", help="ImageFolder dir (train/ + val/), fashion-mnist, "
+                                   "fashion-mnist-mini (bundled), cifar10 or cifar100; for segmentation a "
+                                   "VOC-style dir or one with train/images + train/masks; for detection/instance a "
+                                   "COCO dir (annotations/instances_train2017.json + train2017/, or "
+                                   "annotations/instances_train.json + train/).")]
+TaskOpt = Annotated[Task | None, typer.Option("--task", help="classification, segmentation, detection or instance "
+                                              "(default: inferred from the model name, e.g. pspnet_* is "
+                                              "segmentation, fasterrcnn_* detection, maskrcnn_* instance).")]
+DataRoot = Annotated[str | None, typer.Option(help="Where to look for fashion-mnist/cifar files "
+                                                 "(else $CWKD_DATA, then system paths).")]
+Download = Annotated[bool, typer.Option(help="Let torchvision download cifar/fashion-mnist (needs internet).")]
+SkipCorrupt = Annotated[bool, typer.Option(help="Skip unreadable images with a warning instead of failing.")]
+Epochs = Annotated[int | None, typer.Option(help="Training epochs. (default: 10)")]
+BatchSize = Annotated[int, typer.Option(help="Images per step (per process under torchrun).")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate. (default: 0.05 sgd, 1e-3 adamw; "
+                                               "detection and instance: 0.005 sgd, 1e-4 adamw)")]
+WeightDecay = Annotated[float | None, typer.Option(help="Weight decay. (default: 5e-4 sgd, 0.05 adamw)")]
+Opt = Annotated[Optimizer, typer.Option("--optimizer", help="SGD with Nesterov momentum, or AdamW.")]
+Warmup = Annotated[float, typer.Option(help="Linear warmup epochs before the cosine decay.")]
+Smoothing = Annotated[float, typer.Option(help="Label smoothing for the task loss.")]
+ClipGrad = Annotated[float | None, typer.Option(help="Clip the gradient norm to this value.")]
+Prec = Annotated[Precision, typer.Option("--precision", help="fp32, autocast bf16/fp16 (fp16 needs CUDA), "
+                                         "or auto: the fastest here (bf16 only where native).")]
+Compile = Annotated[bool, typer.Option(help="torch.compile the student and teacher.")]
+InputSize = Annotated[int | None, typer.Option(help="Input height=width in pixels (default: the model's, "
+                                                  "or 32 for 28-32 px data sets; a detector's resize "
+                                                  "`min_size`, default the data's image size).")]
+InChans = Annotated[int | None, typer.Option(help="Input channels (default: the data's, 1 for gray).")]
+Mean = Annotated[str | None, typer.Option(help="Input mean per channel, comma-separated (default: the "
+                                         "model's timm config).")]
+Std = Annotated[str | None, typer.Option(help="Input std per channel, comma-separated (default: the "
+                                        "model's timm config).")]
+Workers = Annotated[str, typer.Option(help="Data loader worker processes, or auto: this process's share of the "
+                                            "usable cores (divided by the processes under torchrun), at most 16; "
+                                            "0 on a single core.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Out = Annotated[str | None, typer.Option(help="Run directory. (default: runs/<time>-<student>-<pid>)")]
+Overwrite = Annotated[bool, typer.Option(help="Replace the run already in --out.")]
+Resume = Annotated[str | None, typer.Option(help="Continue the run in this directory with its saved config "
+                                             "(--epochs, --workers, --device, --quiet, --skip-corrupt, "
+                                             "--skip-nonfinite, --data-root, --download may change; --data, "
+                                             "--teacher and weights may name a moved copy).")]
+SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss is NaN/inf before stopping.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
+                                                 "(needs the Hugging Face hub).")]
+
+
+def _print_version(value: bool) -> None:
+    """``--version``: eager, so it runs before click asks for a command."""
+    if value:
+        typer.echo(f"cwkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option(help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@contextlib.contextmanager
+def _errors(run_dir: str | None = None, *, training: bool = False) -> Iterator[None]:
+    """Library errors and machine faults become ``error: ...`` and exit 1; a stop signal exits 128 + signal.
+
+    ``training``: the command trains, into ``run_dir`` if known; the message after a Ctrl-C says what to do.
+    """
+    try:  # nothing before this line: a Ctrl-C while torch imports must reach the handlers below
+        yield
+    except CwkdError as exc:
+        if _state["debug"]:
+            raise
+        # An error raised in a DataLoader worker arrives wrapped in a worker traceback: keep its last line,
+        # without the "cwkd.errors.DataError: " that the traceback puts before the message.
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        typer.echo(f"error: {re.sub(r'^cwkd[.]errors[.][A-Za-z]+: ', '', lines[-1])}", err=True)
+        raise typer.Exit(1) from None
+    except RunInterrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C before training started, or a second Ctrl-C: files saved stay
+        _ignore_sigint()  # a further Ctrl-C while exiting would only print "Exception ignored ..."
+        if _state["debug"]:
+            raise
+        exc.__traceback__ = None  # free the interrupted frames now, so their cleanup runs while SIGINT is ignored
+        typer.echo(_interrupted(run_dir) if training else "interrupted; files already written are intact", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:  # out of memory, no compiler for --compile, a read-only disk: one line too
+        from cwkd.cli.faults import fault_message
+
+        message = None if _state["debug"] else fault_message(exc)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _interrupted(run_dir: str | None) -> str:
+    """What a Ctrl-C outside training leaves: suggest --resume only for a run that has something to resume."""
+    if run_dir is None:  # a default --out: the engine named it, and printed it if it got that far
+        return "interrupted; files already written are intact (a run that finished an epoch continues with --resume)"
+    if (Path(run_dir) / "config.json").is_file() and (Path(run_dir) / "state.pt").is_file():
+        return f"interrupted; files already written are intact; continue the run with --resume {run_dir}"
+    return "interrupted before the first epoch finished; nothing to resume: run the same command again"
+
+
+def _ignore_sigint() -> None:
+    """Ignore further SIGINTs (main thread only: signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@app.command()
+def inspect(
+    model: Annotated[str | None, typer.Argument(help="A timm model name (aliases such as mobilenetv1 work).")]
+    = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher model: show the proposed pairs.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model: show the proposed pairs.")] = None,
+    pairs: Annotated[str, typer.Option(help="last, all, or STUDENT_LAYER:TEACHER_LAYER,...")] = "last",
+    method: Annotated[Method, typer.Option(help="Aligner whose cost is reported.")] = Method.cwt,
+    hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. (default: teacher channels)")]
+    = None,
+    input_size: InputSize = None,
+    in_chans: Annotated[int | None, typer.Option(help="Input channels. (default: 3)")] = None,
+    all_layers: Annotated[bool, typer.Option("--all", help="List every layer, not just the top two levels.")]
+    = False,
+    task: TaskOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List a model's hookable layers, or the layer pairs for a teacher and a student."""
+    from cwkd.cli import report
+    from cwkd.files.strict_json import json_text
+    from cwkd.inspection import inspect_model, propose_pairs
+
+    with _errors():
+        if teacher or student:
+            if not (teacher and student) or model:
+                raise typer.BadParameter("give MODEL alone, or both --teacher and --student")
+            result = propose_pairs(teacher, student, pairs=pairs, method=method, hidden=hidden,
+                                   input_size=input_size, in_chans=in_chans, task=task)
+            typer.echo(json_text(result, indent=2)) if as_json else report.print_pairs(result)
+            return
+        if not model:
+            raise typer.BadParameter("give a MODEL name, or --teacher and --student")
+        layers, size = inspect_model(model, input_size=input_size, in_chans=in_chans, task=task)
+        if as_json:
+            typer.echo(json_text({"model": model, "input_size": list(size),
+                                   "layers": [layer.to_dict() for layer in layers]}, indent=2))
+        else:
+            report.print_layers(model, layers, size, all_layers=all_layers)
+
+
+def _run(cfg: TrainConfig, resume: str | None, options: dict | None) -> None:
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    if main_thread:  # the first Ctrl-C of start-up stops it; one more while it unwinds is ignored
+        signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        with _errors(resume or cfg.out, training=True):
+            from cwkd.training.engine import run
+
+            run(cfg, resume=resume, resume_options=options)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)  # CliRunner and library callers get their handler back
+
+
+def _interrupt_once(_signum, _frame) -> None:
+    _ignore_sigint()
+    raise KeyboardInterrupt
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Option("--model", help="The model to train: a timm name, or a "
+                                              "segmentation model such as pspnet_resnet18.")] = None,
+    task: TaskOpt = None,
+    data: Data = "", data_root: DataRoot = None, download: Download = False, skip_corrupt: SkipCorrupt = False,
+    pretrained: StudentPretrained = False,
+    weights: Annotated[str | None, typer.Option(help="Start from a local weights file (.safetensors or .pth, "
+                                                "loaded safely); a classifier for other classes is replaced.")]
+    = None,
+    epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
+    optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
+    clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
+    input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
+    workers: Workers = "auto", seed: Seed = 0,
+    device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
+    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
+) -> None:
+    """Train one model without a teacher: a teacher to distil from, or the baseline student."""
+    with _errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
+        cfg, options = _config(dict(locals()), student=model, method=Method.none, flag="--model")
+    _run(cfg, resume, options)
+
+
+@app.command()
+def distill(
+    ctx: typer.Context,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: a timm name, or a checkpoint from "
+                                                   "`cwkd train` (.safetensors).")] = None,
+    student: Annotated[str | None, typer.Option(help="Student: a timm name (or a segmentation model "
+                                                   "such as pspnet_resnet18).")] = None,
+    task: TaskOpt = None,
+    data: Data = "", data_root: DataRoot = None, download: Download = False, skip_corrupt: SkipCorrupt = False,
+    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights file (.safetensors or "
+                                                           ".pth, loaded safely).")] = None,
+    teacher_pretrained: Annotated[bool, typer.Option(help="Teacher from timm's pretrained weights "
+                                                     "(needs the hub).")] = False,
+    allow_random_teacher: Annotated[bool, typer.Option(help="Allow an untrained teacher (testing only).")]
+    = False,
+    student_pretrained: StudentPretrained = False,
+    student_weights: Annotated[str | None, typer.Option(help="Start the student from a local weights file "
+                                                        "(classifier replaced if its size differs).")] = None,
+    method: Annotated[Method, typer.Option(help="cwt (ours), linear (FitNets 1x1), mgd, cwd (channel-wise "
+                                           "distillation, Shu et al.), or none (KD only).")] = Method.cwt,
+    alpha: Annotated[str, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md), or "
+                                            "auto: picked from the first 5 batches' gradients, a quarter of it "
+                                            "again if the first epoch diverges (docs/method.md).")]
+    = "1.0",
+    pairs: Annotated[str, typer.Option(help="last, all, or STUDENT_LAYER:TEACHER_LAYER,...")] = "last",
+    hidden: Annotated[int | None, typer.Option(help="Aligner hidden width. (default: teacher channels)")]
+    = None,
+    reduction: Annotated[Reduction, typer.Option(help="Feature L2: mean over elements, or sum/batch "
+                                                 "(the paper's alpha).")] = Reduction.mean,
+    kd_weight: Annotated[float, typer.Option(help="Weight of Hinton logit KD added to the loss, per image or "
+                                             "per labelled pixel (0: off).")]
+    = 0.0,
+    kd_temperature: Annotated[float, typer.Option(help="Temperature of the logit KD.")] = 4.0,
+    mgd_mask: Annotated[MgdMask | None, typer.Option(help="mgd: mask whole channels or positions. (default: as "
+                                                     "MGD's configs: channel for classification, else pixel)")] = None,
+    mgd_ratio: Annotated[float | None, typer.Option(help="mgd: share masked. (default: MGD's per task: 0.15 "
+                                                    "classification, 0.75 segmentation, 0.45 R-CNNs, 0.65 RetinaNet)")]
+    = None,
+    cwd_tau: Annotated[float | None, typer.Option(help="cwd: softmax temperature. (default: 1)")] = None,
+    epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
+    optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
+    clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
+    input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
+    workers: Workers = "auto", seed: Seed = 0,
+    device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
+    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
+) -> None:
+    """Distil a teacher into a student through channel-wise aligned features."""
+    with _errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
+        cfg, options = _config(dict(locals()), student=student, method=method, flag="--student")
+    _run(cfg, resume, options)
+
+
+def _config(options: dict, *, student: str | None, method: Method,
+            flag: str) -> tuple[TrainConfig, dict | None]:
+    """One TrainConfig from a command's options; for --resume, the options given (checked against the saved config)."""
+    resume = options.pop("resume", None)
+    given = _given(options, options.pop("ctx"))
+    options["workers"] = TrainConfig.parse_workers(options["workers"])  # `--workers 4` or `--workers auto`
+    if "alpha" in options:  # `--alpha 7` or `--alpha auto`
+        options["alpha"] = TrainConfig.parse_alpha(options["alpha"])
+    options = {k: v for k, v in options.items() if k != "model"}
+    if "pretrained" in options:  # `cwkd train` names them --pretrained / --weights
+        options["student_pretrained"] = options.pop("pretrained")
+        options["student_weights"] = options.pop("weights")
+        given = {{"pretrained": "student_pretrained", "weights": "student_weights"}.get(k, k) for k in given}
+    options["student"] = student
+    if resume:  # the options given are checked against the saved config (rundir.load_config)
+        return (TrainConfig(data="-", student="-", method=Method.none),
+                {k: v for k, v in options.items() if k in given or k == "student" and student})
+    if options["epochs"] is None:  # not `or 10`: --epochs 0 must reach the check and fail
+        options["epochs"] = 10
+    if not student:
+        raise typer.BadParameter(f"{flag} is required (or --resume RUN_DIR)", param_hint=flag)
+    if not options["data"]:
+        raise typer.BadParameter("--data is required", param_hint="--data")
+    options.update(method=method)
+    return TrainConfig(**options), None
+
+
+def _given(options: dict, ctx: typer.Context) -> set[str]:
+    """The options typed on the command line (or set by the environment), not left at their defaults.
+
+    Asked of click, not found by comparing with the default: `--alpha 1.0` on a run made with 2 is given.
+    """
+    return {k for k in options if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in
+            ("DEFAULT", "DEFAULT_MAP")}
+
+
+@app.command()
+def demo(
+    fast: Annotated[bool, typer.Option(help="A one-minute smoke run instead of the ~5 minute demo.")] = False,
+    out: Annotated[Path, typer.Option(help="Where the three runs are written.")] = Path("runs/demo"),
+    seed: Seed = 0,
+    workers: Workers = "auto",
+) -> None:
+    """Offline demo on the bundled data: teacher, baseline student and CWT student, compared."""
+    from cwkd.cli.demo import run_demo
+
+    with _errors():
+        run_demo(out=out, fast=fast, seed=seed, workers=TrainConfig.parse_workers(workers))
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[str, typer.Argument(help="A cwkd checkpoint (.safetensors), or a timm model name "
+                                                   "with --weights.")],
+    data: Annotated[str | None, typer.Option(help="Data set or ImageFolder dir (default: the one the "
+                                                  "checkpoint was trained on).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Weights file for a timm model name (.safetensors "
+                                                     "or .pth, loaded safely).")] = None,
+    split: Annotated[Split, typer.Option(help="val or train (train images get the val transform).")] = Split.val,
+    per_class: Annotated[bool, typer.Option(help="Also show per-class accuracy and the confusion matrix "
+                                                 "(segmentation: per-class IoU; detection: per-class box AP, "
+                                                 "instance: also mask AP).")] = False,
+    task: TaskOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")] = False,
+    batch_size: BatchSize = 64, precision: Prec = Precision.fp32, input_size: Annotated[
+        int | None, typer.Option(help="Input size for a timm name (default: as `cwkd train` picks).")] = None,
+    data_root: DataRoot = None, workers: Workers = "auto", device: Device = "auto",
+) -> None:
+    """Measure a checkpoint: top-1, top-5, mean loss and images/s on a data set split."""
+    from cwkd.cli.report import print_eval
+    from cwkd.evaluation import evaluate_checkpoint
+    from cwkd.files.strict_json import json_text
+
+    with _errors():
+        result = evaluate_checkpoint(checkpoint, weights=weights, data=data, data_root=data_root, split=split,
+                                     batch_size=batch_size, workers=TrainConfig.parse_workers(workers), device=device,
+                                     precision=precision,
+                                     per_class=per_class, input_size=input_size, task=task)
+        typer.echo(json_text(result.to_dict())) if as_json else print_eval(result)
+
+
+@app.command("export")
+def export_(
+    checkpoint: Annotated[str, typer.Argument(help="A cwkd checkpoint (.safetensors).")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="safetensors (plain timm or "
+                                                 "torchvision), onnx (a detector's: one image in, its detections out) "
+                                                 "or torchscript (not for detectors).")] = ExportFormat.safetensors,
+    out: Annotated[str | None, typer.Option(help="File to write (default: next to the checkpoint, "
+                                                 "e.g. best.onnx).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    verify: Annotated[bool, typer.Option(help="Fail unless the export matches PyTorch to --atol on random "
+                                              "and real images (a detector's: the same detections).")] = False,
+    atol: Annotated[float, typer.Option(help="Largest max-abs output difference --verify accepts, "
+                                                        "times max(1, largest |output|).")] = 1e-4,
+    benchmark: Annotated[bool, typer.Option(help="Time the export against PyTorch eager (batch 1 and "
+                                                 "8; a detector: 1), on real images with --verify.")] = True,
+    data: Annotated[str | None, typer.Option(help="Real images for --verify (default: the checkpoint's "
+                                                  "data set).")] = None,
+    data_root: DataRoot = None,
+    task: TaskOpt = None,
+) -> None:
+    """Write the student alone (no aligners, no teacher) as safetensors, ONNX or TorchScript."""
+    from cwkd.export import export_student, print_export
+
+    with _errors():
+        result = export_student(checkpoint, format=format, out=out, overwrite=overwrite, verify=verify,
+                                benchmark=benchmark, data=data, data_root=data_root, atol=atol, task=task)
+        print_export(result)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code == 130:  # interrupted: the interpreter's shutdown must not be interrupted again
+            _ignore_sigint()
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Rich tables for ``cwkd inspect`` and ``cwkd eval``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cwkd.core.features import LayerInfo
+from cwkd.tasks import get_task
+
+if TYPE_CHECKING:
+    from cwkd.evaluation import EvalResult
+
+
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def print_layers(model: str, layers: list[LayerInfo], size: tuple[int, int, int], *, all_layers: bool = False,
+                 console: Console | None = None) -> None:
+    """A table of feature-map layers: name, type, shape, channels, reduction, stage, parameters."""
+    console = console or Console()
+    shown = [layer for layer in layers if all_layers or layer.is_stage or layer.name.count(".") <= 1]
+    table = Table(title=f"{model} at input {size[0]}x{size[1]}x{size[2]}: hookable layers")
+    for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"),
+                            ("channels", "right"), ("reduction", "right"), ("stage", "center"),
+                            ("params", "right")):
+        table.add_column(column, justify=justify)
+    for layer in shown:
+        table.add_row(layer.name, layer.type, "x".join(str(v) for v in layer.shape), str(layer.channels),
+                      str(layer.reduction), "stage" if layer.is_stage else "", _count(layer.params))
+    console.print(table)
+    hidden = len(layers) - len(shown)
+    note = f"; {hidden} deeper layers hidden (--all lists them)" if hidden else ""
+    console.print(f"{len(shown)} layers shown{note}. Stages are what --pairs last/all pair by reduction.")
+
+
+def print_pairs(report: dict, console: Console | None = None) -> None:
+    """The proposed pairs with aligner parameters and extra FLOPs."""
+    console = console or Console()
+    size = report["input_size"]
+    table = Table(title=f"{report['student']} -> {report['teacher']} at {size[0]}x{size[1]}x{size[2]} "
+                        f"({report['method']} aligner)")
+    for column in ("student layer", "teacher layer", "reduction", "aligner params", "extra FLOPs/img"):
+        table.add_column(column, overflow="fold")
+    for row in report["pairs"]:
+        resize = " (resized)" if row["resize"] else ""
+        table.add_row(
+            f"{row['student']} {'x'.join(map(str, row['student_shape']))}",
+            f"{row['teacher']} {'x'.join(map(str, row['teacher_shape']))}{resize}",
+            str(row["reduction"]), _count(row["aligner_params"]), _count(row["extra_flops"]),
+        )
+    console.print(table)
+    console.print(
+        f"aligners: {_count(report['aligner_params'])} parameters (training only, dropped on export), "
+        f"{_count(report['extra_flops_per_image'])} FLOPs per image; student: "
+        f"{_count(report['student_params'])} parameters"
+    )
+
+
+_MATRIX_MAX = 20  # a confusion matrix wider than this does not fit a terminal; --json has it whole
+
+
+def print_eval(result: EvalResult, console: Console | None = None) -> None:
+    """The summary table, then (when measured) per-class scores and a classifier's confusion matrix."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    labels = get_task(result.task).metrics
+    table = Table(title=escape(f"cwkd eval: {result.model} on {result.data} ({result.split})"))
+    for column in (*(labels[k] for k in result.scores), "loss", "images", "images/s", "device", "precision"):
+        table.add_column(column, justify="right")
+    table.add_row(*(f"{v:.2f}%" for v in result.scores.values()), f"{result.loss:.4f}", str(result.images),
+                  f"{result.images_per_s:.0f}", result.device, result.precision)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", style="yellow", markup=False)
+    if result.per_class is not None and result.confusion is None:
+        _print_scores(result.per_class, {"iou": "IoU", **labels}, console)
+    if result.per_class is not None and result.confusion is not None:
+        _print_accuracy(result.per_class, result.confusion, console)
+
+
+def _print_accuracy(rows: list[dict], confusion: list[list[int]], console: Console) -> None:
+    """Per-class top-1 of a classifier, then its confusion matrix when it fits a terminal."""
+    table = Table(title="per-class accuracy")
+    for column in ("#", "class", "images", "correct", "top-1"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for i, row in enumerate(rows):
+        top1 = "-" if row["top1"] is None else f"{row['top1']:.2f}%"
+        table.add_row(str(i), escape(row["class"]), str(row["images"]), str(row["correct"]), top1)
+    console.print(table)
+    if len(confusion) > _MATRIX_MAX:
+        console.print(f"confusion matrix: {len(confusion)} classes is too wide to print; use --json")
+        return
+    table = Table(title="confusion matrix (rows: true class, columns: predicted)")
+    table.add_column("true \\ pred", justify="right")
+    for i in range(len(confusion)):
+        table.add_column(str(i), justify="right")
+    for i, row in enumerate(confusion):
+        table.add_row(str(i), *(str(v) for v in row))
+    console.print(table)
+
+
+def _print_scores(rows: list[dict], labels: dict[str, str], console: Console) -> None:
+    """Per-class scores in percent (a segmenter's IoU, a detector's AP); ``-`` for a class not scored."""
+    keys = [k for k in rows[0] if k != "class"] if rows else []
+    table = Table(title="per-class " + ", ".join(labels.get(k, k) for k in keys))
+    for column in ("#", "class", *(labels.get(k, k) for k in keys)):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for i, row in enumerate(rows):
+        table.add_row(str(i), escape(row["class"]), *("-" if row[k] is None else f"{row[k]:.2f}%" for k in keys))
+    console.print(table)

@@ -1,0 +1,1 @@
+"""On-disk formats: checkpoints, their metadata and strict JSON."""

@@ -1,0 +1,1 @@
+"""Image classification: the task, its data sets, the timm model factory."""

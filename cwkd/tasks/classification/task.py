@@ -1,0 +1,99 @@
+"""Image classification: one label per image, cross-entropy, top-1 and top-5."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from cwkd.choices import MgdMask, Task
+from cwkd.data.loading import DataConfig, transformed_datasets
+from cwkd.tasks.base import ExportIO, TaskSpec
+from cwkd.tasks.classification.data import DataSpec, load_data
+from cwkd.tasks.classification.models import create_model, resolve_name
+from cwkd.training.build import autocast
+from cwkd.training.config import Precision
+
+
+class Classification(TaskSpec):
+    """timm classifiers on image folders and the named data sets; the best checkpoint has the best top-1."""
+
+    name = Task.classification
+    best_metric = "top1"
+    metrics = {"top1": "top-1", "top5": "top-5"}
+    export_io = ExportIO.batched("input", "logits", "[batch, classes]")
+    has_logits = True
+    kd_logits = True
+    mgd_mask = (MgdMask.channel, 0.15)  # MGD's cls/mmcls/distillation/losses/mgd.py and its ImageNet configs
+
+    def load_data(self, data: str, *, root: str | None = None, download: bool = False,
+                  skip_corrupt: bool = False) -> DataSpec:
+        """A named data set or an ImageFolder (:func:`cwkd.tasks.classification.data.load_data`)."""
+        return load_data(data, root=root, download=download, skip_corrupt=skip_corrupt)
+
+    def resolve_name(self, name: str) -> str:
+        """A timm name (aliases such as mobilenetv1 allowed)."""
+        return resolve_name(name)
+
+    def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
+                    pretrained: bool = False, weights: str | None = None, new_head: bool = False,
+                    input_size: int | None = None) -> nn.Module:
+        """A timm model with its classifier sized to ``num_classes``
+        (:func:`cwkd.tasks.classification.models.create_model`)."""
+        return create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
+                            weights=weights, new_head=new_head)
+
+    def default_input_size(self, spec: DataSpec) -> int | None:
+        """Small native images (28 px, 32 px) train at the next multiple of 32; folders at the model's own size."""
+        return None if spec.native_size is None else 32 * math.ceil(spec.native_size / 32)
+
+    def datasets(self, spec: DataSpec, dcfg: DataConfig) -> tuple[Dataset, Dataset]:
+        """Images through the model's timm transform (random crops and flips for training)."""
+        return transformed_datasets(spec, dcfg)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, *,
+             label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+        """Cross-entropy, with label smoothing."""
+        return {"task_loss": F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)}
+
+    def logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """A classifier's output is its logits."""
+        return outputs
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
+                 channels_last: bool = False, rank=None) -> dict:
+        """Top-1, top-5 (percent) and mean cross-entropy of ``model`` over ``loader``.
+
+        Under DDP each rank scores its shard and the sums are added; the distributed sampler may pad
+        a few duplicates so shards are equal.
+        """
+        was_training = model.training
+        model.eval()
+        amp = autocast(device, precision)
+        totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top5, count
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True,
+                                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            targets = targets.to(device, non_blocking=True)
+            with amp():
+                logits = model(images)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
+            totals += torch.stack([
+                F.cross_entropy(logits, targets, reduction="sum").double(),
+                hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                torch.tensor(float(targets.numel()), device=device, dtype=torch.float64),
+            ])
+        if rank is not None and rank.enabled:
+            dist.all_reduce(totals)
+        model.train(was_training)
+        loss_sum, top1, top5, count = totals.tolist()
+        count = max(count, 1.0)
+        return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
+                "images": int(count)}

@@ -1,0 +1,1 @@
+"""Semantic segmentation: the task, its data, its models and mIoU."""

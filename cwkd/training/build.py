@@ -1,0 +1,342 @@
+"""Building a run's pieces from its config: device, distributed setup, teacher and student."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cwkd.choices import Task
+from cwkd.data.loading import data_config
+from cwkd.errors import CheckpointError, ConfigError
+from cwkd.files.checkpoint import load_checkpoint, read_metadata, read_state_dict, student_state
+from cwkd.files.metadata import CheckpointMeta
+from cwkd.runtime import precision_advice
+from cwkd.tasks.classification.models import (
+    create_model,
+    is_model_name,
+    load_state_checked,
+    looks_like_path,
+    shape_of_weights,
+)
+from cwkd.training.config import Precision, TrainConfig
+
+if TYPE_CHECKING:  # the tasks import build; the teacher needs only the type
+    from cwkd.tasks.base import TaskSpec
+
+
+@dataclass
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """True under torchrun with more than one process."""
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs and writes."""
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the process group ``torchrun`` describes (nccl on GPU, gloo on CPU), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, precision: Precision) -> torch.device:
+    """``auto`` picks CUDA when present; asking for what is not there is an error, not a fallback."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        device = torch.device(name if ":" in name else f"cuda:{local_rank}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"numbered from 0; use --device cuda:0 or --device cpu")
+    elif name == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise ConfigError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N")
+    if precision is Precision.fp16 and device.type == "cpu":
+        raise ConfigError(f"--precision fp16 needs a CUDA GPU; on this CPU use {precision_advice(device, precision)}")
+    return device
+
+
+# glibc's mallopt(3) parameters, and their defaults for putting them back.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}
+_USER_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+@contextmanager
+def reuse_freed_memory(device: torch.device) -> Iterator[bool]:
+    """While training on the CPU, keep freed memory in the process for the next step (glibc only).
+
+    glibc hands every block above its mmap threshold (32 MiB at most) back to the kernel when it is
+    freed, so each training step at ImageNet sizes page-faults its activations in again: on a
+    2-core machine that made a MobileNetV1 train step (batch 32, 224 px) twice as slow, 1.48 s
+    against 0.72 s (``benchmarks/speed.py --system-malloc``). Inside this context freed memory stays
+    in the heap (``M_MMAP_MAX=0``, trimming only above 2 GiB), for 4-8 % more step memory; on exit
+    glibc's defaults come back and the spare memory is returned. Yields whether it applied:
+    not on CUDA, not on other C libraries, and not when glibc's ``MALLOC_*`` variables or an
+    ``LD_PRELOAD``-ed allocator (jemalloc, tcmalloc, mimalloc) say you chose the allocator yourself.
+
+    Example:
+        >>> with reuse_freed_memory(torch.device("cpu")):  # doctest: +SKIP
+        ...     train()
+    """
+    chosen = any(os.environ.get(k) for k in _USER_MALLOC_ENV) or "malloc" in os.environ.get("LD_PRELOAD", "")
+    libc = _glibc() if device.type == "cpu" and not chosen else None
+    if libc is None:
+        yield False
+        return
+    try:  # set inside the try: a Ctrl-C between the two calls still restores glibc's defaults
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        yield True
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def autocast_dtype(precision: Precision) -> torch.dtype | None:
+    """The autocast dtype for a precision (None for fp32); resolve ``auto`` first (cwkd.runtime)."""
+    if precision is Precision.auto:
+        raise ValueError("Precision.auto has no dtype; pass resolve_precision(precision, device)")
+    return {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(precision)
+
+
+def autocast(device: torch.device, precision: Precision) -> Callable[[], torch.autocast]:
+    """The autocast context for ``precision`` on ``device``, built once: call it to enter a forward pass.
+
+    Example:
+        >>> amp = autocast(torch.device("cpu"), Precision.fp32)
+        >>> with amp():
+        ...     pass
+    """
+    amp = autocast_dtype(precision)
+    return functools.partial(torch.autocast, device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def is_checkpoint_path(value: str) -> bool:
+    """True when a --teacher value is a path (meant as a cwkd checkpoint) rather than a timm model name.
+
+    Anything path-like counts, existing or not, so a typo or a run directory is reported as such
+    instead of as an unknown model; so does a directory whose name is no model's.
+    """
+    path = Path(value)
+    return looks_like_path(value) or path.is_file() or (path.is_dir() and not is_model_name(value))
+
+
+def check_model_task(name: str, task: Task, *, teacher: bool = False) -> None:
+    """Refuse a model name another task owns (``fasterrcnn_*`` under ``--task classification``), naming its task.
+
+    A name no task knows passes: the task's own lookup then says it is unknown (with timm's close names).
+    A teacher passes when its task may teach this one (:func:`cwkd.tasks.can_teach`).
+
+    Example:
+        >>> check_model_task("pspnet_resnet18", Task.segmentation)
+    """
+    from cwkd.tasks import can_teach, infer_task
+
+    found = infer_task(name)  # what the name says; classification for any other name
+    if found is Task.classification and not is_model_name(name):
+        return  # unknown to every task
+    if found is task or (teacher and can_teach(found, task)):
+        return
+    kind = f"{'an' if found.value[0] in 'aeiou' else 'a'} {found.value} model"
+    if teacher:
+        raise ConfigError(f"the teacher '{name}' is {kind} but this run is {task.value}; pick a {task.value} "
+                          f"teacher, or pass --task {found.value} with {kind} as the student")
+    raise ConfigError(f"'{name}' is {kind} but this run is {task.value}; pass --task {found.value}, or leave "
+                      "--task out (the model name sets it)")
+
+
+def build_student(cfg: TrainConfig, num_classes: int, in_chans: int, input_size: int | None = None) -> nn.Module:
+    """The student of the run's task: from scratch, pretrained weights, or a local weights file to fine-tune.
+
+    ``input_size`` reaches models that resize their own input (detectors).
+    """
+    from cwkd.tasks import get_task
+
+    task = get_task(cfg.task)
+    check_model_task(cfg.student, task.name)
+    return task.build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
+                            pretrained=cfg.student_pretrained, weights=cfg.student_weights, new_head=True,
+                            input_size=input_size)
+
+
+def teacher_in_chans(cfg: TrainConfig) -> int | None:
+    """The input channels a teacher checkpoint was trained with, if the teacher is one."""
+    if cfg.teacher and is_checkpoint_path(cfg.teacher):
+        return _teacher_checkpoint(cfg.teacher, header_only=True)[1].in_chans
+    return None
+
+
+def _teacher_checkpoint(path: str, header_only: bool = False) -> tuple[dict, CheckpointMeta]:
+    """A --teacher checkpoint; other weight files get the advice to use --teacher-weights."""
+    if Path(path).is_dir():
+        found = [p for p in (Path(path) / "best.safetensors", Path(path) / "last.safetensors") if p.is_file()]
+        example = found[0] if found else Path(path) / "best.safetensors"
+        raise CheckpointError(f"--teacher {path} is a directory; pass its {example.name} (e.g. --teacher {example})"
+                              + ("" if found else "; it has no checkpoint yet: train the teacher first"))
+    if not Path(path).exists():
+        raise CheckpointError(f"teacher checkpoint file {path} does not exist; pass a .safetensors file from "
+                              "`cwkd train` or a timm model name")
+    hint = f"for other weights pass --teacher MODEL_NAME --teacher-weights {path}"
+    if header_only:
+        return {}, read_metadata(path, plain_hint=hint)
+    return load_checkpoint(path, plain_hint=hint)
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a teacher's weights came from, and the input statistics it expects (config.json's "teacher")."""
+
+    model: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    checkpoint: str | None = None  # a cwkd checkpoint given as --teacher
+    weights: str | None = None     # else a --teacher-weights file, "pretrained" or "random"
+
+    def to_dict(self) -> dict:
+        """The JSON layout config.json has always had (the keys that apply, means as lists)."""
+        values = {"checkpoint": self.checkpoint, "model": self.model, "weights": self.weights,
+                  "mean": list(self.mean), "std": list(self.std)}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, TeacherSource]:
+    """The frozen teacher and a short description of where its weights came from.
+
+    Accepts a cwkd checkpoint, a timm name with ``--teacher-weights FILE``, or a timm name with
+    pretrained weights. A randomly initialised teacher is refused unless explicitly allowed.
+    The description's ``mean`` and ``std`` are the input statistics the teacher expects: the
+    checkpoint's own, or timm's config for the model otherwise.
+    """
+    from cwkd.tasks import get_task
+
+    assert cfg.teacher is not None
+    task = get_task(cfg.task)
+    if is_checkpoint_path(cfg.teacher):
+        model, source, teacher_classes, teacher_chans = _checkpoint_teacher(cfg.teacher, task)
+    else:
+        check_model_task(cfg.teacher, task.name, teacher=True)
+        name = task.resolve_name(cfg.teacher)
+        if not (cfg.teacher_weights or cfg.teacher_pretrained or cfg.allow_random_teacher):
+            raise ConfigError(
+                f"teacher '{name}' has no weights: pass --teacher-weights FILE, --teacher-pretrained "
+                "(needs the Hugging Face hub), or a checkpoint from `cwkd train`; "
+                "--allow-random-teacher distils from random weights (for testing only)"
+            )
+        if cfg.teacher_weights:  # built with the head the weights have; a mismatch is caught below
+            _refuse_cwkd_checkpoint(cfg.teacher_weights)
+            model = _with_weights(name, cfg.teacher_weights, in_chans) if task.has_logits else \
+                task.build_model(name, num_classes=num_classes, in_chans=in_chans, weights=cfg.teacher_weights)
+        elif cfg.teacher_pretrained:
+            model = task.build_model(name, in_chans=in_chans, pretrained=True)
+        else:
+            model = task.build_model(name, num_classes=num_classes, in_chans=in_chans)
+        stats = data_config(model, in_chans=in_chans)
+        source = TeacherSource(model=name, weights=cfg.teacher_weights or
+                               ("pretrained" if cfg.teacher_pretrained else "random"),
+                               mean=tuple(stats.mean), std=tuple(stats.std))
+        teacher_classes, teacher_chans = _num_classes(model), in_chans
+    where = cfg.teacher if source.checkpoint else cfg.teacher_weights or f"timm's {source.weights} {source.model}"
+    _refuse_nonfinite_teacher(model, where)
+    if teacher_classes != num_classes:
+        raise ConfigError(
+            f"the teacher predicts {teacher_classes} classes but the data has {num_classes}; fine-tune it "
+            f"first with `cwkd train --model {source.model} --data {cfg.data} ...` and pass that checkpoint"
+        )
+    if teacher_chans != in_chans:
+        raise ConfigError(
+            f"the teacher takes {teacher_chans} input channels but the student gets {in_chans}; "
+            f"pass --in-chans {teacher_chans}"
+        )
+    return model.eval().requires_grad_(False), source
+
+
+def _refuse_nonfinite_teacher(model: nn.Module, where: str) -> None:
+    """A teacher with NaN/inf weights makes every feature loss non-finite: refuse it, by name, as it loads."""
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"the teacher's weights in {where} are non-finite ({len(bad)} tensor(s), e.g. {bad[0]}); "
+                              "the run that trained it diverged: pass an earlier checkpoint of it, or train it again "
+                              "with a lower --lr")
+
+
+def _checkpoint_teacher(path: str, task: TaskSpec) -> tuple[nn.Module, TeacherSource, int, int]:
+    """A teacher from a cwkd checkpoint of ``task``: its model, source, classes and input channels."""
+    from cwkd.tasks import can_teach, get_task
+
+    tensors, meta = _teacher_checkpoint(path)
+    if not can_teach(get_task(meta.task).name, task.name):
+        raise ConfigError(f"--teacher {path} is a {get_task(meta.task).name.value} checkpoint "
+                          f"but this run is {task.name.value}; pass a teacher trained for "
+                          f"{task.name.value} (or --task)")
+    model = get_task(meta.task).build_model(meta.model, num_classes=meta.num_classes, in_chans=meta.in_chans)
+    load_state_checked(model, student_state(tensors), f"the tensors in {path}",
+                       hint="they do not match the checkpoint's own metadata; the file is damaged or edited")
+    source = TeacherSource(checkpoint=str(path), model=meta.model, mean=meta.mean, std=meta.std)
+    return model, source, meta.num_classes, meta.in_chans
+
+
+def _refuse_cwkd_checkpoint(path: str) -> None:
+    """A cwkd checkpoint given as --teacher-weights: say to pass it as --teacher, which reads its metadata.
+
+    Why not load it anyway: --teacher is the one way a checkpoint teacher is recorded and resumed, and
+    its metadata (classes, channels, input statistics) is what makes the teacher see the right input.
+    """
+    try:
+        meta = read_metadata(path)
+    except CheckpointError:
+        return  # not a cwkd checkpoint (or unreadable): loaded, and reported, as plain weights
+    raise ConfigError(f"{path} is a cwkd checkpoint (of {meta.model}); pass it as --teacher {path} "
+                      "and drop --teacher-weights")
+
+
+def _with_weights(name: str, path: str, in_chans: int) -> nn.Module:
+    """Build ``name`` with the classifier size the weights file has, then load it."""
+    classes, _ = shape_of_weights(name, read_state_dict(path), in_chans)
+    return create_model(name, num_classes=classes, in_chans=in_chans, weights=path)
+
+
+def _num_classes(model: nn.Module) -> int:
+    value = getattr(model, "num_classes", None)
+    if isinstance(value, int):
+        return value
+    raise ConfigError("cannot tell how many classes the teacher predicts; use a timm model or a checkpoint")
