@@ -74,6 +74,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from cwkd.choices import Precision
 from cwkd.core.aligner import aligner_macs
 from cwkd.core.distiller import FeatureDistiller
 from cwkd.core.features import probe
@@ -82,7 +83,6 @@ from cwkd.core.pairing import Pair, pair_layers
 from cwkd.runtime import fast_precisions
 from cwkd.tasks.classification.models import create_model
 from cwkd.training.build import reuse_freed_memory
-from cwkd.training.config import Precision
 
 TARGET_RATIO = 1.10
 PEERS = ("timm_logit", "timm_feature", "torchdistill_fitnet")

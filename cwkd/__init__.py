@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 _SOURCES = {
     "cwkd.core.aligner": ["build_aligner"],
     "cwkd.core.autoalpha": ["AutoAlpha", "pick_alpha"],
-    "cwkd.choices": ["Method", "Reduction"],
-    "cwkd.training.config": ["Optimizer", "Precision", "TrainConfig"],
+    "cwkd.choices": ["Method", "Optimizer", "Precision", "Reduction"],
+    "cwkd.training.config": ["TrainConfig"],
     "cwkd.core.distiller": ["FeatureDistiller", "Renormalize"],
     "cwkd.errors": ["CheckpointError", "ConfigError", "CwkdError", "DataError", "ExportError", "LayerError",
                     "ModelNotFoundError", "PairingError", "TrainingError"],

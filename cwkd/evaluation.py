@@ -20,7 +20,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from cwkd.choices import Split  # defined torch-free for the CLI; re-exported here
+from cwkd.choices import (
+    Precision,
+    Split,  # defined torch-free for the CLI; re-exported here
+    check_sizes,
+)
 from cwkd.data.loading import DataConfig, build_loaders, data_config
 from cwkd.errors import CheckpointError, ConfigError, DataError
 from cwkd.files.checkpoint import load_checkpoint, read_state_dict, student_state
@@ -30,7 +34,6 @@ from cwkd.tasks import get_task, infer_task
 from cwkd.tasks.classification.data import DataSpec
 from cwkd.tasks.classification.models import create_model, resolve_name, shape_of_weights
 from cwkd.training.build import Dist, resolve_device
-from cwkd.training.config import Precision, check_sizes
 
 
 @dataclass

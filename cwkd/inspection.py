@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from cwkd.choices import check_sizes
 from cwkd.core.aligner import Method, aligner_macs, build_aligner
 from cwkd.core.features import LayerInfo, as_size, probe
 from cwkd.core.pairing import pair_layers
 from cwkd.tasks import Task, get_task, infer_task
 from cwkd.tasks.base import TaskSpec
 from cwkd.tasks.classification.models import default_input_size, model_name
-from cwkd.training.config import check_sizes
 
 
 def _model(model: str | nn.Module, in_chans: int | None, task: TaskSpec, input_size: int | None = None) -> nn.Module:

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from cwkd.training.config import Precision
+from cwkd.choices import Precision
 
 #: The slowdown of bf16 autocast against fp32 measured on a CPU without native bf16 (issue 15).
 SLOW_BF16 = "8-30x"

@@ -19,13 +19,14 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
+from cwkd.choices import Precision
 from cwkd.cli.app import app
 from cwkd.core.distiller import FeatureDistiller
 from cwkd.files.checkpoint import load_state
 from cwkd.tasks.classification.models import create_model
 from cwkd.training import rundir
 from cwkd.training.build import autocast_dtype
-from cwkd.training.config import Precision, TrainConfig
+from cwkd.training.config import TrainConfig
 from cwkd.training.engine import run
 
 from .helpers import read_metrics

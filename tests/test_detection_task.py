@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import cwkd.export
+from cwkd.choices import Optimizer
 from cwkd.cli.app import app
 from cwkd.data.composite import Items, write_dense_dataset
 from cwkd.errors import ConfigError
@@ -23,7 +24,7 @@ from cwkd.export import ExportFormat, export_student
 from cwkd.inspection import inspect_model, propose_pairs
 from cwkd.tasks import Task, get_task, infer_task
 from cwkd.tasks.detection.models import create_detection_model
-from cwkd.training.config import Optimizer, TrainConfig
+from cwkd.training.config import TrainConfig
 from tests.helpers import cli_fails, cli_ok, make_image_folder, read_metrics
 
 runner = CliRunner()

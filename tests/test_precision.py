@@ -13,11 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from cwkd import runtime as precision
+from cwkd.choices import Precision
 from cwkd.cli.app import app
 from cwkd.errors import ConfigError, TrainingError
 from cwkd.runtime import fast_precisions, precision_warning, resolve_precision
 from cwkd.training.build import autocast_dtype, resolve_device
-from cwkd.training.config import Precision, TrainConfig
+from cwkd.training.config import TrainConfig
 from cwkd.training.nonfinite import raise_nonfinite
 
 runner = CliRunner()

@@ -18,9 +18,9 @@ from typing import Annotated
 import typer
 
 from cwkd import __version__
-from cwkd.choices import ExportFormat, Method, MgdMask, Reduction, Split, Task
+from cwkd.choices import ExportFormat, Method, MgdMask, Optimizer, Precision, Reduction, Split, Task
 from cwkd.errors import CwkdError, RunInterrupted
-from cwkd.training.config import Optimizer, Precision, TrainConfig
+from cwkd.training.config import TrainConfig
 
 app = typer.Typer(
     name="cwkd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -163,7 +163,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List a model's hookable layers, or the layer pairs for a teacher and a student."""
-    from cwkd.cli import report
+    from cwkd.cli.app import report
     from cwkd.files.strict_json import json_text
     from cwkd.inspection import inspect_model, propose_pairs
 

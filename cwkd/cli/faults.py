@@ -33,8 +33,8 @@ def precision_advice(device: str) -> str:
     """
     import torch
 
+    from cwkd.choices import Precision
     from cwkd.runtime import fast_precisions
-    from cwkd.training.config import Precision
 
     try:
         lower = [p.value for p in fast_precisions(torch.device(device)) if p is not Precision.fp32]

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cwkd import __version__
+from cwkd.choices import MAX_CLASSES, MAX_IN_CHANS, MAX_INPUT_SIZE
 from cwkd.errors import CheckpointError
-from cwkd.training.config import MAX_CLASSES, MAX_IN_CHANS, MAX_INPUT_SIZE, TrainConfig
+from cwkd.training.config import TrainConfig
 
 if TYPE_CHECKING:  # these import torch; the metadata itself needs only their types
     from cwkd.core.distiller import FeatureDistiller

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Task
+from cwkd.choices import MgdMask, Optimizer, Task
 from cwkd.tasks.classification.data import DataSpec
-from cwkd.training.config import Optimizer
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
     from cwkd.data.loading import DataConfig

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cwkd.choices import Task
+from cwkd.choices import Precision, Task
 from cwkd.data.loading import data_config
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.files.checkpoint import load_checkpoint, read_metadata, read_state_dict, student_state
@@ -29,7 +29,7 @@ from cwkd.tasks.classification.models import (
     looks_like_path,
     shape_of_weights,
 )
-from cwkd.training.config import Precision, TrainConfig
+from cwkd.training.config import TrainConfig
 
 if TYPE_CHECKING:  # the tasks import build; the teacher needs only the type
     from cwkd.tasks.base import TaskSpec

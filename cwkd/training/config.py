@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import types
 import typing
@@ -15,34 +14,22 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from cwkd.choices import AlphaChoice, Method, MgdMask, Reduction, Task
+from cwkd.choices import (
+    MAX_SEED,
+    AlphaChoice,
+    Method,
+    MgdMask,
+    Optimizer,
+    Precision,
+    Reduction,
+    Task,
+    _finite_at_least,
+    _in_range,
+    _positive,
+    check_sizes,
+)
+from cwkd.core.settings import LossSettings
 from cwkd.errors import ConfigError
-
-
-class Precision(str, Enum):
-    """Numeric precision of the forward pass (autocast); ``auto`` is resolved per device before a run."""
-
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    auto = "auto"    # the fastest of these on the device (cwkd.runtime.resolve_precision)
-
-
-class Optimizer(str, Enum):
-    """The optimizer."""
-
-    sgd = "sgd"      # SGD with Nesterov momentum
-    adamw = "adamw"
-
-
-#: Largest sizes cwkd accepts: beyond them a run cannot allocate its tensors (or is a typo).
-MAX_INPUT_SIZE = 4096  # pixels per side
-MAX_IN_CHANS = 1024
-MAX_HIDDEN = 65536  # aligner hidden width
-MAX_CLASSES = 1_000_000
-MAX_WORKERS = 256
-MAX_BATCH_SIZE = 2**20
-MAX_SEED = 2**63 - 1
 
 #: Default learning rate and weight decay per optimizer.
 OPTIMIZER_DEFAULTS = {Optimizer.sgd: (0.05, 5e-4), Optimizer.adamw: (1e-3, 0.05)}
@@ -87,56 +74,6 @@ class TeacherSettings:
     teacher_weights: str | None = None
     teacher_pretrained: bool = False
     allow_random_teacher: bool = False
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """What the student learns: the feature method, its weight and pairs, and logit KD."""
-
-    method: Method = Method.cwt
-    alpha: float | AlphaChoice = 1.0
-    pairs: str = "last"
-    hidden: int | None = None
-    reduction: Reduction = Reduction.mean
-    kd_weight: float = 0.0
-    kd_temperature: float = 4.0
-    label_smoothing: float = 0.0
-    mgd_mask: MgdMask | None = None
-    mgd_ratio: float | None = None
-    cwd_tau: float | None = None
-
-    def validate(self, *, flags: bool = True) -> None:
-        """Refuse weights and sizes that cannot work: the one place that checks these options.
-
-        Messages name the CLI option (``--kd-weight``), or with ``flags=False`` the Python parameter
-        (``kd_weight``), as :class:`~cwkd.core.distiller.FeatureDistiller` reports them.
-        """
-        def name(key: str) -> str:
-            return "--" + key.replace("_", "-") if flags else key
-
-        if isinstance(self.alpha, str) and self.alpha != AlphaChoice.auto:
-            raise ConfigError(f"{name('alpha')} must be a number of at least 0, or auto; got {self.alpha!r}")
-        if self.alpha != AlphaChoice.auto:
-            _finite_at_least(name("alpha"), self.alpha, 0.0)
-        _finite_at_least(name("kd_weight"), self.kd_weight, 0.0)
-        _finite_at_least(name("kd_temperature"), self.kd_temperature, 1e-6)
-        _finite_at_least(name("label_smoothing"), self.label_smoothing, 0.0)
-        if self.label_smoothing >= 1:
-            raise ConfigError(f"{name('label_smoothing')} must be below 1, got {self.label_smoothing}")
-        if self.hidden is not None:
-            _in_range(name("hidden"), self.hidden, 1, MAX_HIDDEN, " channels")
-        if self.mgd_ratio is not None:
-            _finite_at_least(name("mgd_ratio"), self.mgd_ratio, 0.0)
-            if self.mgd_ratio >= 1:
-                raise ConfigError(f"{name('mgd_ratio')} is the share masked, below 1; got {self.mgd_ratio:g}")
-        if self.cwd_tau is not None:
-            _finite_at_least(name("cwd_tau"), self.cwd_tau, 1e-6)
-        if self.method is Method.cwd and self.alpha == AlphaChoice.auto:
-            raise ConfigError(f"{name('alpha')} auto is calibrated on the L2 feature loss, and CWD's is a KL; pass "
-                              f"a number (MMRazor's CWD uses 5 for segmentation logits, 10 for FPN levels)")
-        if self.method is Method.cwd and Reduction(self.reduction) is Reduction.sum:
-            raise ConfigError(f"{name('reduction')} sum is for the L2 feature loss; CWD's KL is averaged over "
-                              "channels as the paper does: drop it")
 
 
 @dataclass(frozen=True)
@@ -424,42 +361,3 @@ def _stats(flag: str, value) -> tuple[float, ...] | None:
         return tuple(float(v) for v in items)
     except (TypeError, ValueError):
         raise ConfigError(f"{flag} must be comma-separated numbers such as 0.5,0.5,0.5; got {value!r}") from None
-
-
-def check_sizes(*, hidden: int | None = None, input_size: int | None = None, in_chans: int | None = None,
-                batch_size: int | None = None, workers: int | str | None = None) -> None:
-    """Refuse sizes that are not positive or too large to allocate; None means "the default" (not checked).
-
-    Example:
-        >>> check_sizes(input_size=60000)
-        Traceback (most recent call last):
-        cwkd.errors.ConfigError: --input-size must be from 1 to 4096 pixels, got 60000
-    """
-    for name, value, top, unit in (("--hidden", hidden, MAX_HIDDEN, " channels"),
-                                   ("--input-size", input_size, MAX_INPUT_SIZE, " pixels"),
-                                   ("--in-chans", in_chans, MAX_IN_CHANS, " channels")):
-        if value is not None:
-            _in_range(name, value, 1, top, unit)
-    if batch_size is not None:
-        _positive("--batch-size", batch_size)
-        _in_range("--batch-size", batch_size, 1, MAX_BATCH_SIZE, " images")
-    if workers is not None and workers != "auto":
-        _in_range("--workers", workers, 0, MAX_WORKERS, " (or auto)")
-
-
-def _in_range(name: str, value: int, low: int, high: int, unit: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ConfigError(f"{name} must be from {low} to {high}{unit}, got {value}")
-
-
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive whole number, got {value}")
-
-
-def _finite_at_least(name: str, value: float, low: float) -> None:
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        bound = f" of at least {low:g}" if math.isfinite(low) else ""
-        raise ConfigError(f"{name} must be a finite number{bound}, got {value}")
-    if value < low:
-        raise ConfigError(f"{name} must be at least {low:g}, got {value:g}")

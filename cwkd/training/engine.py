@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cwkd.choices import Precision
 from cwkd.core.distiller import FeatureDistiller, Renormalize
 from cwkd.data.loading import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
 from cwkd.errors import ConfigError, NonfiniteLoss, RunInterrupted, TrainingError
@@ -42,7 +43,7 @@ from cwkd.training.build import (
     setup_distributed,
     teacher_in_chans,
 )
-from cwkd.training.config import Precision, TrainConfig
+from cwkd.training.config import TrainConfig
 from cwkd.training.console import RunConsole
 from cwkd.training.nonfinite import (
     NonfiniteWatch,

@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cwkd.choices import Precision
 from cwkd.errors import NonfiniteLoss, TrainingError
 from cwkd.files.checkpoint import append_jsonl
 from cwkd.runtime import precision_advice
-from cwkd.training.config import Precision, TrainConfig
+from cwkd.training.config import TrainConfig
 
 if TYPE_CHECKING:
     from cwkd.core.distiller import FeatureDistiller

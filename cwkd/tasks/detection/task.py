@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Task
+from cwkd.choices import MgdMask, Optimizer, Precision, Task
 from cwkd.data.loading import DataConfig, Transformed, seeded
 from cwkd.errors import ConfigError, ExportError, ModelNotFoundError
 from cwkd.files.checkpoint import read_state_dict
@@ -28,7 +28,6 @@ from cwkd.tasks.detection.data import CocoDetection, DetectionTransform, collate
 from cwkd.tasks.detection.fpn import FPNTaps, normalization
 from cwkd.tasks.detection.models import create_detection_model, detection_task, list_detection_models
 from cwkd.training.build import autocast
-from cwkd.training.config import Optimizer, Precision
 
 #: Classes (background included) a model is built with when no data set says (only shapes matter, e.g. inspect).
 DEFAULT_CLASSES = 2

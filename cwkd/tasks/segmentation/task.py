@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Task
+from cwkd.choices import MgdMask, Precision, Task
 from cwkd.data.loading import DataConfig, Transformed
 from cwkd.errors import ConfigError, ModelNotFoundError
 from cwkd.files.checkpoint import read_state_dict
@@ -26,7 +26,6 @@ from cwkd.tasks.segmentation.data import IGNORE_INDEX, JointTransform, load_segm
 from cwkd.tasks.segmentation.metric import SegmentationScore
 from cwkd.tasks.segmentation.models import TORCHVISION_MODELS, create_segmentation_model, is_segmentation_name
 from cwkd.training.build import autocast
-from cwkd.training.config import Precision
 
 #: Weight of the auxiliary head's loss (PSPNet's 0.4).
 AUX_WEIGHT = 0.4
