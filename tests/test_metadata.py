@@ -14,8 +14,9 @@ from cwkd.data.loading import DataConfig
 from cwkd.errors import CheckpointError
 from cwkd.evaluation import read_student
 from cwkd.files.checkpoint import load_checkpoint, save_checkpoint
-from cwkd.files.metadata import CheckpointMeta, run_metadata
+from cwkd.files.metadata import CheckpointMeta
 from cwkd.tasks.classification.models import create_model
+from cwkd.training.build import run_metadata
 from cwkd.training.config import TrainConfig
 
 #: The exact metadata a run checkpoint held before CheckpointMeta (rundir.checkpoint_metadata + save_epoch).

@@ -13,18 +13,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cwkd import __version__
 from cwkd.choices import MAX_CLASSES, MAX_IN_CHANS, MAX_INPUT_SIZE
 from cwkd.errors import CheckpointError
-from cwkd.training.config import TrainConfig
-
-if TYPE_CHECKING:  # these import torch; the metadata itself needs only their types
-    from cwkd.core.distiller import FeatureDistiller
-    from cwkd.data.loading import DataConfig
-    from cwkd.tasks.classification.data import DataSpec
-    from cwkd.training.build import TeacherSource
 
 #: Version of the checkpoint layout; a file with a larger number needs a newer cwkd.
 FORMAT_VERSION = 1
@@ -206,32 +198,6 @@ class CheckpointMeta:
             return cls.from_dict(meta)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}; export it again") from exc
-
-
-def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig, spec: DataSpec, in_chans: int,
-                 teacher_source: TeacherSource | None) -> CheckpointMeta:
-    """What every checkpoint of a run carries so it can be evaluated and exported on its own."""
-    return CheckpointMeta(
-        model=getattr(distiller.student, "cwkd_name", cfg.student),
-        num_classes=spec.num_classes,
-        in_chans=in_chans,
-        input_size=tuple(dcfg.input_size),
-        mean=tuple(float(v) for v in dcfg.mean),
-        std=tuple(float(v) for v in dcfg.std),
-        interpolation=dcfg.interpolation,
-        crop_pct=float(dcfg.crop_pct),
-        pairs=tuple(distiller.describe()),
-        method=cfg.method.value,
-        alpha=cfg.alpha,
-        alpha_auto=cfg.alpha_auto,
-        **{k: getattr(v, "value", v) for k, v in cfg.method_options.items()},
-        task=cfg.task.value,
-        dataset=spec.name,
-        classes=tuple(spec.classes),
-        cwkd_version=__version__,
-        kind="distill",
-        teacher=teacher_source.model if teacher_source else None,
-    )
 
 
 def is_student_file(raw: dict[str, str]) -> bool:

@@ -1,4 +1,4 @@
-"""Building a run's pieces from its config: device, distributed setup, teacher and student."""
+"""Building a run's pieces from its config: device, distributed setup, teacher, student and checkpoint metadata."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cwkd import __version__
 from cwkd.choices import Precision, Task
 from cwkd.data.loading import data_config
 from cwkd.errors import CheckpointError, ConfigError
@@ -32,7 +33,10 @@ from cwkd.tasks.classification.models import (
 from cwkd.training.config import TrainConfig
 
 if TYPE_CHECKING:  # the tasks import build; the teacher needs only the type
+    from cwkd.core.distiller import FeatureDistiller
+    from cwkd.data.loading import DataConfig
     from cwkd.tasks.base import TaskSpec
+    from cwkd.tasks.classification.data import DataSpec
 
 
 @dataclass
@@ -340,3 +344,29 @@ def _num_classes(model: nn.Module) -> int:
     if isinstance(value, int):
         return value
     raise ConfigError("cannot tell how many classes the teacher predicts; use a timm model or a checkpoint")
+
+
+def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig, spec: DataSpec, in_chans: int,
+                 teacher_source: TeacherSource | None) -> CheckpointMeta:
+    """What every checkpoint of a run carries so it can be evaluated and exported on its own."""
+    return CheckpointMeta(
+        model=getattr(distiller.student, "cwkd_name", cfg.student),
+        num_classes=spec.num_classes,
+        in_chans=in_chans,
+        input_size=tuple(dcfg.input_size),
+        mean=tuple(float(v) for v in dcfg.mean),
+        std=tuple(float(v) for v in dcfg.std),
+        interpolation=dcfg.interpolation,
+        crop_pct=float(dcfg.crop_pct),
+        pairs=tuple(distiller.describe()),
+        method=cfg.method.value,
+        alpha=cfg.alpha,
+        alpha_auto=cfg.alpha_auto,
+        **{k: getattr(v, "value", v) for k, v in cfg.method_options.items()},
+        task=cfg.task.value,
+        dataset=spec.name,
+        classes=tuple(spec.classes),
+        cwkd_version=__version__,
+        kind="distill",
+        teacher=teacher_source.model if teacher_source else None,
+    )

@@ -27,7 +27,7 @@ from cwkd.core.distiller import FeatureDistiller, Renormalize
 from cwkd.data.loading import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
 from cwkd.errors import ConfigError, NonfiniteLoss, RunInterrupted, TrainingError
 from cwkd.evaluation import evaluate
-from cwkd.files.metadata import CheckpointMeta, run_metadata
+from cwkd.files.metadata import CheckpointMeta
 from cwkd.runtime import precision_warning, resolve_precision
 from cwkd.tasks import get_task
 from cwkd.tasks.base import TaskSpec
@@ -40,6 +40,7 @@ from cwkd.training.build import (
     build_teacher,
     resolve_device,
     reuse_freed_memory,
+    run_metadata,
     setup_distributed,
     teacher_in_chans,
 )
