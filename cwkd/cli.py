@@ -245,6 +245,9 @@ def distill(
                                                      "(needs the hub).")] = False,
     allow_random_teacher: Annotated[bool, typer.Option(help="Allow an untrained teacher (testing only).")]
     = False,
+    teacher_check: Annotated[bool, typer.Option(help="Score the teacher on val as distillation feeds it before "
+                                                "training; refuse one near chance or 10+ points below its "
+                                                "checkpoint's record.")] = True,
     student_pretrained: StudentPretrained = False,
     student_weights: Annotated[str | None, typer.Option(help="Start the student from a local weights file "
                                                         "(classifier replaced if its size differs).")] = None,

@@ -176,6 +176,7 @@ class TrainConfig:
     teacher_weights: str | None = None
     teacher_pretrained: bool = False
     allow_random_teacher: bool = False
+    teacher_check: bool = True  # score the teacher on val before training, refuse a bad one (cwkd.teachercheck)
     student_pretrained: bool = False
     student_weights: str | None = None
     method: Method = Method.cwt

@@ -47,6 +47,7 @@ from cwkd.precision import precision_warning, resolve_precision
 from cwkd.runlock import RunLock
 from cwkd.tasks import get_task
 from cwkd.tasks.base import TaskSpec
+from cwkd.teachercheck import check_teacher, recorded_score
 
 
 @dataclass
@@ -140,11 +141,13 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
     if rank.enabled:
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=task.ddp_find_unused)
-    if rank.main:
-        rundir.prepare(out, resume=resuming, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
     train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
                                              device=device, distributed=rank.enabled, seed=cfg.seed,
                                              datasets=task.datasets(spec, dcfg), collate=task.collate)
+    teacher_source = recorded_score(out, teacher_source) if resuming else check_teacher(
+        cfg, task, distiller, teacher_source, val_loader, spec.num_classes, device, rank, console)
+    if rank.main:  # after the teacher check: a refused teacher leaves --out as it was
+        rundir.prepare(out, resume=resuming, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
     if cfg.alpha == "auto":  # a resumed run has the number its first start picked, and never probes again
         _auto_alpha(cfg, task, distiller, train_loader, device, console)
     optimizer = build_optimizer(distiller, cfg)

@@ -6,7 +6,8 @@ the loss dict its model returns in train mode, and its ``feature_prefix`` points
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -143,6 +144,17 @@ class TaskSpec:
                  rank=None) -> dict:
         """``loss``, each of :attr:`metrics` and ``images`` over ``loader`` (required; summed over DDP ranks)."""
         raise NotImplementedError
+
+    def chance(self, num_classes: int) -> float:
+        """The :attr:`best_metric` (percent) at or below which a model is taken to have learnt nothing (a teacher
+        that low is refused): for classification 1.5 times the top-1 of guessing among ``num_classes``."""
+        return 150.0 / num_classes
+
+    @contextmanager
+    def as_taught(self, teacher: nn.Module, student: nn.Module, teacher_input: nn.Module | None) -> Iterator[nn.Module]:
+        """The teacher as distillation feeds it, for :meth:`evaluate`: the student's batch, remapped by
+        ``teacher_input`` (to the teacher's statistics) when given."""
+        yield teacher if teacher_input is None else nn.Sequential(teacher_input, teacher)
 
     def feature_prefix(self, model: nn.Module) -> str:
         """Where ``--pairs last``/``all`` look for stages: ``""`` (the whole model) or a submodule's ``name.``."""
