@@ -47,6 +47,14 @@ class ExportFormat(str, Enum):
     torchscript = "torchscript"
 
 
+class Tracker(str, Enum):
+    """Where ``--log`` also writes a run's metrics (each an optional extra: ``pip install 'cwkd[NAME]'``)."""
+
+    tensorboard = "tensorboard"  # event files in RUN/tensorboard/ (torch.utils.tensorboard)
+    wandb = "wandb"              # Weights & Biases
+    trackio = "trackio"          # Hugging Face trackio
+
+
 class Task(str, Enum):
     """What a model is trained to do; each has its module under ``cwkd/tasks/``."""
 

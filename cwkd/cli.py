@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from cwkd import __version__
-from cwkd.choices import ExportFormat, Method, Reduction, Split, Task
+from cwkd.choices import ExportFormat, Method, Reduction, Split, Task, Tracker
 from cwkd.config import Optimizer, Precision, TrainConfig
 from cwkd.errors import CwkdError
 
@@ -72,6 +72,10 @@ Resume = Annotated[str | None, typer.Option(help="Continue the run in this direc
                                              "--teacher and weights may name a moved copy).")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss is NaN/inf before stopping.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+Log = Annotated[list[Tracker] | None, typer.Option("--log", help="Also write each epoch's metrics and the "
+                                                   "running losses to tensorboard (RUN/tensorboard/), wandb or "
+                                                   "trackio; repeat for several. Off by default; each is an "
+                                                   "extra: pip install 'cwkd[tensorboard]'.")]
 StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
                                                  "(needs the Hugging Face hub).")]
 
@@ -222,7 +226,7 @@ def train(
     input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
     workers: Workers = 2, seed: Seed = 0,
     device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
-    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
+    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False, log: Log = None,
 ) -> None:
     """Train one model without a teacher: a teacher to distil from, or the baseline student."""
     with _errors():
@@ -271,7 +275,7 @@ def distill(
     input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
     workers: Workers = 2, seed: Seed = 0,
     device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
-    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
+    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False, log: Log = None,
 ) -> None:
     """Distil a teacher into a student through channel-wise aligned features."""
     with _errors():
@@ -292,6 +296,7 @@ def _config(options: dict, *, student: str | None, method: Method,
         options["student_weights"] = options.pop("weights")
         given = {{"pretrained": "student_pretrained", "weights": "student_weights"}.get(k, k) for k in given}
     options["student"] = student
+    options["log"] = tuple(Tracker(t).value for t in options["log"] or ())
     if resume:  # the options given are checked against the saved config (rundir.load_config)
         return (TrainConfig(data="-", student="-", method=Method.none),
                 {k: v for k, v in options.items() if k in given or k == "student" and student})

@@ -212,10 +212,12 @@ class TrainConfig:
     overwrite: bool = False
     skip_nonfinite: int = 0
     quiet: bool = False
+    log: tuple[str, ...] = ()  # trackers besides metrics.jsonl: tensorboard, wandb, trackio (cwkd.tracking)
     made_by: str | None = None  # who started the run, when not a person: "cwkd demo" (cwkd.demo replaces only its own)
 
     def __post_init__(self) -> None:
         from cwkd.tasks import infer_task  # imports no torch until a name needs checking
+        from cwkd.tracking import trackers
 
         self.task = infer_task(self.student, self.task, other=self.teacher)
         self.method = Method(self.method)
@@ -225,6 +227,7 @@ class TrainConfig:
         self.optimizer = Optimizer(self.optimizer)
         self.precision = Precision(self.precision)
         self.mean, self.std = self.parse_stats("mean", self.mean), self.parse_stats("std", self.std)
+        self.log = trackers(self.log)
         if self.lr is None:
             self.lr = default_lr(self.task, self.optimizer)
         if self.weight_decay is None:

@@ -48,6 +48,7 @@ from cwkd.runlock import RunLock
 from cwkd.tasks import get_task
 from cwkd.tasks.base import TaskSpec
 from cwkd.teachercheck import check_teacher, recorded_score
+from cwkd.tracking import Tracking, require
 
 
 @dataclass
@@ -82,6 +83,7 @@ class _Pieces:
     start_epoch: int = 0
     start_step: int = 0              # steps of start_epoch done before a stop
     best: dict = field(default_factory=dict)
+    tracking: Tracking = field(default_factory=Tracking)  # --log: TensorBoard, wandb, trackio (none by default)
 
 
 def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: dict | None = None,
@@ -97,6 +99,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
     """
     if resume is not None:
         cfg = rundir.load_config(resume, options=resume_options)
+    require(cfg.log)  # a --log tracker that is not installed stops the run before anything loads
     device = resolve_device(cfg.device, cfg.precision)
     rank = setup_distributed(device)
     console = console or RunConsole(quiet=cfg.quiet, enabled=rank.main)
@@ -113,7 +116,8 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
         p = _build(cfg, out, resume is not None, device, rank, console, lock)
         console.info(_describe(cfg, p.distiller, p.spec, p.dcfg, device, rank))
         keep_freed = reuse_freed_memory(device) if p.task.steady_shapes else contextlib.nullcontext(False)
-        with rundir.StopSignals() as stop, keep_freed:
+        with rundir.StopSignals() as stop, keep_freed, \
+                Tracking(cfg.log, out=out, config=cfg.to_dict(), enabled=rank.main) as p.tracking:
             if rank.main:
                 rundir.check_space(out, p.distiller, p.optimizer)
             last = _train(p, cfg, out, device, rank, console, stop)
@@ -266,6 +270,7 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
         check_diverged(p.distiller, last, cfg, out, rank.main)  # poisoned weights never become last or best
         if rank.main:
             p.best = rundir.save_epoch(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, last, p.best)
+            p.tracking.epoch(last, (epoch + 1) * steps_per_epoch)
         console.info(_epoch_line(last, cfg.epochs, p.task))
         bad = sum(getattr(split, "skipped", 0) for split in (p.spec.train, p.spec.val))
         if bad > reported_bad:
@@ -310,15 +315,16 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
             continue
         _update(p, out["loss"], cfg)
         for key, value in out.items():  # the loss and its parts, the task's own included (a detector's)
-            if key != "outputs" and not key.startswith("feat/"):
+            if key != "outputs":  # the per-pair feature losses (feat/S->T) too
                 sums[key] += value.detach()
         done, images_seen = done + 1, images_seen + len(images)
         if done % 10 == 0 or used == steps:  # done > 0 here: this step counted
             if watch is not None:
                 watch.check(cfg, device, label)
-            parts = {k.removesuffix("_loss") if k != "loss" else k: sums[k].item() / done
-                     for k in ("loss", "task_loss", "feat_loss", "kd_loss") if k in sums}
+            running = {k: sums[k].item() / done for k in ("loss", "task_loss", "feat_loss", "kd_loss") if k in sums}
+            parts = {k.removesuffix("_loss") if k != "loss" else k: v for k, v in running.items()}
             console.advance(used, {**parts, "img/s": images_seen / (time.perf_counter() - started)})
+            p.tracking.step(epoch * len(p.train_loader) + step + 1, running)
     console.stop()
     if watch is not None:
         watch.check(cfg, device, label)  # a stop may have come between two progress updates
