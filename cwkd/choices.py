@@ -45,6 +45,7 @@ class ExportFormat(str, Enum):
     safetensors = "safetensors"
     onnx = "onnx"
     torchscript = "torchscript"
+    hf = "hf"  # a Hugging Face model folder: what timm.create_model("hf-hub:...") loads
 
 
 class Tracker(str, Enum):

@@ -367,8 +367,9 @@ def eval_(
 def export_(
     checkpoint: Annotated[str, typer.Argument(help="A cwkd checkpoint (.safetensors).")],
     format: Annotated[ExportFormat, typer.Option("--format", help="safetensors (plain timm or "
-                                                 "torchvision), onnx (a detector's: one image in, its detections out) "
-                                                 "or torchscript (not for detectors).")] = ExportFormat.safetensors,
+                                                 "torchvision), onnx (a detector's: one image in, its detections out), "
+                                                 "torchscript (not for detectors) or hf (a Hugging Face folder "
+                                                 "timm.create_model loads; classifiers).")] = ExportFormat.safetensors,
     out: Annotated[str | None, typer.Option(help="File to write (default: next to the checkpoint, "
                                                  "e.g. best.onnx).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
@@ -382,13 +383,16 @@ def export_(
                                                   "data set).")] = None,
     data_root: DataRoot = None,
     task: TaskOpt = None,
+    push_to_hub: Annotated[str | None, typer.Option(help="With --format hf: upload the folder to this Hub model "
+                                                         "repo (USER/REPO) once written.")] = None,
 ) -> None:
-    """Write the student alone (no aligners, no teacher) as safetensors, ONNX or TorchScript."""
+    """Write the student alone (no aligners, no teacher) as safetensors, ONNX, TorchScript or a Hugging Face folder."""
     from cwkd.export import export_student, print_export
 
     with _errors():
         result = export_student(checkpoint, format=format, out=out, overwrite=overwrite, verify=verify,
-                                benchmark=benchmark, data=data, data_root=data_root, atol=atol, task=task)
+                                benchmark=benchmark, data=data, data_root=data_root, atol=atol, task=task,
+                                push_to_hub=push_to_hub)
         print_export(result)
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from cwkd.choices import Task
 from cwkd.config import Optimizer
 from cwkd.data import DataSpec
+from cwkd.errors import ExportError
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
     from cwkd.loaders import DataConfig
@@ -77,6 +78,8 @@ class TaskSpec:
     export_io: ExportIO = ExportIO.batched("input", "output", "[batch, ...]")
     #: Whether :meth:`logits` gives class logits, so logit KD (``--kd-weight``) can work.
     has_logits: bool = False
+    #: Whether the task's models are plain timm models, which ``timm.create_model`` rebuilds from a Hugging Face folder.
+    timm_models: bool = False
     #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
     ddp_find_unused: bool = False
     #: Whether every training step allocates tensors of the same sizes, so that keeping freed memory for the next
@@ -166,7 +169,12 @@ class TaskSpec:
         return None
 
     def check_export(self, fmt: str) -> None:
-        """Raise :class:`~cwkd.errors.ExportError` for a format the task's models cannot take."""
+        """Raise :class:`~cwkd.errors.ExportError` for a format the task's models cannot take (by default the
+        Hugging Face format, for models timm cannot rebuild)."""
+        if fmt == "hf" and not self.timm_models:
+            raise ExportError(f"--format hf writes what timm.create_model loads, and {self.name.value} models are "
+                              "not timm models; use --format safetensors (cwkd eval and cwkd.load_student read it) "
+                              "or --format onnx")
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The model as a graph of tensors: :attr:`export_io`'s input in, its outputs out (ONNX, TorchScript)."""

@@ -27,6 +27,7 @@ class Classification(TaskSpec):
     metrics = {"top1": "top-1", "top5": "top-5"}
     export_io = ExportIO.batched("input", "logits", "[batch, classes]")
     has_logits = True
+    timm_models = True
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:

@@ -205,6 +205,7 @@ class Detection(TaskSpec):
 
     def check_export(self, fmt: str) -> None:
         """TorchScript is refused: a timm body rarely scripts, and tracing would fix the number of detections."""
+        super().check_export(fmt)
         if fmt == "torchscript":
             raise ExportError(f"torchscript export is not supported for {self.name.value} models; use --format onnx "
                               "(one image in; boxes, labels and scores out) or safetensors")
