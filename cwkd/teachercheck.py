@@ -80,7 +80,12 @@ def check_teacher(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller,
     if source.weights == "random":
         console.info("teacher: random weights (--allow-random-teacher), not checked")
         return source
-    score = measure(task, distiller, source, val_loader, num_classes, device, cfg.precision, rank, console)
+    own = _teacher_task(task, source)
+    if own.name is not task.name:  # a Mask R-CNN teaching a Faster R-CNN: its own scores need masks this data lacks
+        console.info(f"teacher: not checked: it is a {own.name.value} model and this run is {task.name.value} (its "
+                     f"{own.metrics[own.best_metric]} needs {own.name.value} data)")
+        return source
+    score = measure(own, distiller, source, val_loader, num_classes, device, cfg.precision, rank, console)
     console.info(score.line())
     if (problem := score.problem()) is not None:
         size = "x".join(str(v) for v in distiller.input_size)
@@ -94,18 +99,15 @@ def check_teacher(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller,
 
 def measure(task: TaskSpec, distiller: FeatureDistiller, source: TeacherSource, val_loader, num_classes: int,
             device: torch.device, precision: Precision, rank: Dist, console: RunConsole) -> TeacherScore:
-    """The teacher's :class:`TeacherScore` on ``val_loader``: the student's batches, remapped as in distillation."""
-    own = _teacher_task(task, source)
-    recorded = None
-    if source.checkpoint is not None:
-        meta = read_metadata(source.checkpoint)
-        recorded = meta.scores.get(meta.best_metric or own.best_metric)
+    """The teacher's :class:`TeacherScore` on ``val_loader`` (of ``task``, the teacher's own): the student's
+    batches, remapped as in distillation."""
+    recorded = read_metadata(source.checkpoint).scores.get(task.best_metric) if source.checkpoint else None
     console.info(f"teacher: scoring {source.model} on {len(val_loader.dataset)} val image(s) as distillation "
                  "feeds it (--no-teacher-check skips this)")
-    with own.as_taught(distiller.teacher, distiller.student, distiller.teacher_input) as teacher:
-        scores = own.evaluate(teacher, val_loader, device, precision, device.type == "cuda", rank)
-    return TeacherScore(metric=own.best_metric, label=own.metrics[own.best_metric], value=scores[own.best_metric],
-                        chance=own.chance(num_classes), recorded=recorded)
+    with task.as_taught(distiller.teacher, distiller.student, distiller.teacher_input) as teacher:
+        scores = task.evaluate(teacher, val_loader, device, precision, device.type == "cuda", rank)
+    return TeacherScore(metric=task.best_metric, label=task.metrics[task.best_metric], value=scores[task.best_metric],
+                        chance=task.chance(num_classes), recorded=recorded)
 
 
 def recorded_score(out: Path, source: TeacherSource | None) -> TeacherSource | None:

@@ -106,3 +106,26 @@ def test_a_detector_teacher_is_scored_at_the_students_size_and_put_back():
     assert (teacher.transform.min_size, teacher.transform.max_size) == before
     assert task.chance(3) == 1.0 and get_task("segmentation").chance(20) == 5.0
     assert get_task("classification").chance(10) == 15.0
+
+
+@pytest.mark.slow
+def test_a_detector_teacher_is_scored_in_box_ap_and_one_of_another_task_is_not(tmp_path):
+    import numpy as np
+
+    from cwkd.composite import Items, write_dense_dataset
+
+    pytest.importorskip("pycocotools")
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 255, (20, 28, 28)).astype(np.uint8) for s in ("train", "val")}
+    labels = {s: rng.integers(0, 3, 20) for s in ("train", "val")}
+    coco = write_dense_dataset(tmp_path / "coco", Items(images, labels, ["a", "b", "c"]), canvas=64,
+                               counts={"train": 4, "val": 2})
+    fast = ["--epochs", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--lr", "0.005"]
+    cli_ok(["train", "--model", "fasterrcnn_test_resnet", "--data", coco, "--out", tmp_path / "t", *fast, "-q"])
+    teacher = tmp_path / "t" / "best.safetensors"
+    # One epoch on four canvases finds nothing: box AP 0, which is near chance for a detector.
+    cli_fails(["distill", "--teacher", teacher, "--student", "fasterrcnn_test_resnet", "--data", coco,
+               "--out", tmp_path / "a", "--input-size", "48", *fast], "% box AP", "near chance", "above 1 %")
+    output = cli_ok(["distill", "--teacher", teacher, "--student", "maskrcnn_test_resnet", "--data", coco,
+                     "--out", tmp_path / "b", *fast])
+    assert "teacher: not checked: it is a detection model and this run is instance (its box AP" in output
