@@ -129,3 +129,18 @@ def test_a_detector_teacher_is_scored_in_box_ap_and_one_of_another_task_is_not(t
     output = cli_ok(["distill", "--teacher", teacher, "--student", "maskrcnn_test_resnet", "--data", coco,
                      "--out", tmp_path / "b", *fast])
     assert "teacher: not checked: it is a detection model and this run is instance (its box AP" in output
+
+
+def test_the_teacher_stays_in_eval_mode_after_it_is_scored_through_the_remap():
+    import torch
+
+    from cwkd.distiller import Renormalize
+    from cwkd.models import create_model
+    from cwkd.tasks import get_task
+
+    task, teacher = get_task("classification"), create_model("test_resnet", num_classes=2).eval()
+    remap = Renormalize((0.5,) * 3, (0.5,) * 3, (0.4,) * 3, (0.2,) * 3)
+    batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))]
+    with task.as_taught(teacher, teacher, remap) as seen:
+        task.evaluate(seen, batches, torch.device("cpu"))
+    assert not teacher.training

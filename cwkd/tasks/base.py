@@ -157,7 +157,8 @@ class TaskSpec:
     def as_taught(self, teacher: nn.Module, student: nn.Module, teacher_input: nn.Module | None) -> Iterator[nn.Module]:
         """The teacher as distillation feeds it, for :meth:`evaluate`: the student's batch, remapped by
         ``teacher_input`` (to the teacher's statistics) when given."""
-        yield teacher if teacher_input is None else nn.Sequential(teacher_input, teacher)
+        # In eval mode: evaluate() puts a model back in the mode it found it in, and the teacher stays in eval.
+        yield teacher if teacher_input is None else nn.Sequential(teacher_input, teacher).eval()
 
     def feature_prefix(self, model: nn.Module) -> str:
         """Where ``--pairs last``/``all`` look for stages: ``""`` (the whole model) or a submodule's ``name.``."""
