@@ -75,6 +75,8 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "best_metric": (_is_str, "a string"),
     "kind": (lambda v: v in ("student", "distill"), "'student' or 'distill'"),
     "teacher": (_is_str, "a string"),
+    "teacher_metric": (_is_str, "a string"),
+    "teacher_score": (_is_num, "a number"),
 }
 
 
@@ -113,6 +115,8 @@ class CheckpointMeta:
     cwkd_version: str | None = None
     kind: str | None = None
     teacher: str | None = None
+    teacher_metric: str | None = None  # the teacher's score on val as distilled (cwkd.teachercheck), e.g. "top1"
+    teacher_score: float | None = None
     epoch: int | None = None
     step: int | None = None
     best_metric: str | None = None
@@ -230,6 +234,8 @@ def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig
         cwkd_version=__version__,
         kind="distill",
         teacher=teacher_source.model if teacher_source else None,
+        teacher_metric=teacher_source.metric if teacher_source else None,
+        teacher_score=teacher_source.score if teacher_source else None,
     )
 
 
