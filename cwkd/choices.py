@@ -56,6 +56,15 @@ class ExportFormat(str, Enum):
     safetensors = "safetensors"
     onnx = "onnx"
     torchscript = "torchscript"
+    hf = "hf"  # a Hugging Face model folder: what timm.create_model("hf-hub:...") loads
+
+
+class Tracker(str, Enum):
+    """Where ``--log`` also writes a run's metrics (each an optional extra: ``pip install 'cwkd[NAME]'``)."""
+
+    tensorboard = "tensorboard"  # event files in RUN/tensorboard/ (torch.utils.tensorboard)
+    wandb = "wandb"              # Weights & Biases
+    trackio = "trackio"          # Hugging Face trackio
 
 
 class Task(str, Enum):

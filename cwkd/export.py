@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import statistics
 import time
 import warnings
@@ -43,7 +44,7 @@ _INSTALL = "onnx export needs the export extra: pip install 'cwkd[export]'"
 
 #: Default file name next to the checkpoint: ``best.safetensors`` -> ``best.onnx`` and so on.
 SUFFIXES = {ExportFormat.safetensors: ".student.safetensors", ExportFormat.onnx: ".onnx",
-            ExportFormat.torchscript: ".torchscript.pt"}
+            ExportFormat.torchscript: ".torchscript.pt", ExportFormat.hf: "-hf"}
 
 
 @dataclass
@@ -61,12 +62,13 @@ class ExportResult:
     speed: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     io: ExportIO = field(default_factory=lambda: get_task(None).export_io)  # the graph's input and outputs
+    pushed: str | None = None  # --push-to-hub: where the folder went
 
 
 def export_student(
     checkpoint: str | Path, *, format: ExportFormat | str = ExportFormat.safetensors, out: str | Path | None = None,
     overwrite: bool = False, verify: bool = False, benchmark: bool = True, data: str | None = None,
-    data_root: str | None = None, atol: float = ATOL, task: str | None = None,
+    data_root: str | None = None, atol: float = ATOL, task: str | None = None, push_to_hub: str | None = None,
 ) -> ExportResult:
     """Export the student of a cwkd checkpoint; with ``verify``, fail unless it matches PyTorch to ``atol``.
 
@@ -74,6 +76,7 @@ def export_student(
     ``benchmark`` times the exported model against PyTorch eager at batch 1 and 8 (a graph of one image, as a
     detector's: 1) on this machine, on real images where ``verify`` loaded some.
     ``task``, when given, must be the checkpoint's own (a check, as the checkpoint records its task).
+    ``format="hf"`` writes a Hugging Face model folder (:mod:`cwkd.hfexport`); ``push_to_hub`` uploads it.
 
     Example:
         >>> r = export_student("runs/cwt/best.safetensors", format="onnx", verify=True)  # doctest: +SKIP
@@ -91,6 +94,11 @@ def export_student(
         raise ExportError(f"--task {get_task(task).name.value}: {checkpoint} holds a "
                           f"{task_spec.name.value} model; drop --task")
     task_spec.check_export(fmt.value)  # a format its models cannot take is refused
+    if push_to_hub and fmt is not ExportFormat.hf:
+        raise ExportError("--push-to-hub uploads a Hugging Face folder; add --format hf")
+    if fmt is ExportFormat.hf:
+        return _export_hf(student, meta, Path(checkpoint), out, overwrite, verify, atol, (data, data_root),
+                          push_to_hub)
     model = task_spec.export_model(student)  # one tensor in, tensors out
     path = _output_path(Path(checkpoint), fmt, out, overwrite)
     example = torch.randn(task_spec.export_io.batch or 2, *meta.input_size)
@@ -110,6 +118,29 @@ def export_student(
     atomic_write(path, lambda f: f.write(payload))
     if benchmark:
         result.speed = _benchmark(model, runner if timed else None, fmt, meta, real[0] if real else None)
+    return result
+
+
+def _export_hf(student: nn.Module, meta: CheckpointMeta, checkpoint: Path, out: str | Path | None,
+               overwrite: bool, verify: bool, atol: float, data: tuple, repo: str | None) -> ExportResult:
+    """The Hugging Face folder: written aside, loaded back through timm and checked with ``verify``, then moved in."""
+    from cwkd import hfexport
+
+    path = hfexport.folder_for(checkpoint, out, overwrite)
+    tmp = hfexport.write_folder(student, meta, path)
+    try:
+        result = ExportResult(path=path, format=ExportFormat.hf.value, model=meta.model,
+                              size_bytes=sum(f.stat().st_size for f in tmp.iterdir()),
+                              params=sum(p.numel() for p in student.parameters()), input_size=tuple(meta.input_size),
+                              atol=atol)
+        if verify:
+            real = _real_inputs(student, meta, *data, result.notes)
+            result.max_abs_diff = _verify(student, hfexport.load_folder(tmp), meta, real, atol)
+        hfexport.publish(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if repo:
+        result.pushed = hfexport.push(path, repo)
     return result
 
 
@@ -348,6 +379,10 @@ def print_export(result: ExportResult, console: Console | None = None) -> None:
         sig = result.io
         say(f"onnx: input '{sig.input}' {sig.input_shape(result.input_size)} float32 ({sig.values}), "
             f"output{'s' if len(sig.outputs) > 1 else ''} {sig.shapes}, opset {ONNX_OPSET}")
+    if result.format == ExportFormat.hf.value:
+        pushed = f"; uploaded: {result.pushed}" if result.pushed else ""
+        say(f"hf: model.safetensors, config.json and README.md; load it with timm.create_model(\"local-dir:"
+            f"{result.path}\", pretrained=True), or from the Hub with \"hf-hub:USER/REPO\"{pushed}")
     for note in result.notes:
         say(f"note: {note}", style="yellow")
     if result.max_abs_diff is not None:

@@ -29,7 +29,9 @@ COMMON = ["--epochs", "1", "--batch-size", "4", "--input-size", "32", "--workers
 @pytest.fixture(scope="module")
 def teacher_ckpt(folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "teacher"
-    result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(out), *COMMON])
+    # Two epochs: one leaves it at chance, and `cwkd distill` refuses a teacher at chance (tests/test_teachercheck.py).
+    result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(out), *COMMON,
+                                 "--epochs", "2"])
     assert result.exit_code == 0, result.output
     return out / "best.safetensors"
 
@@ -137,7 +139,8 @@ def test_teacher_sees_its_own_normalisation(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "FeatureDistiller", Spy)
     out = tmp_path / "student"
     result = runner.invoke(app, ["distill", "--teacher", str(teacher / "best.safetensors"), "--student",
-                                 "test_efficientnet", "--data", str(folder), "--out", str(out), *COMMON])
+                                 "test_efficientnet", "--data", str(folder), "--out", str(out), *COMMON,
+                                 "--no-teacher-check"])  # the spy sees training steps only
     assert result.exit_code == 0, result.output
     s_mean, s_std = (torch.tensor(v).reshape(1, 3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     assert seen["teacher"]

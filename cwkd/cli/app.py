@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from cwkd import __version__
-from cwkd.choices import ExportFormat, Method, MgdMask, Optimizer, Precision, Reduction, Split, Task
+from cwkd.choices import ExportFormat, Method, MgdMask, Optimizer, Precision, Reduction, Split, Task, Tracker
 from cwkd.errors import CwkdError, RunInterrupted
 from cwkd.training.config import TrainConfig
 
@@ -74,6 +74,10 @@ Resume = Annotated[str | None, typer.Option(help="Continue the run in this direc
                                              "--teacher and weights may name a moved copy).")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss is NaN/inf before stopping.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+Log = Annotated[list[Tracker] | None, typer.Option("--log", help="Also write each epoch's metrics and the "
+                                                   "running losses to tensorboard (RUN/tensorboard/), wandb or "
+                                                   "trackio; repeat for several. Off by default; each is an "
+                                                   "extra: pip install 'cwkd[tensorboard]'.")]
 StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
                                                  "(needs the Hugging Face hub).")]
 
@@ -222,7 +226,7 @@ def train(
     input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
     workers: Workers = "auto", seed: Seed = 0,
     device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
-    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
+    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False, log: Log = None,
 ) -> None:
     """Train one model without a teacher: a teacher to distil from, or the baseline student."""
     with _errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
@@ -245,6 +249,9 @@ def distill(
                                                      "(needs the hub).")] = False,
     allow_random_teacher: Annotated[bool, typer.Option(help="Allow an untrained teacher (testing only).")]
     = False,
+    teacher_check: Annotated[bool, typer.Option(help="Score the teacher on val as distillation feeds it before "
+                                                "training; refuse one near chance or 10+ points below its "
+                                                "checkpoint's record.")] = True,
     student_pretrained: StudentPretrained = False,
     student_weights: Annotated[str | None, typer.Option(help="Start the student from a local weights file "
                                                         "(classifier replaced if its size differs).")] = None,
@@ -275,7 +282,7 @@ def distill(
     input_size: InputSize = None, in_chans: InChans = None, mean: Mean = None, std: Std = None,
     workers: Workers = "auto", seed: Seed = 0,
     device: Device = "auto", out: Out = None, overwrite: Overwrite = False, resume: Resume = None,
-    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False,
+    skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False, log: Log = None,
 ) -> None:
     """Distil a teacher into a student through channel-wise aligned features."""
     with _errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
@@ -297,6 +304,7 @@ def _config(options: dict, *, student: str | None, method: Method,
         options["student_weights"] = options.pop("weights")
         given = {{"pretrained": "student_pretrained", "weights": "student_weights"}.get(k, k) for k in given}
     options["student"] = student
+    options["log"] = tuple(Tracker(t).value for t in options["log"] or ())
     if resume:  # the options given are checked against the saved config (rundir.load_config)
         return (TrainConfig(data="-", student="-", method=Method.none),
                 {k: v for k, v in options.items() if k in given or k == "student" and student})
@@ -368,8 +376,9 @@ def eval_(
 def export_(
     checkpoint: Annotated[str, typer.Argument(help="A cwkd checkpoint (.safetensors).")],
     format: Annotated[ExportFormat, typer.Option("--format", help="safetensors (plain timm or "
-                                                 "torchvision), onnx (a detector's: one image in, its detections out) "
-                                                 "or torchscript (not for detectors).")] = ExportFormat.safetensors,
+                                                 "torchvision), onnx (a detector's: one image in, its detections out), "
+                                                 "torchscript (not for detectors) or hf (a Hugging Face folder "
+                                                 "timm.create_model loads; classifiers).")] = ExportFormat.safetensors,
     out: Annotated[str | None, typer.Option(help="File to write (default: next to the checkpoint, "
                                                  "e.g. best.onnx).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
@@ -383,13 +392,16 @@ def export_(
                                                   "data set).")] = None,
     data_root: DataRoot = None,
     task: TaskOpt = None,
+    push_to_hub: Annotated[str | None, typer.Option(help="With --format hf: upload the folder to this Hub model "
+                                                         "repo (USER/REPO) once written.")] = None,
 ) -> None:
-    """Write the student alone (no aligners, no teacher) as safetensors, ONNX or TorchScript."""
+    """Write the student alone (no aligners, no teacher) as safetensors, ONNX, TorchScript or a Hugging Face folder."""
     from cwkd.export import export_student, print_export
 
     with _errors():
         result = export_student(checkpoint, format=format, out=out, overwrite=overwrite, verify=verify,
-                                benchmark=benchmark, data=data, data_root=data_root, atol=atol, task=task)
+                                benchmark=benchmark, data=data, data_root=data_root, atol=atol, task=task,
+                                push_to_hub=push_to_hub)
         print_export(result)
 
 

@@ -68,6 +68,8 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "best_metric": (_is_str, "a string"),
     "kind": (lambda v: v in ("student", "distill"), "'student' or 'distill'"),
     "teacher": (_is_str, "a string"),
+    "teacher_metric": (_is_str, "a string"),
+    "teacher_score": (_is_num, "a number"),
 }
 
 
@@ -106,6 +108,9 @@ class CheckpointMeta:
     cwkd_version: str | None = None
     kind: str | None = None
     teacher: str | None = None
+    # the teacher's score on val as distilled (cwkd.training.teachercheck), e.g. "top1"
+    teacher_metric: str | None = None
+    teacher_score: float | None = None
     epoch: int | None = None
     step: int | None = None
     best_metric: str | None = None

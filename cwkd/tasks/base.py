@@ -6,7 +6,8 @@ the loss dict its model returns in train mode, and its ``feature_prefix`` points
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Optimizer, Task
+from cwkd.errors import ExportError
 from cwkd.tasks.classification.data import DataSpec
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
@@ -79,6 +81,8 @@ class TaskSpec:
     kd_logits: bool = False
     #: MGD's mask kind and ratio in MGD's reference config for this task (see :meth:`mgd_defaults`).
     mgd_mask: tuple[MgdMask, float] = (MgdMask.pixel, 0.75)
+    #: Whether the task's models are plain timm models, which ``timm.create_model`` rebuilds from a Hugging Face folder.
+    timm_models: bool = False
     #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
     ddp_find_unused: bool = False
     #: Whether every training step allocates tensors of the same sizes, so that keeping freed memory for the
@@ -157,6 +161,18 @@ class TaskSpec:
         """``loss``, each of :attr:`metrics` and ``images`` over ``loader`` (required; summed over DDP ranks)."""
         raise NotImplementedError
 
+    def chance(self, num_classes: int) -> float:
+        """The :attr:`best_metric` (percent) at or below which a model is taken to have learnt nothing (a teacher
+        that low is refused): for classification 1.5 times the top-1 of guessing among ``num_classes``."""
+        return 150.0 / num_classes
+
+    @contextmanager
+    def as_taught(self, teacher: nn.Module, student: nn.Module, teacher_input: nn.Module | None) -> Iterator[nn.Module]:
+        """The teacher as distillation feeds it, for :meth:`evaluate`: the student's batch, remapped by
+        ``teacher_input`` (to the teacher's statistics) when given."""
+        # In eval mode: evaluate() puts a model back in the mode it found it in, and the teacher stays in eval.
+        yield teacher if teacher_input is None else nn.Sequential(teacher_input, teacher).eval()
+
     def feature_prefix(self, model: nn.Module) -> str:
         """Where ``--pairs last``/``all`` look for stages: ``""`` (the whole model) or a submodule's ``name.``."""
         return ""
@@ -167,7 +183,12 @@ class TaskSpec:
         return None
 
     def check_export(self, fmt: str) -> None:
-        """Raise :class:`~cwkd.errors.ExportError` for a format the task's models cannot take."""
+        """Raise :class:`~cwkd.errors.ExportError` for a format the task's models cannot take (by default the
+        Hugging Face format, for models timm cannot rebuild)."""
+        if fmt == "hf" and not self.timm_models:
+            raise ExportError(f"--format hf writes what timm.create_model loads, and {self.name.value} models are "
+                              "not timm models; use --format safetensors (cwkd eval and cwkd.load_student read it) "
+                              "or --format onnx")
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The model as a graph of tensors: :attr:`export_io`'s input in, its outputs out (ONNX, TorchScript)."""

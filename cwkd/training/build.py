@@ -235,11 +235,15 @@ class TeacherSource:
     std: tuple[float, ...]
     checkpoint: str | None = None  # a cwkd checkpoint given as --teacher
     weights: str | None = None     # else a --teacher-weights file, "pretrained" or "random"
+    metric: str | None = None      # the teacher's score on val as distilled (cwkd.training.teachercheck), e.g. "top1"
+    score: float | None = None
 
     def to_dict(self) -> dict:
-        """The JSON layout config.json has always had (the keys that apply, means as lists)."""
+        """The JSON layout config.json has always had (the keys that apply, means as lists; ``val_top1``: its score)."""
         values = {"checkpoint": self.checkpoint, "model": self.model, "weights": self.weights,
                   "mean": list(self.mean), "std": list(self.std)}
+        if self.metric is not None:
+            values[f"val_{self.metric}"] = self.score
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -369,4 +373,6 @@ def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig
         cwkd_version=__version__,
         kind="distill",
         teacher=teacher_source.model if teacher_source else None,
+        teacher_metric=teacher_source.metric if teacher_source else None,
+        teacher_score=teacher_source.score if teacher_source else None,
     )

@@ -142,6 +142,8 @@ class TrainConfig:
     teacher_weights: str | None = None
     teacher_pretrained: bool = False
     allow_random_teacher: bool = False
+    # score the teacher on val before training, refuse a bad one (cwkd.training.teachercheck)
+    teacher_check: bool = True
     student_pretrained: bool = False
     student_weights: str | None = None
     method: Method = Method.cwt
@@ -180,11 +182,13 @@ class TrainConfig:
     overwrite: bool = False
     skip_nonfinite: int = 0
     quiet: bool = False
+    log: tuple[str, ...] = ()  # trackers besides metrics.jsonl: tensorboard, wandb, trackio (cwkd.training.tracking)
     made_by: str | None = None  # who started the run, when not a person: "cwkd demo" (cwkd.cli.demo replaces only
     # its own)
 
     def __post_init__(self) -> None:
         from cwkd.tasks import infer_task  # imports no torch until a name needs checking
+        from cwkd.training.tracking import trackers
 
         self.task = infer_task(self.student, self.task, other=self.teacher)
         self.method = Method(self.method)
@@ -197,6 +201,7 @@ class TrainConfig:
         self.mean, self.std = self.parse_stats("mean", self.mean), self.parse_stats("std", self.std)
         if isinstance(self.workers, str):  # "4" or "Auto" from a script or a hand-edited config
             self.workers = self.parse_workers(self.workers)
+        self.log = trackers(self.log)
         if self.lr is None:
             self.lr = default_lr(self.task, self.optimizer)
         if self.weight_decay is None:

@@ -56,6 +56,8 @@ from cwkd.training.nonfinite import (
 )
 from cwkd.training.optim import build_optimizer, build_scheduler
 from cwkd.training.runlock import RunLock
+from cwkd.training.teachercheck import check_teacher, recorded_score
+from cwkd.training.tracking import Tracking, require
 
 
 @dataclass
@@ -90,6 +92,7 @@ class _Pieces:
     start_epoch: int = 0
     start_step: int = 0              # steps of start_epoch done before a stop
     best: dict = field(default_factory=dict)
+    tracking: Tracking = field(default_factory=Tracking)  # --log: TensorBoard, wandb, trackio (none by default)
 
 
 def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: dict | None = None,
@@ -105,6 +108,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
     """
     if resume is not None:
         cfg = rundir.load_config(resume, options=resume_options)
+    require(cfg.log)  # a --log tracker that is not installed stops the run before anything loads
     device = resolve_device(cfg.device, cfg.precision)
     rank = setup_distributed(device)
     console = console or RunConsole(quiet=cfg.quiet, enabled=rank.main)
@@ -121,7 +125,8 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
         p = _build(cfg, out, resume is not None, device, rank, console, lock)
         console.info(_describe(cfg, p.distiller, p.spec, p.dcfg, device, rank, p.train_loader.num_workers))
         keep_freed = reuse_freed_memory(device) if p.task.steady_shapes else contextlib.nullcontext(False)
-        with rundir.StopSignals() as stop, keep_freed:
+        with rundir.StopSignals() as stop, keep_freed, \
+                Tracking(cfg.log, out=out, config=cfg.to_dict(), enabled=rank.main) as p.tracking:
             if rank.main:
                 rundir.check_space(out, p.distiller, p.optimizer)
             last = _train(p, cfg, out, device, rank, console, stop)
@@ -149,11 +154,13 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
     if rank.enabled:
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=task.ddp_find_unused)
-    if rank.main:
-        rundir.prepare(out, resume=resuming, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
     train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
                                              device=device, distributed=rank.enabled, seed=cfg.seed,
                                              datasets=task.datasets(spec, dcfg), collate=task.collate)
+    teacher_source = recorded_score(out, teacher_source) if resuming else check_teacher(
+        cfg, task, distiller, teacher_source, val_loader, spec.num_classes, device, rank, console)
+    if rank.main:  # after the teacher check: a refused teacher leaves --out as it was
+        rundir.prepare(out, resume=resuming, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
     if cfg.alpha == "auto":  # a resumed run has the number its first start picked, and never probes again
         _auto_alpha(cfg, task, distiller, train_loader, device, console)
     optimizer = build_optimizer(distiller, cfg)
@@ -275,6 +282,7 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
         if rank.main:
             with stop.saving():
                 p.best = rundir.save_epoch(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, last, p.best)
+            p.tracking.epoch(last, (epoch + 1) * steps_per_epoch)
         console.info(_epoch_line(last, cfg.epochs, p.task))
         bad = sum(getattr(split, "skipped", 0) for split in (p.spec.train, p.spec.val))
         if bad > reported_bad:
@@ -325,15 +333,16 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
             continue
         _update(p, out["loss"], cfg)
         for key, value in out.items():  # the loss and its parts, the task's own included (a detector's)
-            if key != "outputs" and not key.startswith("feat/"):
+            if key != "outputs":  # the per-pair feature losses (feat/S->T) too
                 sums[key] += value.detach()
         done, images_seen = done + 1, images_seen + len(images)
         if done % 10 == 0 or used == steps:  # done > 0 here: this step counted
             if watch is not None:
                 watch.check(cfg, device, label, **why)
-            parts = {k.removesuffix("_loss") if k != "loss" else k: sums[k].item() / done
-                     for k in ("loss", "task_loss", "feat_loss", "kd_loss") if k in sums}
+            running = {k: sums[k].item() / done for k in ("loss", "task_loss", "feat_loss", "kd_loss") if k in sums}
+            parts = {k.removesuffix("_loss") if k != "loss" else k: v for k, v in running.items()}
             console.advance(used, {**parts, "img/s": images_seen / (time.perf_counter() - started)})
+            p.tracking.step(epoch * len(p.train_loader) + step + 1, running)
     console.stop()
     if watch is not None:
         watch.check(cfg, device, label, **why)  # a stop may have come between two progress updates

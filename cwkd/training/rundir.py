@@ -202,7 +202,8 @@ def check_space(out: Path, module: torch.nn.Module, optimizer: torch.optim.Optim
 
 
 #: Options a resumed run may change: how it runs, not what it trains.
-RESUMABLE = ("epochs", "workers", "device", "quiet", "skip_corrupt", "skip_nonfinite", "data_root", "download")
+RESUMABLE = ("epochs", "workers", "device", "quiet", "skip_corrupt", "skip_nonfinite", "data_root", "download",
+             "teacher_check", "log")
 
 
 def load_config(out: str | Path, *, options: dict | None = None) -> TrainConfig:

@@ -28,6 +28,7 @@ class Classification(TaskSpec):
     has_logits = True
     kd_logits = True
     mgd_mask = (MgdMask.channel, 0.15)  # MGD's cls/mmcls/distillation/losses/mgd.py and its ImageNet configs
+    timm_models = True
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:

@@ -10,6 +10,7 @@ runs on the student's own transformed, padded batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -178,6 +179,23 @@ class Detection(TaskSpec):
         return {"loss": loss_sum / max(count, 1.0), **score.compute(), "per_class": score.per_class,
                 "images": int(count)}
 
+    def chance(self, num_classes: int) -> float:
+        """AP near 0: a detector that finds (almost) nothing."""
+        return 1.0
+
+    @contextmanager
+    def as_taught(self, teacher: nn.Module, student: nn.Module, teacher_input: nn.Module | None) -> Iterator[nn.Module]:
+        """The teacher resizing as the student does: its backbone sees the student's resized batch, renormalised to
+        its own statistics (:func:`cwkd.tasks.detection.fpn.teacher_backbone_features`), as its own transform does
+        here."""
+        mine, theirs = teacher.transform, student.transform
+        saved = mine.min_size, mine.max_size
+        mine.min_size, mine.max_size = theirs.min_size, theirs.max_size
+        try:
+            yield teacher
+        finally:
+            mine.min_size, mine.max_size = saved
+
     def feature_prefix(self, model: nn.Module) -> str:
         """The backbone (body + FPN)."""
         return "backbone."
@@ -193,6 +211,7 @@ class Detection(TaskSpec):
 
     def check_export(self, fmt: str) -> None:
         """TorchScript is refused: a timm body rarely scripts, and tracing would fix the number of detections."""
+        super().check_export(fmt)
         if fmt == "torchscript":
             raise ExportError(f"torchscript export is not supported for {self.name.value} models; use --format onnx "
                               "(one image in; boxes, labels and scores out) or safetensors")

@@ -138,6 +138,10 @@ class Segmentation(TaskSpec):
         loss_sum, images = totals.tolist()
         return {"loss": loss_sum / pixels, **score.compute(), "images": int(images)}
 
+    def chance(self, num_classes: int) -> float:
+        """The most mIoU predicting one class everywhere can reach: that class's IoU at most 100 %, the rest 0."""
+        return 100.0 / num_classes
+
     def feature_prefix(self, model: nn.Module) -> str:
         """The backbone: the head's layers are never paired by ``--pairs last``/``all``."""
         return "backbone." if isinstance(getattr(model, "backbone", None), nn.Module) else ""
