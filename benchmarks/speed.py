@@ -23,7 +23,7 @@ gradients, optimizer state and allocator slack; on CUDA ``torch.cuda.max_memory_
 the memory allocated once the models are built.
 
 Allocator: every variant, peers included, runs under the memory policy cwkd's engine uses for a CPU
-run (``cwkd.training.build.reuse_freed_memory``: glibc keeps freed memory for the next step instead of
+run (``cwkd.runtime.reuse_freed_memory``: glibc keeps freed memory for the next step instead of
 unmapping it). Under glibc's default a step page-faults its large activations in again every time,
 which made the 224 px student step about twice as slow and the ratios depend on what ran before;
 ``--system-malloc`` measures that default instead.
@@ -80,9 +80,8 @@ from cwkd.core.distiller import FeatureDistiller
 from cwkd.core.features import probe
 from cwkd.core.losses import feature_loss
 from cwkd.core.pairing import Pair, pair_layers
-from cwkd.runtime import fast_precisions
+from cwkd.runtime import fast_precisions, reuse_freed_memory
 from cwkd.tasks.classification.models import create_model
-from cwkd.training.build import reuse_freed_memory
 
 TARGET_RATIO = 1.10
 PEERS = ("timm_logit", "timm_feature", "torchdistill_fitnet")
@@ -718,7 +717,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "other fp32 cwkd variants and the peers)")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default allocator policy for every variant, instead of the one cwkd's\n"
-                        "engine uses on the CPU (cwkd.training.build.reuse_freed_memory: freed memory is kept for\n"
+                        "engine uses on the CPU (cwkd.runtime.reuse_freed_memory: freed memory is kept for\n"
                         "the next step); shows what that policy is worth")
     p.add_argument("--quick", action="store_true",
                    help="the small config only, fewer rounds, memory of a, b, c only: < 1 minute")

@@ -171,7 +171,7 @@ class _Continuing:
 
 def _pieces(plan: Plan, folder: str, work: Path, device):
     """The engine's pieces for the plan (``cwkd.training.engine._build``: data, models, optimizer), and the config."""
-    from cwkd.training.build import setup_distributed
+    from cwkd.runtime import setup_distributed
     from cwkd.training.config import TrainConfig
     from cwkd.training.console import RunConsole
     from cwkd.training.engine import _build
@@ -204,7 +204,7 @@ def measure(plan: Plan, folder: str, work: Path) -> dict:
 
     from cwkd.data.feed import resolve_workers
     from cwkd.data.loading import build_loaders
-    from cwkd.training.build import resolve_device
+    from cwkd.runtime import resolve_device
 
     device = resolve_device(plan.device, plan.precision)
     p, cfg, console = _pieces(plan, folder, work, device)

@@ -23,9 +23,9 @@ from cwkd.choices import Precision
 from cwkd.cli.app import app
 from cwkd.core.distiller import FeatureDistiller
 from cwkd.files.checkpoint import load_state
+from cwkd.runtime import autocast_dtype
 from cwkd.tasks.classification.models import create_model
 from cwkd.training import rundir
-from cwkd.training.build import autocast_dtype
 from cwkd.training.config import TrainConfig
 from cwkd.training.engine import run
 

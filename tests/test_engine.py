@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from cwkd.cli.app import app
 from cwkd.data.loading import build_loaders, data_config
 from cwkd.files.checkpoint import load_checkpoint
+from cwkd.runtime import reuse_freed_memory
 from cwkd.tasks.classification.data import load_data
 from cwkd.tasks.classification.models import create_model
-from cwkd.training.build import reuse_freed_memory
 from cwkd.training.engine import evaluate
 
 runner = CliRunner()
@@ -204,7 +204,7 @@ _FREED_MEMORY_CHECK = """
 import json
 from pathlib import Path
 import torch
-from cwkd.training.build import reuse_freed_memory
+from cwkd.runtime import reuse_freed_memory
 
 def resident():
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))

@@ -16,8 +16,7 @@ from cwkd import runtime as precision
 from cwkd.choices import Precision
 from cwkd.cli.app import app
 from cwkd.errors import ConfigError, TrainingError
-from cwkd.runtime import fast_precisions, precision_warning, resolve_precision
-from cwkd.training.build import autocast_dtype, resolve_device
+from cwkd.runtime import autocast_dtype, fast_precisions, precision_warning, resolve_device, resolve_precision
 from cwkd.training.config import TrainConfig
 from cwkd.training.nonfinite import raise_nonfinite
 

@@ -86,7 +86,7 @@ class TaskSpec:
     #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
     ddp_find_unused: bool = False
     #: Whether every training step allocates tensors of the same sizes, so that keeping freed memory for the
-    #: next step (:func:`cwkd.training.build.reuse_freed_memory`, on the CPU) pays. A detector's sizes vary
+    #: next step (:func:`cwkd.runtime.reuse_freed_memory`, on the CPU) pays. A detector's sizes vary
     #: with its proposals and objects, and with freed memory kept the heap fragments: a Mask R-CNN
     #: run grew until it was killed.
     steady_shapes: bool = True

@@ -28,22 +28,19 @@ from cwkd.data.loading import DataConfig, build_loaders, check_split_sizes, data
 from cwkd.errors import ConfigError, NonfiniteLoss, RunInterrupted, TrainingError
 from cwkd.evaluation import evaluate
 from cwkd.files.metadata import CheckpointMeta
-from cwkd.runtime import precision_warning, resolve_precision
+from cwkd.runtime import (
+    Dist,
+    autocast,
+    precision_warning,
+    resolve_device,
+    resolve_precision,
+    reuse_freed_memory,
+    setup_distributed,
+)
 from cwkd.tasks import get_task
 from cwkd.tasks.base import TaskSpec
 from cwkd.training import rundir
-from cwkd.training.build import (
-    Dist,
-    TeacherSource,
-    autocast,
-    build_student,
-    build_teacher,
-    resolve_device,
-    reuse_freed_memory,
-    run_metadata,
-    setup_distributed,
-    teacher_in_chans,
-)
+from cwkd.training.build import TeacherSource, build_student, build_teacher, run_metadata, teacher_in_chans
 from cwkd.training.config import TrainConfig
 from cwkd.training.console import RunConsole
 from cwkd.training.nonfinite import (

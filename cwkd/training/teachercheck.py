@@ -25,8 +25,9 @@ from cwkd.training.config import TrainConfig
 
 if TYPE_CHECKING:
     from cwkd.core.distiller import FeatureDistiller
+    from cwkd.runtime import Dist
     from cwkd.tasks.base import TaskSpec
-    from cwkd.training.build import Dist, TeacherSource
+    from cwkd.training.build import TeacherSource
     from cwkd.training.console import RunConsole
 
 #: How many points below its checkpoint's own record a teacher may score before it is refused.

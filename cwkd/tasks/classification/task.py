@@ -12,10 +12,10 @@ from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Precision, Task
 from cwkd.data.loading import DataConfig, transformed_datasets
+from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
 from cwkd.tasks.classification.data import DataSpec, load_data
 from cwkd.tasks.classification.models import create_model, resolve_name
-from cwkd.training.build import autocast
 
 
 class Classification(TaskSpec):
