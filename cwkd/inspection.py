@@ -7,10 +7,10 @@ from torch import nn
 from cwkd.choices import check_sizes
 from cwkd.core.aligner import Method, aligner_macs, build_aligner
 from cwkd.core.features import LayerInfo, as_size, probe
+from cwkd.core.modelinfo import default_input_size, model_name
 from cwkd.core.pairing import pair_layers
 from cwkd.tasks import Task, get_task, infer_task
 from cwkd.tasks.base import TaskSpec
-from cwkd.tasks.classification.models import default_input_size, model_name
 
 
 def _model(model: str | nn.Module, in_chans: int | None, task: TaskSpec, input_size: int | None = None) -> nn.Module:

@@ -12,10 +12,10 @@ from torch import nn
 from cwkd.core.aligner import Method, MgdMask, build_aligner
 from cwkd.core.features import FeatureHooks, LayerInfo, as_size, probe, to_map
 from cwkd.core.losses import Reduction, channel_divergence, feature_loss, kd_loss
+from cwkd.core.modelinfo import default_input_size, model_name
 from cwkd.core.pairing import Pair, pair_layers
 from cwkd.core.settings import LossSettings
 from cwkd.errors import ConfigError
-from cwkd.tasks.classification.models import default_input_size, model_name
 
 
 def _identity(outputs: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
+from cwkd.core.modelinfo import input_channels
 from cwkd.data.feed import DeviceInput, resolve_workers
 from cwkd.data.images import to_8bit
 from cwkd.errors import ConfigError, DataError
 from cwkd.tasks.classification.data import SMALL_IMAGE_MAX, DataSpec
-from cwkd.tasks.classification.models import input_channels
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,8 @@ from cwkd.data.loading import data_config
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.files.checkpoint import load_checkpoint, read_metadata, read_state_dict, student_state
 from cwkd.files.metadata import CheckpointMeta
-from cwkd.tasks.classification.models import (
-    create_model,
-    is_model_name,
-    load_state_checked,
-    looks_like_path,
-    shape_of_weights,
-)
+from cwkd.files.weights import load_state_checked, looks_like_path
+from cwkd.tasks.classification.models import create_model, is_model_name, shape_of_weights
 from cwkd.training.config import TrainConfig
 
 if TYPE_CHECKING:  # the tasks import build; the teacher needs only the type

@@ -33,7 +33,7 @@ from cwkd.files.checkpoint import (
     save_state,
 )
 from cwkd.files.metadata import CheckpointMeta, is_int
-from cwkd.tasks.classification.models import load_state_checked
+from cwkd.files.weights import load_state_checked
 from cwkd.training import runinputs
 from cwkd.training.config import TrainConfig
 from cwkd.training.runlock import RunLock

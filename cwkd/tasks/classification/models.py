@@ -1,4 +1,4 @@
-"""Model creation: timm models by name, friendly aliases, and loading weights from a local file."""
+"""Classifiers: timm models by name, friendly aliases, and their weights from a local file."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from cwkd.errors import CheckpointError, ModelNotFoundError
+from cwkd.files.weights import _strip_prefixes, load_state_checked, looks_like_path
 
 #: Friendly names users type, mapped to the timm model they mean.
 ALIASES: dict[str, str] = {
@@ -30,17 +31,6 @@ ALIASES: dict[str, str] = {
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
 }
-
-
-#: File endings of weights and checkpoints: a value ending so is a path, never a model name.
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-def looks_like_path(value: str) -> bool:
-    """True when ``value`` has a path separator or a weights-file ending (timm's ``hf-hub:`` names aside)."""
-    if value.startswith(("hf-hub:", "hf_hub:")):
-        return False
-    return "/" in value or os.sep in value or value.lower().endswith(WEIGHT_SUFFIXES)
 
 
 def _not_a_name(value: str) -> str:
@@ -149,7 +139,7 @@ def load_weights(model: nn.Module, path: str | Path, *, new_head: bool = False) 
     another size is left at its fresh initialisation instead, and 3-channel stem weights are
     summed for a 1-channel model, as timm does for its own pretrained weights.
     """
-    from cwkd.files.checkpoint import read_state_dict  # local import: checkpoint imports models
+    from cwkd.files.checkpoint import read_state_dict
 
     state = read_state_dict(path)
     if new_head:
@@ -173,40 +163,6 @@ def _adapt_for_finetune(model: nn.Module, state: dict[str, torch.Tensor]) -> dic
     return adapted
 
 
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
-    """``model.load_state_dict(state)`` with an error naming ``source`` and what does not fit.
-
-    Why: torch's own error is a long traceback listing every key; this one says what to check.
-    """
-    name = getattr(model, "cwkd_name", type(model).__name__)
-    hint = hint or f"check that they are weights for {name} (model name, in_chans and number of classes)"
-    state = _strip_prefixes(state, model)
-    missing, unexpected = _compare_keys(model, state)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} do not fit {name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); {hint}"
-        )
-    own = model.state_dict()
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(
-            f"{source} do not fit {name}: '{k}' has shape {tuple(state[k].shape)}, the model expects "
-            f"{tuple(own[k].shape)}; {hint}"
-        )
-    model.load_state_dict(state)
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes (``module.`` from DDP, ``student.`` from cwkd) when the model has none."""
-    own = set(model.state_dict())
-    for prefix in ("module.", "student.", "model."):
-        if not (set(state) & own) and any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
-
-
 def shape_of_weights(name: str, state: dict[str, torch.Tensor], in_chans: int) -> tuple[int | None, int | None]:
     """The classifier size and input channels ``state`` was saved with, for model ``name`` (None: it does not say).
 
@@ -226,32 +182,3 @@ def _size_in(model: nn.Module, state: dict[str, torch.Tensor], module: nn.Module
     weight = getattr(module, "weight", None)
     key = next((k for k, p in model.named_parameters() if p is weight), None) if weight is not None else None
     return int(state[key].shape[dim]) if key in state and state[key].ndim > dim else None
-
-
-def _compare_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    own = set(model.state_dict())
-    return sorted(own - set(state)), sorted(set(state) - own)
-
-
-def model_name(model: nn.Module) -> str:
-    """The timm name a model was built from, or its class name for a plain module."""
-    return getattr(model, "cwkd_name", None) or type(model).__name__
-
-
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The (C, H, W) input a model expects: its timm ``pretrained_cfg`` or ``(3, 224, 224)``."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size", (3, 224, 224))
-    in_chans = input_channels(model) or size[0]
-    return (int(in_chans), int(size[1]), int(size[2]))
-
-
-def input_channels(model: nn.Module) -> int | None:
-    """The input channels of the model's first convolution, if it has one.
-
-    Why not timm's ``pretrained_cfg``: it says 3 even for a model built with ``in_chans=1``.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return None
