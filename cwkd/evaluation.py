@@ -26,12 +26,12 @@ from cwkd.choices import (
     check_sizes,
 )
 from cwkd.data.loading import DataConfig, build_loaders, data_config
+from cwkd.data.spec import DataSpec
 from cwkd.errors import CheckpointError, ConfigError, DataError
 from cwkd.files.checkpoint import load_checkpoint, read_state_dict, student_state
 from cwkd.files.metadata import CheckpointMeta, is_student_file
 from cwkd.runtime import Dist, precision_warning, resolve_device, resolve_precision
 from cwkd.tasks import get_task, infer_task
-from cwkd.tasks.classification.data import DataSpec
 from cwkd.tasks.classification.models import create_model, resolve_name, shape_of_weights
 
 

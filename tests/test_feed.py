@@ -69,7 +69,8 @@ def _spec(tmp_path, gray: bool):
     """A gray array data set of 28 px items, or an RGB image folder of 80 px files (RandomResizedCrop's path)."""
     import numpy as np
 
-    from cwkd.tasks.classification.data import ArrayDataset, DataSpec, load_data
+    from cwkd.data.spec import DataSpec
+    from cwkd.tasks.classification.data import ArrayDataset, load_data
     from tests.helpers import make_image_folder
 
     if not gray:

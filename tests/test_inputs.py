@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 from cwkd.cli.app import app
 from cwkd.data import images
 from cwkd.data.loading import build_loaders, build_transform, check_split_sizes, data_config
+from cwkd.data.spec import DataSpec
 from cwkd.errors import DataError
 from cwkd.files.checkpoint import save_checkpoint
 from cwkd.files.metadata import CheckpointMeta
-from cwkd.tasks.classification.data import ArrayDataset, DataSpec, load_data
+from cwkd.tasks.classification.data import ArrayDataset, load_data
 from cwkd.tasks.classification.models import create_model
 
 from .helpers import cli_fails as _fails

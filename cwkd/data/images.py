@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cwkd.errors import DataError
+
 #: Modes with one channel of information (a gray image); every other mode counts as colour, palette
 #: images included, so a colour data set is never read as gray.
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -122,3 +124,11 @@ def _spread(files: list[Path], count: int) -> list[Path]:
         return files
     step = len(files) / count
     return [files[int(i * step)] for i in range(count)]
+
+
+def read_image(path: Path) -> Image.Image:
+    """An RGB image for a dense task; 16-bit, 32-bit and float images scaled to 8 bits as for classification."""
+    try:
+        return open_image(path, "RGB")
+    except IMAGE_ERRORS as exc:
+        raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete or replace it") from exc

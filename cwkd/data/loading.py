@@ -29,8 +29,11 @@ from torchvision import transforms as T
 from cwkd.core.modelinfo import input_channels
 from cwkd.data.feed import DeviceInput, resolve_workers
 from cwkd.data.images import to_8bit
+from cwkd.data.spec import DataSpec
 from cwkd.errors import ConfigError, DataError
-from cwkd.tasks.classification.data import SMALL_IMAGE_MAX, DataSpec
+
+#: At or below this input size, use CIFAR-style pad-and-crop instead of RandomResizedCrop.
+SMALL_IMAGE_MAX = 64
 
 
 @dataclass(frozen=True)

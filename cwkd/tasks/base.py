@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Optimizer, Task
+from cwkd.data.spec import DataSpec
 from cwkd.errors import ExportError
-from cwkd.tasks.classification.data import DataSpec
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
     from cwkd.data.loading import DataConfig

@@ -22,8 +22,8 @@ from cwkd.training.config import TrainConfig
 if TYPE_CHECKING:  # the tasks import build; the teacher needs only the type
     from cwkd.core.distiller import FeatureDistiller
     from cwkd.data.loading import DataConfig
+    from cwkd.data.spec import DataSpec
     from cwkd.tasks.base import TaskSpec
-    from cwkd.tasks.classification.data import DataSpec
 
 
 def is_checkpoint_path(value: str) -> bool:

@@ -14,7 +14,6 @@ import struct
 import warnings
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cwkd.data.images import IMAGE_ERRORS, ModeCount, open_image, scan_modes
+from cwkd.data.images import IMAGE_ERRORS, open_image, scan_modes
+from cwkd.data.spec import DataSpec
 from cwkd.errors import DataError
 
 FASHION_MNIST_CLASSES = [
@@ -33,7 +33,6 @@ FASHION_MNIST_CLASSES = [
 DATASETS = ("fashion-mnist", "fashion-mnist-mini", "cifar10", "cifar100")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-SMALL_IMAGE_MAX = 64  # at or below this size, use CIFAR-style pad-and-crop instead of RandomResizedCrop
 
 _FMNIST_FILES = {
     "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
@@ -41,23 +40,6 @@ _FMNIST_FILES = {
 }  # fmt: skip
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _CIFAR = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python")}
-
-
-@dataclass
-class DataSpec:
-    """A loaded data set: train/val splits of ``(PIL.Image, int)`` plus what the transforms need to know."""
-
-    name: str
-    train: Dataset
-    val: Dataset
-    classes: list[str]
-    channels: int
-    native_size: int | None
-    modes: ModeCount | None = None  # image folders: what the header scan that chose ``channels`` found
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 class ArrayDataset(Dataset):

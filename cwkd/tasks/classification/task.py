@@ -12,9 +12,10 @@ from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Precision, Task
 from cwkd.data.loading import DataConfig, transformed_datasets
+from cwkd.data.spec import DataSpec
 from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
-from cwkd.tasks.classification.data import DataSpec, load_data
+from cwkd.tasks.classification.data import load_data
 from cwkd.tasks.classification.models import create_model, resolve_name
 
 

@@ -36,9 +36,9 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from cwkd.data.composite import rle_decode
+from cwkd.data.images import read_image
 from cwkd.errors import DataError
 from cwkd.tasks.detection.cococheck import check_coco
-from cwkd.tasks.segmentation.data import read_image
 
 #: The smallest box side kept, in pixels: thinner boxes are degenerate.
 MIN_BOX_SIDE = 1.0

@@ -20,12 +20,12 @@ from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Optimizer, Precision, Task
 from cwkd.data.loading import DataConfig, Transformed, seeded
+from cwkd.data.spec import DataSpec
 from cwkd.errors import ConfigError, ExportError, ModelNotFoundError
 from cwkd.files.checkpoint import read_state_dict
 from cwkd.files.weights import load_state_checked
 from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
-from cwkd.tasks.classification.data import DataSpec
 from cwkd.tasks.detection.data import CocoDetection, DetectionTransform, collate_detection, load_coco
 from cwkd.tasks.detection.fpn import FPNTaps, normalization
 from cwkd.tasks.detection.models import create_detection_model, detection_task, list_detection_models

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cwkd.data.images import IMAGE_ERRORS, open_image
+from cwkd.data.images import IMAGE_ERRORS, read_image
 from cwkd.errors import DataError
 
 #: Mask value that the loss and the metric skip.
@@ -87,14 +87,6 @@ def _check_values(mask: np.ndarray, path: Path, num_classes: int) -> None:
         raise DataError(f"mask {path} has class value(s) {bad[:5].tolist()} but the data set has {num_classes} "
                         f"classes (0-{num_classes - 1}, 255 = ignore); fix the mask or list every class in "
                         "classes.txt")
-
-
-def read_image(path: Path) -> Image.Image:
-    """An RGB image for a dense task; 16-bit, 32-bit and float images scaled to 8 bits as for classification."""
-    try:
-        return open_image(path, "RGB")
-    except IMAGE_ERRORS as exc:
-        raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete or replace it") from exc
 
 
 def _open(path: Path) -> Image.Image:

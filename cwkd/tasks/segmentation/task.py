@@ -17,12 +17,12 @@ from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Precision, Task
 from cwkd.data.loading import DataConfig, Transformed
+from cwkd.data.spec import DataSpec
 from cwkd.errors import ConfigError, ModelNotFoundError
 from cwkd.files.checkpoint import read_state_dict
 from cwkd.files.weights import load_state_checked
 from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
-from cwkd.tasks.classification.data import DataSpec
 from cwkd.tasks.segmentation.data import IGNORE_INDEX, JointTransform, load_segmentation
 from cwkd.tasks.segmentation.metric import SegmentationScore
 from cwkd.tasks.segmentation.models import TORCHVISION_MODELS, create_segmentation_model, is_segmentation_name
