@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from cwkd.core.aligner import Method, MgdMask, build_aligner
 from cwkd.core.features import FeatureHooks, LayerInfo, as_size, probe, to_map
-from cwkd.core.losses import Reduction, channel_divergence, feature_loss, kd_loss
+from cwkd.core.losses import Reduction, channel_divergence, cross_entropy, feature_loss, kd_loss
 from cwkd.core.modelinfo import default_input_size, model_name
 from cwkd.core.pairing import Pair, pair_layers
 from cwkd.core.settings import LossSettings
@@ -106,9 +107,7 @@ class FeatureDistiller(nn.Module):
         self.kd_temperature = float(kd_temperature)
         self.label_smoothing = float(label_smoothing)
         if task_loss is None:  # the default task (a classifier's cross-entropy), as before tasks existed
-            from cwkd.tasks import get_task
-
-            task_loss = get_task(None).loss_fn(self.label_smoothing)
+            task_loss = functools.partial(cross_entropy, label_smoothing=self.label_smoothing)
         self.task_loss = task_loss
         self.logits_of = logits_of
         self.kd_positions = kd_positions

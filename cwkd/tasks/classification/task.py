@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Precision, Task
+from cwkd.core.losses import cross_entropy
 from cwkd.data.loading import DataConfig, transformed_datasets
 from cwkd.data.spec import DataSpec
 from cwkd.runtime import autocast
@@ -59,7 +60,7 @@ class Classification(TaskSpec):
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, *,
              label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
         """Cross-entropy, with label smoothing."""
-        return {"task_loss": F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)}
+        return cross_entropy(outputs, targets, label_smoothing=label_smoothing)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         """A classifier's output is its logits."""
