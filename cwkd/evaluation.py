@@ -23,6 +23,7 @@ from torch import nn
 from cwkd.choices import (
     Precision,
     Split,  # defined torch-free for the CLI; re-exported here
+    Task,
     check_sizes,
 )
 from cwkd.data.loading import DataConfig, build_loaders, data_config
@@ -31,8 +32,7 @@ from cwkd.errors import CheckpointError, ConfigError, DataError
 from cwkd.files.checkpoint import load_checkpoint, read_state_dict, student_state
 from cwkd.files.metadata import CheckpointMeta, is_student_file
 from cwkd.runtime import Dist, precision_warning, resolve_device, resolve_precision
-from cwkd.tasks import get_task, infer_task
-from cwkd.tasks.classification.models import create_model, resolve_name, shape_of_weights
+from cwkd.tasks import get_task, infer_task, shape_of_weights
 
 
 @dataclass
@@ -272,7 +272,7 @@ def _checkpoint_path(source: str | Path) -> Path:
     path = Path(source)
     if path.exists() or path.suffix or len(path.parts) > 1:
         return path  # read_student says what is wrong with a missing or unreadable file
-    name = resolve_name(str(source))  # an unknown name gets timm's closest matches
+    name = get_task(Task.classification).resolve_name(str(source))  # an unknown name: timm's closest matches
     raise CheckpointError(f"'{source}' is a timm model name ({name}), not a checkpoint; pass its weights with "
                           "--weights FILE (an untrained model scores at chance)")
 
@@ -281,7 +281,8 @@ def _timm_model(name: str, weights: str | Path, data_chans: int) -> tuple[nn.Mod
     """A timm model built to the shape of its weights file, with its name, classifier size and input channels."""
     num_classes, in_chans = shape_of_weights(name, read_state_dict(weights), data_chans)
     in_chans = in_chans or data_chans
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans, weights=weights).eval()
+    model = get_task(Task.classification).build_model(name, num_classes=num_classes, in_chans=in_chans,
+                                                      weights=weights).eval()
     return model, model.cwkd_name, getattr(model, "num_classes", num_classes), in_chans
 
 

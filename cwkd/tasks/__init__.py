@@ -59,6 +59,20 @@ def can_teach(teacher: Task, student: Task) -> bool:
     return teacher is student or teacher in _TEACHES.get(student, ())
 
 
+def is_model_name(value: str) -> bool:
+    """Whether timm knows ``value`` (or the alias it stands for) as a model; paths never are."""
+    from cwkd.tasks.classification.models import is_model_name as timm_knows
+
+    return timm_knows(value)
+
+
+def shape_of_weights(name: str, state: dict, in_chans: int) -> tuple[int | None, int | None]:
+    """The classifier size and input channels a timm model ``name``'s weights ``state`` was saved with."""
+    from cwkd.tasks.classification.models import shape_of_weights as shape
+
+    return shape(name, state, in_chans)
+
+
 def _of(name: str) -> Task:
     """The task a model name says."""
     from cwkd.tasks.detection.models import detection_task
@@ -77,4 +91,4 @@ def _as_task(value: Task | str) -> Task:
         raise ConfigError(f"unknown task '{value}'; use one of {', '.join(t.value for t in Task)}") from None
 
 
-__all__ = ["Task", "can_teach", "get_task", "infer_task"]
+__all__ = ["Task", "can_teach", "get_task", "infer_task", "is_model_name", "shape_of_weights"]

@@ -16,10 +16,10 @@ from cwkd.errors import CheckpointError, ConfigError
 from cwkd.files.checkpoint import load_checkpoint, read_metadata, read_state_dict, student_state
 from cwkd.files.metadata import CheckpointMeta
 from cwkd.files.weights import load_state_checked, looks_like_path
-from cwkd.tasks.classification.models import create_model, is_model_name, shape_of_weights
+from cwkd.tasks import can_teach, get_task, infer_task, is_model_name, shape_of_weights
 from cwkd.training.config import TrainConfig
 
-if TYPE_CHECKING:  # the tasks import build; the teacher needs only the type
+if TYPE_CHECKING:  # only their types are needed here
     from cwkd.core.distiller import FeatureDistiller
     from cwkd.data.loading import DataConfig
     from cwkd.data.spec import DataSpec
@@ -45,8 +45,6 @@ def check_model_task(name: str, task: Task, *, teacher: bool = False) -> None:
     Example:
         >>> check_model_task("pspnet_resnet18", Task.segmentation)
     """
-    from cwkd.tasks import can_teach, infer_task
-
     found = infer_task(name)  # what the name says; classification for any other name
     if found is Task.classification and not is_model_name(name):
         return  # unknown to every task
@@ -65,8 +63,6 @@ def build_student(cfg: TrainConfig, num_classes: int, in_chans: int, input_size:
 
     ``input_size`` reaches models that resize their own input (detectors).
     """
-    from cwkd.tasks import get_task
-
     task = get_task(cfg.task)
     check_model_task(cfg.student, task.name)
     return task.build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
@@ -126,8 +122,6 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
     The description's ``mean`` and ``std`` are the input statistics the teacher expects: the
     checkpoint's own, or timm's config for the model otherwise.
     """
-    from cwkd.tasks import get_task
-
     assert cfg.teacher is not None
     task = get_task(cfg.task)
     if is_checkpoint_path(cfg.teacher):
@@ -180,8 +174,6 @@ def _refuse_nonfinite_teacher(model: nn.Module, where: str) -> None:
 
 def _checkpoint_teacher(path: str, task: TaskSpec) -> tuple[nn.Module, TeacherSource, int, int]:
     """A teacher from a cwkd checkpoint of ``task``: its model, source, classes and input channels."""
-    from cwkd.tasks import can_teach, get_task
-
     tensors, meta = _teacher_checkpoint(path)
     if not can_teach(get_task(meta.task).name, task.name):
         raise ConfigError(f"--teacher {path} is a {get_task(meta.task).name.value} checkpoint "
@@ -211,7 +203,7 @@ def _refuse_cwkd_checkpoint(path: str) -> None:
 def _with_weights(name: str, path: str, in_chans: int) -> nn.Module:
     """Build ``name`` with the classifier size the weights file has, then load it."""
     classes, _ = shape_of_weights(name, read_state_dict(path), in_chans)
-    return create_model(name, num_classes=classes, in_chans=in_chans, weights=path)
+    return get_task(Task.classification).build_model(name, num_classes=classes, in_chans=in_chans, weights=path)
 
 
 def _num_classes(model: nn.Module) -> int:
