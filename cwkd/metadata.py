@@ -72,6 +72,7 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "best_metric": (_is_str, "a string"),
     "kind": (lambda v: v in ("student", "distill"), "'student' or 'distill'"),
     "teacher": (_is_str, "a string"),
+    "backbone_weights": (_is_str, "a string"),
 }
 
 
@@ -107,6 +108,7 @@ class CheckpointMeta:
     cwkd_version: str | None = None
     kind: str | None = None
     teacher: str | None = None
+    backbone_weights: str | None = None  # where the student's backbone started: a weights file, or "pretrained"
     epoch: int | None = None
     step: int | None = None
     best_metric: str | None = None
@@ -223,6 +225,8 @@ def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig
         cwkd_version=__version__,
         kind="distill",
         teacher=teacher_source.model if teacher_source else None,
+        backbone_weights=cfg.student_backbone_weights or ("pretrained" if cfg.student_pretrained and
+                                                          not cfg.student_weights else None),
     )
 
 
