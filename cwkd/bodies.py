@@ -136,9 +136,8 @@ def imagenet_state(origin: Origin, in_chans: int = 3) -> dict[str, torch.Tensor]
     """ImageNet weights for a body: timm's pretrained classifier, or a torchvision builder's backbone default."""
     if isinstance(origin, str):
         return fetch_pretrained(origin, offline_hint=_OFFLINE_HINT, in_chans=in_chans).state_dict()
-    weights = _weights_enum(origin)
-    default = inspect.signature(origin).parameters["weights_backbone"].default
-    weights = default if default is not None else weights.DEFAULT
+    default = inspect.signature(origin).parameters["weights_backbone"].default  # None for the _v2 detectors
+    weights = default if default is not None else _weights_enum(origin).DEFAULT
     try:  # looked up at call time, so a test can stand in for the download
         return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
     except Exception as exc:  # no network, a proxy, a damaged download: all mean "not here"
