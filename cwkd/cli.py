@@ -79,7 +79,12 @@ Log = Annotated[list[Tracker] | None, typer.Option("--log", help="Also write eac
                                                    "trackio; repeat for several. Off by default; each is an "
                                                    "extra: pip install 'cwkd[tensorboard]'.")]
 StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
-                                                 "(needs the Hugging Face hub).")]
+                                                 "(needs the Hugging Face hub); a segmenter or detector: its "
+                                                 "backbone's ImageNet weights (timm's, or torchvision's "
+                                                 "weights_backbone), heads fresh.")]
+BackboneWeights = "Start a segmenter's or detector's backbone from a classifier's weights file: a cwkd " \
+    "checkpoint, a `cwkd export` student or a timm state dict (.safetensors, .pth); heads fresh, at least 90% of " \
+    "the backbone's tensors must match."
 
 
 def _print_version(value: bool) -> None:
@@ -220,6 +225,7 @@ def train(
     weights: Annotated[str | None, typer.Option(help="Start from a local weights file (.safetensors or .pth, "
                                                 "loaded safely); a classifier for other classes is replaced.")]
     = None,
+    backbone_weights: Annotated[str | None, typer.Option(help=BackboneWeights)] = None,
     epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
     optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
     clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
@@ -246,7 +252,8 @@ def distill(
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights file (.safetensors or "
                                                            ".pth, loaded safely).")] = None,
     teacher_pretrained: Annotated[bool, typer.Option(help="Teacher from timm's pretrained weights "
-                                                     "(needs the hub).")] = False,
+                                                     "(needs the hub); a segmenter or detector: its "
+                                                     "backbone's ImageNet weights, heads fresh.")] = False,
     allow_random_teacher: Annotated[bool, typer.Option(help="Allow an untrained teacher (testing only).")]
     = False,
     teacher_check: Annotated[bool, typer.Option(help="Score the teacher on val as distillation feeds it before "
@@ -255,6 +262,7 @@ def distill(
     student_pretrained: StudentPretrained = False,
     student_weights: Annotated[str | None, typer.Option(help="Start the student from a local weights file "
                                                         "(classifier replaced if its size differs).")] = None,
+    student_backbone_weights: Annotated[str | None, typer.Option(help=BackboneWeights)] = None,
     method: Annotated[Method, typer.Option(help="cwt (ours), linear (FitNets 1x1), mgd, cwd (channel-wise "
                                            "distillation, Shu et al.), or none (KD only).")] = Method.cwt,
     alpha: Annotated[str, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md), or "
@@ -302,7 +310,9 @@ def _config(options: dict, *, student: str | None, method: Method,
     if "pretrained" in options:  # `cwkd train` names them --pretrained / --weights
         options["student_pretrained"] = options.pop("pretrained")
         options["student_weights"] = options.pop("weights")
-        given = {{"pretrained": "student_pretrained", "weights": "student_weights"}.get(k, k) for k in given}
+        options["student_backbone_weights"] = options.pop("backbone_weights")
+        given = {{"pretrained": "student_pretrained", "weights": "student_weights",
+                  "backbone_weights": "student_backbone_weights"}.get(k, k) for k in given}
     options["student"] = student
     options["log"] = tuple(Tracker(t).value for t in options["log"] or ())
     if resume:  # the options given are checked against the saved config (rundir.load_config)

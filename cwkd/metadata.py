@@ -77,6 +77,7 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "teacher": (_is_str, "a string"),
     "teacher_metric": (_is_str, "a string"),
     "teacher_score": (_is_num, "a number"),
+    "backbone_weights": (_is_str, "a string"),
 }
 
 
@@ -117,6 +118,7 @@ class CheckpointMeta:
     teacher: str | None = None
     teacher_metric: str | None = None  # the teacher's score on val as distilled (cwkd.teachercheck), e.g. "top1"
     teacher_score: float | None = None
+    backbone_weights: str | None = None  # where the student's backbone started: a weights file, or "pretrained"
     epoch: int | None = None
     step: int | None = None
     best_metric: str | None = None
@@ -236,6 +238,8 @@ def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig
         teacher=teacher_source.model if teacher_source else None,
         teacher_metric=teacher_source.metric if teacher_source else None,
         teacher_score=teacher_source.score if teacher_source else None,
+        backbone_weights=cfg.student_backbone_weights or ("pretrained" if cfg.student_pretrained and
+                                                          not cfg.student_weights else None),
     )
 
 

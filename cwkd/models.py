@@ -107,14 +107,7 @@ def create_model(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if pretrained and weights is None:
-        _require_hub(timm_name)
-        try:
-            model = timm.create_model(timm_name, pretrained=True, **kwargs)
-        except Exception as exc:  # network, missing weights, hub errors: all mean "not reachable"
-            raise CheckpointError(
-                f"could not fetch pretrained weights for '{timm_name}' ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); {_OFFLINE_HINT}"
-            ) from exc
+        model = fetch_pretrained(timm_name, **kwargs)
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     model.cwkd_name = timm_name  # remembered for checkpoints, exports and messages
@@ -127,7 +120,22 @@ _OFFLINE_HINT = ("offline, pass a local weights file instead (--weights / --teac
                  "or .pth), or set HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache")
 
 
-def _require_hub(timm_name: str) -> None:
+def fetch_pretrained(timm_name: str, *, offline_hint: str = _OFFLINE_HINT, **kwargs) -> nn.Module:
+    """timm's ``timm_name`` with its pretrained weights from the hub; unreachable is one CheckpointError.
+
+    ``offline_hint`` ends the message: the local route for the option that asked (``kwargs`` go to timm).
+    """
+    _require_hub(timm_name, offline_hint)
+    try:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except Exception as exc:  # network, missing weights, hub errors: all mean "not reachable"
+        raise CheckpointError(
+            f"could not fetch pretrained weights for '{timm_name}' ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); {offline_hint}"
+        ) from exc
+
+
+def _require_hub(timm_name: str, offline_hint: str = _OFFLINE_HINT) -> None:
     """Fail at once, not after a minute of retries, when the hub's name does not even resolve."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return  # huggingface_hub then reads its local cache only, and fails fast by itself
@@ -137,7 +145,7 @@ def _require_hub(timm_name: str) -> None:
     except OSError as exc:
         raise CheckpointError(
             f"pretrained weights for '{timm_name}' come from the Hugging Face hub, and {host} cannot be "
-            f"resolved from this machine (no network?); {_OFFLINE_HINT}"
+            f"resolved from this machine (no network?); {offline_hint}"
         ) from exc
 
 

@@ -18,13 +18,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from cwkd.bodies import start_body
 from cwkd.build import autocast
 from cwkd.checkpoint import read_state_dict
 from cwkd.choices import MgdMask, Task
 from cwkd.cocodata import CocoDetection, DetectionTransform, collate_detection, load_coco
 from cwkd.config import Optimizer, Precision
 from cwkd.data import DataSpec
-from cwkd.detmodels import create_detection_model, detection_task, list_detection_models
+from cwkd.detmodels import backbone_origin, create_detection_model, detection_task, list_detection_models
 from cwkd.errors import ConfigError, ExportError, ModelNotFoundError
 from cwkd.fpnlevels import FPNTaps, normalization
 from cwkd.loaders import DataConfig, Transformed, seeded
@@ -93,20 +94,22 @@ class Detection(TaskSpec):
 
     def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
                     pretrained: bool = False, weights: str | None = None, new_head: bool = False,
-                    input_size: int | None = None) -> nn.Module:
+                    input_size: int | None = None, backbone_weights: str | None = None) -> nn.Module:
         """A detector by name (:func:`cwkd.detmodels.create_detection_model`), resizing its input to ``input_size``.
 
-        ``new_head`` marks the run's student, which must do this task (a teacher may be any detector).
+        ``new_head`` marks the run's student, which must do this task (a teacher may be any detector);
+        ``pretrained`` / ``backbone_weights`` start its body from ImageNet's or a classifier's weights
+        (:func:`cwkd.bodies.start_body`); the FPN and heads stay fresh, the body's BatchNorm trainable.
         """
-        if pretrained:
-            raise ConfigError(f"{name}: detectors are built without downloaded weights; pass a local weights file "
-                              "(--weights / --teacher-weights FILE) or a cwkd checkpoint")
         found = detection_task(self.resolve_name(name))
         if new_head and found != self.name.value:
             raise ConfigError(f"'{name}' is a model for the {found} task but this run is {self.name.value}; pass "
                               f"--task {found}, or pick a {self.name.value} student")
         classes = num_classes or DEFAULT_CLASSES
         model = create_detection_model(name, classes, input_size=input_size, in_chans=in_chans)
+        if weights is None and (pretrained or backbone_weights):  # whole-model weights need no backbone start
+            model.cwkd_body = start_body(model.backbone.body, backbone_origin(name), in_chans=in_chans,
+                                         pretrained=pretrained, weights=backbone_weights)
         model.num_classes = classes
         mean, std = normalization(model)
         size = model.transform.min_size[-1]
