@@ -20,7 +20,7 @@ import typer
 from cwkd import __version__
 from cwkd.choices import ExportFormat, Method, Reduction, Split, Task
 from cwkd.config import Optimizer, Precision, TrainConfig
-from cwkd.errors import CwkdError
+from cwkd.errors import ConfigError, CwkdError
 
 app = typer.Typer(
     name="cwkd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -74,6 +74,25 @@ SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
                                                  "(needs the Hugging Face hub).")]
+
+
+def _apply_config(ctx: typer.Context, value: str | None) -> str | None:
+    """``--config``: eager, so the file's values become the defaults before click reads the other options."""
+    if value:
+        with _errors():
+            from cwkd.configfile import command_defaults
+
+            command = {"train": train, "distill": distill}[ctx.info_name]
+            ctx.default_map, notes = command_defaults(ctx.info_name, command, value)
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+    return value
+
+
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", is_eager=True, callback=_apply_config,
+    help="Take the options' defaults from a YAML file, a run's config.json, or recipe:NAME (cwkd recipes); "
+         "options on the command line win.")]
 
 
 def _print_version(value: bool) -> None:
@@ -208,6 +227,7 @@ def _interrupt_once(_signum, _frame) -> None:
 @app.command()
 def train(
     ctx: typer.Context,
+    config: ConfigOpt = None,
     model: Annotated[str | None, typer.Option("--model", help="The model to train: a timm name, or a "
                                               "segmentation model such as pspnet_resnet18.")] = None,
     task: TaskOpt = None,
@@ -233,6 +253,7 @@ def train(
 @app.command()
 def distill(
     ctx: typer.Context,
+    config: ConfigOpt = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher: a timm name, or a checkpoint from "
                                                    "`cwkd train` (.safetensors).")] = None,
     student: Annotated[str | None, typer.Option(help="Student: a timm name (or a segmentation model "
@@ -280,6 +301,8 @@ def _config(options: dict, *, student: str | None, method: Method,
             flag: str) -> tuple[TrainConfig, dict | None]:
     """One TrainConfig from a command's options; for --resume, the options given (checked against the saved config)."""
     resume = options.pop("resume", None)
+    if options.pop("config", None) and resume:
+        raise ConfigError("--config sets a new run's options, and a resumed run keeps its own; drop --config")
     given = _given(options, options.pop("ctx"))
     if "alpha" in options:  # `--alpha 7` or `--alpha auto`
         options["alpha"] = TrainConfig.parse_alpha(options["alpha"])
@@ -323,6 +346,30 @@ def demo(
 
     with _errors():
         run_demo(out=out, fast=fast, seed=seed, workers=workers)
+
+
+@app.command()
+def recipes(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List the shipped recipes: `cwkd distill --config recipe:NAME --data DIR` runs one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cwkd.configfile import list_recipes
+    from cwkd.strict_json import json_text
+
+    found = list_recipes()
+    if as_json:
+        typer.echo(json_text([{k: str(v) for k, v in vars(r).items()} for r in found], indent=2))
+        return
+    table = Table(title="cwkd recipes (use one with --config recipe:NAME; options you type win)")
+    table.add_column("name", no_wrap=True)
+    for column in ("task", "teacher -> student", "source"):
+        table.add_column(column, overflow="fold")
+    for r in found:
+        table.add_row(r.name, r.task, f"{r.teacher} -> {r.student}", r.source)
+    Console(highlight=False).print(table)
 
 
 @app.command("eval")
