@@ -372,6 +372,30 @@ def recipes(
     Console(highlight=False).print(table)
 
 
+@app.command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Run folders (or globs, or a folder of runs such as runs/demo).")],
+    baseline: Annotated[list[str] | None, typer.Option(help="Baseline run folders or a glob: adds each setting's "
+                                                            "paired difference to the baseline run of the same "
+                                                            "seed, with a 95 % t-interval.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Draw the runs' validation curves into this PNG (needs "
+                                                   "matplotlib: pip install 'cwkd[plot]').")] = None,
+) -> None:
+    """One table across runs: model, teacher, method, alpha, pairs, seed, best and final metric, epochs, images/s."""
+    from cwkd.compare import compare_runs, plot_curves
+    from cwkd.report import print_comparison
+    from cwkd.strict_json import json_text
+
+    with _errors():
+        result = compare_runs(runs, baseline=baseline)
+        if plot is not None:
+            plot_curves(result, plot)
+        typer.echo(json_text(result.to_dict(), indent=2)) if as_json else print_comparison(result)
+        if plot is not None and not as_json:
+            typer.echo(f"curves: {plot}")
+
+
 @app.command("eval")
 def eval_(
     checkpoint: Annotated[str, typer.Argument(help="A cwkd checkpoint (.safetensors), or a timm model name "
