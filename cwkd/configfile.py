@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import typing
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cwkd.config import _typed
+from cwkd.config import TrainConfig, _typed
 from cwkd.errors import ConfigError
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -32,8 +33,6 @@ TRAIN_NAMES = {"student": "model", "student_pretrained": "pretrained", "student_
 #: Options that only distillation has: `cwkd train` leaves them out of a distillation config (its baseline).
 DISTILL_ONLY = ("teacher", "teacher_weights", "teacher_pretrained", "allow_random_teacher", "method", "alpha",
                 "pairs", "hidden", "reduction", "kd_weight", "kd_temperature")
-#: Settings in config.json that no option sets, with the only value a config may give them.
-FIXED = {"momentum": 0.9}
 _NOT_FROM_FILE = ("resume", "config", "ctx")
 
 
@@ -111,6 +110,7 @@ def command_defaults(command: str, function: Callable, source: str) -> tuple[dic
     values, path = read(source)
     hints = {k: v for k, v in typing.get_type_hints(function).items() if k not in _NOT_FROM_FILE and k != "return"}
     training = "model" in hints
+    fixed = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     defaults, skipped = {}, []
     for key, value in values.items():
         name = str(key).replace("-", "_")
@@ -120,16 +120,17 @@ def command_defaults(command: str, function: Callable, source: str) -> tuple[dic
         if training and name in DISTILL_ONLY:
             skipped.append(name)
             continue
-        if name in FIXED:
-            if value != FIXED[name]:
+        if name not in hints and name in fixed:  # in config.json (momentum), but no option sets it
+            if value != fixed[name]:
                 raise ConfigError(f"--config {path}: '{key}' is {value!r}, but cwkd has no option for it "
-                                  f"(always {FIXED[name]}); remove the key")
+                                  f"(always {fixed[name]}); remove the key")
             continue
         if name not in hints:
             raise ConfigError(_unknown(path, str(key), list(hints), command))
         defaults[name] = _checked(path, str(key), _as_option(name, value), hints[name])
     notes = []
-    if training and any(values.get(k) not in (None, "none", False, 0, 0.0) for k in ("teacher", "method", "kd_weight")):
+    named = {str(k).replace("-", "_"): v for k, v in values.items()}
+    if training and any(named.get(k) not in (None, "none", False, 0, 0.0) for k in ("teacher", "method", "kd_weight")):
         notes.append(f"{path} is a distillation config: `cwkd train` takes its student and schedule (the baseline) "
                      f"and leaves out {', '.join(skipped)}")
     return defaults, notes
