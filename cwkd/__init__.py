@@ -23,6 +23,7 @@ _SOURCES = {
     "cwkd.aligner": ["build_aligner"],
     "cwkd.autoalpha": ["AutoAlpha", "pick_alpha"],
     "cwkd.choices": ["Method", "Reduction"],
+    "cwkd.compare": ["compare_runs"],
     "cwkd.config": ["Optimizer", "Precision", "TrainConfig"],
     "cwkd.distiller": ["FeatureDistiller", "Renormalize"],
     "cwkd.errors": ["CheckpointError", "ConfigError", "CwkdError", "DataError", "ExportError", "LayerError",

@@ -413,6 +413,9 @@ def _typed(key: str, value, hint):
             return value
         if typing.get_origin(kind) is tuple and isinstance(value, list | tuple):
             return value  # parse_stats checks the items
+        if typing.get_origin(kind) is list and isinstance(value, list | tuple):  # a repeatable option (--log)
+            (item,) = typing.get_args(kind)
+            return [_typed(key, v, item) for v in value]
     expected = " or ".join("one of " + ", ".join(m.value for m in kind)
                            if isinstance(kind, type) and issubclass(kind, Enum)
                            else _JSON_NAMES.get(typing.get_origin(kind) or kind, str(kind)) for kind in kinds)
