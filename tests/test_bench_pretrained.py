@@ -45,7 +45,7 @@ def test_every_plan_pretrains_the_bodies_its_models_use(bench):
     assert full.body_runs == bench.RESULTS / "pretrained" / "bodies"
 
 
-def test_the_plan_runs_each_arm_from_its_body_and_skips_what_the_cli_lacks(bench, tmp_path, monkeypatch):
+def test_the_plan_runs_each_arm_from_its_body(bench, tmp_path, monkeypatch):
     plan = replace(bench.Plan(), bodies=("resnet18", "resnet50"), seeds=(0, 1), results=tmp_path, runs=tmp_path)
     calls = []
     monkeypatch.setattr(bench, "pretrain_body", lambda plan, body: tmp_path / f"{body}.safetensors")
@@ -53,7 +53,6 @@ def test_the_plan_runs_each_arm_from_its_body_and_skips_what_the_cli_lacks(bench
     monkeypatch.setattr(bench, "train_teacher", lambda plan, data, extra: calls.append(("teacher", extra))
                         or {"miou": 50.0})
     monkeypatch.setattr(bench, "teacher_alpha", lambda plan: (0.07, [2048, 8, 8]))
-    monkeypatch.setattr(bench, "available", lambda arm: "no" if arm.name == "cwd" else None)
 
     def cell(plan, data, student, method, seed, alpha, *, name, extra, student_extra):
         calls.append((name, method, alpha, extra, student_extra))
@@ -69,8 +68,9 @@ def test_the_plan_runs_each_arm_from_its_body_and_skips_what_the_cli_lacks(bench
     assert cells["pspnet_resnet18-cwt-s0"] == ("cwt", 0.07, (), body)
     assert cells["pspnet_resnet18-cwt-auto-s1"] == ("cwt", "auto", (), body)
     assert cells["pspnet_resnet18-cwt+kd-s0"] == ("cwt", 0.07, ("--kd-weight", bench.KD_WEIGHT), body)
-    assert "pspnet_resnet18-none-s1" not in cells and not any("-cwd-" in name for name in cells)
-    assert len(cells) == 2 * 5 - 1
+    assert cells["pspnet_resnet18-cwd-s1"] == ("cwd", "5", ("--pairs", bench.CWD_PAIRS), body)
+    assert "pspnet_resnet18-none-s1" not in cells
+    assert len(cells) == 2 * 6 - 1
 
 
 def test_the_report_states_the_decision_from_paired_seeds(bench, tmp_path):
