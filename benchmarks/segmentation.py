@@ -116,12 +116,12 @@ def _history(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def train_teacher(plan: Plan, data: Path) -> dict:
-    """``cwkd train`` the teacher unless its result is saved; return that result."""
+def train_teacher(plan: Plan, data: Path, extra: tuple = ()) -> dict:
+    """``cwkd train`` the teacher (``extra``: more options) unless its result is saved; return that result."""
     out, path = plan.runs / "teacher", plan.results / "teacher.json"
     if path.is_file() and (out / "last.safetensors").is_file():
         return json.loads(path.read_text())
-    history = run_in(out, ["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs)])
+    history = run_in(out, ["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs), *extra])
     result = {"model": plan.teacher, "miou": history[-1]["val_miou"], "pixel_acc": history[-1]["val_pixel_acc"],
               "history": [h["val_miou"] for h in history], "epochs": plan.teacher_epochs,
               "wall_s": round(sum(h["epoch_s"] for h in history), 1), "versions": versions()}
@@ -137,14 +137,19 @@ def teacher_alpha(plan: Plan) -> tuple[float, list[int]]:
     return convert_alpha(MGD_SEG_ALPHA_SUM, *shape, to="mean"), shape
 
 
-def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha: float | str) -> dict:
-    """Train or distil one student (``alpha`` a number or ``"auto"``); write and return its result."""
-    name = key(student, method, seed) + ("-aauto" if alpha == "auto" else "")
+def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha: float | str | None, *,
+             name: str | None = None, extra: tuple = (), student_extra: tuple = ()) -> dict:
+    """Train or distil one student (``alpha`` a number, ``"auto"``, or None: the method's default); write and
+    return its result as ``name`` (default: student, method, seed). ``extra`` are more options for a distilled
+    cell, ``student_extra`` for every cell, given with ``cwkd train``'s names (``--backbone-weights``)."""
+    name = name or key(student, method, seed) + ("-aauto" if alpha == "auto" else "")
     out = plan.runs / "cells" / name
     teacher = plan.runs / "teacher" / "last.safetensors"
-    command = ["train", "--model", student] if method == "none" else \
-        ["distill", "--teacher", teacher, "--student", student, "--method", method, "--alpha", alpha,
-         *(["--no-teacher-check"] if plan.name == "quick" else [])]  # the quick plan's teacher is at chance
+    distil = ["--method", method, *(["--alpha", alpha] if alpha is not None else []), *extra,
+              *(str(a).replace("--", "--student-", 1) if str(a).startswith("--") else a for a in student_extra),
+              *(["--no-teacher-check"] if plan.name == "quick" else [])]  # the quick plan's teacher is at chance
+    command = ["train", "--model", student, *student_extra] if method == "none" else \
+        ["distill", "--teacher", teacher, "--student", student, *distil]
     started = time.perf_counter()
     history = run_in(out, [*command, *_common(plan, data, seed, plan.epochs)])
     config = json.loads((out / "config.json").read_text())["config"]

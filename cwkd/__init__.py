@@ -25,6 +25,7 @@ _SOURCES = {
     "cwkd.choices": ["Method", "Optimizer", "Precision", "Reduction"],
     "cwkd.training.config": ["TrainConfig"],
     "cwkd.core.distiller": ["FeatureDistiller", "Renormalize"],
+    "cwkd.compare": ["compare_runs"],
     "cwkd.errors": ["CheckpointError", "ConfigError", "CwkdError", "DataError", "ExportError", "LayerError",
                     "ModelNotFoundError", "PairingError", "TrainingError"],
     "cwkd.evaluation": ["evaluate_checkpoint", "load_student"],

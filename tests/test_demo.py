@@ -10,9 +10,13 @@ from cwkd.cli.app import app
 
 @pytest.mark.slow
 def test_demo_fast_runs_offline(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(tmp_path / "demo"), "--workers", "0"])
+    result = CliRunner().invoke(app, ["demo", "--fast", "--out", str(tmp_path / "demo"), "--workers", "0"],
+                                env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    assert "cwkd demo" in result.output and "baseline student" in result.output and "cwkd student" in result.output
+    assert "cwkd demo" in result.output and "cwkd student: cwt" in result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 10}
+    assert set(rows) == {"teacher", "baseline (baseline)", "cwt"}, result.output  # cwkd compare's table
+    assert "1 pair: no interval" in rows["cwt"] and "resnet18 (teacher)" in rows["cwt"]
     assert "not a comparison" in result.output and "changed the student's final top-1" not in result.output
     for run in ("teacher", "baseline", "cwt"):
         assert (tmp_path / "demo" / run / "best.safetensors").is_file()

@@ -19,7 +19,7 @@ import typer
 
 from cwkd import __version__
 from cwkd.choices import ExportFormat, Method, MgdMask, Optimizer, Precision, Reduction, Split, Task, Tracker
-from cwkd.errors import CwkdError, RunInterrupted
+from cwkd.errors import ConfigError, CwkdError, RunInterrupted
 from cwkd.training.config import TrainConfig
 
 app = typer.Typer(
@@ -79,7 +79,31 @@ Log = Annotated[list[Tracker] | None, typer.Option("--log", help="Also write eac
                                                    "trackio; repeat for several. Off by default; each is an "
                                                    "extra: pip install 'cwkd[tensorboard]'.")]
 StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
-                                                 "(needs the Hugging Face hub).")]
+                                                 "(needs the Hugging Face hub); a segmenter or detector: its "
+                                                 "backbone's ImageNet weights (timm's, or torchvision's "
+                                                 "weights_backbone), heads fresh.")]
+BackboneWeights = "Start a segmenter's or detector's backbone from a classifier's weights file: a cwkd " \
+    "checkpoint, a `cwkd export` student or a timm state dict (.safetensors, .pth); heads fresh, at least 90% of " \
+    "the backbone's tensors must match."
+
+
+def _apply_config(ctx: typer.Context, value: str | None) -> str | None:
+    """``--config``: eager, so the file's values become the defaults before click reads the other options."""
+    if value:
+        with _errors():
+            from cwkd.training.configfile import command_defaults
+
+            command = {"train": train, "distill": distill}[ctx.info_name]
+            ctx.default_map, notes = command_defaults(ctx.info_name, command, value)
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+    return value
+
+
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", is_eager=True, callback=_apply_config,
+    help="Take the options' defaults from a YAML file, a run's config.json, or recipe:NAME (cwkd recipes); "
+         "options on the command line win.")]
 
 
 def _print_version(value: bool) -> None:
@@ -212,6 +236,7 @@ def _interrupt_once(_signum, _frame) -> None:
 @app.command()
 def train(
     ctx: typer.Context,
+    config: ConfigOpt = None,
     model: Annotated[str | None, typer.Option("--model", help="The model to train: a timm name, or a "
                                               "segmentation model such as pspnet_resnet18.")] = None,
     task: TaskOpt = None,
@@ -220,6 +245,7 @@ def train(
     weights: Annotated[str | None, typer.Option(help="Start from a local weights file (.safetensors or .pth, "
                                                 "loaded safely); a classifier for other classes is replaced.")]
     = None,
+    backbone_weights: Annotated[str | None, typer.Option(help=BackboneWeights)] = None,
     epochs: Epochs = None, batch_size: BatchSize = 64, lr: Lr = None, weight_decay: WeightDecay = None,
     optimizer: Opt = Optimizer.sgd, warmup_epochs: Warmup = 1.0, label_smoothing: Smoothing = 0.0,
     clip_grad: ClipGrad = None, precision: Prec = Precision.fp32, compile: Compile = False,
@@ -237,6 +263,7 @@ def train(
 @app.command()
 def distill(
     ctx: typer.Context,
+    config: ConfigOpt = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher: a timm name, or a checkpoint from "
                                                    "`cwkd train` (.safetensors).")] = None,
     student: Annotated[str | None, typer.Option(help="Student: a timm name (or a segmentation model "
@@ -246,7 +273,8 @@ def distill(
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights file (.safetensors or "
                                                            ".pth, loaded safely).")] = None,
     teacher_pretrained: Annotated[bool, typer.Option(help="Teacher from timm's pretrained weights "
-                                                     "(needs the hub).")] = False,
+                                                     "(needs the hub); a segmenter or detector: its "
+                                                     "backbone's ImageNet weights, heads fresh.")] = False,
     allow_random_teacher: Annotated[bool, typer.Option(help="Allow an untrained teacher (testing only).")]
     = False,
     teacher_check: Annotated[bool, typer.Option(help="Score the teacher on val as distillation feeds it before "
@@ -255,6 +283,7 @@ def distill(
     student_pretrained: StudentPretrained = False,
     student_weights: Annotated[str | None, typer.Option(help="Start the student from a local weights file "
                                                         "(classifier replaced if its size differs).")] = None,
+    student_backbone_weights: Annotated[str | None, typer.Option(help=BackboneWeights)] = None,
     method: Annotated[Method, typer.Option(help="cwt (ours), linear (FitNets 1x1), mgd, cwd (channel-wise "
                                            "distillation, Shu et al.), or none (KD only).")] = Method.cwt,
     alpha: Annotated[str, typer.Option(help="Feature-loss weight (mean-MSE form; see docs/method.md), or "
@@ -294,6 +323,8 @@ def _config(options: dict, *, student: str | None, method: Method,
             flag: str) -> tuple[TrainConfig, dict | None]:
     """One TrainConfig from a command's options; for --resume, the options given (checked against the saved config)."""
     resume = options.pop("resume", None)
+    if options.pop("config", None) and resume:
+        raise ConfigError("--config sets a new run's options, and a resumed run keeps its own; drop --config")
     given = _given(options, options.pop("ctx"))
     options["workers"] = TrainConfig.parse_workers(options["workers"])  # `--workers 4` or `--workers auto`
     if "alpha" in options:  # `--alpha 7` or `--alpha auto`
@@ -302,7 +333,9 @@ def _config(options: dict, *, student: str | None, method: Method,
     if "pretrained" in options:  # `cwkd train` names them --pretrained / --weights
         options["student_pretrained"] = options.pop("pretrained")
         options["student_weights"] = options.pop("weights")
-        given = {{"pretrained": "student_pretrained", "weights": "student_weights"}.get(k, k) for k in given}
+        options["student_backbone_weights"] = options.pop("backbone_weights")
+        given = {{"pretrained": "student_pretrained", "weights": "student_weights",
+                  "backbone_weights": "student_backbone_weights"}.get(k, k) for k in given}
     options["student"] = student
     options["log"] = tuple(Tracker(t).value for t in options["log"] or ())
     if resume:  # the options given are checked against the saved config (rundir.load_config)
@@ -339,6 +372,54 @@ def demo(
 
     with _errors():
         run_demo(out=out, fast=fast, seed=seed, workers=TrainConfig.parse_workers(workers))
+
+
+@app.command()
+def recipes(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List the shipped recipes: `cwkd distill --config recipe:NAME --data DIR` runs one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cwkd.files.strict_json import json_text
+    from cwkd.training.configfile import list_recipes
+
+    found = list_recipes()
+    if as_json:
+        typer.echo(json_text([{k: str(v) for k, v in vars(r).items()} for r in found], indent=2))
+        return
+    table = Table(title="cwkd recipes (use one with --config recipe:NAME; options you type win)")
+    table.add_column("name", no_wrap=True)
+    for column in ("task", "teacher -> student", "source"):
+        table.add_column(column, overflow="fold")
+    for r in found:
+        table.add_row(r.name, r.task, f"{r.teacher} -> {r.student}", r.source)
+    Console(highlight=False).print(table)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Run folders (or globs, or a folder of runs such as runs/demo).")],
+    baseline: Annotated[list[str] | None, typer.Option(help="Baseline run folders or a glob: adds each setting's "
+                                                            "paired difference to the baseline run of the same "
+                                                            "seed, with a 95 % t-interval.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Draw the runs' validation curves into this PNG (needs "
+                                                   "matplotlib: pip install 'cwkd[plot]').")] = None,
+) -> None:
+    """One table across runs: model, teacher, method, alpha, pairs, seed, best and final metric, epochs, images/s."""
+    from cwkd.cli.report import print_comparison
+    from cwkd.compare import compare_runs, plot_curves
+    from cwkd.files.strict_json import json_text
+
+    with _errors():
+        result = compare_runs(runs, baseline=baseline)
+        if plot is not None:
+            plot_curves(result, plot)
+        typer.echo(json_text(result.to_dict(), indent=2)) if as_json else print_comparison(result)
+        if plot is not None and not as_json:
+            typer.echo(f"curves: {plot}")
 
 
 @app.command("eval")

@@ -83,7 +83,8 @@ def run_demo(out: Path | str = Path("runs/demo"), *, fast: bool = False, seed: i
         seconds[key] = time.perf_counter() - started
         console.info(f"    final val top-1 {results[key].last['val_top1']:.2f}% (best {results[key].best_value:.2f}%) "
                      f"in {seconds[key]:.0f}s")
-    _print_table(console, plan, results, seconds, fast)
+    _print_table(console, plan, out)
+    _print_verdict(console, plan, results, fast)
     return results
 
 
@@ -102,16 +103,20 @@ def _check_own_run(path: Path) -> None:
                           "pass another --out (the default is runs/demo), or move that run away")
 
 
-def _print_table(console: RunConsole, plan: DemoPlan, results: dict[str, RunResult], seconds: dict,
-                 fast: bool) -> None:
-    rows = []
-    for key, label in (("teacher", "teacher"), ("baseline", "baseline student"), ("cwt", "cwkd student")):
-        result = results[key]
-        rows.append([label, plan.teacher if key == "teacher" else plan.student,
-                     f"{sum(p.numel() for p in result.student.parameters()) / 1e6:.2f}M",
-                     f"{result.last['val_top1']:.2f}", f"{result.best_value:.2f}", f"{seconds[key]:.0f}s"])
-    console.table(f"cwkd demo: val top-1 (%) after the last epoch, and the best epoch's; cwkd student: cwt, "
-                  f"alpha {plan.alpha:g}", ["run", "model", "params", "top-1", "best", "time"], rows)
+def _print_table(console: RunConsole, plan: DemoPlan, out: Path) -> None:
+    """The three runs in ``cwkd compare``'s table, the CWT student paired with the baseline (same seed)."""
+    from cwkd.cli.report import print_comparison
+    from cwkd.compare import compare_runs
+
+    if console.quiet:
+        return
+    runs = [str(out / name) for name in ("teacher", "baseline", "cwt")]
+    result = compare_runs(runs, baseline=[str(out / "baseline")])
+    print_comparison(result, console.console, title=f"cwkd demo: val top-1 (%), best epoch and last (cwkd compare "
+                                                    f"{out}); cwkd student: cwt, alpha {plan.alpha:g}")
+
+
+def _print_verdict(console: RunConsole, plan: DemoPlan, results: dict[str, RunResult], fast: bool) -> None:
     if fast:
         console.info(f"--fast trained each model for {plan.student_epochs} epoch: a check that cwkd works here, not a "
                      "comparison; `cwkd demo` without --fast runs the real one.")

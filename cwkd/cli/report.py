@@ -1,4 +1,4 @@
-"""Rich tables for ``cwkd inspect`` and ``cwkd eval``."""
+"""Rich tables for ``cwkd inspect``, ``cwkd eval`` and ``cwkd compare``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from cwkd.core.features import LayerInfo
 from cwkd.tasks import get_task
 
 if TYPE_CHECKING:
+    from cwkd.compare import Comparison, Group
     from cwkd.evaluation import EvalResult
 
 
@@ -115,3 +116,51 @@ def _print_scores(rows: list[dict], labels: dict[str, str], console: Console) ->
     for i, row in enumerate(rows):
         table.add_row(str(i), escape(row["class"]), *("-" if row[k] is None else f"{row[k]:.2f}%" for k in keys))
     console.print(table)
+
+
+def print_comparison(result: Comparison, console: Console | None = None, title: str | None = None) -> None:
+    """One row per setting (runs that differ only in seed: mean ± std over n), and the paired difference
+    of the last epoch's metric against the baseline run of the same seed with its 95 % t-interval."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    paired = any(g.paired or g.is_baseline for g in result.groups)
+    label = result.label
+    table = Table(title=escape(title or f"cwkd compare: val {label} (%), {result.task}"))
+    columns = ["run", "model", "teacher", "method", "alpha", "pairs", "seed", "n", f"best {label}", f"final {label}",
+               "epochs", "images/s", *(["final vs baseline, 95% CI"] if paired else [])]
+    for column in columns:
+        table.add_column(column, justify="right" if column in columns[6:] else "left", overflow="fold")
+    for group in result.groups:
+        table.add_row(*(escape(str(cell)) for cell in _comparison_row(group, paired)))
+    console.print(table)
+
+
+def _comparison_row(group: Group, paired: bool) -> list[str]:
+    first, runs = group.runs[0], group.runs
+    name = ", ".join(r.path.name for r in runs) + (" (baseline)" if group.is_baseline else "")
+    epochs = {f"{r.epochs}/{r.planned_epochs}" if r.epochs < r.planned_epochs else str(r.epochs) for r in runs}
+    row = [name, first.model, first.teacher, first.method, first.alpha, first.pairs,
+           ", ".join(str(r.seed) for r in runs), str(len(runs)), _spread(group.values("best")),
+           _spread(group.values("final")), ", ".join(sorted(epochs)), _spread(group.values("images_per_s"), digits=0)]
+    if paired:
+        row.append("" if group.is_baseline else _paired_cell(group))
+    return row
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    """``82.10`` for one value, ``82.10 ± 0.35`` (mean ± sample std) for several, ``-`` for none."""
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _paired_cell(group: Group) -> str:
+    p = group.paired
+    if p is None:
+        return "no baseline run of these seeds"
+    if p.low is None:
+        return f"{p.mean:+.2f} (1 pair: no interval)"
+    return f"{p.mean:+.2f} [{p.low:+.2f}, {p.high:+.2f}] ({len(p.diffs)} pairs)"

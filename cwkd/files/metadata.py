@@ -70,6 +70,7 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "teacher": (_is_str, "a string"),
     "teacher_metric": (_is_str, "a string"),
     "teacher_score": (_is_num, "a number"),
+    "backbone_weights": (_is_str, "a string"),
 }
 
 
@@ -111,6 +112,7 @@ class CheckpointMeta:
     # the teacher's score on val as distilled (cwkd.training.teachercheck), e.g. "top1"
     teacher_metric: str | None = None
     teacher_score: float | None = None
+    backbone_weights: str | None = None  # where the student's backbone started: a weights file, or "pretrained"
     epoch: int | None = None
     step: int | None = None
     best_metric: str | None = None

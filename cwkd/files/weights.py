@@ -1,10 +1,13 @@
-"""Weights files: what looks like a path, and loading a state dict into a model with an error that says
-what does not fit."""
+"""Weights files: what looks like a path, timm's pretrained weights from the hub, and loading a state dict
+into a model with an error that says what does not fit."""
 
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 
+import timm
 import torch
 from torch import nn
 
@@ -58,3 +61,36 @@ def _strip_prefixes(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 def _compare_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     own = set(model.state_dict())
     return sorted(own - set(state)), sorted(set(state) - own)
+
+
+_OFFLINE_HINT = ("offline, pass a local weights file instead (--weights / --teacher-weights FILE, safetensors "
+                 "or .pth), or set HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache")
+
+
+def fetch_pretrained(timm_name: str, *, offline_hint: str = _OFFLINE_HINT, **kwargs) -> nn.Module:
+    """timm's ``timm_name`` with its pretrained weights from the hub; unreachable is one CheckpointError.
+
+    ``offline_hint`` ends the message: the local route for the option that asked (``kwargs`` go to timm).
+    """
+    _require_hub(timm_name, offline_hint)
+    try:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except Exception as exc:  # network, missing weights, hub errors: all mean "not reachable"
+        raise CheckpointError(
+            f"could not fetch pretrained weights for '{timm_name}' ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); {offline_hint}"
+        ) from exc
+
+
+def _require_hub(timm_name: str, offline_hint: str = _OFFLINE_HINT) -> None:
+    """Fail at once, not after a minute of retries, when the hub's name does not even resolve."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return  # huggingface_hub then reads its local cache only, and fails fast by itself
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        raise CheckpointError(
+            f"pretrained weights for '{timm_name}' come from the Hugging Face hub, and {host} cannot be "
+            f"resolved from this machine (no network?); {offline_hint}"
+        ) from exc

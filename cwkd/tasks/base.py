@@ -108,10 +108,12 @@ class TaskSpec:
 
     def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
                     pretrained: bool = False, weights: str | None = None, new_head: bool = False,
-                    input_size: int | None = None) -> nn.Module:
+                    input_size: int | None = None, backbone_weights: str | None = None) -> nn.Module:
         """A model of this task by name (required). ``model.num_classes`` and ``model.cwkd_name`` are set.
 
         ``input_size`` is for models that resize their own input (a detector's ``min_size``); others ignore it.
+        ``pretrained`` and ``backbone_weights`` start a dense model's backbone from ImageNet's or a classifier
+        file's weights (:mod:`cwkd.tasks.bodies`, reported as ``model.cwkd_body``); ``weights`` loads the whole model.
         """
         raise NotImplementedError
 

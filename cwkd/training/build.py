@@ -58,16 +58,21 @@ def check_model_task(name: str, task: Task, *, teacher: bool = False) -> None:
                       "--task out (the model name sets it)")
 
 
-def build_student(cfg: TrainConfig, num_classes: int, in_chans: int, input_size: int | None = None) -> nn.Module:
+def build_student(cfg: TrainConfig, num_classes: int, in_chans: int, input_size: int | None = None, *,
+                  restoring: bool = False) -> nn.Module:
     """The student of the run's task: from scratch, pretrained weights, or a local weights file to fine-tune.
 
-    ``input_size`` reaches models that resize their own input (detectors).
+    ``input_size`` reaches models that resize their own input (detectors). ``restoring``: a resumed run's saved
+    state is about to replace every weight, so the starting weights are not fetched or read again.
     """
     task = get_task(cfg.task)
     check_model_task(cfg.student, task.name)
+    start = not restoring
     return task.build_model(cfg.student, num_classes=num_classes, in_chans=in_chans,
-                            pretrained=cfg.student_pretrained, weights=cfg.student_weights, new_head=True,
-                            input_size=input_size)
+                            pretrained=cfg.student_pretrained and start,
+                            weights=cfg.student_weights if start else None, new_head=True,
+                            input_size=input_size,
+                            backbone_weights=cfg.student_backbone_weights if start else None)
 
 
 def teacher_in_chans(cfg: TrainConfig) -> int | None:
@@ -139,8 +144,9 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
             _refuse_cwkd_checkpoint(cfg.teacher_weights)
             model = _with_weights(name, cfg.teacher_weights, in_chans) if task.has_logits else \
                 task.build_model(name, num_classes=num_classes, in_chans=in_chans, weights=cfg.teacher_weights)
-        elif cfg.teacher_pretrained:
-            model = task.build_model(name, in_chans=in_chans, pretrained=True)
+        elif cfg.teacher_pretrained:  # a classifier keeps its pretrained head; a dense model gets fresh heads
+            model = task.build_model(name, num_classes=None if task.has_logits else num_classes, in_chans=in_chans,
+                                     pretrained=True)
         else:
             model = task.build_model(name, num_classes=num_classes, in_chans=in_chans)
         stats = data_config(model, in_chans=in_chans)
@@ -238,4 +244,6 @@ def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig
         teacher=teacher_source.model if teacher_source else None,
         teacher_metric=teacher_source.metric if teacher_source else None,
         teacher_score=teacher_source.score if teacher_source else None,
+        backbone_weights=cfg.student_backbone_weights or ("pretrained" if cfg.student_pretrained and
+                                                          not cfg.student_weights else None),
     )

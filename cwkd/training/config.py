@@ -146,6 +146,8 @@ class TrainConfig:
     teacher_check: bool = True
     student_pretrained: bool = False
     student_weights: str | None = None
+    # a classifier's weights for a dense student's backbone (cwkd.tasks.bodies)
+    student_backbone_weights: str | None = None
     method: Method = Method.cwt
     alpha: float | AlphaChoice = 1.0  # "auto": picked at the start of the run (cwkd.core.autoalpha), then a number
     alpha_auto: bool = False  # alpha is the number "auto" picked (set by the run; a resume keeps it)
@@ -295,6 +297,10 @@ class TrainConfig:
             raise ConfigError(f"--skip-nonfinite must be 0 or more, got {self.skip_nonfinite}")
         if self.alpha == AlphaChoice.auto and self.method is Method.none:
             raise ConfigError("--alpha auto weighs the feature loss, and --method none has none; drop --alpha auto")
+        if self.student_backbone_weights and (self.student_weights or self.student_pretrained):
+            raise ConfigError("--backbone-weights (--student-backbone-weights in `cwkd distill`) starts the backbone "
+                              "alone and cannot be combined with --pretrained or --weights (--student-pretrained, "
+                              "--student-weights): give one of them")
         if self.uses_teacher and not self.teacher:
             raise ConfigError("distillation needs a teacher: pass --teacher NAME or a cwkd checkpoint")
         for key, method in (("mgd_mask", Method.mgd), ("mgd_ratio", Method.mgd), ("cwd_tau", Method.cwd)):
@@ -347,6 +353,9 @@ def _typed(key: str, value, hint):
             return value
         if typing.get_origin(kind) is tuple and isinstance(value, list | tuple):
             return value  # parse_stats checks the items
+        if typing.get_origin(kind) is list and isinstance(value, list | tuple):  # a repeatable option (--log)
+            (item,) = typing.get_args(kind)
+            return [_typed(key, v, item) for v in value]
     expected = " or ".join("one of " + ", ".join(m.value for m in kind)
                            if isinstance(kind, type) and issubclass(kind, Enum)
                            else _JSON_NAMES.get(typing.get_origin(kind) or kind, str(kind)) for kind in kinds)

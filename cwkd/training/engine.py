@@ -146,7 +146,11 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
     in_chans = cfg.in_chans or teacher_in_chans(cfg) or spec.channels
     if spec.modes is not None:
         console.info(spec.modes.describe(in_chans))
-    distiller, dcfg, teacher_source = _distiller(cfg, task, spec, in_chans, device)
+    restoring = resuming and (out / "state.pt").is_file()  # else a resume starts over, from the starting weights
+    distiller, dcfg, teacher_source = _distiller(cfg, task, spec, in_chans, device, restoring)
+    for who, part in (("student", distiller.student), ("teacher", distiller.teacher)):
+        if getattr(part, "cwkd_body", None) is not None:  # a dense model's backbone started from a classifier
+            console.info(f"{who}: {part.cwkd_body.line()}")
     model: nn.Module = distiller
     if rank.enabled:
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
@@ -195,11 +199,11 @@ def _auto_alpha(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller, l
     console.info(picked.line())
 
 
-def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
-               device: torch.device) -> tuple[FeatureDistiller, DataConfig, TeacherSource | None]:
+def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int, device: torch.device,
+               restoring: bool = False) -> tuple[FeatureDistiller, DataConfig, TeacherSource | None]:
     """Student, teacher and aligners in one module on ``device``; also the input config and teacher source."""
     size = cfg.input_size or task.default_input_size(spec)
-    student = build_student(cfg, spec.num_classes, in_chans, input_size=size)
+    student = build_student(cfg, spec.num_classes, in_chans, input_size=size, restoring=restoring)
     teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, None)
     dcfg = data_config(student, input_size=size, in_chans=in_chans, native_size=spec.native_size, mean=cfg.mean,
                        std=cfg.std)

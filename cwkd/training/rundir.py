@@ -267,7 +267,7 @@ def _same(key: str, given, saved) -> bool:
     saved = _plain(saved)
     if given == saved or key == "precision" and given == "auto":  # auto was resolved when the run began
         return True
-    if key in ("data", "teacher", "teacher_weights", "student_weights", "out") and given and saved:
+    if key in (*runinputs.INPUT_KEYS, "out") and given and saved:
         return Path(str(given)).resolve() == Path(str(saved)).resolve()
     return False
 
@@ -284,6 +284,7 @@ def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: DataConfig, spec,
                  "mean": list(dcfg.mean), "std": list(dcfg.std)},
         "teacher": teacher_source.to_dict() if teacher_source else {},
         "inputs": runinputs.record(cfg),
+        "body": body.to_dict() if (body := getattr(distiller.student, "cwkd_body", None)) is not None else {},
         "pairs": distiller.describe(),
         "trainable_params": sum(p.numel() for p in distiller.parameters()),
         "aligner_params": sum(p.numel() for p in distiller.aligners.parameters()),

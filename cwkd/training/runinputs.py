@@ -15,8 +15,9 @@ from pathlib import Path
 from cwkd.errors import ConfigError
 
 #: Config keys that may name a local file or folder the run reads.
-INPUT_KEYS = ("data", "teacher", "teacher_weights", "student_weights")
-_WHAT = {"teacher": "teacher", "teacher_weights": "teacher weights", "student_weights": "student weights"}
+INPUT_KEYS = ("data", "teacher", "teacher_weights", "student_weights", "student_backbone_weights")
+_WHAT = {"teacher": "teacher", "teacher_weights": "teacher weights", "student_weights": "student weights",
+         "student_backbone_weights": "student backbone weights"}
 
 
 def _flag(key: str) -> str:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import os
-import socket
-import urllib.parse
 from pathlib import Path
 
 import timm
@@ -13,8 +10,8 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
-from cwkd.errors import CheckpointError, ModelNotFoundError
-from cwkd.files.weights import _strip_prefixes, load_state_checked, looks_like_path
+from cwkd.errors import ModelNotFoundError
+from cwkd.files.weights import _strip_prefixes, fetch_pretrained, load_state_checked, looks_like_path
 
 #: Friendly names users type, mapped to the timm model they mean.
 ALIASES: dict[str, str] = {
@@ -97,38 +94,13 @@ def create_model(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if pretrained and weights is None:
-        _require_hub(timm_name)
-        try:
-            model = timm.create_model(timm_name, pretrained=True, **kwargs)
-        except Exception as exc:  # network, missing weights, hub errors: all mean "not reachable"
-            raise CheckpointError(
-                f"could not fetch pretrained weights for '{timm_name}' ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); {_OFFLINE_HINT}"
-            ) from exc
+        model = fetch_pretrained(timm_name, **kwargs)
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     model.cwkd_name = timm_name  # remembered for checkpoints, exports and messages
     if weights is not None:
         load_weights(model, weights, new_head=new_head)
     return model
-
-
-_OFFLINE_HINT = ("offline, pass a local weights file instead (--weights / --teacher-weights FILE, safetensors "
-                 "or .pth), or set HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache")
-
-
-def _require_hub(timm_name: str) -> None:
-    """Fail at once, not after a minute of retries, when the hub's name does not even resolve."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return  # huggingface_hub then reads its local cache only, and fails fast by itself
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as exc:
-        raise CheckpointError(
-            f"pretrained weights for '{timm_name}' come from the Hugging Face hub, and {host} cannot be "
-            f"resolved from this machine (no network?); {_OFFLINE_HINT}"
-        ) from exc
 
 
 def load_weights(model: nn.Module, path: str | Path, *, new_head: bool = False) -> None:

@@ -14,6 +14,7 @@ from cwkd.choices import MgdMask, Precision, Task
 from cwkd.core.losses import cross_entropy
 from cwkd.data.loading import DataConfig, transformed_datasets
 from cwkd.data.spec import DataSpec
+from cwkd.errors import ConfigError
 from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
 from cwkd.tasks.classification.data import load_data
@@ -43,9 +44,13 @@ class Classification(TaskSpec):
 
     def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
                     pretrained: bool = False, weights: str | None = None, new_head: bool = False,
-                    input_size: int | None = None) -> nn.Module:
+                    input_size: int | None = None, backbone_weights: str | None = None) -> nn.Module:
         """A timm model with its classifier sized to ``num_classes``
         (:func:`cwkd.tasks.classification.models.create_model`)."""
+        if backbone_weights is not None:
+            raise ConfigError(f"--backbone-weights {backbone_weights}: a classifier has no separate backbone; start "
+                              "it from the file with --weights (--student-weights for `cwkd distill`), which "
+                              "replaces a classifier for other classes")
         return create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
                             weights=weights, new_head=new_head)
 

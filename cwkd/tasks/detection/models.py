@@ -1,7 +1,8 @@
 """Detection and instance-segmentation models by name: torchvision's builders, and the same heads on any timm body.
 
 - ``fasterrcnn_resnet50_fpn``, ``retinanet_resnet50_fpn_v2``, ``maskrcnn_resnet50_fpn``, ...: torchvision's
-  builders, always with ``weights=None, weights_backbone=None`` (nothing downloads);
+  builders, always with ``weights=None, weights_backbone=None`` (nothing downloads unasked; the task can start
+  the body, ``model.backbone.body``, from ImageNet's or a classifier's weights: :func:`backbone_origin`);
 - ``fasterrcnn_<timm name>``, ``retinanet_<timm name>``, ``maskrcnn_<timm name>`` (e.g. ``fasterrcnn_resnet18``,
   ``maskrcnn_resnet50``): a timm ``features_only`` body feeding torchvision's ``FeaturePyramidNetwork``
   (256 channels), then torchvision's ``FasterRCNN`` / ``RetinaNet`` / ``MaskRCNN``. R-CNNs take the body's
@@ -27,6 +28,7 @@ Example:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import timm
 import torch
@@ -103,6 +105,19 @@ def list_detection_models(task: str | None = None) -> list[str]:
     """torchvision's detector names cwkd builds (of ``task`` when given), then the timm-body patterns."""
     names = [n for n in (*TORCHVISION_DETECTORS, *TORCHVISION_INSTANCE) if task in (None, detection_task(n))]
     return names + [f"{head}_<timm name>" for head, t in TIMM_HEADS.items() if task in (None, t)]
+
+
+def backbone_origin(name: str) -> str | Callable[..., nn.Module]:
+    """Where the body (``model.backbone.body``) of detector ``name`` has ImageNet weights: its timm body's name,
+    or the torchvision builder (whose ``weights_backbone`` default names them).
+
+    Example:
+        >>> backbone_origin("maskrcnn_resnet50")
+        'resnet50'
+    """
+    if name in TORCHVISION_DETECTORS or name in TORCHVISION_INSTANCE:
+        return getattr(tv_det, name)
+    return name.partition("_")[2]
 
 
 def create_detection_model(name: str, num_classes: int, *, input_size: int | None = None,

@@ -26,9 +26,10 @@ from cwkd.files.checkpoint import read_state_dict
 from cwkd.files.weights import load_state_checked
 from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
+from cwkd.tasks.bodies import start_body
 from cwkd.tasks.detection.data import CocoDetection, DetectionTransform, collate_detection, load_coco
 from cwkd.tasks.detection.fpn import FPNTaps, normalization
-from cwkd.tasks.detection.models import create_detection_model, detection_task, list_detection_models
+from cwkd.tasks.detection.models import backbone_origin, create_detection_model, detection_task, list_detection_models
 
 #: Classes (background included) a model is built with when no data set says (only shapes matter, e.g. inspect).
 DEFAULT_CLASSES = 2
@@ -93,21 +94,23 @@ class Detection(TaskSpec):
 
     def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
                     pretrained: bool = False, weights: str | None = None, new_head: bool = False,
-                    input_size: int | None = None) -> nn.Module:
+                    input_size: int | None = None, backbone_weights: str | None = None) -> nn.Module:
         """A detector by name (:func:`cwkd.tasks.detection.models.create_detection_model`), resizing its input
         to ``input_size``.
 
-        ``new_head`` marks the run's student, which must do this task (a teacher may be any detector).
+        ``new_head`` marks the run's student, which must do this task (a teacher may be any detector);
+        ``pretrained`` / ``backbone_weights`` start its body from ImageNet's or a classifier's weights
+        (:func:`cwkd.tasks.bodies.start_body`); the FPN and heads stay fresh, the body's BatchNorm trainable.
         """
-        if pretrained:
-            raise ConfigError(f"{name}: detectors are built without downloaded weights; pass a local weights file "
-                              "(--weights / --teacher-weights FILE) or a cwkd checkpoint")
         found = detection_task(self.resolve_name(name))
         if new_head and found != self.name.value:
             raise ConfigError(f"'{name}' is a model for the {found} task but this run is {self.name.value}; pass "
                               f"--task {found}, or pick a {self.name.value} student")
         classes = num_classes or DEFAULT_CLASSES
         model = create_detection_model(name, classes, input_size=input_size, in_chans=in_chans)
+        if weights is None and (pretrained or backbone_weights):  # whole-model weights need no backbone start
+            model.cwkd_body = start_body(model.backbone.body, backbone_origin(name), in_chans=in_chans,
+                                         pretrained=pretrained, weights=backbone_weights)
         model.num_classes = classes
         mean, std = normalization(model)
         size = model.transform.min_size[-1]

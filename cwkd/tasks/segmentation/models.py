@@ -4,10 +4,13 @@ Every model returns what torchvision's segmentation models return, ``{"out": log
 size, plus ``"aux"`` logits where the model has an auxiliary head, so one loss and one metric serve all.
 
 - ``fcn_resnet50``, ``deeplabv3_resnet101``, ``lraspp_mobilenet_v3_large``, ...: torchvision's
-  builders, always with ``weights=None, weights_backbone=None`` (nothing downloads);
+  builders, always with ``weights=None, weights_backbone=None`` (nothing downloads unasked);
 - ``pspnet_<timm name>`` and ``deeplabv3_<timm name>`` (e.g. ``pspnet_resnet18``, the paper's R18-D8
   student): a timm ``features_only`` body dilated to output stride 8 where it supports it, the last
   stage feeding the head and the one before it an auxiliary FCN head.
+
+Either kind's backbone is ``model.backbone``; :func:`backbone_origin` says where its ImageNet weights come
+from, for the segmentation task to start it from them or from a classifier's file (:mod:`cwkd.tasks.bodies`).
 
 Example:
     >>> model = create_segmentation_model("pspnet_resnet18", num_classes=11)
@@ -16,6 +19,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import timm
 import torch
@@ -128,6 +133,17 @@ def is_segmentation_name(name: str) -> bool:
     """Whether ``name`` is a segmentation model cwkd builds (torchvision's, or ``<head>_<timm name>``)."""
     head, _, body = name.partition("_")
     return name in TORCHVISION_MODELS or (head in TIMM_HEADS and bool(body))
+
+
+def backbone_origin(name: str) -> str | Callable[..., nn.Module]:
+    """Where the backbone (``model.backbone``) of model ``name`` has ImageNet weights: its timm body's name, or
+    the torchvision builder (whose ``weights_backbone`` default names them).
+
+    Example:
+        >>> backbone_origin("pspnet_resnet18")
+        'resnet18'
+    """
+    return getattr(tv_seg, name) if name in TORCHVISION_MODELS else name.partition("_")[2]
 
 
 def create_segmentation_model(name: str, num_classes: int, *, in_chans: int = 3, aux: bool = True) -> nn.Module:

@@ -18,14 +18,20 @@ from torch.utils.data import Dataset
 from cwkd.choices import MgdMask, Precision, Task
 from cwkd.data.loading import DataConfig, Transformed
 from cwkd.data.spec import DataSpec
-from cwkd.errors import ConfigError, ModelNotFoundError
+from cwkd.errors import ModelNotFoundError
 from cwkd.files.checkpoint import read_state_dict
 from cwkd.files.weights import load_state_checked
 from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
+from cwkd.tasks.bodies import start_body
 from cwkd.tasks.segmentation.data import IGNORE_INDEX, JointTransform, load_segmentation
 from cwkd.tasks.segmentation.metric import SegmentationScore
-from cwkd.tasks.segmentation.models import TORCHVISION_MODELS, create_segmentation_model, is_segmentation_name
+from cwkd.tasks.segmentation.models import (
+    TORCHVISION_MODELS,
+    backbone_origin,
+    create_segmentation_model,
+    is_segmentation_name,
+)
 
 #: Weight of the auxiliary head's loss (PSPNet's 0.4).
 AUX_WEIGHT = 0.4
@@ -64,13 +70,16 @@ class Segmentation(TaskSpec):
 
     def build_model(self, name: str, *, num_classes: int | None = None, in_chans: int = 3,
                     pretrained: bool = False, weights: str | None = None, new_head: bool = False,
-                    input_size: int | None = None) -> nn.Module:
+                    input_size: int | None = None, backbone_weights: str | None = None) -> nn.Module:
         """A segmentation model by name (:func:`cwkd.tasks.segmentation.models.create_segmentation_model`),
-        from ``weights`` if given."""
-        if pretrained:
-            raise ConfigError(f"{name}: segmentation models are built without downloaded weights; pass a local "
-                              "weights file (--weights / --teacher-weights FILE) or a cwkd checkpoint")
+        from ``weights`` if given.
+
+        ``pretrained`` / ``backbone_weights`` start its backbone (not needed when ``weights`` has the whole model).
+        """
         model = create_segmentation_model(name, num_classes or DEFAULT_CLASSES, in_chans=in_chans)
+        if weights is None and (pretrained or backbone_weights):  # whole-model weights need no backbone start
+            model.cwkd_body = start_body(model.backbone, backbone_origin(name), in_chans=in_chans,
+                                         pretrained=pretrained, weights=backbone_weights)
         model.num_classes = num_classes or DEFAULT_CLASSES
         if weights is not None:
             load_state_checked(model, read_state_dict(weights), f"the weights in {weights}",
