@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,15 +56,11 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
     task: str = "classification"
 
-    @property
-    def top1(self) -> float | None:
-        """A classifier's top-1 (percent)."""
-        return self.scores.get("top1")
-
-    @property
-    def top5(self) -> float | None:
-        """A classifier's top-5 (percent)."""
-        return self.scores.get("top5")
+    def __getattr__(self, name: str) -> float | None:
+        """A task's metric by name: ``result.top1``, ``result.miou``, ``result.box_ap`` (None where not scored)."""
+        if not name.startswith("_") and name in _metric_names():
+            return self.__dict__.get("scores", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict:
         """One flat JSON object; ``per_class`` (and a classifier's ``confusion``) are added only when measured."""
@@ -77,6 +73,12 @@ class EvalResult:
             if self.confusion is not None:
                 out["confusion"] = self.confusion
         return out
+
+
+@functools.cache
+def _metric_names() -> frozenset[str]:
+    """Every metric a task scores (the names :class:`EvalResult` answers as attributes)."""
+    return frozenset(m for task in Task for m in get_task(task).metrics)
 
 
 # ----------------------------------------------------------------------------- reading a student
@@ -207,7 +209,7 @@ def evaluate_checkpoint(
                               datasets=spec_task.datasets(spec, dcfg), collate=spec_task.collate)
     channels_last = target.type == "cuda"  # as the engine does
     model.to(target, memory_format=torch.channels_last) if channels_last else model.to(target)
-    confusion = _Confusion(spec.num_classes) if per_class and spec_task.has_logits else None
+    confusion = spec_task.per_class_counter(spec.num_classes) if per_class else None
     started = time.perf_counter()
     with confusion.recording(model) if confusion else contextlib.nullcontext():
         scores = evaluate(model, confusion.tee(loader) if confusion else loader, target, precision, channels_last,
@@ -311,44 +313,3 @@ def _check_classes(meta: CheckpointMeta, spec: DataSpec) -> list[str]:
         return [f"class names differ from the checkpoint's ({trained[:3]}... vs {spec.classes[:3]}...); "
                 "labels are matched by index"]
     return []
-
-
-class _Confusion:
-    """Counts (true, predicted) pairs while :func:`cwkd.training.engine.evaluate` runs, changing nothing it computes.
-
-    Why a hook and a tee: the top-1 then comes from the one function that also wrote metrics.jsonl.
-    """
-
-    def __init__(self, num_classes: int) -> None:
-        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-        self._targets: torch.Tensor | None = None
-
-    def tee(self, loader: Iterable) -> Iterator:
-        """Yield the loader's batches, remembering each batch's targets for the hook."""
-        for images, targets in loader:
-            self._targets = targets
-            yield images, targets
-
-    @contextlib.contextmanager
-    def recording(self, model: nn.Module) -> Iterator[None]:
-        """A forward hook on ``model`` that reads its predictions, removed on exit."""
-        handle = model.register_forward_hook(self._record)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def _record(self, _module: nn.Module, _args: object, logits: torch.Tensor) -> None:
-        pred = logits.float().topk(1, dim=1).indices[:, 0].cpu()
-        n = self.counts.shape[0]
-        self.counts += torch.bincount(self._targets.cpu() * n + pred, minlength=n * n).view(n, n)
-
-    def per_class(self, classes: list[str]) -> list[dict]:
-        """Accuracy (percent) and image count per true class."""
-        rows = []
-        for i, name in enumerate(classes):
-            total = int(self.counts[i].sum())
-            correct = int(self.counts[i, i])
-            rows.append({"class": name, "images": total, "correct": correct,
-                         "top1": 100 * correct / total if total else None})
-        return rows

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cwkd.cli import app as cli
+import cwkd.cli.app as cli
 from cwkd.cli.app import app
 from cwkd.tasks import get_task
 from cwkd.training.configfile import list_recipes

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cwkd.cli.app import app, demo
+from cwkd.cli import demo
+from cwkd.cli.app import app
 from cwkd.errors import ConfigError
 from cwkd.tasks.classification.models import create_model
 from cwkd.training import runinputs

@@ -191,7 +191,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List a model's hookable layers, or the layer pairs for a teacher and a student."""
-    from cwkd.cli.app import report
+    from cwkd.cli import report
     from cwkd.files.strict_json import json_text
     from cwkd.inspection import inspect_model, propose_pairs
 

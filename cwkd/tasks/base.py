@@ -175,6 +175,11 @@ class TaskSpec:
         # In eval mode: evaluate() puts a model back in the mode it found it in, and the teacher stays in eval.
         yield teacher if teacher_input is None else nn.Sequential(teacher_input, teacher).eval()
 
+    def per_class_counter(self, num_classes: int):
+        """What records per-class scores during :meth:`evaluate` for ``cwkd eval --per-class``, when the task's
+        :meth:`evaluate` does not return them itself (a classifier's confusion matrix); None: it does."""
+        return None
+
     def feature_prefix(self, model: nn.Module) -> str:
         """Where ``--pairs last``/``all`` look for stages: ``""`` (the whole model) or a submodule's ``name.``."""
         return ""

@@ -18,6 +18,7 @@ from cwkd.errors import ConfigError
 from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
 from cwkd.tasks.classification.data import load_data
+from cwkd.tasks.classification.metric import Confusion
 from cwkd.tasks.classification.models import create_model, resolve_name
 
 
@@ -66,6 +67,10 @@ class Classification(TaskSpec):
              label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
         """Cross-entropy, with label smoothing."""
         return cross_entropy(outputs, targets, label_smoothing=label_smoothing)
+
+    def per_class_counter(self, num_classes: int) -> Confusion:
+        """Counts of (true, predicted) classes, recorded while :meth:`evaluate` runs."""
+        return Confusion(num_classes)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         """A classifier's output is its logits."""
