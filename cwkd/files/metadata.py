@@ -207,6 +207,14 @@ class CheckpointMeta:
             raise CheckpointError(f"{path}: {exc}; export it again") from exc
 
 
+def upgrade_best(best: dict) -> dict:
+    """The best score a ``state.pt`` records, as ``{"metric", "value", "epoch"}``: a file written before cwkd had
+    tasks keeps it as a classifier's ``val_top1``."""
+    if "value" not in best and "val_top1" in best:
+        return {"metric": "top1", "value": best["val_top1"], "epoch": best.get("epoch")}
+    return best
+
+
 def is_student_file(raw: dict[str, str]) -> bool:
     """Whether a safetensors header (or ONNX metadata) is a student file's flat metadata."""
     return raw.get("format") == STUDENT_FORMAT

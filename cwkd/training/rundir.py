@@ -32,7 +32,7 @@ from cwkd.files.checkpoint import (
     save_checkpoint,
     save_state,
 )
-from cwkd.files.metadata import CheckpointMeta, is_int
+from cwkd.files.metadata import CheckpointMeta, is_int, upgrade_best
 from cwkd.files.weights import load_state_checked
 from cwkd.training import runinputs
 from cwkd.training.config import TrainConfig
@@ -337,7 +337,7 @@ def _save_state(out: Path, distiller, optimizer, scheduler, scaler, epoch: int, 
     })
 
 
-def restore(out: Path, distiller, optimizer, scheduler, scaler, device, metric: str = "top1") -> tuple[int, int, dict]:
+def restore(out: Path, distiller, optimizer, scheduler, scaler, device, metric: str) -> tuple[int, int, dict]:
     """Load state.pt into the run's objects; return (epoch, step, best) to continue from.
 
     ``metric`` is the task's best metric. A run killed before its first epoch ended has no state.pt:
@@ -372,8 +372,7 @@ def _check_state(state: dict, path: Path) -> tuple[int, int, dict]:
     missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "best") if not isinstance(state.get(k), dict)]
     epoch, step, best = state.get("epoch"), state.get("step"), state.get("best", {})
     ok = not missing and is_int(epoch) and epoch >= 0 and is_int(step) and step >= 0
-    if "value" not in best and "val_top1" in best:  # written before tasks existed: a classifier's top-1
-        best = {"metric": "top1", "value": best["val_top1"], "epoch": best.get("epoch")}
+    best = upgrade_best(best)
     ok = ok and isinstance(best.get("metric"), str) and isinstance(best.get("value"), int | float)
     ok = ok and is_int(best.get("epoch"))
     ok = ok and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items())
