@@ -148,6 +148,26 @@ def test_flip_and_scale_jitter_move_boxes_with_their_masks(tmp_path):
     assert DetectionTransform(train=False)(image, target)[1] is target
 
 
+def test_scale_jitter_clips_boxes_and_drops_those_cut_to_a_sliver_with_their_label_and_mask():
+    from cwkd.loaders import seeded
+    masks = torch.zeros(2, 40, 50, dtype=torch.uint8)
+    masks[0, :3, :3], masks[1, 10:30, 10:30] = 1, 1
+    target = {"boxes": torch.tensor([[0.0, 0, 3, 3], [10, 10, 30, 30]]), "labels": torch.tensor([4, 7]),
+              "masks": masks, "image_id": 1}
+    kept = set()
+    for seed in range(20):  # x1.25: a random 50x40 crop of 62x50, the corner box often cut to 1 px or less
+        with seeded(seed):
+            image, moved = DetectionTransform(train=True, flip=0.0, scale=(1.25, 1.25))(torch.rand(3, 40, 50), target)
+        boxes = moved["boxes"]
+        assert image.shape == (3, 40, 50) and len(boxes) == len(moved["labels"]) == len(moved["masks"])
+        assert (boxes >= 0).all() and (boxes[:, 0::2] <= 50).all() and (boxes[:, 1::2] <= 40).all()
+        assert ((boxes[:, 2:] - boxes[:, :2]) > 1.0).all()
+        for box, mask in zip(boxes, moved["masks"], strict=True):
+            assert np.allclose(box.tolist(), _mask_box(mask), atol=1.0)
+        kept.add(tuple(moved["labels"].tolist()))
+    assert kept == {(4, 7), (7,)}
+
+
 def test_collate_keeps_lists_of_different_sizes(tmp_path):
     spec = load_coco(composited(tmp_path))
     data = TransformedDetections(spec.train, DetectionTransform(train=False))
