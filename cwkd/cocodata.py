@@ -13,7 +13,8 @@ background), whatever the ids are (COCO's run 1-90 with gaps); ``category_ids[la
 evaluation. Boxes are clipped to the image; boxes under 2 px wide or high are dropped and counted
 (``dropped``), crowd regions (``iscrowd``) are left out of training targets (COCO's evaluation reads
 them from the JSON), and images without objects stay (torchvision's detectors train on empty targets).
-Masks may be polygons or RLE; uncompressed RLE and polygons need no pycocotools. The JSON is checked once
+Masks may be polygons or RLE, rasterised with pycocotools when it is installed (as COCO's evaluation does);
+without it, uncompressed RLE and polygons (drawn with PIL) still work. The JSON is checked once
 at load (:mod:`cwkd.cococheck`): a malformed record is one error naming the file, the record and the field,
 and a polygon with fewer than 3 points is dropped with a warning (pycocotools cannot score it).
 """
@@ -149,32 +150,49 @@ def _read_json(path: Path) -> dict:
 
 
 def _mask(ann: dict, size: tuple[int, int], image: Path) -> np.ndarray:
-    """The ``uint8`` (H, W) mask of an annotation's polygons or RLE, checked against its image's size."""
+    """The ``uint8`` (H, W) mask of an annotation's polygons or RLE, checked against its image's size.
+
+    With pycocotools installed it rasterises them, as COCO's evaluation does, so the training target is
+    the mask that is scored; without it, PIL draws polygons and :func:`~cwkd.composite.rle_decode` reads
+    uncompressed RLE (compressed RLE then needs pycocotools).
+    """
     seg = ann.get("segmentation")
     if isinstance(seg, list):  # polygons: [[x0, y0, x1, y1, ...], ...] in pixels
-        canvas = Image.new("L", (size[1], size[0]), 0)
-        for polygon in seg:  # each of 3 points or more (cwkd.cococheck dropped the others at load)
-            ImageDraw.Draw(canvas).polygon([float(v) for v in polygon], fill=1, outline=1)
-        return np.asarray(canvas, dtype=np.uint8)
+        return _draw_polygons(seg, size)
     if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
         raise DataError(f"annotation {ann.get('id')} of {image} has no mask (segmentation: {str(seg)[:40]}); "
                         "instance segmentation needs polygons or RLE for every object")
     if tuple(seg["size"]) != size:
         raise DataError(f"annotation {ann.get('id')}'s mask is {seg['size'][1]}x{seg['size'][0]} but its image "
                         f"{image} is {size[1]}x{size[0]}; a mask must have its image's size")
+    coco_mask = _pycocotools()
     if isinstance(seg["counts"], list):
-        return rle_decode(seg).astype(np.uint8)
-    return _decode_compressed(seg, ann, image)
-
-
-def _decode_compressed(seg: dict, ann: dict, image: Path) -> np.ndarray:
-    try:
-        from pycocotools import mask as coco_mask
-    except ImportError as exc:
+        return (coco_mask.decode(coco_mask.frPyObjects(seg, *size)) if coco_mask else rle_decode(seg)).astype(np.uint8)
+    if coco_mask is None:
         raise DataError(f"annotation {ann.get('id')} of {image} has a compressed RLE mask, which needs pycocotools; "
-                        "install it with `pip install 'cwkd[detection]'`") from exc
+                        "install it with `pip install 'cwkd[detection]'`")
     counts = seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]
     return coco_mask.decode({"size": list(seg["size"]), "counts": counts}).astype(np.uint8)
+
+
+def _draw_polygons(polygons: list, size: tuple[int, int]) -> np.ndarray:
+    """Polygons (each of 3 points or more: cwkd.cococheck dropped the others at load) as a ``uint8`` mask."""
+    coco_mask = _pycocotools()
+    if coco_mask is not None:  # COCO.annToMask's way: one RLE per polygon, merged
+        return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, *size))).astype(np.uint8)
+    canvas = Image.new("L", (size[1], size[0]), 0)
+    for polygon in polygons:
+        ImageDraw.Draw(canvas).polygon([float(v) for v in polygon], fill=1, outline=1)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def _pycocotools():
+    """``pycocotools.mask``, or None when pycocotools is not installed."""
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        return None
+    return coco_mask
 
 
 @dataclass

@@ -88,19 +88,22 @@ def test_degenerate_boxes_are_dropped_and_counted_and_empty_images_stay(tmp_path
     assert target["masks"].shape == (0, 64, 64)
 
 
-def test_polygon_and_compressed_rle_masks_are_read(tmp_path):
+def test_polygon_and_compressed_rle_masks_are_read(tmp_path, monkeypatch):
     root = coco2017(tmp_path)
 
     def change(coco):
         coco["annotations"][0]["segmentation"] = [[10, 10, 30, 10, 30, 20, 10, 20]]
         coco["annotations"][0]["bbox"] = [10, 10, 20, 10]
     _edit(root, "train", change)
-    spec = load_coco(root, masks=True)
-    mask = spec.train[0][1]["masks"][0]
+    with monkeypatch.context() as patch:  # without pycocotools
+        patch.setitem(sys.modules, "pycocotools", None)
+        mask = load_coco(root, masks=True).train[0][1]["masks"][0]
     assert _mask_box(mask) == [10, 10, 31, 21]  # PIL fills the polygon and its outline
     assert mask.sum() == 21 * 11
 
     coco_mask = pytest.importorskip("pycocotools.mask")
+    mask = load_coco(root, masks=True).train[0][1]["masks"][0]
+    assert _mask_box(mask) == [10, 10, 30, 20]  # pycocotools fills the polygon's area, as COCO scores it
     square = np.zeros((64, 64), dtype=np.uint8, order="F")
     square[5:15, 40:50] = 1
     encoded = coco_mask.encode(square)
@@ -109,6 +112,17 @@ def test_polygon_and_compressed_rle_masks_are_read(tmp_path):
         coco["annotations"][0]["segmentation"] = {"size": [64, 64], "counts": encoded["counts"].decode()}
     _edit(root, "train", compressed)
     assert np.array_equal(load_coco(root, masks=True).train[0][1]["masks"][0].numpy(), square)
+
+
+@pytest.mark.parametrize("polygons", [[[3.2, 4.7, 40.5, 9.1, 22.8, 37.9]],
+                                      [[5, 5, 60, 5, 60, 12, 12, 12, 12, 60, 5, 60], [30.5, 30.5, 50, 31, 41, 52.2]]])
+def test_training_masks_are_what_coco_evaluation_decodes(tmp_path, polygons):
+    coco_mask = pytest.importorskip("pycocotools.mask")
+    root = coco2017(tmp_path)
+    _edit(root, "train", lambda coco: coco["annotations"][0].update(segmentation=polygons))
+    mask = load_coco(root, masks=True).train[0][1]["masks"][0].numpy()
+    scored = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, 64, 64)))  # COCO.annToMask
+    assert mask.dtype == np.uint8 and np.array_equal(mask, scored)
 
 
 def test_a_mask_of_another_size_is_one_clear_error(tmp_path):
