@@ -88,19 +88,22 @@ def test_degenerate_boxes_are_dropped_and_counted_and_empty_images_stay(tmp_path
     assert target["masks"].shape == (0, 64, 64)
 
 
-def test_polygon_and_compressed_rle_masks_are_read(tmp_path):
+def test_polygon_and_compressed_rle_masks_are_read(tmp_path, monkeypatch):
     root = coco2017(tmp_path)
 
     def change(coco):
         coco["annotations"][0]["segmentation"] = [[10, 10, 30, 10, 30, 20, 10, 20]]
         coco["annotations"][0]["bbox"] = [10, 10, 20, 10]
     _edit(root, "train", change)
-    spec = load_coco(root, masks=True)
-    mask = spec.train[0][1]["masks"][0]
+    with monkeypatch.context() as patch:  # without pycocotools
+        patch.setitem(sys.modules, "pycocotools", None)
+        mask = load_coco(root, masks=True).train[0][1]["masks"][0]
     assert _mask_box(mask) == [10, 10, 31, 21]  # PIL fills the polygon and its outline
     assert mask.sum() == 21 * 11
 
     coco_mask = pytest.importorskip("pycocotools.mask")
+    mask = load_coco(root, masks=True).train[0][1]["masks"][0]
+    assert _mask_box(mask) == [10, 10, 30, 20]  # pycocotools fills the polygon's area, as COCO scores it
     square = np.zeros((64, 64), dtype=np.uint8, order="F")
     square[5:15, 40:50] = 1
     encoded = coco_mask.encode(square)
@@ -109,6 +112,17 @@ def test_polygon_and_compressed_rle_masks_are_read(tmp_path):
         coco["annotations"][0]["segmentation"] = {"size": [64, 64], "counts": encoded["counts"].decode()}
     _edit(root, "train", compressed)
     assert np.array_equal(load_coco(root, masks=True).train[0][1]["masks"][0].numpy(), square)
+
+
+@pytest.mark.parametrize("polygons", [[[3.2, 4.7, 40.5, 9.1, 22.8, 37.9]],
+                                      [[5, 5, 60, 5, 60, 12, 12, 12, 12, 60, 5, 60], [30.5, 30.5, 50, 31, 41, 52.2]]])
+def test_training_masks_are_what_coco_evaluation_decodes(tmp_path, polygons):
+    coco_mask = pytest.importorskip("pycocotools.mask")
+    root = coco2017(tmp_path)
+    _edit(root, "train", lambda coco: coco["annotations"][0].update(segmentation=polygons))
+    mask = load_coco(root, masks=True).train[0][1]["masks"][0].numpy()
+    scored = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, 64, 64)))  # COCO.annToMask
+    assert mask.dtype == np.uint8 and np.array_equal(mask, scored)
 
 
 def test_a_mask_of_another_size_is_one_clear_error(tmp_path):
@@ -146,6 +160,26 @@ def test_flip_and_scale_jitter_move_boxes_with_their_masks(tmp_path):
         for box, mask in zip(moved["boxes"], moved["masks"], strict=True):
             assert np.allclose(box.tolist(), _mask_box(mask), atol=1.0)
     assert DetectionTransform(train=False)(image, target)[1] is target
+
+
+def test_scale_jitter_clips_boxes_and_drops_those_cut_to_a_sliver_with_their_label_and_mask():
+    from cwkd.data.loading import seeded
+    masks = torch.zeros(2, 40, 50, dtype=torch.uint8)
+    masks[0, :3, :3], masks[1, 10:30, 10:30] = 1, 1
+    target = {"boxes": torch.tensor([[0.0, 0, 3, 3], [10, 10, 30, 30]]), "labels": torch.tensor([4, 7]),
+              "masks": masks, "image_id": 1}
+    kept = set()
+    for seed in range(20):  # x1.25: a random 50x40 crop of 62x50, the corner box often cut to 1 px or less
+        with seeded(seed):
+            image, moved = DetectionTransform(train=True, flip=0.0, scale=(1.25, 1.25))(torch.rand(3, 40, 50), target)
+        boxes = moved["boxes"]
+        assert image.shape == (3, 40, 50) and len(boxes) == len(moved["labels"]) == len(moved["masks"])
+        assert (boxes >= 0).all() and (boxes[:, 0::2] <= 50).all() and (boxes[:, 1::2] <= 40).all()
+        assert ((boxes[:, 2:] - boxes[:, :2]) > 1.0).all()
+        for box, mask in zip(boxes, moved["masks"], strict=True):
+            assert np.allclose(box.tolist(), _mask_box(mask), atol=1.0)
+        kept.add(tuple(moved["labels"].tolist()))
+    assert kept == {(4, 7), (7,)}
 
 
 def test_collate_keeps_lists_of_different_sizes(tmp_path):

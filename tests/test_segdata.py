@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cwkd.data.composite import Items, write_dense_dataset
-from cwkd.data.loading import Transformed
+from cwkd.data.loading import Transformed, seeded
 from cwkd.errors import DataError
 from cwkd.tasks.segmentation.data import IGNORE_INDEX, JointTransform, load_segmentation
 from cwkd.tasks.segmentation.metric import SegmentationScore
@@ -114,6 +114,45 @@ def test_joint_transform_keeps_image_and_mask_aligned(tmp_path):
             assert ((pixels[0] > 0)[scored] == (target == 1)[scored]).float().mean() > 0.95
     pixels, target = JointTransform(32, (0.5,) * 3, (0.5,) * 3, train=False)(pil, mask)
     assert (target[20:] == IGNORE_INDEX).all() and (target[:19] != IGNORE_INDEX).all()  # 50x30 -> 32x19, padded
+
+
+def test_a_train_crop_keeps_a_small_image_at_the_top_and_pads_its_mask_with_255():
+    pil, mask = Image.new("RGB", (40, 40), (255, 255, 255)), np.ones((40, 40), np.uint8)
+    tf = JointTransform(32, (0.5,) * 3, (0.5,) * 3, train=True, scale=(0.5, 0.5))  # 40 -> 16 px, padded to 32
+    sides = set()
+    for seed in range(8):
+        with seeded(seed):
+            pixels, target = tf(pil, mask)
+        image = slice(0, 16) if (target[:16, :16] == 1).all() else slice(16, 32)  # top left, or top right flipped
+        assert (target[:16, image] == 1).all() and (target != 1).sum() == 32 * 32 - 16 * 16
+        assert (target[target != 1] == IGNORE_INDEX).all() and (pixels[:, 16:] == 0).all()  # padding is the mean
+        sides.add(image.start)
+    assert sides == {0, 16}
+
+
+def test_the_same_item_seed_gives_the_same_crop_whatever_ran_before():
+    rng = np.random.default_rng(0)
+    pil = Image.fromarray(rng.integers(0, 255, (30, 70, 3), dtype=np.uint8))
+    mask = rng.integers(0, 3, (30, 70), dtype=np.uint8)
+    tf = JointTransform(32, (0.5,) * 3, (0.5,) * 3, train=True)
+    with seeded(7):
+        first = tf(pil, mask)
+    torch.manual_seed(123)
+    tf(pil, mask)  # draws from the global RNG, as an unseeded item would
+    with seeded(7):
+        again = tf(pil, mask)
+    with seeded(8):
+        other = tf(pil, mask)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_a_downscaled_image_is_antialiased_not_sampled():
+    image = np.zeros((128, 128, 3), np.uint8)
+    image[::4, ::4] = 255  # one lit pixel per 4x4 block: plain bilinear sampling at 1/4 misses every one
+    pixels, _ = JointTransform(32, (0.0,) * 3, (1.0,) * 3, train=False)(Image.fromarray(image),
+                                                                        np.zeros((128, 128), np.uint8))
+    assert pixels.mean().item() == pytest.approx(1 / 16, abs=0.01)
 
 
 def test_transformed_masks_batch(tmp_path):

@@ -380,7 +380,6 @@ def recipes(
 ) -> None:
     """List the shipped recipes: `cwkd distill --config recipe:NAME --data DIR` runs one."""
     from rich.console import Console
-    from rich.table import Table
 
     from cwkd.files.strict_json import json_text
     from cwkd.training.configfile import list_recipes
@@ -389,13 +388,11 @@ def recipes(
     if as_json:
         typer.echo(json_text([{k: str(v) for k, v in vars(r).items()} for r in found], indent=2))
         return
-    table = Table(title="cwkd recipes (use one with --config recipe:NAME; options you type win)")
-    table.add_column("name", no_wrap=True)
-    for column in ("task", "teacher -> student", "source"):
-        table.add_column(column, overflow="fold")
+    # A block per recipe, not a table: four columns of long names folded every cell at 80 columns.
+    console = Console(highlight=False)
+    console.print("cwkd recipes: use one with --config recipe:NAME (options you type win)")
     for r in found:
-        table.add_row(r.name, r.task, f"{r.teacher} -> {r.student}", r.source)
-    Console(highlight=False).print(table)
+        console.print(f"\n[bold]{r.name}[/] ({r.task})\n  {r.teacher} -> {r.student}\n  [dim]from {r.source}[/]")
 
 
 @app.command()

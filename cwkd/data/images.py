@@ -1,4 +1,5 @@
-"""Decoding image files: high bit depths scaled to 8 bits, and one channel count for a whole folder.
+"""Decoding image files: high bit depths scaled to 8 bits, and one channel count for a whole folder; and the
+resize-pad-crop the dense tasks' augmentations share (:func:`scale_pad_crop`).
 
 PIL opens 16-bit gray PNGs and TIFFs as ``I;16``, 32-bit integer images as ``I`` and float TIFFs as
 ``F``; its ``convert("L")`` clips those to 0-255 instead of scaling them, which turns a 16-bit image
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from torchvision.transforms import v2
 
 from cwkd.errors import DataError
 
@@ -132,3 +136,21 @@ def read_image(path: Path) -> Image.Image:
         return open_image(path, "RGB")
     except IMAGE_ERRORS as exc:
         raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete or replace it") from exc
+
+
+def scale_pad_crop(sample: tuple, factor: float, out: tuple[int, int], *, fill: float | Mapping[type, Any],
+                   crop: bool) -> Any:
+    """Resize a v2 sample (an image first) by ``factor``, pad it on the bottom and right to at least ``out``.
+
+    With ``crop`` it is then cropped to ``out`` at a random place (torch's RNG); without, it keeps the
+    padded size. Boxes and masks in the sample move with the image (torchvision's ``transforms.v2``).
+    Why pad before the crop, not ``RandomCrop(pad_if_needed=True)``: that pads both sides and places a
+    small image anywhere in the crop, where training has always kept it at the top left, as for val.
+    """
+    height, width = sample[0].shape[-2:]
+    size = [max(1, round(height * factor)), max(1, round(width * factor))]
+    sample = v2.Resize(size, antialias=True)(sample)
+    pad = [0, 0, max(0, out[1] - size[1]), max(0, out[0] - size[0])]
+    if any(pad):
+        sample = v2.Pad(pad, fill=fill)(sample)
+    return v2.RandomCrop(out)(sample) if crop else sample

@@ -13,16 +13,16 @@ background), whatever the ids are (COCO's run 1-90 with gaps); ``category_ids[la
 evaluation. Boxes are clipped to the image; boxes under 2 px wide or high are dropped and counted
 (``dropped``), crowd regions (``iscrowd``) are left out of training targets (COCO's evaluation reads
 them from the JSON), and images without objects stay (torchvision's detectors train on empty targets).
-Masks may be polygons or RLE; uncompressed RLE and polygons need no pycocotools. The JSON is checked
-once at load (:mod:`cwkd.tasks.detection.cococheck`): a malformed record is one error naming the
-file, the record and the field, and a polygon with fewer than 3 points is dropped with a warning
-(pycocotools cannot score it).
+Masks may be polygons or RLE, rasterised with pycocotools when it is installed (as COCO's evaluation does);
+without it, uncompressed RLE and polygons (drawn with PIL) still work. The JSON is checked once
+at load (:mod:`cwkd.tasks.detection.cococheck`): a malformed record is one error naming the file, the record
+and the field, and a polygon with fewer than 3 points is dropped with a warning (pycocotools cannot score it).
 """
 
 from __future__ import annotations
 
 import json
-import random
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -31,12 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from cwkd.data.composite import rle_decode
-from cwkd.data.images import read_image
+from cwkd.data.images import read_image, scale_pad_crop
 from cwkd.errors import DataError
 from cwkd.tasks.detection.cococheck import check_coco
 
@@ -110,10 +112,10 @@ class CocoDetection(Dataset):
         image = read_image(path)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
         anns = self._objects.get(record["id"], [])
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image.width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image.height)
+        boxes = tv_tensors.BoundingBoxes(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),
+                                         format="XYWH", canvas_size=(image.height, image.width))
+        boxes = TF.clamp_bounding_boxes(TF.convert_bounding_box_format(boxes, new_format="XYXY"))
+        boxes = boxes.as_subclass(torch.Tensor)  # clipped to the image
         inside = _wide_enough(boxes).tolist()  # a box outside its image is degenerate once clipped
         anns, boxes = [a for a, keep in zip(anns, inside, strict=True) if keep], boxes[inside]
         target = {"boxes": boxes, "labels": torch.tensor([self._label[a["category_id"]] for a in anns],
@@ -148,32 +150,50 @@ def _read_json(path: Path) -> dict:
 
 
 def _mask(ann: dict, size: tuple[int, int], image: Path) -> np.ndarray:
-    """The ``uint8`` (H, W) mask of an annotation's polygons or RLE, checked against its image's size."""
+    """The ``uint8`` (H, W) mask of an annotation's polygons or RLE, checked against its image's size.
+
+    With pycocotools installed it rasterises them, as COCO's evaluation does, so the training target is
+    the mask that is scored; without it, PIL draws polygons and :func:`~cwkd.data.composite.rle_decode` reads
+    uncompressed RLE (compressed RLE then needs pycocotools).
+    """
     seg = ann.get("segmentation")
     if isinstance(seg, list):  # polygons: [[x0, y0, x1, y1, ...], ...] in pixels
-        canvas = Image.new("L", (size[1], size[0]), 0)
-        for polygon in seg:  # each of 3 points or more (cwkd.tasks.detection.cococheck dropped the others at load)
-            ImageDraw.Draw(canvas).polygon([float(v) for v in polygon], fill=1, outline=1)
-        return np.asarray(canvas, dtype=np.uint8)
+        return _draw_polygons(seg, size)
     if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
         raise DataError(f"annotation {ann.get('id')} of {image} has no mask (segmentation: {str(seg)[:40]}); "
                         "instance segmentation needs polygons or RLE for every object")
     if tuple(seg["size"]) != size:
         raise DataError(f"annotation {ann.get('id')}'s mask is {seg['size'][1]}x{seg['size'][0]} but its image "
                         f"{image} is {size[1]}x{size[0]}; a mask must have its image's size")
+    coco_mask = _pycocotools()
     if isinstance(seg["counts"], list):
-        return rle_decode(seg).astype(np.uint8)
-    return _decode_compressed(seg, ann, image)
-
-
-def _decode_compressed(seg: dict, ann: dict, image: Path) -> np.ndarray:
-    try:
-        from pycocotools import mask as coco_mask
-    except ImportError as exc:
+        return (coco_mask.decode(coco_mask.frPyObjects(seg, *size)) if coco_mask else rle_decode(seg)).astype(np.uint8)
+    if coco_mask is None:
         raise DataError(f"annotation {ann.get('id')} of {image} has a compressed RLE mask, which needs pycocotools; "
-                        "install it with `pip install 'cwkd[detection]'`") from exc
+                        "install it with `pip install 'cwkd[detection]'`")
     counts = seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]
     return coco_mask.decode({"size": list(seg["size"]), "counts": counts}).astype(np.uint8)
+
+
+def _draw_polygons(polygons: list, size: tuple[int, int]) -> np.ndarray:
+    """Polygons (each of 3 points or more: cwkd.tasks.detection.cococheck dropped the others at load) as a
+    ``uint8`` mask."""
+    coco_mask = _pycocotools()
+    if coco_mask is not None:  # COCO.annToMask's way: one RLE per polygon, merged
+        return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, *size))).astype(np.uint8)
+    canvas = Image.new("L", (size[1], size[0]), 0)
+    for polygon in polygons:
+        ImageDraw.Draw(canvas).polygon([float(v) for v in polygon], fill=1, outline=1)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def _pycocotools():
+    """``pycocotools.mask``, or None when pycocotools is not installed."""
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        return None
+    return coco_mask
 
 
 @dataclass
@@ -237,49 +257,40 @@ def _check_scorable(val: CocoDetection, *, masks: bool) -> None:
 class DetectionTransform:
     """Image, boxes and masks transformed together: random flip and scale jitter for training, nothing for val.
 
-    The scale jitter resizes by a factor in ``scale`` and then crops (or pads with zeros) back to the
-    image's size, as torchvision's reference does (``ScaleJitter`` + ``FixedSizeCrop``): a plain resize
-    would be undone by the detector's own resize. Boxes cut to under 2 px are dropped with their masks.
+    The scale jitter resizes by a factor in ``scale`` and then crops (or pads with zeros on the bottom and
+    right) back to the image's size, as torchvision's reference does (``ScaleJitter`` + ``FixedSizeCrop``):
+    a plain resize would be undone by the detector's own resize. It runs on torchvision's ``transforms.v2``
+    with ``tv_tensors``, which clip the boxes to the image; ``SanitizeBoundingBoxes`` then drops boxes
+    ``MIN_BOX_SIDE`` px wide or high or less, with their labels and masks. Random draws come from torch's
+    RNG, which :class:`cwkd.data.loading.Transformed` seeds per item for exact resume.
     """
 
     def __init__(self, *, train: bool, flip: float = 0.5, scale: tuple[float, float] = (0.75, 1.25)) -> None:
-        self.train, self.flip, self.scale = train, flip, scale
+        self.train, self.scale = train, scale
+        self.flip = v2.RandomHorizontalFlip(flip)
+        # SanitizeBoundingBoxes keeps sides >= min_size; cwkd keeps sides > MIN_BOX_SIDE, as at load.
+        self.sanitize = v2.SanitizeBoundingBoxes(min_size=math.nextafter(MIN_BOX_SIDE, math.inf))
 
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         if not self.train:
             return image, target
-        target = dict(target)
-        if random.random() < self.flip:
-            image = image.flip(-1)
-            width = image.shape[-1]
-            target["boxes"] = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + \
-                torch.tensor([width, 0, width, 0])
-            if "masks" in target:
-                target["masks"] = target["masks"].flip(-1)
+        size = tuple(image.shape[-2:])
+        sample = (tv_tensors.Image(image), _wrap(target, size))
+        sample = self.flip(sample)
         if self.scale != (1.0, 1.0):
-            image, target = _scale_jitter(image, target, random.uniform(*self.scale))
-        return image, target
+            factor = float(torch.empty(()).uniform_(*self.scale))
+            sample = self.sanitize(scale_pad_crop(sample, factor, size, fill=0.0, crop=True))
+        image, target = sample
+        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v
+                                                  for k, v in target.items()}
 
 
-def _scale_jitter(image: torch.Tensor, target: dict, factor: float) -> tuple[torch.Tensor, dict]:
-    height, width = image.shape[-2:]
-    size = (max(1, round(height * factor)), max(1, round(width * factor)))
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-    top, left = random.randint(0, max(0, size[0] - height)), random.randint(0, max(0, size[1] - width))
-    image = F.pad(image[:, top:top + height, left:left + width], (0, max(0, width - size[1]), 0,
-                                                                    max(0, height - size[0])))
-    boxes = target["boxes"] * torch.tensor([size[1] / width, size[0] / height] * 2) - \
-        torch.tensor([left, top, left, top], dtype=torch.float32)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, min(width, size[1] - left))
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, min(height, size[0] - top))
-    keep = _wide_enough(boxes)
-    target = {**target, "boxes": boxes[keep], "labels": target["labels"][keep]}
+def _wrap(target: dict, size: tuple[int, int]) -> dict:
+    """A target dict with its boxes and masks as ``tv_tensors``, so v2 transforms move them with the image."""
+    wrapped = {**target, "boxes": tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=size)}
     if "masks" in target:
-        masks = F.interpolate(target["masks"][keep][None].float(), size=size, mode="nearest")[0]
-        masks = F.pad(masks[:, top:top + height, left:left + width], (0, max(0, width - size[1]), 0,
-                                                                        max(0, height - size[0])))
-        target["masks"] = masks.to(torch.uint8)
-    return image, target
+        wrapped["masks"] = tv_tensors.Mask(target["masks"])
+    return wrapped
 
 
 class TransformedDetections(Dataset):

@@ -13,7 +13,6 @@ value up to the largest the masks hold, with a warning when some of those values
 
 from __future__ import annotations
 
-import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from cwkd.data.images import IMAGE_ERRORS, read_image
+from cwkd.data.images import IMAGE_ERRORS, read_image, scale_pad_crop
 from cwkd.errors import DataError
 
 #: Mask value that the loss and the metric skip.
@@ -186,45 +187,29 @@ def _ranges(values: list[int]) -> str:
 class JointTransform:
     """Image and mask transformed together: random scale, crop and flip for training; resize and pad for val.
 
-    Masks are resized with nearest neighbours and padded with 255, so padding is never scored.
+    The image's longer side is scaled to ``size`` (times a factor drawn from ``scale`` for training), then
+    padded on the bottom and right to ``size`` and, for training, cropped to ``size`` at a random place and
+    flipped with probability 0.5, all with torchvision's ``transforms.v2`` on ``tv_tensors``. Masks are
+    resized with nearest neighbours and padded with 255, so padding is never scored; images are resized
+    bilinearly with antialiasing and padded with zeros after normalisation (the mean). Random draws come
+    from torch's RNG, which :class:`cwkd.data.loading.Transformed` seeds per item for exact resume.
     The output is a normalised ``(C, size, size)`` float tensor and a ``(size, size)`` int64 mask.
     """
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], *, train: bool,
                  scale: tuple[float, float] = (0.5, 2.0), channels: int = 3) -> None:
         self.size, self.train, self.scale, self.channels = size, train, scale, channels
-        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        self.normalize = v2.Normalize(list(mean), list(std))
+        self.flip = v2.RandomHorizontalFlip(0.5)
 
     def __call__(self, image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.from_numpy(np.asarray(image.convert("L" if self.channels == 1 else "RGB"), dtype=np.float32))
-        pixels = (pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)) / 255.0
-        target = torch.from_numpy(mask.astype(np.int64))
-        height, width = target.shape
-        factor = self.size / max(height, width)
+        pixels = TF.to_dtype(TF.to_image(image.convert("L" if self.channels == 1 else "RGB")), torch.float32,
+                             scale=True)
+        sample = (self.normalize(pixels), tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask))))
+        factor = self.size / max(mask.shape)
         if self.train:
-            factor *= random.uniform(*self.scale)
-        size = (max(1, round(height * factor)), max(1, round(width * factor)))
-        pixels = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False)[0]
-        target = F.interpolate(target[None, None].float(), size=size, mode="nearest")[0, 0].long()
-        pixels = (pixels - self.mean) / self.std
-        pixels, target = _pad_to(pixels, target, self.size)
-        if self.train:
-            top = random.randint(0, pixels.shape[1] - self.size)
-            left = random.randint(0, pixels.shape[2] - self.size)
-            pixels = pixels[:, top:top + self.size, left:left + self.size]
-            target = target[top:top + self.size, left:left + self.size]
-            if random.random() < 0.5:
-                pixels, target = pixels.flip(-1), target.flip(-1)
-        else:
-            pixels, target = pixels[:, :self.size, :self.size], target[:self.size, :self.size]
-        return pixels.contiguous(), target.contiguous()
-
-
-def _pad_to(pixels: torch.Tensor, target: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad on the bottom and right to at least ``size``: zeros (the mean) for pixels, 255 for the mask."""
-    pad_h, pad_w = max(0, size - pixels.shape[1]), max(0, size - pixels.shape[2])
-    if pad_h or pad_w:
-        pixels = F.pad(pixels, (0, pad_w, 0, pad_h), value=0.0)
-        target = F.pad(target, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-    return pixels, target
+            factor *= float(torch.empty(()).uniform_(*self.scale))
+        fill = {tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX}
+        sample = scale_pad_crop(sample, factor, (self.size, self.size), fill=fill, crop=self.train)
+        pixels, target = self.flip(sample) if self.train else sample
+        return pixels.as_subclass(torch.Tensor).contiguous(), target.as_subclass(torch.Tensor).long().contiguous()
