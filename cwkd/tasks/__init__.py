@@ -1,8 +1,10 @@
 """Tasks: what a model predicts, how it is scored, and the data it learns from.
 
 The training engine, the distiller and the run files name no task; they ask the task object that
-:func:`get_task` returns (see :class:`cwkd.tasks.base.TaskSpec` for the interface). One file per task:
-``classification.py``, ``segmentation.py`` and ``detection.py`` (detection and instance segmentation).
+:func:`get_task` returns (see :class:`cwkd.tasks.base.TaskSpec` for the interface). One folder per task:
+``classification/``, ``segmentation/`` and ``detection/`` (detection and instance segmentation), each with its
+``task.py``, ``data.py``, ``models.py`` and ``metric.py``. This module is the registry: the rest of the package
+reaches a concrete task only through it (``tests/test_layers.py``; docs/architecture.md).
 
 Example:
     >>> task = get_task(infer_task("pspnet_resnet18"))
