@@ -64,6 +64,7 @@ from segmentation import (  # noqa: E402  (the benchmark this one follows)
     order,
     prepare_data,
     run_in,
+    student_options,
     time_steps,
     versions,
 )
@@ -123,12 +124,12 @@ def _scores(record: dict) -> dict[str, float]:
     return {name: record[f"val_{name}"] for name in SCORES if f"val_{name}" in record}
 
 
-def train_teacher(plan: Plan, data: Path) -> dict:
-    """``cwkd train`` the teacher unless its result is saved; return that result."""
+def train_teacher(plan: Plan, data: Path, extra: tuple = ()) -> dict:
+    """``cwkd train`` the teacher (``extra``: more options) unless its result is saved; return that result."""
     out, path = plan.runs / "teacher", plan.results / "teacher.json"
     if path.is_file() and (out / "last.safetensors").is_file():
         return json.loads(path.read_text())
-    history = run_in(out, ["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs)])
+    history = run_in(out, ["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs), *extra])
     result = {"model": plan.teacher, "scores": _scores(history[-1]), "history": [_scores(h) for h in history],
               "epochs": plan.teacher_epochs, "wall_s": round(sum(h["epoch_s"] for h in history), 1),
               "config": json.loads((out / "config.json").read_text())["config"], "versions": versions()}
@@ -136,14 +137,21 @@ def train_teacher(plan: Plan, data: Path) -> dict:
     return result
 
 
-def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, auto: bool = False) -> dict:
-    """Train or distil one student (``auto``: with ``--alpha auto``); write and return its result."""
-    name = _name(student, method, seed, auto)
+def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, auto: bool = False, *,
+             name: str | None = None, distil: tuple | None = None, student_extra: tuple = ()) -> dict:
+    """Train or distil one student (``auto``: with ``--alpha auto``); write and return its result as ``name``.
+
+    ``distil``: the distilled cell's loss options (default: ``--reduction sum`` and MGD's two-stage alpha, or
+    auto); ``student_extra``: more options for every cell, with ``cwkd train``'s names (``--backbone-weights``).
+    """
+    name = name or _name(student, method, seed, auto)
     out = plan.runs / "cells" / name
     teacher = plan.runs / "teacher" / "last.safetensors"
-    command = ["train", "--model", student] if method == "none" else \
-        ["distill", "--teacher", teacher, "--student", student, "--method", method, "--reduction", "sum",
-         "--alpha", "auto" if auto else MGD_TWO_STAGE_ALPHA_SUM,
+    if distil is None:
+        distil = ("--reduction", "sum", "--alpha", "auto" if auto else MGD_TWO_STAGE_ALPHA_SUM)
+    command = ["train", "--model", student, *student_extra] if method == "none" else \
+        ["distill", "--teacher", teacher, "--student", student, "--method", method, *distil,
+         *student_options(student_extra),
          *(["--no-teacher-check"] if plan.name == "quick" else [])]  # the quick plan's teacher is at chance
     started = time.perf_counter()
     history = run_in(out, [*command, *_common(plan, data, seed, plan.epochs_of(student))])

@@ -23,6 +23,10 @@ and steps run only when named in ``--only``:
                 end from JPEG files with --workers 2 and auto against the model-bound rate, with the data-wait
                 share (about 3 minutes; the dry run: --plan quick). Its verdict says whether the GPU decode
                 path is needed (issue 27); a missed target is recorded, not a failed step
+    pretrained_detection  benchmarks/pretrained_detection.py --plan gpu (issue 24): Faster R-CNN R50 -> R18
+                from bodies pretrained on the bundled fashion-mnist-mini, arms none, cwt, mgd and cwd, 5 seeds,
+                8 cells at a time (about 8 minutes, an estimate; benchmarks/gpu_pretrained.py, its results in
+                ``--out``/pretrained_detection.tar.gz; needs pycocotools carried in .gpu_deps; the dry run: --quick)
 
 After every step it rewrites ``gpu_check.json`` in ``--out`` (default: ``$OUT``, else ``./gpu_check_out``),
 so a run cut short still leaves what it measured; logs of every command are in ``--out``/logs. A step
@@ -34,6 +38,7 @@ Usage:
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT     # on the GPU machine: ~7 minutes
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT --only machine,grids   # the grids: ~8 minutes
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT --only machine,throughput   # ~3.5 minutes
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT --only machine,pretrained_detection   # ~8 minutes
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check    # anywhere, on the CPU
 """
 
@@ -56,7 +61,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEPS = REPO / ".gpu_deps"  # pure-Python packages the GPU machine may lack (pytest), carried with the tree
 STEPS = ("machine", "tests", "cli_fp16", "cli_bf16", "speed_bf16", "speed_fp16")
-EXTRA_STEPS = ("grids", "throughput")  # run only when --only names them
+EXTRA_STEPS = ("grids", "throughput", "pretrained_detection")  # run only when --only names them
 MIN_STEP_S = 15  # a step with less time than this left is skipped, not started
 TAIL = 3000      # characters of each command's output kept in the JSON
 
@@ -95,14 +100,14 @@ GPU = Plan(device="cuda", precisions=("fp16", "bf16"), teacher="resnet18", stude
                   "--num-classes", "1000", "--repeats", "5", "--warmup", "2", "--min-time", "0.2"),
            speed_memory=None,
            budgets={"machine": 30, "tests": 110, "cli_fp16": 70, "cli_bf16": 70, "speed_bf16": 200,
-                    "speed_fp16": 150, "grids": 480, "throughput": 240})
+                    "speed_fp16": 150, "grids": 480, "throughput": 240, "pretrained_detection": 480})
 DRY = Plan(device="cpu", precisions=("bf16",), teacher="test_resnet", student="test_efficientnet", data=None,
            input_size=32, batch=4, workers=0, train_extra=("--lr", "1e-3"),  # 0.05 blows up 4 steps' BN stats
            speed=("--teacher", "test_resnet", "--student", "test_efficientnet", "--batch", "4", "--input-size", "32",
                   "--num-classes", "10", "--repeats", "1", "--warmup", "1", "--min-time", "0.01", "--threads", "1"),
            speed_memory={"bf16": "cwkd"},
            budgets={"machine": 30, "tests": 150, "cli_fp16": 60, "cli_bf16": 90, "speed_bf16": 90, "speed_fp16": 60,
-                    "grids": 300, "throughput": 120},
+                    "grids": 300, "throughput": 120, "pretrained_detection": 300},
            skip_reason="fp16 needs CUDA (cwkd refuses it on the CPU); the dry run covers bf16")
 
 
@@ -449,6 +454,14 @@ def _grids(check: Check, limit: float) -> dict:
     return grids(check, limit, _failed_command)
 
 
+def _pretrained_detection(check: Check, limit: float) -> dict:
+    """The pretrained_detection step (benchmarks/gpu_pretrained.py)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_pretrained import pretrained_detection
+
+    return pretrained_detection(check, limit, _failed_command)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -488,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
               "cli_fp16": lambda limit: cli(check, limit, "fp16"), "cli_bf16": lambda limit: cli(check, limit, "bf16"),
               "speed_bf16": lambda limit: speed(check, limit, "bf16"),
               "speed_fp16": lambda limit: speed(check, limit, "fp16"), "grids": lambda limit: _grids(check, limit),
-              "throughput": lambda limit: throughput(check, limit)}
+              "throughput": lambda limit: throughput(check, limit),
+              "pretrained_detection": lambda limit: _pretrained_detection(check, limit)}
     for name in STEPS:
         check.step(name, bodies[name] if name in only else lambda _limit: _skipped("not in --only"))
     for name in EXTRA_STEPS:

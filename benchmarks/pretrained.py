@@ -80,6 +80,8 @@ KD_WEIGHT = 1.0
 #: The CWD arm, as MMRazor's cwd_logits_pspnet_r101_d8_pspnet_r18_d8 config: the logits (mmseg's
 #: decode_head.conv_seg; cwkd's PSPNet calls the head's last conv head.bottleneck.4), tau 1, loss weight 5.
 CWD_PAIRS, CWD_WEIGHT = "head.bottleneck.4:head.bottleneck.4", "5"
+#: Training images of each pretrain data set (all of them are used unless a plan asks for a subset).
+PRETRAIN_IMAGES = {"fashion-mnist": 60000, "fashion-mnist-mini": 6000}
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class Plan:
     pretrain_test: int | None = None    # test images scored after each pretrain epoch; None: all 10,000
     pretrain_epochs: int = 10
     pretrain_batch: int = 128
+    pretrain_data: str = "fashion-mnist"  # or the bundled fashion-mnist-mini (no subset then)
+    device: str = "cpu"                   # where the pretrain runs train
     teacher: str = "pspnet_resnet50"
     students: tuple[str, ...] = ("pspnet_resnet18",)
     arms: tuple[str, ...] = tuple(ARMS)
@@ -145,7 +149,7 @@ def pretrain_body(plan: Plan, body: str) -> Path:
     weights, done = out / "last.safetensors", out / "pretrain.json"
     if done.is_file() and weights.is_file():
         return weights
-    data = ["--data", "fashion-mnist"]
+    data = ["--data", plan.pretrain_data]
     if plan.pretrain_subset is not None:  # a class-balanced subset, written as IDX files (accuracy.py's)
         from accuracy import prepare_data as fmnist_subset
 
@@ -153,10 +157,11 @@ def pretrain_body(plan: Plan, body: str) -> Path:
                                 test_subset=plan.pretrain_test, runs=plan.runs)
         data += ["--data-root", fmnist_subset(sizes, teacher=False)[0]]
     history = run_in(out, ["train", "--model", body, *data, "--in-chans", 3, "--epochs", plan.pretrain_epochs,
-                           "--batch-size", plan.pretrain_batch, "--workers", 0, "--seed", 0, "--device", "cpu",
+                           "--batch-size", plan.pretrain_batch, "--workers", 0, "--seed", 0, "--device", plan.device,
                            "--quiet"])
     _write(done, {"body": body, "top1": history[-1]["val_top1"], "history": [h["val_top1"] for h in history],
-                       "epochs": plan.pretrain_epochs, "images": plan.pretrain_subset or 60000,
+                       "epochs": plan.pretrain_epochs, "data": plan.pretrain_data,
+                       "images": plan.pretrain_subset or PRETRAIN_IMAGES[plan.pretrain_data],
                        "wall_s": round(sum(h["epoch_s"] for h in history), 1), "versions": versions()})
     return weights
 

@@ -78,14 +78,19 @@ def key(student: str, method: str, seed: int) -> str:
     return f"{student}-{method}-s{seed}"
 
 
-def prepare_data(plan: Plan) -> Path:
-    """Write the composited data set once (seed 0) and return its folder."""
+def prepare_data(plan: Plan, source: str = "fashion-mnist") -> Path:
+    """Write the composited data set once (seed 0) and return its folder.
+
+    ``source``: the items' data set, ``fashion-mnist`` or the bundled ``fashion-mnist-mini`` (6,000 train and
+    1,000 test items: what a machine without Fashion-MNIST, such as the GPU machine, composites from).
+    """
     from cwkd.data.composite import items_from_spec, write_dense_dataset
     from cwkd.tasks.classification.data import load_data
 
-    root = plan.runs / "data" / f"fm-dense-{plan.canvas}px-{plan.train_canvases}-{plan.val_canvases}"
+    prefix = "fm-dense" if source == "fashion-mnist" else f"{source}-dense"
+    root = plan.runs / "data" / f"{prefix}-{plan.canvas}px-{plan.train_canvases}-{plan.val_canvases}"
     if not (root / "done").is_file():
-        items = items_from_spec(load_data("fashion-mnist"))
+        items = items_from_spec(load_data(source))
         write_dense_dataset(root, items, canvas=plan.canvas, seed=0,
                             counts={"train": plan.train_canvases, "val": plan.val_canvases})
         (root / "done").write_text("ok\n")
@@ -146,7 +151,7 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha
     out = plan.runs / "cells" / name
     teacher = plan.runs / "teacher" / "last.safetensors"
     distil = ["--method", method, *(["--alpha", alpha] if alpha is not None else []), *extra,
-              *(str(a).replace("--", "--student-", 1) if str(a).startswith("--") else a for a in student_extra),
+              *student_options(student_extra),
               *(["--no-teacher-check"] if plan.name == "quick" else [])]  # the quick plan's teacher is at chance
     command = ["train", "--model", student, *student_extra] if method == "none" else \
         ["distill", "--teacher", teacher, "--student", student, *distil]
@@ -163,6 +168,12 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha
     _write(plan.results / f"{name}.json", result)
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def student_options(options: tuple) -> list:
+    """``cwkd train``'s options under ``cwkd distill``'s student names (``--backbone-weights`` ->
+    ``--student-backbone-weights``); values pass unchanged."""
+    return [str(a).replace("--", "--student-", 1) if str(a).startswith("--") else a for a in options]
 
 
 def run_auto(plan: Plan, methods: tuple[str, ...] = ("cwt", "mgd")) -> None:

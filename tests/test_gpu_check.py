@@ -140,3 +140,58 @@ def test_throughput_verdict_decides_the_gpu_decode_path_by_ratio_and_data_wait(m
     cpu = throughput.PLANS["cpu"]
     slow = {**rows(1, 0), "workers_auto": {"images_per_s": 0.9, "workers": 2}}
     assert throughput.verdict(cpu, rows(1, 0))["met"] and not throughput.verdict(cpu, slow)["met"]
+
+
+_FAKE_BENCH = """import sys, time
+from pathlib import Path
+results = Path(sys.argv[sys.argv.index("--results") + 1])
+(results / "bodies" / "resnet18").mkdir(parents=True, exist_ok=True)
+(results / "bodies" / "resnet18" / "last.safetensors").write_bytes(b"weights")
+(results / "bodies" / "resnet18" / "pretrain.json").write_text("{}")
+(results / "fasterrcnn_resnet18-none-s0.json").write_text("{}")
+(results / "report.md").write_text("| table |\\nCWT (fasterrcnn_resnet18, box AP): undecided\\n")
+print("args", " ".join(sys.argv[1:]), flush=True)
+time.sleep(30 if (Path(__file__).parent / "sleep").is_file() else 0)
+"""
+
+
+def test_pretrained_detection_step_keeps_its_results_and_decision_even_when_cut_short(gpu_check, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_pretrained
+
+    fake = tmp_path / "bench"
+    fake.mkdir()
+    (fake / "pretrained_detection.py").write_text(_FAKE_BENCH)
+    monkeypatch.setattr(gpu_pretrained, "BENCH", fake)
+    monkeypatch.setattr(gpu_pretrained, "END_MARGIN_S", 0)
+    check = gpu_check.Check(gpu_check.DRY, tmp_path / "out", budget=60, deps=None, dry_run=True)
+    entry = gpu_pretrained.pretrained_detection(check, 30, gpu_check._failed_command)
+    assert entry["status"] == "passed" and not entry["timed_out"], entry.get("reason")
+    assert entry["cells"] == ["fasterrcnn_resnet18-none-s0"] and entry["decision"].endswith("box AP): undecided")
+    assert "args --quick --device cpu --jobs 1" in entry["commands"][0]["tail"]
+    with tarfile.open(check.out / gpu_pretrained.TARBALL) as tar:
+        names = tar.getnames()
+    assert "results/report.md" in names and "results/bodies/resnet18/pretrain.json" in names
+    assert "logs/pretrained_detection.log" in names and not any(n.endswith(".safetensors") for n in names)
+    (fake / "sleep").write_text("")  # past its limit: killed, and what it wrote is still kept
+    cut = gpu_pretrained.pretrained_detection(check, 4, gpu_check._failed_command)
+    assert cut["status"] == "passed" and cut["timed_out"] and cut["commands"][0]["wall_s"] < 15
+    assert cut["cells"] == entry["cells"]
+    assert sorted(p.name for p in check.out.iterdir()) == ["logs", gpu_pretrained.TARBALL]  # no temp file left
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_pretrained_detection_step_runs_every_arm(tmp_path):
+    """``--only machine,pretrained_detection`` runs benchmarks/pretrained_detection.py --quick on the CPU: a body
+    pretrained on the bundled set, the teacher from it, and one seed of none, cwt, mgd and cwd, with the report."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", "machine,pretrained_detection", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    step = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["pretrained_detection"]
+    assert step["status"] == "passed", step.get("reason")
+    assert step["cells"] == [f"fasterrcnn_test_resnet-{arm}-s0" for arm in ("cwd", "cwt", "mgd", "none")]
+    assert "Body test_resnet: Fashion-MNIST top-1" in step["report"] and "on 6000 images" in step["report"]
+    assert step["decision"].startswith("CWT (fasterrcnn_test_resnet, box AP): undecided")
+    with tarfile.open(tmp_path / "pretrained_detection.tar.gz") as tar:
+        assert "results/teacher.json" in tar.getnames()

@@ -124,13 +124,21 @@ def print_comparison(result: Comparison, console: Console | None = None, title: 
     console = console or Console(highlight=False, soft_wrap=True)
     paired = any(g.paired or g.is_baseline for g in result.groups)
     label = result.label
-    table = Table(title=escape(title or f"cwkd compare: val {label} (%), {result.task}"))
-    columns = ["run", "model", "teacher", "method", "alpha", "pairs", "seed", "n", f"best {label}", f"final {label}",
-               "epochs", "images/s", *(["final vs baseline, 95% CI"] if paired else [])]
-    for column in columns:
-        table.add_column(column, justify="right" if column in columns[6:] else "left", overflow="fold")
-    for group in result.groups:
-        table.add_row(*(escape(str(cell)) for cell in _comparison_row(group, paired)))
+    columns = ["run", "model", "teacher", "method", "alpha", "pairs", "seed", "n", "best", "final", "epochs",
+               "img/s", *(["vs baseline (95% CI)"] if paired else [])]
+    rows = [_comparison_row(group, paired) for group in result.groups]
+    # A setting every row shares goes into the title, not a column: twelve columns fold every cell at 80 wide.
+    shared = {i for i, column in enumerate(columns) if 0 < i < 8 and len(rows) > 1 and len({r[i] for r in rows}) == 1}
+    heading = title or f"cwkd compare: val {label} (%), {result.task}"
+    if shared:
+        heading += " — " + ", ".join(f"{columns[i]} {rows[0][i]}" for i in sorted(shared))
+    table = Table(title=escape(heading))
+    for i, column in enumerate(columns):
+        if i not in shared:
+            table.add_column(column, justify="right" if i >= 6 else "left", overflow="fold",
+                             min_width=8 if i in (0, 1, 2, 5) else 14 if i == 12 else None)
+    for row in rows:
+        table.add_row(*(escape(str(cell)) for i, cell in enumerate(row) if i not in shared))
     console.print(table)
 
 

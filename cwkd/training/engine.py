@@ -343,7 +343,8 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
             running = {k: sums[k].item() / done for k in ("loss", "task_loss", "feat_loss", "kd_loss") if k in sums}
             parts = {k.removesuffix("_loss") if k != "loss" else k: v for k, v in running.items()}
             console.advance(used, {**parts, "img/s": images_seen / (time.perf_counter() - started)})
-            p.tracking.step(epoch * len(p.train_loader) + step + 1, running)
+            if p.tracking:  # a loader measured step by step (benchmarks/throughput.py) may have no length
+                p.tracking.step(epoch * len(p.train_loader) + step + 1, running)
     console.stop()
     if watch is not None:
         watch.check(cfg, device, label, **why)  # a stop may have come between two progress updates

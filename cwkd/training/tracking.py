@@ -61,6 +61,10 @@ class Tracking:
         self._writers = [_open(name, module, out, config or {}) for name, module in modules.items()] \
             if enabled and out is not None else []
 
+    def __bool__(self) -> bool:
+        """Whether any tracker writes (none by default, and none off rank 0)."""
+        return bool(self._writers)
+
     def step(self, step: int, losses: dict[str, float]) -> None:
         """The running loss means of this epoch so far, at global ``step``."""
         if self._writers:
