@@ -239,27 +239,32 @@ def load_results(plan: Plan) -> dict[tuple[str, str, int], dict]:
 def report(plan: Plan) -> str:
     """The teacher and baseline lines, the per-arm table with its verdicts, and the decision for CWT."""
     results = load_results(plan)
-    lines = [*_pretrain_lines(plan), *_teacher_lines(plan, results), "",
-             "| student | arm | runs | val mIoU (%) mean ± std | paired gain | 95 % interval | positive | verdict |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
+    table, decision = arm_table(plan, {cell: r["miou"] for cell, r in results.items()}, "mIoU")
+    return "\n".join([*_pretrain_lines(plan), *_teacher_lines(plan, results), "", *table, "", decision])
+
+
+def arm_table(plan, scores: dict[tuple[str, str, int], float], metric: str) -> tuple[list[str], str]:
+    """The per-arm markdown table of ``scores`` by (student, arm, seed), each arm's gains paired by seed with
+    ``none`` and judged by the rule, and the rule and its decision for CWT (``cwt`` on the first student)."""
+    lines = [f"| student | arm | runs | val {metric} (%) mean ± std | paired gain | 95 % interval | positive "
+             "| verdict |", "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
     decision = "CWT: no results yet"
     for student in plan.students:
         for arm in plan.arms:
-            values = [results[(student, arm, s)]["miou"] for s in plan.seeds if (student, arm, s) in results]
-            if not values:
-                lines.append(f"| {student} | {arm} | 0 | not run yet | | | | |")
+            values = [scores[(student, arm, s)] for s in plan.seeds if (student, arm, s) in scores]
+            if not values or arm == "none":
+                lines.append(f"| {student} | {arm} | {len(values)} | "
+                             f"{_mean_std(values) if values else 'not run yet'} | | | | |")
                 continue
-            if arm == "none":
-                lines.append(f"| {student} | none | {len(values)} | {_mean_std(values)} | | | | |")
-                continue
-            gains = [results[(student, arm, s)]["miou"] - results[(student, "none", s)]["miou"]
-                     for s in plan.seeds if (student, arm, s) in results and (student, "none", s) in results]
+            gains = [scores[(student, arm, s)] - scores[(student, "none", s)] for s in plan.seeds
+                     if (student, arm, s) in scores and (student, "none", s) in scores]
             verdict = decide(gains) if gains else None
             lines.append(_arm_row(student, arm, values, verdict))
             if arm == "cwt" and student == plan.students[0] and verdict is not None:
-                decision = f"CWT ({student}, cwt at the converted MGD alpha): {verdict.reason}"
-    return "\n".join([*lines, "", f"Decision rule: {RULE_POSITIVE} of {RULE_SEEDS} seeds positive, mean at least "
-                      f"{RULE_MEAN:g} mIoU, 95 % interval above 0.", decision])
+                decision = f"CWT ({student}, {metric}): {verdict.reason}"
+    rule = (f"Decision rule: {RULE_POSITIVE} of {RULE_SEEDS} seeds positive, mean at least {RULE_MEAN:g} {metric}, "
+            "95 % interval above 0.")
+    return lines, f"{rule}\n{decision}"
 
 
 def _arm_row(student: str, arm: str, values: list[float], verdict: Verdict | None) -> str:

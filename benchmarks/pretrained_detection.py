@@ -58,16 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from detection import MGD_TWO_STAGE_ALPHA_SUM, run_cell, train_teacher  # noqa: E402
 from pretrained import (  # noqa: E402  (the protocol this one follows)
-    RULE_MEAN,
-    RULE_POSITIVE,
-    RULE_SEEDS,
     TEACHER_LEAD,
-    _arm_row,
     _pretrain_lines,
-    decide,
+    arm_table,
     pretrain_body,
 )
-from segmentation import RESULTS, ROOT, _mean_std, key, prepare_data  # noqa: E402
+from segmentation import RESULTS, ROOT, key, prepare_data  # noqa: E402
 
 RUNS = ROOT / "benchmarks" / "runs" / "pretrained_detection"
 #: The gradient-norm clip of every cell (MGD's Faster R-CNN configs clip at 35).
@@ -212,25 +208,8 @@ def load_results(plan: Plan) -> dict[tuple[str, str, int], float]:
 def report(plan: Plan) -> str:
     """The bodies, the teacher and its lead, the per-arm table with verdicts, and the decision for CWT."""
     results = load_results(plan)
-    lines = [*_pretrain_lines(plan), *_teacher_lines(plan, results), "",
-             "| student | arm | runs | val box AP (%) mean ± std | paired gain | 95 % interval | positive | verdict |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
-    decision = "CWT: no results yet"
-    for student in plan.students:
-        for arm in plan.arms:
-            values = [results[(student, arm, s)] for s in plan.seeds if (student, arm, s) in results]
-            if not values or arm == "none":
-                lines.append(f"| {student} | {arm} | {len(values)} | "
-                             f"{_mean_std(values) if values else 'not run yet'} | | | | |")
-                continue
-            gains = [results[(student, arm, s)] - results[(student, "none", s)] for s in plan.seeds
-                     if (student, arm, s) in results and (student, "none", s) in results]
-            verdict = decide(gains) if gains else None
-            lines.append(_arm_row(student, arm, values, verdict))
-            if arm == "cwt" and student == plan.students[0] and verdict is not None:
-                decision = f"CWT ({student}, box AP): {verdict.reason}"
-    return "\n".join([*lines, "", f"Decision rule: {RULE_POSITIVE} of {RULE_SEEDS} seeds positive, mean at least "
-                      f"{RULE_MEAN:g} box AP, 95 % interval above 0.", decision])
+    table, decision = arm_table(plan, results, "box AP")
+    return "\n".join([*_pretrain_lines(plan), *_teacher_lines(plan, results), "", *table, "", decision])
 
 
 def _teacher_lines(plan: Plan, results: dict) -> list[str]:

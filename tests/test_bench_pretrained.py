@@ -84,5 +84,5 @@ def test_the_report_states_the_decision_from_paired_seeds(bench, tmp_path):
                 {"miou": miou, "history": [miou - 0.1, miou]}))
     text = bench.report(plan)
     assert "leads the student baseline (30.00) by +10.00 mIoU." in text
-    assert "CWT (pspnet_resnet18, cwt at the converted MGD alpha): pays: 4/5 positive, mean +1.24" in text
+    assert "CWT (pspnet_resnet18, mIoU): pays: 4/5 positive, mean +1.24" in text
     assert "| mgd | 5 |" in text and "does not pay: positive in 1 of 5 seeds" in text
