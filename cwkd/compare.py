@@ -102,7 +102,7 @@ class Group:
 
     def to_dict(self) -> dict:
         first = self.runs[0]
-        stats = {key: _mean_std(self.values(key)) for key in ("best", "final", "images_per_s")}
+        stats = {key: mean_std(self.values(key)) for key in ("best", "final", "images_per_s")}
         return {"runs": [str(r.path) for r in self.runs], "seeds": [r.seed for r in self.runs], "n": len(self.runs),
                 **{k: getattr(first, k) for k in ("model", "teacher", "method", "alpha", "pairs", "epochs")},
                 **{k: {"mean": m, "std": s} for k, (m, s) in stats.items()}, "baseline": self.is_baseline,
@@ -274,7 +274,8 @@ def _pair(groups: list[Group], base: set[Path]) -> None:
         group.paired = Paired.of(diffs) if diffs else None
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """The mean and sample standard deviation (0 for one value; None, None for none)."""
     if not values:
         return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

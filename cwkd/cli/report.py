@@ -156,13 +156,12 @@ def _comparison_row(group: Group, paired: bool) -> list[str]:
 
 def _spread(values: list[float], digits: int = 2) -> str:
     """``82.10`` for one value, ``82.10 ± 0.35`` (mean ± sample std) for several, ``-`` for none."""
-    if not values:
+    from cwkd.compare import mean_std
+
+    mean, std = mean_std(values)
+    if mean is None:
         return "-"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _paired_cell(group: Group) -> str:
