@@ -5,14 +5,15 @@ The paper's students and teachers all start from ImageNet-pretrained backbones; 
 with Fashion-MNIST as the ImageNet stand-in:
 
 1. Pretrain: each body (``resnet18``, ``resnet50``) is trained for classification on the Fashion-MNIST
-   training set (all 60,000 images; ``cwkd train --in-chans 3``). The runs are cached, resumable, under
+   training set (all 60,000 images, one epoch; ``cwkd train --in-chans 3``). The runs are cached, resumable, under
    ``benchmarks/results/pretrained/bodies/`` (git-ignored: regenerated on demand) and their
    ``last.safetensors`` start every dense model below.
 2. Teacher: a PSPNet-R50 on the composited segmentation canvases of ``benchmarks/segmentation.py`` (real
    Fashion-MNIST items, background + 10 classes), started from the R50 body (``--backbone-weights``) and
-   fine-tuned long enough that its mIoU has stopped rising. It should be clearly ahead of the student
-   baseline (at least :data:`TEACHER_LEAD` mIoU); the report says so when it is not.
-3. Students: a PSPNet-R18 from the R18 body (``--student-backbone-weights``), 5 seeds, one schedule, arms:
+   fine-tuned for 8 epochs (the report prints its history: whether its mIoU had stopped rising). It should be
+   clearly ahead of the student baseline (at least :data:`TEACHER_LEAD` mIoU); the report says so when not.
+3. Students: a PSPNet-R18 from the R18 body (``--student-backbone-weights``), 5 seeds, 8 epochs, arms (run
+   in :func:`cell_order`: ``none`` and ``cwt`` seed by seed first, then each other arm's 5 seeds):
 
        none       the student alone (the baseline every gain is paired with, seed by seed)
        cwt        the paper's channel-wise transform at MGD's segmentation alpha converted to the mean form
@@ -34,8 +35,10 @@ result is written, except the teacher's. The data, the cell runner and the table
 
 Usage:
     python benchmarks/pretrained.py --quick      # tiny bodies, data and schedule, 1 seed: proves the pipeline
-    python benchmarks/pretrained.py              # the whole plan (long: size it on the machine that runs it)
+    python benchmarks/pretrained.py              # the whole plan (~95 min of 2 idle cores for none + cwt)
+    python benchmarks/pretrained.py --arms none cwt   # only the arms the decision needs
     python benchmarks/pretrained.py --report     # tables and the decision from the saved results
+    python benchmarks/pretrained.py --size       # the step times the plan is sized from
 
 Needs the Debian package ``dataset-fashion-mnist`` (or the IDX files under $CWKD_DATA).
 """
@@ -98,17 +101,25 @@ class Arm:
 ARMS = {a.name: a for a in (Arm("none", "none", None), Arm("cwt", "cwt"), Arm("cwt-auto", "cwt", "auto"),
                             Arm("mgd", "mgd"), Arm("cwd", "cwd", CWD_WEIGHT, pairs=CWD_PAIRS),
                             Arm("cwt+kd", "cwt", kd_weight=KD_WEIGHT))}
+#: The arms the decision rule compares (run first, seed by seed); the others are for information.
+DECISION_ARMS = ("none", "cwt")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything that sizes the benchmark; ``--quick`` is a smaller one. Epochs are unmeasured guesses."""
+    """Everything that sizes the benchmark; ``--quick`` is a smaller one.
+
+    The full plan is sized for about 95 minutes of 2 idle CPU cores from the step times ``--size`` measures
+    (docs/benchmarks.md gives them): one pretrain epoch on all
+    60,000 images (~15 min for both bodies), a teacher of 8 epochs (~13 min), then cells of 8 epochs on 480
+    canvases (~5 min a baseline, ~8 a distilled cell). The epoch counts themselves are guesses, not tuned.
+    """
 
     name: str = "full"
     bodies: tuple[str, ...] = ("resnet18", "resnet50")
     pretrain_subset: int | None = None  # class-balanced training images; None: all 60,000
     pretrain_test: int | None = None    # test images scored after each pretrain epoch; None: all 10,000
-    pretrain_epochs: int = 10
+    pretrain_epochs: int = 1
     pretrain_batch: int = 128
     pretrain_data: str = "fashion-mnist"  # or the bundled fashion-mnist-mini (no subset then)
     device: str = "cpu"                   # where the pretrain runs train
@@ -117,10 +128,10 @@ class Plan:
     arms: tuple[str, ...] = tuple(ARMS)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     canvas: int = 64
-    train_canvases: int = 600
+    train_canvases: int = 480
     val_canvases: int = 300
-    epochs: int = 12
-    teacher_epochs: int = 20
+    epochs: int = 8
+    teacher_epochs: int = 8
     batch_size: int = 16
     lr: float = 0.01  # fine-tuning from pretrained bodies: a fifth of the from-scratch benchmark's 0.05
     results: Path = RESULTS / "pretrained"
@@ -173,7 +184,7 @@ def run_plan(plan: Plan) -> None:
     teacher = train_teacher(plan, data, extra=("--backbone-weights", weights[body_of(plan.teacher)]))
     print(f"teacher {plan.teacher}: val mIoU {teacher['miou']:.2f}", flush=True)
     alpha, _ = teacher_alpha(plan)
-    cells = [(s, seed, ARMS[a]) for s in plan.students for seed in plan.seeds for a in plan.arms]
+    cells = [(student, seed, ARMS[arm]) for student, arm, seed in cell_order(plan)]
     for number, (student, seed, arm) in enumerate(cells, 1):
         name = key(student, arm.name, seed)
         if (plan.results / f"{name}.json").is_file():
@@ -184,6 +195,16 @@ def run_plan(plan: Plan) -> None:
         result = run_cell(plan, data, student, arm.method, seed, alpha if arm.alpha == "mgd" else arm.alpha,
                           name=name, extra=extra, student_extra=body)
         print(f"[{number}/{len(cells)}] {name}: val mIoU {result['miou']:.2f}", flush=True)
+
+
+def cell_order(plan: Plan) -> list[tuple[str, str, int]]:
+    """Every (student, arm, seed): first the arms the decision needs (:data:`DECISION_ARMS`) seed by seed, so
+    that a plan cut short keeps whole paired seeds, then each other arm with all its seeds before the next, so
+    that it keeps whole rows."""
+    first = [a for a in plan.arms if a in DECISION_ARMS]
+    rest = [a for a in plan.arms if a not in DECISION_ARMS]
+    return ([(s, a, seed) for s in plan.students for seed in plan.seeds for a in first]
+            + [(s, a, seed) for s in plan.students for a in rest for seed in plan.seeds])
 
 
 # ----------------------------------------------------------------------------- the decision and the report
@@ -307,15 +328,62 @@ def _teacher_lines(plan: Plan, results: dict) -> list[str]:
     return lines
 
 
+def step_times(plan: Plan, repeats: int = 3) -> dict[str, float]:
+    """Seconds per step of the plan's models on this machine (after one warm-up step): what the plan is sized
+    from. A pretrain train step, a dense train step, and the teacher's forward (what distillation adds)."""
+    import time
+
+    import timm
+    import torch
+
+    from cwkd.tasks.segmentation.models import create_segmentation_model
+
+    def seconds(model, x, train: bool) -> float:
+        model.train(train)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        times = []
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            with torch.set_grad_enabled(train):
+                out = model(x)
+            if train:
+                (out["out"] if isinstance(out, dict) else out).float().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - started)
+        return statistics.fmean(times[1:])
+
+    torch.manual_seed(0)
+    pixels, canvas = torch.randn(plan.pretrain_batch, 3, 28, 28), torch.randn(plan.batch_size, 3, plan.canvas,
+                                                                                plan.canvas)
+    found = {f"pretrain {b} (batch {plan.pretrain_batch}, 28 px)": seconds(timm.create_model(b, num_classes=10),
+                                                                           pixels, True) for b in plan.bodies}
+    for model in dict.fromkeys((*plan.students, plan.teacher)):
+        found[f"train {model} (batch {plan.batch_size}, {plan.canvas} px)"] = seconds(
+            create_segmentation_model(model, num_classes=11), canvas, True)
+    found[f"forward {plan.teacher}"] = seconds(create_segmentation_model(plan.teacher, num_classes=11), canvas,
+                                               False)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny plan that proves the pipeline end to end")
     parser.add_argument("--report", action="store_true", help="print the tables from saved results and exit")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these seeds")
+    parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), help="run (and report) only these arms")
+    parser.add_argument("--size", action="store_true", help="time one step of each model the plan trains, "
+                        "the numbers it is sized from, and exit")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     if args.seeds:
         plan = replace(plan, seeds=tuple(args.seeds))
+    if args.arms:
+        plan = replace(plan, arms=tuple(a for a in ARMS if a in args.arms))
+    if args.size:
+        for what, took in step_times(plan).items():
+            print(f"{what}: {took:.2f} s a step")
+        return 0
     if not args.report:
         print(f"alpha: MGD's segmentation {MGD_SEG_ALPHA_SUM:g} (summed form), converted for the teacher's map")
         run_plan(plan)

@@ -73,6 +73,13 @@ def test_the_plan_runs_each_arm_from_its_body(bench, tmp_path, monkeypatch):
     assert len(cells) == 2 * 6 - 1
 
 
+def test_the_decision_arms_run_first_seed_by_seed_then_each_other_arm_by_rows(bench):
+    plan = replace(bench.Plan(), arms=("none", "cwt", "mgd", "cwd"), seeds=(0, 1))
+    order = [(arm, seed) for _, arm, seed in bench.cell_order(plan)]
+    assert order == [("none", 0), ("cwt", 0), ("none", 1), ("cwt", 1), ("mgd", 0), ("mgd", 1), ("cwd", 0),
+                     ("cwd", 1)]
+
+
 def test_the_report_states_the_decision_from_paired_seeds(bench, tmp_path):
     plan = replace(bench.Plan(), arms=("none", "cwt", "mgd"), results=tmp_path)
     (tmp_path / "teacher.json").write_text(json.dumps({"model": plan.teacher, "miou": 40.0, "epochs": 20,
