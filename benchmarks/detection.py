@@ -1,7 +1,7 @@
 """Detection and instance segmentation on real Fashion-MNIST items: does channel-wise distillation pay? (issue 12)
 
 The data are 128 px canvases with 2-6 real Fashion-MNIST items each, written in the COCO layout with a box,
-class and mask per item (``cwkd.data.composite``; train items for the train canvases, test items for val, never
+class and mask per item (``cwkd.composite``; train items for the train canvases, test items for val, never
 mixed). A Mask R-CNN teacher on a ResNet-50 body is trained here with ``cwkd train``; then each student is
 trained alone (``none``) and distilled with each method under the same schedule and seeds:
 

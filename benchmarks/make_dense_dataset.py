@@ -2,7 +2,7 @@
 
 Every canvas holds 2-6 real Fashion-MNIST items (train split for train, test split for val, never mixed),
 scaled, tinted and overlapping, with a per-pixel class mask in the VOC layout and one box, class and mask
-per item in COCO JSON. See :mod:`cwkd.data.composite`.
+per item in COCO JSON. See :mod:`cwkd.composite`.
 
 Usage (needs the real data, e.g. ``apt-get install dataset-fashion-mnist``; ``--data fashion-mnist-mini``
 uses the subset bundled with cwkd instead)::
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from cwkd.data.composite import items_from_spec, write_dense_dataset
+from cwkd.composite import items_from_spec, write_dense_dataset
 from cwkd.errors import CwkdError
 from cwkd.tasks.classification.data import load_data
 

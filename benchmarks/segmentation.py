@@ -1,6 +1,6 @@
 """Semantic segmentation on real Fashion-MNIST items: does channel-wise distillation pay? (issue 11)
 
-The data are canvases with 2-6 real Fashion-MNIST items each (``cwkd.data.composite``; train items for the train
+The data are canvases with 2-6 real Fashion-MNIST items each (``cwkd.composite``; train items for the train
 canvases, test items for val, never mixed) and a per-pixel class mask (background + 10 classes). A PSPNet
 teacher on a dilated ResNet-50 is trained once with ``cwkd train``; then each student is trained alone
 (``none``) and distilled with each method under the same schedule and seeds:
@@ -84,7 +84,7 @@ def prepare_data(plan: Plan, source: str = "fashion-mnist") -> Path:
     ``source``: the items' data set, ``fashion-mnist`` or the bundled ``fashion-mnist-mini`` (6,000 train and
     1,000 test items: what a machine without Fashion-MNIST, such as the GPU machine, composites from).
     """
-    from cwkd.data.composite import items_from_spec, write_dense_dataset
+    from cwkd.composite import items_from_spec, write_dense_dataset
     from cwkd.tasks.classification.data import load_data
 
     prefix = "fm-dense" if source == "fashion-mnist" else f"{source}-dense"

@@ -14,9 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from cwkd.cli.app import app
+from cwkd.composite import Items, write_dense_dataset
 from cwkd.core.autoalpha import MAX_LOSS_RATIO, RATIO, choose, measure, pick_alpha
 from cwkd.core.distiller import FeatureDistiller
-from cwkd.data.composite import Items, write_dense_dataset
 from cwkd.errors import ConfigError, TrainingError
 from cwkd.files.checkpoint import read_metadata
 from cwkd.tasks import get_task

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import mobilenet_v3_large
 
-from cwkd.data.composite import Items, write_dense_dataset
+from cwkd.composite import Items, write_dense_dataset
 from cwkd.errors import CheckpointError
 from cwkd.tasks import get_task
 from cwkd.tasks.bodies import match_keys

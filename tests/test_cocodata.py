@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cwkd.data.composite import write_dense_dataset
+from cwkd.composite import write_dense_dataset
 from cwkd.errors import DataError
 from cwkd.tasks.detection.data import DetectionTransform, TransformedDetections, collate_detection, load_coco
 from tests.test_composite import _items

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cwkd.data.composite import Items, compose, rle_decode, rle_encode, write_dense_dataset
+from cwkd.composite import Items, compose, write_dense_dataset
+from cwkd.files.rle import rle_decode, rle_encode
 
 
 def _items(n: int = 40) -> Items:

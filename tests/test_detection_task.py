@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import cwkd.export
 from cwkd.choices import Optimizer
 from cwkd.cli.app import app
-from cwkd.data.composite import Items, write_dense_dataset
+from cwkd.composite import Items, write_dense_dataset
 from cwkd.errors import ConfigError
 from cwkd.export import ExportFormat, export_student
 from cwkd.inspection import inspect_model, propose_pairs

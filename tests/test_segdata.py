@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cwkd.data.composite import Items, write_dense_dataset
+from cwkd.composite import Items, write_dense_dataset
 from cwkd.data.loading import Transformed, seeded
 from cwkd.errors import DataError
 from cwkd.tasks.segmentation.data import IGNORE_INDEX, JointTransform, load_segmentation

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from cwkd.cli.app import app
-from cwkd.data.composite import Items, write_dense_dataset
+from cwkd.composite import Items, write_dense_dataset
 from cwkd.errors import ConfigError
 from cwkd.inspection import propose_pairs
 from cwkd.tasks import Task, get_task, infer_task

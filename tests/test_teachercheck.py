@@ -112,7 +112,7 @@ def test_a_detector_teacher_is_scored_at_the_students_size_and_put_back():
 def test_a_detector_teacher_is_scored_in_box_ap_and_one_of_another_task_is_not(tmp_path):
     import numpy as np
 
-    from cwkd.data.composite import Items, write_dense_dataset
+    from cwkd.composite import Items, write_dense_dataset
 
     pytest.importorskip("pycocotools")
     rng = np.random.default_rng(0)

@@ -1,1 +1,1 @@
-"""Task-neutral data plumbing: image decoding, transforms and loaders, device feeding, composites."""
+"""Task-neutral data plumbing: image decoding, transforms and loaders, device feeding."""

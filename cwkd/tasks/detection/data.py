@@ -4,7 +4,7 @@ Two layouts are found under ``--data ROOT``:
 
 - COCO 2017: ``annotations/instances_train2017.json`` with images in ``train2017/``, and
   ``annotations/instances_val2017.json`` with ``val2017/``;
-- cwkd's composited set (``cwkd.data.composite``): ``annotations/instances_{train,val}.json`` with ``{train,val}/``.
+- cwkd's composited set (``cwkd.composite``): ``annotations/instances_{train,val}.json`` with ``{train,val}/``.
 
 An item is ``(image, target)``: a 0-1 float ``(3, H, W)`` tensor, and ``{"boxes": (N, 4) float xyxy,
 "labels": (N,) int64, "image_id": int}`` plus ``"masks": (N, H, W) uint8`` when masks are asked for,
@@ -37,9 +37,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from cwkd.data.composite import rle_decode
 from cwkd.data.images import read_image, scale_pad_crop
 from cwkd.errors import DataError
+from cwkd.files.rle import rle_decode
 from cwkd.tasks.detection.cococheck import check_coco
 
 #: The smallest box side kept, in pixels: thinner boxes are degenerate.
@@ -153,7 +153,7 @@ def _mask(ann: dict, size: tuple[int, int], image: Path) -> np.ndarray:
     """The ``uint8`` (H, W) mask of an annotation's polygons or RLE, checked against its image's size.
 
     With pycocotools installed it rasterises them, as COCO's evaluation does, so the training target is
-    the mask that is scored; without it, PIL draws polygons and :func:`~cwkd.data.composite.rle_decode` reads
+    the mask that is scored; without it, PIL draws polygons and :func:`~cwkd.files.rle.rle_decode` reads
     uncompressed RLE (compressed RLE then needs pycocotools).
     """
     seg = ann.get("segmentation")

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cwkd.files.rle import rle_encode
+
 #: Pixels of a 28x28 item brighter than this (of 255) belong to the item; the rest is its black margin.
 FOREGROUND = 24
 #: The value of "ignore" in a class mask (VOC's border colour); the generator writes none.
@@ -149,25 +151,3 @@ def _coco_add(coco: dict, made: Canvas, *, image_id: int, file_name: str) -> Non
             "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": label + 1,
             "bbox": box, "area": int(mask.sum()), "iscrowd": 0, "segmentation": rle_encode(mask),
         })
-
-
-def rle_encode(mask: np.ndarray) -> dict:
-    """COCO's uncompressed RLE of a boolean mask: run lengths in column-major order, starting with 0s."""
-    flat = np.asarray(mask, dtype=bool).flatten(order="F")
-    changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        runs = [0, *runs]
-    return {"counts": runs, "size": list(mask.shape)}
-
-
-def rle_decode(rle: Mapping) -> np.ndarray:
-    """The boolean mask of an uncompressed COCO RLE (the inverse of :func:`rle_encode`)."""
-    height, width = rle["size"]
-    values = np.zeros(height * width, dtype=bool)
-    position, value = 0, False
-    for run in rle["counts"]:
-        values[position:position + run] = value
-        position, value = position + run, not value
-    return values.reshape((height, width), order="F")
