@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from typer.testing import CliRunner
 
-import cwkd.export
+import cwkd.exportformats
 from cwkd.choices import Optimizer
 from cwkd.cli.app import app
 from cwkd.composite import Items, write_dense_dataset
@@ -224,12 +224,12 @@ def test_instance_onnx_export_returns_masks_and_is_verified_on_real_images(teach
 
 
 def test_verify_refuses_another_number_of_detections_and_writes_nothing(teacher, tmp_path, monkeypatch):
-    load = cwkd.export._LOAD[ExportFormat.safetensors]
+    load = cwkd.exportformats.LOAD[ExportFormat.safetensors]
     def one_more(payload, meta):  # a runtime that finds one detection more than PyTorch
         run = load(payload, meta)
         return lambda x: tuple(torch.cat([t, t.new_zeros(1, *t.shape[1:])]) for t in run(x))
 
-    monkeypatch.setitem(cwkd.export._LOAD, ExportFormat.safetensors, one_more)
+    monkeypatch.setitem(cwkd.exportformats.LOAD, ExportFormat.safetensors, one_more)
     path = tmp_path / "student.safetensors"
     said = cli_fails(["export", teacher / "best.safetensors", "--verify", "--out", path, "--no-benchmark"],
                      "outputs on random inputs have shapes [", "where PyTorch's have [", "the file was not written")

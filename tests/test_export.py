@@ -17,6 +17,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import cwkd
+import cwkd.exportformats
 from cwkd.cli.app import app
 from cwkd.errors import ExportError
 from cwkd.export import export_student
@@ -139,7 +140,7 @@ def test_an_existing_file_is_kept_unless_overwrite(ckpt):
 def test_a_failed_verify_writes_nothing(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "strict.onnx"
     wrong = lambda payload, meta: lambda x: torch.full((x.shape[0], 2), 1e3)  # noqa: E731 - an export that is off
-    monkeypatch.setitem(cwkd.export._LOAD, cwkd.export.ExportFormat.onnx, wrong)
+    monkeypatch.setitem(cwkd.exportformats.LOAD, cwkd.export.ExportFormat.onnx, wrong)
     with pytest.raises(ExportError, match="not written"):
         export_student(ckpt, format="onnx", out=out, verify=True, benchmark=False)
     assert list(tmp_path.iterdir()) == [ckpt]  # neither the file nor a temporary left behind
@@ -176,13 +177,13 @@ class _Scaled(torch.nn.Module):
 @pytest.mark.parametrize(("scale", "off", "passes"), [(1.0, 5e-5, True), (1.0, 2e-4, False), (30.0, 2e-4, True),
                                                       (30.0, 4e-3, False), (0.01, 2e-4, False)])
 def test_verify_limit_scales_with_the_logits(scale, off, passes):
-    from cwkd.export import _verify
+    from cwkd.exportformats import verify
 
     model = _Scaled(scale)
     meta = SimpleNamespace(input_size=(1, 8, 8), task=None)
     run = lambda x: model(x) + off  # noqa: E731 - an exported runtime that differs by ``off``
     if passes:
-        assert _verify(model, run, meta, None, atol=1e-4)["random"] == pytest.approx(off, rel=1e-2)
+        assert verify(model, run, meta, None, atol=1e-4)["random"] == pytest.approx(off, rel=1e-2)
     else:
         with pytest.raises(ExportError, match=r"more than 0.0001 x max\(1, \|output\|\)"):
-            _verify(model, run, meta, None, atol=1e-4)
+            verify(model, run, meta, None, atol=1e-4)

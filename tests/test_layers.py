@@ -25,8 +25,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("cwkd.core",)),
     ("files/data/runtime", ("cwkd.files", "cwkd.data", "cwkd.runtime")),
     ("tasks", ("cwkd.tasks",)),
-    ("tools", ("cwkd.compare", "cwkd.composite", "cwkd.evaluation", "cwkd.export", "cwkd.hfexport", "cwkd.inspection",
-               "cwkd.student")),
+    ("tools", ("cwkd.compare", "cwkd.composite", "cwkd.evaluation", "cwkd.export", "cwkd.exportformats",
+               "cwkd.hfexport", "cwkd.inspection")),
     ("training", ("cwkd.training",)),
     ("cli", ("cwkd.cli", "cwkd.__main__")),
 )

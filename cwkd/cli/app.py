@@ -7,90 +7,61 @@ bodies, so ``cwkd --help`` and ``cwkd --version`` start in a fraction of a secon
 
 from __future__ import annotations
 
-import contextlib
-import re
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cwkd import __version__
-from cwkd.choices import ExportFormat, Method, MgdMask, Optimizer, Precision, Reduction, Split, Task, Tracker
-from cwkd.errors import ConfigError, CwkdError, RunInterrupted
+from cwkd.choices import ExportFormat, Method, MgdMask, Optimizer, Precision, Reduction, Split
+from cwkd.cli.faults import ignore_sigint, one_line_errors, set_debug
+from cwkd.cli.options import (
+    BackboneWeights,
+    BatchSize,
+    ClipGrad,
+    Compile,
+    Data,
+    DataRoot,
+    Device,
+    Download,
+    Epochs,
+    InChans,
+    InputSize,
+    Log,
+    Lr,
+    Mean,
+    Opt,
+    Out,
+    Overwrite,
+    Prec,
+    Quiet,
+    Resume,
+    Seed,
+    SkipCorrupt,
+    SkipNonfinite,
+    Smoothing,
+    Std,
+    StudentPretrained,
+    TaskOpt,
+    Warmup,
+    WeightDecay,
+    Workers,
+    train_config,
+)
 from cwkd.training.config import TrainConfig
 
 app = typer.Typer(
     name="cwkd", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Channel-wise feature knowledge distillation: train a small student to mimic a big teacher.",
 )
-_state = {"debug": False}
-
-# Reusable option types -------------------------------------------------------------------------
-Data = Annotated[str, typer.Option("--data", help="ImageFolder dir (train/ + val/), fashion-mnist, "
-                                   "fashion-mnist-mini (bundled), cifar10 or cifar100; for segmentation a "
-                                   "VOC-style dir or one with train/images + train/masks; for detection/instance a "
-                                   "COCO dir (annotations/instances_train2017.json + train2017/, or "
-                                   "annotations/instances_train.json + train/).")]
-TaskOpt = Annotated[Task | None, typer.Option("--task", help="classification, segmentation, detection or instance "
-                                              "(default: inferred from the model name, e.g. pspnet_* is "
-                                              "segmentation, fasterrcnn_* detection, maskrcnn_* instance).")]
-DataRoot = Annotated[str | None, typer.Option(help="Where to look for fashion-mnist/cifar files "
-                                                 "(else $CWKD_DATA, then system paths).")]
-Download = Annotated[bool, typer.Option(help="Let torchvision download cifar/fashion-mnist (needs internet).")]
-SkipCorrupt = Annotated[bool, typer.Option(help="Skip unreadable images with a warning instead of failing.")]
-Epochs = Annotated[int | None, typer.Option(help="Training epochs. (default: 10)")]
-BatchSize = Annotated[int, typer.Option(help="Images per step (per process under torchrun).")]
-Lr = Annotated[float | None, typer.Option(help="Peak learning rate. (default: 0.05 sgd, 1e-3 adamw; "
-                                               "detection and instance: 0.005 sgd, 1e-4 adamw)")]
-WeightDecay = Annotated[float | None, typer.Option(help="Weight decay. (default: 5e-4 sgd, 0.05 adamw)")]
-Opt = Annotated[Optimizer, typer.Option("--optimizer", help="SGD with Nesterov momentum, or AdamW.")]
-Warmup = Annotated[float, typer.Option(help="Linear warmup epochs before the cosine decay.")]
-Smoothing = Annotated[float, typer.Option(help="Label smoothing for the task loss.")]
-ClipGrad = Annotated[float | None, typer.Option(help="Clip the gradient norm to this value.")]
-Prec = Annotated[Precision, typer.Option("--precision", help="fp32, autocast bf16/fp16 (fp16 needs CUDA), "
-                                         "or auto: the fastest here (bf16 only where native).")]
-Compile = Annotated[bool, typer.Option(help="torch.compile the student and teacher.")]
-InputSize = Annotated[int | None, typer.Option(help="Input height=width in pixels (default: the model's, "
-                                                  "or 32 for 28-32 px data sets; a detector's resize "
-                                                  "`min_size`, default the data's image size).")]
-InChans = Annotated[int | None, typer.Option(help="Input channels (default: the data's, 1 for gray).")]
-Mean = Annotated[str | None, typer.Option(help="Input mean per channel, comma-separated (default: the "
-                                         "model's timm config).")]
-Std = Annotated[str | None, typer.Option(help="Input std per channel, comma-separated (default: the "
-                                        "model's timm config).")]
-Workers = Annotated[str, typer.Option(help="Data loader worker processes, or auto: this process's share of the "
-                                            "usable cores (divided by the processes under torchrun), at most 16; "
-                                            "0 on a single core.")]
-Seed = Annotated[int, typer.Option(help="Random seed.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Out = Annotated[str | None, typer.Option(help="Run directory. (default: runs/<time>-<student>-<pid>)")]
-Overwrite = Annotated[bool, typer.Option(help="Replace the run already in --out.")]
-Resume = Annotated[str | None, typer.Option(help="Continue the run in this directory with its saved config "
-                                             "(--epochs, --workers, --device, --quiet, --skip-corrupt, "
-                                             "--skip-nonfinite, --data-root, --download may change; --data, "
-                                             "--teacher and weights may name a moved copy).")]
-SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss is NaN/inf before stopping.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-Log = Annotated[list[Tracker] | None, typer.Option("--log", help="Also write each epoch's metrics and the "
-                                                   "running losses to tensorboard (RUN/tensorboard/), wandb or "
-                                                   "trackio; repeat for several. Off by default; each is an "
-                                                   "extra: pip install 'cwkd[tensorboard]'.")]
-StudentPretrained = Annotated[bool, typer.Option(help="Start the student from timm's pretrained weights "
-                                                 "(needs the Hugging Face hub); a segmenter or detector: its "
-                                                 "backbone's ImageNet weights (timm's, or torchvision's "
-                                                 "weights_backbone), heads fresh.")]
-BackboneWeights = "Start a segmenter's or detector's backbone from a classifier's weights file: a cwkd " \
-    "checkpoint, a `cwkd export` student or a timm state dict (.safetensors, .pth); heads fresh, at least 90% of " \
-    "the backbone's tensors must match."
 
 
 def _apply_config(ctx: typer.Context, value: str | None) -> str | None:
     """``--config``: eager, so the file's values become the defaults before click reads the other options."""
     if value:
-        with _errors():
+        with one_line_errors():
             from cwkd.training.configfile import command_defaults
 
             command = {"train": train, "distill": distill}[ctx.info_name]
@@ -119,58 +90,7 @@ def _main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
                                           callback=_print_version)] = False,
 ) -> None:
-    _state["debug"] = debug
-
-
-@contextlib.contextmanager
-def _errors(run_dir: str | None = None, *, training: bool = False) -> Iterator[None]:
-    """Library errors and machine faults become ``error: ...`` and exit 1; a stop signal exits 128 + signal.
-
-    ``training``: the command trains, into ``run_dir`` if known; the message after a Ctrl-C says what to do.
-    """
-    try:  # nothing before this line: a Ctrl-C while torch imports must reach the handlers below
-        yield
-    except CwkdError as exc:
-        if _state["debug"]:
-            raise
-        # An error raised in a DataLoader worker arrives wrapped in a worker traceback: keep its last line,
-        # without the "cwkd.errors.DataError: " that the traceback puts before the message.
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        typer.echo(f"error: {re.sub(r'^cwkd[.]errors[.][A-Za-z]+: ', '', lines[-1])}", err=True)
-        raise typer.Exit(1) from None
-    except RunInterrupted as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt as exc:  # Ctrl-C before training started, or a second Ctrl-C: files saved stay
-        _ignore_sigint()  # a further Ctrl-C while exiting would only print "Exception ignored ..."
-        if _state["debug"]:
-            raise
-        exc.__traceback__ = None  # free the interrupted frames now, so their cleanup runs while SIGINT is ignored
-        typer.echo(_interrupted(run_dir) if training else "interrupted; files already written are intact", err=True)
-        raise typer.Exit(130) from None
-    except Exception as exc:  # out of memory, no compiler for --compile, a read-only disk: one line too
-        from cwkd.cli.faults import fault_message
-
-        message = None if _state["debug"] else fault_message(exc)
-        if message is None:
-            raise
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(1) from None
-
-
-def _interrupted(run_dir: str | None) -> str:
-    """What a Ctrl-C outside training leaves: suggest --resume only for a run that has something to resume."""
-    if run_dir is None:  # a default --out: the engine named it, and printed it if it got that far
-        return "interrupted; files already written are intact (a run that finished an epoch continues with --resume)"
-    if (Path(run_dir) / "config.json").is_file() and (Path(run_dir) / "state.pt").is_file():
-        return f"interrupted; files already written are intact; continue the run with --resume {run_dir}"
-    return "interrupted before the first epoch finished; nothing to resume: run the same command again"
-
-
-def _ignore_sigint() -> None:
-    """Ignore further SIGINTs (main thread only: signal handlers cannot be set elsewhere)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_debug(debug)
 
 
 @app.command()
@@ -195,7 +115,7 @@ def inspect(
     from cwkd.files.strict_json import json_text
     from cwkd.inspection import inspect_model, propose_pairs
 
-    with _errors():
+    with one_line_errors():
         if teacher or student:
             if not (teacher and student) or model:
                 raise typer.BadParameter("give MODEL alone, or both --teacher and --student")
@@ -219,7 +139,7 @@ def _run(cfg: TrainConfig, resume: str | None, options: dict | None) -> None:
     if main_thread:  # the first Ctrl-C of start-up stops it; one more while it unwinds is ignored
         signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        with _errors(resume or cfg.out, training=True):
+        with one_line_errors(resume or cfg.out, training=True):
             from cwkd.training.engine import run
 
             run(cfg, resume=resume, resume_options=options)
@@ -229,7 +149,7 @@ def _run(cfg: TrainConfig, resume: str | None, options: dict | None) -> None:
 
 
 def _interrupt_once(_signum, _frame) -> None:
-    _ignore_sigint()
+    ignore_sigint()
     raise KeyboardInterrupt
 
 
@@ -255,8 +175,8 @@ def train(
     skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False, log: Log = None,
 ) -> None:
     """Train one model without a teacher: a teacher to distil from, or the baseline student."""
-    with _errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
-        cfg, options = _config(dict(locals()), student=model, method=Method.none, flag="--model")
+    with one_line_errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
+        cfg, options = train_config(dict(locals()), student=model, method=Method.none, flag="--model")
     _run(cfg, resume, options)
 
 
@@ -314,50 +234,9 @@ def distill(
     skip_nonfinite: SkipNonfinite = 0, quiet: Quiet = False, log: Log = None,
 ) -> None:
     """Distil a teacher into a student through channel-wise aligned features."""
-    with _errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
-        cfg, options = _config(dict(locals()), student=student, method=method, flag="--student")
+    with one_line_errors(resume or out, training=True):  # torch may load here: a Ctrl-C gets the run's line
+        cfg, options = train_config(dict(locals()), student=student, method=method, flag="--student")
     _run(cfg, resume, options)
-
-
-def _config(options: dict, *, student: str | None, method: Method,
-            flag: str) -> tuple[TrainConfig, dict | None]:
-    """One TrainConfig from a command's options; for --resume, the options given (checked against the saved config)."""
-    resume = options.pop("resume", None)
-    if options.pop("config", None) and resume:
-        raise ConfigError("--config sets a new run's options, and a resumed run keeps its own; drop --config")
-    given = _given(options, options.pop("ctx"))
-    options["workers"] = TrainConfig.parse_workers(options["workers"])  # `--workers 4` or `--workers auto`
-    if "alpha" in options:  # `--alpha 7` or `--alpha auto`
-        options["alpha"] = TrainConfig.parse_alpha(options["alpha"])
-    options = {k: v for k, v in options.items() if k != "model"}
-    if "pretrained" in options:  # `cwkd train` names them --pretrained / --weights
-        options["student_pretrained"] = options.pop("pretrained")
-        options["student_weights"] = options.pop("weights")
-        options["student_backbone_weights"] = options.pop("backbone_weights")
-        given = {{"pretrained": "student_pretrained", "weights": "student_weights",
-                  "backbone_weights": "student_backbone_weights"}.get(k, k) for k in given}
-    options["student"] = student
-    options["log"] = tuple(Tracker(t).value for t in options["log"] or ())
-    if resume:  # the options given are checked against the saved config (rundir.load_config)
-        return (TrainConfig(data="-", student="-", method=Method.none),
-                {k: v for k, v in options.items() if k in given or k == "student" and student})
-    if options["epochs"] is None:  # not `or 10`: --epochs 0 must reach the check and fail
-        options["epochs"] = 10
-    if not student:
-        raise typer.BadParameter(f"{flag} is required (or --resume RUN_DIR)", param_hint=flag)
-    if not options["data"]:
-        raise typer.BadParameter("--data is required", param_hint="--data")
-    options.update(method=method)
-    return TrainConfig(**options), None
-
-
-def _given(options: dict, ctx: typer.Context) -> set[str]:
-    """The options typed on the command line (or set by the environment), not left at their defaults.
-
-    Asked of click, not found by comparing with the default: `--alpha 1.0` on a run made with 2 is given.
-    """
-    return {k for k in options if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in
-            ("DEFAULT", "DEFAULT_MAP")}
 
 
 @app.command()
@@ -370,7 +249,7 @@ def demo(
     """Offline demo on the bundled data: teacher, baseline student and CWT student, compared."""
     from cwkd.cli.demo import run_demo
 
-    with _errors():
+    with one_line_errors():
         run_demo(out=out, fast=fast, seed=seed, workers=TrainConfig.parse_workers(workers))
 
 
@@ -410,7 +289,7 @@ def compare(
     from cwkd.compare import compare_runs, plot_curves
     from cwkd.files.strict_json import json_text
 
-    with _errors():
+    with one_line_errors():
         result = compare_runs(runs, baseline=baseline)
         if plot is not None:
             plot_curves(result, plot)
@@ -442,7 +321,7 @@ def eval_(
     from cwkd.evaluation import evaluate_checkpoint
     from cwkd.files.strict_json import json_text
 
-    with _errors():
+    with one_line_errors():
         result = evaluate_checkpoint(checkpoint, weights=weights, data=data, data_root=data_root, split=split,
                                      batch_size=batch_size, workers=TrainConfig.parse_workers(workers), device=device,
                                      precision=precision,
@@ -476,7 +355,7 @@ def export_(
     """Write the student alone (no aligners, no teacher) as safetensors, ONNX, TorchScript or a Hugging Face folder."""
     from cwkd.export import export_student, print_export
 
-    with _errors():
+    with one_line_errors():
         result = export_student(checkpoint, format=format, out=out, overwrite=overwrite, verify=verify,
                                 benchmark=benchmark, data=data, data_root=data_root, atol=atol, task=task,
                                 push_to_hub=push_to_hub)
@@ -489,7 +368,7 @@ def main() -> None:
         app()
     except SystemExit as exc:
         if exc.code == 130:  # interrupted: the interpreter's shutdown must not be interrupted again
-            _ignore_sigint()
+            ignore_sigint()
         raise
 
 

@@ -1,14 +1,24 @@
-"""What a fault of the machine means for the user: out of memory, no C++ compiler for ``--compile``.
+"""What a fault of the machine means for the user: out of memory, no C++ compiler for ``--compile``; and
+:func:`one_line_errors`, which turns it, or a library error or a Ctrl-C, into one line and an exit code.
 
-These come from PyTorch as plain ``RuntimeError``s, ``MemoryError`` or inductor errors, anywhere in a run, an
-evaluation or an export. :func:`fault_message` turns one into the line the CLI prints; it imports nothing
-heavy, so the CLI can call it without loading torch.
+Faults come from PyTorch as plain ``RuntimeError``s, ``MemoryError`` or inductor errors, anywhere in a run, an
+evaluation or an export. :func:`fault_message` turns one into the line the CLI prints; this module imports nothing
+heavy, so the CLI can use it without loading torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+from cwkd.errors import CwkdError, RunInterrupted
 
 _CPU_OOM = re.compile(r"DefaultCPUAllocator: (can't|not enough memory)|can't allocate memory|not enough memory",
                       re.IGNORECASE)
@@ -83,3 +93,62 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(exc)
         exc = exc.__cause__ or exc.__context__
     return seen
+
+
+# ----------------------------------------------------------------------------- one line per error
+
+_state = {"debug": False}  # --debug: tracebacks instead of one line (set by the app's callback)
+
+
+def set_debug(debug: bool) -> None:
+    """``--debug``: let :func:`one_line_errors` re-raise, so the full traceback shows."""
+    _state["debug"] = debug
+
+
+@contextlib.contextmanager
+def one_line_errors(run_dir: str | None = None, *, training: bool = False) -> Iterator[None]:
+    """Library errors and machine faults become ``error: ...`` and exit 1; a stop signal exits 128 + signal.
+
+    ``training``: the command trains, into ``run_dir`` if known; the message after a Ctrl-C says what to do.
+    """
+    try:  # nothing before this line: a Ctrl-C while torch imports must reach the handlers below
+        yield
+    except CwkdError as exc:
+        if _state["debug"]:
+            raise
+        # An error raised in a DataLoader worker arrives wrapped in a worker traceback: keep its last line,
+        # without the "cwkd.errors.DataError: " that the traceback puts before the message.
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        typer.echo(f"error: {re.sub(r'^cwkd[.]errors[.][A-Za-z]+: ', '', lines[-1])}", err=True)
+        raise typer.Exit(1) from None
+    except RunInterrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C before training started, or a second Ctrl-C: files saved stay
+        ignore_sigint()  # a further Ctrl-C while exiting would only print "Exception ignored ..."
+        if _state["debug"]:
+            raise
+        exc.__traceback__ = None  # free the interrupted frames now, so their cleanup runs while SIGINT is ignored
+        typer.echo(_interrupted(run_dir) if training else "interrupted; files already written are intact", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:  # out of memory, no compiler for --compile, a read-only disk: one line too
+        message = None if _state["debug"] else fault_message(exc)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _interrupted(run_dir: str | None) -> str:
+    """What a Ctrl-C outside training leaves: suggest --resume only for a run that has something to resume."""
+    if run_dir is None:  # a default --out: the engine named it, and printed it if it got that far
+        return "interrupted; files already written are intact (a run that finished an epoch continues with --resume)"
+    if (Path(run_dir) / "config.json").is_file() and (Path(run_dir) / "state.pt").is_file():
+        return f"interrupted; files already written are intact; continue the run with --resume {run_dir}"
+    return "interrupted before the first epoch finished; nothing to resume: run the same command again"
+
+
+def ignore_sigint() -> None:
+    """Ignore further SIGINTs (main thread only: signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
