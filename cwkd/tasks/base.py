@@ -9,34 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Optimizer, Task
+from cwkd.core.distilltask import DistillTask
 from cwkd.data.spec import DataSpec
 from cwkd.errors import ExportError
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
     from cwkd.data.loading import DataConfig
-
-
-class FeatureTaps(Protocol):
-    """Features a task captures itself: its ``pairs``, and both sides' maps after a student forward.
-
-    ``pop(teacher=True)`` returns ``(student_maps, teacher_maps)`` keyed by the pairs' layer names and
-    clears what it held; ``attach``/``detach`` add and remove its hooks.
-    """
-
-    pairs: list
-
-    def attach(self) -> None: ...
-
-    def detach(self) -> None: ...
-
-    def pop(self, teacher: bool = True) -> tuple[dict, dict]: ...
 
 
 @dataclass(frozen=True)
@@ -65,8 +50,13 @@ class ExportIO:
         return "[" + ", ".join(str(axes.get(i, n)) for i, n in enumerate((self.batch or 1, *size))) + "]"
 
 
-class TaskSpec:
-    """One task. Subclasses set the class attributes and implement the methods marked as required."""
+class TaskSpec(DistillTask):
+    """One task. Subclasses set the class attributes and implement the methods marked as required.
+
+    It is what :class:`~cwkd.core.distiller.FeatureDistiller` asks of a task (``task=``): :meth:`loss`,
+    :attr:`logits`, :meth:`kd_positions`, :meth:`forward`, :meth:`feature_prefix` and :meth:`feature_taps`
+    (the last four default to :class:`~cwkd.core.distilltask.DistillTask`'s).
+    """
 
     name: Task
     #: The metric (a key of :meth:`evaluate`'s dict) that picks ``best.safetensors``; higher is better.
@@ -77,8 +67,9 @@ class TaskSpec:
     export_io: ExportIO = ExportIO.batched("input", "output", "[batch, ...]")
     #: Whether the models are timm classifiers whose output is their class logits.
     has_logits: bool = False
-    #: Whether :meth:`logits` gives class logits (per image or per pixel), so logit KD (``--kd-weight``) can work.
-    kd_logits: bool = False
+    #: The class logits that logit KD (``--kd-weight``) matches, per image or per pixel, classes on dim 1: a
+    #: method ``logits(outputs)`` in a task whose models have them; None where they have none (a detector's).
+    logits: Callable[[Any], torch.Tensor] | None = None
     #: MGD's mask kind and ratio in MGD's reference config for this task (see :meth:`mgd_defaults`).
     mgd_mask: tuple[MgdMask, float] = (MgdMask.pixel, 0.75)
     #: Whether the task's models are plain timm models, which ``timm.create_model`` rebuilds from a Hugging Face folder.
@@ -134,29 +125,13 @@ class TaskSpec:
         return (images.to(device, non_blocking=True, memory_format=memory_format),
                 targets.to(device, non_blocking=True))
 
-    def forward(self, model: nn.Module, inputs, targets):
-        """The model's output on a training batch (a detector takes the targets too, and returns its losses)."""
-        return model(inputs)
-
     def loss(self, outputs, targets, *, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
         """The task's loss parts: ``task_loss`` (what is optimised) and any parts it sums (required)."""
         raise NotImplementedError
 
-    def logits(self, outputs) -> torch.Tensor | None:
-        """The class logits that logit KD matches, classes on dim 1, or None where the task has none."""
-        return None
-
-    def kd_positions(self, targets) -> torch.Tensor | None:
-        """Which positions of :meth:`logits` logit KD counts (a bool tensor of their shape), or None: all."""
-        return None
-
     def mgd_defaults(self, model: str) -> tuple[MgdMask, float]:
         """MGD's mask kind and ratio for a student ``model`` of this task, as MGD's reference configs set them."""
         return self.mgd_mask
-
-    def loss_fn(self, label_smoothing: float = 0.0) -> Callable:
-        """:meth:`loss` with its options bound, as :class:`~cwkd.core.distiller.FeatureDistiller` takes it."""
-        return lambda outputs, targets: self.loss(outputs, targets, label_smoothing=label_smoothing)
 
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision, channels_last: bool = False,
                  rank=None) -> dict:
@@ -178,15 +153,6 @@ class TaskSpec:
     def per_class_counter(self, num_classes: int):
         """What records per-class scores during :meth:`evaluate` for ``cwkd eval --per-class``, when the task's
         :meth:`evaluate` does not return them itself (a classifier's confusion matrix); None: it does."""
-        return None
-
-    def feature_prefix(self, model: nn.Module) -> str:
-        """Where ``--pairs last``/``all`` look for stages: ``""`` (the whole model) or a submodule's ``name.``."""
-        return ""
-
-    def feature_taps(self, teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int],
-                     pairs) -> FeatureTaps | None:
-        """The task's own way to pair and capture features, or None: layers hooked by name (the default)."""
         return None
 
     def check_export(self, fmt: str) -> None:

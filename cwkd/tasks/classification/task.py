@@ -30,7 +30,6 @@ class Classification(TaskSpec):
     metrics = {"top1": "top-1", "top5": "top-5"}
     export_io = ExportIO.batched("input", "logits", "[batch, classes]")
     has_logits = True
-    kd_logits = True
     mgd_mask = (MgdMask.channel, 0.15)  # MGD's cls/mmcls/distillation/losses/mgd.py and its ImageNet configs
     timm_models = True
 

@@ -48,7 +48,6 @@ class Segmentation(TaskSpec):
     best_metric = "miou"
     metrics = {"miou": "mIoU", "pixel_acc": "pixel acc"}
     export_io = ExportIO.batched("input", "out", "[batch, classes, height, width]")
-    kd_logits = True
     mgd_mask = (MgdMask.pixel, 0.75)  # MGD's seg/configs/distillers/mgd/psp_r101_distill_psp_r18_40k_512x512_city.py
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
