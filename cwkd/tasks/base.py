@@ -15,10 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Optimizer, Task
+from cwkd.choices import ExportFormat, MgdMask, Optimizer, Task
 from cwkd.core.distilltask import DistillTask
 from cwkd.data.spec import DataSpec
-from cwkd.errors import ExportError
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
     from cwkd.data.loading import DataConfig
@@ -65,15 +64,16 @@ class TaskSpec(DistillTask):
     metrics: dict[str, str]
     #: The exported graph's input and outputs (ONNX names, dynamic axes).
     export_io: ExportIO = ExportIO.batched("input", "output", "[batch, ...]")
-    #: Whether the models are timm classifiers whose output is their class logits.
-    has_logits: bool = False
     #: The class logits that logit KD (``--kd-weight``) matches, per image or per pixel, classes on dim 1: a
     #: method ``logits(outputs)`` in a task whose models have them; None where they have none (a detector's).
     logits: Callable[[Any], torch.Tensor] | None = None
-    #: MGD's mask kind and ratio in MGD's reference config for this task (see :meth:`mgd_defaults`).
-    mgd_mask: tuple[MgdMask, float] = (MgdMask.pixel, 0.75)
-    #: Whether the task's models are plain timm models, which ``timm.create_model`` rebuilds from a Hugging Face folder.
+    #: Whether the models are timm classifiers: built to the shape of a weights file's head (a teacher's
+    #: ``--teacher-weights``, ``cwkd eval --weights``), pretrained with their own head, and rebuilt by
+    #: ``timm.create_model`` from a Hugging Face folder (``cwkd export --format hf``, refused otherwise).
     timm_models: bool = False
+    #: The export formats the task's models cannot take, each with what to use instead (``cwkd export`` refuses
+    #: them; ``hf`` needs :attr:`timm_models`).
+    refused_exports: dict[ExportFormat, str] = {}
     #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
     ddp_find_unused: bool = False
     #: Whether every training step allocates tensors of the same sizes, so that keeping freed memory for the
@@ -130,8 +130,10 @@ class TaskSpec(DistillTask):
         raise NotImplementedError
 
     def mgd_defaults(self, model: str) -> tuple[MgdMask, float]:
-        """MGD's mask kind and ratio for a student ``model`` of this task, as MGD's reference configs set them."""
-        return self.mgd_mask
+        """MGD's mask kind and ratio for a student ``model`` of this task, as MGD's reference configs set them; here
+        its classification config (cls/mmcls/distillation/losses/mgd.py and its ImageNet configs): 15 % of the
+        channels."""
+        return MgdMask.channel, 0.15
 
     def evaluate(self, model: nn.Module, loader, device: torch.device, precision, channels_last: bool = False,
                  rank=None) -> dict:
@@ -154,14 +156,6 @@ class TaskSpec(DistillTask):
         """What records per-class scores during :meth:`evaluate` for ``cwkd eval --per-class``, when the task's
         :meth:`evaluate` does not return them itself (a classifier's confusion matrix); None: it does."""
         return None
-
-    def check_export(self, fmt: str) -> None:
-        """Raise :class:`~cwkd.errors.ExportError` for a format the task's models cannot take (by default the
-        Hugging Face format, for models timm cannot rebuild)."""
-        if fmt == "hf" and not self.timm_models:
-            raise ExportError(f"--format hf writes what timm.create_model loads, and {self.name.value} models are "
-                              "not timm models; use --format safetensors (cwkd eval and cwkd.load_student read it) "
-                              "or --format onnx")
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The model as a graph of tensors: :attr:`export_io`'s input in, its outputs out (ONNX, TorchScript)."""

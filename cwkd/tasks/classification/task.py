@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Precision, Task
+from cwkd.choices import Precision, Task
 from cwkd.core.losses import cross_entropy
 from cwkd.data.loading import DataConfig, transformed_datasets
 from cwkd.data.spec import DataSpec
@@ -29,8 +29,6 @@ class Classification(TaskSpec):
     best_metric = "top1"
     metrics = {"top1": "top-1", "top5": "top-5"}
     export_io = ExportIO.batched("input", "logits", "[batch, classes]")
-    has_logits = True
-    mgd_mask = (MgdMask.channel, 0.15)  # MGD's cls/mmcls/distillation/losses/mgd.py and its ImageNet configs
     timm_models = True
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,

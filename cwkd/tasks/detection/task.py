@@ -18,10 +18,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Optimizer, Precision, Task
+from cwkd.choices import ExportFormat, MgdMask, Optimizer, Precision, Task
 from cwkd.data.loading import DataConfig, Transformed, seeded
 from cwkd.data.spec import DataSpec
-from cwkd.errors import ConfigError, ExportError, ModelNotFoundError
+from cwkd.errors import ConfigError, ModelNotFoundError
 from cwkd.files.checkpoint import read_state_dict
 from cwkd.files.weights import load_state_checked
 from cwkd.runtime import autocast
@@ -65,9 +65,9 @@ class Detection(TaskSpec):
     default_lr = {Optimizer.sgd: 0.005, Optimizer.adamw: 1e-4}
     #: Whether the data set's masks are loaded and mask AP is scored.
     masks = False
-    #: MGD's det/configs/distillers/mgd/: Faster and Mask R-CNN students mask 45 % of the positions, RetinaNet 65 %.
-    mgd_mask = (MgdMask.pixel, 0.45)
-    mgd_one_stage = (MgdMask.pixel, 0.65)
+    # TorchScript: a timm body rarely scripts, and tracing would fix the number of detections.
+    refused_exports = {ExportFormat.torchscript: "use --format onnx (one image in; boxes, labels and scores out) or "
+                                                 "safetensors"}
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
@@ -211,17 +211,10 @@ class Detection(TaskSpec):
                               "drop --pairs (see them with `cwkd inspect --teacher T --student S`)")
         return FPNTaps(teacher, student, input_size)
 
-
-    def check_export(self, fmt: str) -> None:
-        """TorchScript is refused: a timm body rarely scripts, and tracing would fix the number of detections."""
-        super().check_export(fmt)
-        if fmt == "torchscript":
-            raise ExportError(f"torchscript export is not supported for {self.name.value} models; use --format onnx "
-                              "(one image in; boxes, labels and scores out) or safetensors")
-
     def mgd_defaults(self, model: str) -> tuple[MgdMask, float]:
-        """MGD's mask for a two-stage detector (Faster/Mask R-CNN), or for a one-stage RetinaNet."""
-        return self.mgd_one_stage if model.startswith("retinanet") else self.mgd_mask
+        """MGD's det/configs/distillers/mgd/: Faster and Mask R-CNN students mask 45 % of the positions, RetinaNet
+        65 %."""
+        return (MgdMask.pixel, 0.65) if model.startswith("retinanet") else (MgdMask.pixel, 0.45)
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The detector as a graph of one image ``[1, 3, H, W]`` (RGB, 0-1, any size) in and its detections out."""

@@ -48,7 +48,6 @@ class Segmentation(TaskSpec):
     best_metric = "miou"
     metrics = {"miou": "mIoU", "pixel_acc": "pixel acc"}
     export_io = ExportIO.batched("input", "out", "[batch, classes, height, width]")
-    mgd_mask = (MgdMask.pixel, 0.75)  # MGD's seg/configs/distillers/mgd/psp_r101_distill_psp_r18_40k_512x512_city.py
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
@@ -145,6 +144,11 @@ class Segmentation(TaskSpec):
         pixels = max(float(score.counts.sum()), 1.0)
         loss_sum, images = totals.tolist()
         return {"loss": loss_sum / pixels, **score.compute(), "images": int(images)}
+
+    def mgd_defaults(self, model: str) -> tuple[MgdMask, float]:
+        """75 % of the positions masked, as MGD's
+        seg/configs/distillers/mgd/psp_r101_distill_psp_r18_40k_512x512_city.py."""
+        return MgdMask.pixel, 0.75
 
     def chance(self, num_classes: int) -> float:
         """The most mIoU predicting one class everywhere can reach: that class's IoU at most 100 %, the rest 0."""
