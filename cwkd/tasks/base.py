@@ -7,7 +7,7 @@ the loss dict its model returns in train mode, and its ``feature_prefix`` points
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import ExportFormat, MgdMask, Optimizer, Task
+from cwkd.choices import ExportFormat, MgdMask, Optimizer, Precision, Task
 from cwkd.core.distilltask import DistillTask
 from cwkd.data.spec import DataSpec
+from cwkd.runtime import autocast
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
     from cwkd.data.loading import DataConfig
@@ -47,6 +48,27 @@ class ExportIO:
         """The input's shape for an input ``size`` of ``(C, H, W)``: its fixed sizes, and names where dynamic."""
         axes = self.dynamic_axes.get(self.input, {})
         return "[" + ", ".join(str(axes.get(i, n)) for i, n in enumerate((self.batch or 1, *size))) + "]"
+
+
+class Scorer:
+    """One evaluation's running sums: :meth:`TaskSpec.evaluate` adds each batch, sums them over DDP ranks, reads
+    the scores. A task's :meth:`TaskSpec.scorer` makes one per evaluation."""
+
+    def running(self) -> AbstractContextManager:
+        """What the whole loop over the loader runs in (a detector's: a fixed seed); by default nothing."""
+        return nullcontext()
+
+    def add(self, model: nn.Module, inputs, targets, amp: Callable[[], AbstractContextManager]) -> None:
+        """Run ``model`` (in eval mode) on one batch on the device, under ``amp()``, and add what it scores."""
+        raise NotImplementedError
+
+    def reduce(self) -> None:
+        """Sum what every DDP rank added (called only under DDP)."""
+        raise NotImplementedError
+
+    def result(self) -> dict:
+        """``loss``, each of the task's metrics (percent) and ``images``, and any per-class scores."""
+        raise NotImplementedError
 
 
 class TaskSpec(DistillTask):
@@ -135,10 +157,32 @@ class TaskSpec(DistillTask):
         channels."""
         return MgdMask.channel, 0.15
 
-    def evaluate(self, model: nn.Module, loader, device: torch.device, precision, channels_last: bool = False,
-                 rank=None) -> dict:
-        """``loss``, each of :attr:`metrics` and ``images`` over ``loader`` (required; summed over DDP ranks)."""
+    def scorer(self, loader, device: torch.device) -> Scorer:
+        """An empty :class:`Scorer` for one :meth:`evaluate` over ``loader`` on ``device`` (required)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
+                 channels_last: bool = False, rank=None) -> dict:
+        """``loss``, each of :attr:`metrics` (percent) and ``images`` of ``model`` over ``loader``, as its
+        :meth:`scorer` adds them up; the model is left in the mode it was in.
+
+        Under DDP each rank scores its shard and the sums are added; the distributed sampler may pad a few
+        duplicates so shards are equal.
+        """
+        was_training = model.training
+        model.eval()
+        amp = autocast(device, precision)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        scorer = self.scorer(loader, device)
+        with scorer.running():
+            for batch in loader:
+                inputs, targets = self.batch_to(batch, device, memory_format)
+                scorer.add(model, inputs, targets, amp)
+        model.train(was_training)
+        if rank is not None and rank.enabled:
+            scorer.reduce()
+        return scorer.result()
 
     def chance(self, num_classes: int) -> float:
         """The :attr:`best_metric` (percent) at or below which a model is taken to have learnt nothing (a teacher
