@@ -250,9 +250,7 @@ def step_cost(plan: Plan, rounds: int = 5) -> dict:
         images = [image.to(device) for image in images]
         targets = [{k: v.to(device) if hasattr(v, "to") else v for k, v in t.items()} for t in targets]
         student = task.build_model(name, num_classes=spec.num_classes, input_size=size, new_head=True).to(device)
-        common = dict(input_size=size, task_loss=task.loss_fn(), logits_of=None,
-                      feature_prefix=task.feature_prefix(student), student_forward=task.forward,
-                      feature_taps=task.feature_taps)
+        common = dict(input_size=size, task=task)
         plain = FeatureDistiller(None, student, method="none", **common).to(device).train()
         distil = FeatureDistiller(teacher, student, method="cwt", reduction="sum", alpha=MGD_TWO_STAGE_ALPHA_SUM,
                                   **common).to(device).train()

@@ -237,8 +237,7 @@ def step_cost(plan: Plan, rounds: int = 7) -> dict:
     results = {"threads": torch.get_num_threads(), "batch": batch, "canvas": size, "rounds": rounds, "students": {}}
     for name in plan.students:
         student = create_segmentation_model(name, num_classes=11)
-        common = dict(input_size=size, task_loss=task.loss_fn(), logits_of=None,
-                      feature_prefix=task.feature_prefix(student))
+        common = dict(input_size=size, task=task)
         plain = FeatureDistiller(None, student, method="none", **common).train()
         distil = FeatureDistiller(teacher, student, method="cwt", **common).train()
         steps = {"a_student_step": _stepper(plain, images, masks), "c_cwkd_step": _stepper(distil, images, masks)}

@@ -257,7 +257,7 @@ def _prepare(source: str | Path, weights: str | Path | None, data: str | None, d
     spec_task = get_task(infer_task(str(source), task))
     spec = spec_task.load_data(data, root=data_root)
     size = input_size or spec_task.default_input_size(spec)  # the size `cwkd train` picks
-    if spec_task.has_logits:
+    if spec_task.timm_models:
         model, name, num_classes, in_chans = _timm_model(str(source), weights, spec.channels)
     else:
         model = spec_task.build_model(str(source), num_classes=spec.num_classes, in_chans=spec.channels,

@@ -84,7 +84,13 @@ def export_student(
     if task is not None and get_task(task).name is not task_spec.name:
         raise ExportError(f"--task {get_task(task).name.value}: {checkpoint} holds a "
                           f"{task_spec.name.value} model; drop --task")
-    task_spec.check_export(fmt.value)  # a format its models cannot take is refused
+    if fmt is ExportFormat.hf and not task_spec.timm_models:  # a format its models cannot take is refused
+        raise ExportError(f"--format hf writes what timm.create_model loads, and {task_spec.name.value} models are "
+                          "not timm models; use --format safetensors (cwkd eval and cwkd.load_student read it) "
+                          "or --format onnx")
+    if fmt in task_spec.refused_exports:
+        raise ExportError(f"{fmt.value} export is not supported for {task_spec.name.value} models; "
+                          f"{task_spec.refused_exports[fmt]}")
     if push_to_hub and fmt is not ExportFormat.hf:
         raise ExportError("--push-to-hub uploads a Hugging Face folder; add --format hf")
     if fmt is ExportFormat.hf:

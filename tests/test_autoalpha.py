@@ -158,8 +158,7 @@ def test_detection_feature_taps_get_an_alpha_too():
     torch.manual_seed(0)
     teacher = task.build_model("maskrcnn_test_resnet", num_classes=4, input_size=64)
     student = task.build_model("fasterrcnn_test_resnet", num_classes=4, input_size=64)
-    d = FeatureDistiller(teacher, student, alpha="auto", input_size=64, task_loss=task.loss_fn(), logits_of=None,
-                         student_forward=task.forward, feature_taps=task.feature_taps)
+    d = FeatureDistiller(teacher, student, alpha="auto", input_size=64, task=task)
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
     picked = pick_alpha(d, [(list(torch.rand(2, 3, 64, 64)), targets) for _ in range(2)])
     assert math.isfinite(picked.alpha) and picked.alpha > 0

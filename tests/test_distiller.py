@@ -7,9 +7,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cwkd import ConfigError, FeatureDistiller, Method, Renormalize, create_model
 from cwkd.core.aligner import ChannelWiseTransform, LinearTransform, MaskedGenerator
+from cwkd.core.distilltask import DistillTask
 from cwkd.core.losses import convert_alpha, feature_loss
 
 from .test_features import Tiny
@@ -84,6 +86,27 @@ def test_hand_made_modules_work():
     out = d(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
     out["loss"].backward()
     assert [p.key for p in d.pairs] == ["body->body"]
+
+
+class _Halved(DistillTask):
+    """A task of one's own: the classifier's loss, halved, and no logits for KD."""
+
+    logits = None
+
+    def loss(self, outputs, targets, *, label_smoothing=0.0):
+        return {"task_loss": 0.5 * F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)}
+
+
+def test_no_task_is_a_plain_classifier_with_label_smoothing_and_a_task_replaces_its_answers():
+    images, targets = _batch()
+    student = create_model("test_efficientnet", num_classes=5)
+    smoothed = FeatureDistiller(None, student, method="none", label_smoothing=0.2)(images, targets)
+    assert torch.equal(smoothed["task_loss"],
+                       F.cross_entropy(smoothed["outputs"].float(), targets, label_smoothing=0.2))
+    halved = FeatureDistiller(None, student, method="none", label_smoothing=0.2, task=_Halved())(images, targets)
+    assert torch.equal(halved["task_loss"], 0.5 * smoothed["task_loss"])
+    with pytest.raises(ConfigError, match="needs class logits"):
+        _pair(kd_weight=0.5, task=_Halved())
 
 
 def test_student_state_dict_has_no_aligners():

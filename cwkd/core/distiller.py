@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -11,22 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from cwkd.core.aligner import Method, MgdMask, build_aligner
+from cwkd.core.distilltask import DistillTask
 from cwkd.core.features import FeatureHooks, LayerInfo, as_size, probe, to_map
-from cwkd.core.losses import Reduction, channel_divergence, cross_entropy, feature_loss, kd_loss
+from cwkd.core.losses import Reduction, channel_divergence, feature_loss, kd_loss
 from cwkd.core.modelinfo import default_input_size, model_name
 from cwkd.core.pairing import Pair, pair_layers
 from cwkd.core.settings import LossSettings
 from cwkd.errors import ConfigError
-
-
-def _identity(outputs: torch.Tensor) -> torch.Tensor:
-    """A classifier's output is its logits."""
-    return outputs
-
-
-def _call(model: nn.Module, inputs, _targets):
-    """A model's output on its inputs alone (a classifier's or a segmenter's forward)."""
-    return model(inputs)
 
 
 class FeatureDistiller(nn.Module):
@@ -41,22 +31,17 @@ class FeatureDistiller(nn.Module):
     it, for a teacher that was trained on other input statistics than the student's; it is held
     outside the module tree like the teacher.
 
-    ``task_loss(outputs, targets)`` gives the task's loss parts as a dict whose ``task_loss`` is
-    optimised (default: a classifier's cross-entropy, with ``label_smoothing``); ``logits_of(outputs)``
-    gives the logits logit KD matches (default: the outputs themselves; None: the task has none, and
-    ``kd_weight`` must be 0); ``kd_positions(targets)`` which positions of those logits count (a segmenter's
-    labelled pixels; None: all). ``feature_prefix`` restricts ``pairs="last"``/``"all"`` to the layers under
-    it (a segmentation model's ``"backbone."``); explicit pairs may name any layer. Pass all three from a
-    task: ``task = cwkd.tasks.get_task("segmentation")``, then ``task_loss=task.loss_fn(),
-    logits_of=task.logits, kd_positions=task.kd_positions, feature_prefix=task.feature_prefix(student)``.
+    ``task`` says what the distiller asks of a task (:class:`~cwkd.core.distilltask.DistillTask`): its loss
+    parts (a dict whose ``task_loss`` is optimised, given ``label_smoothing``), the logits logit KD matches (None:
+    the task has none, and ``kd_weight`` must be 0) and which positions of them count (a segmenter's labelled
+    pixels), how the student is called on a batch (a detector takes its targets too), where ``pairs="last"``/
+    ``"all"`` look for stages (a segmentation model's ``"backbone."``; explicit pairs may name any layer), and
+    any feature capture of its own (a detector's FPN levels, see :class:`~cwkd.core.distilltask.FeatureTaps`).
+    None is a plain classifier: cross-entropy on the student's output, which is its logits. Pass a task of
+    :mod:`cwkd.tasks` for the others: ``task=cwkd.tasks.get_task("segmentation")``.
 
     ``mgd_mask``/``mgd_ratio`` set MGD's mask (default: its classification config, 15 % of the channels; a
     task's own: ``task.mgd_defaults(student_name)``); ``cwd_tau`` is CWD's temperature.
-
-    ``student_forward(student, inputs, targets)`` calls the student on a batch (default: ``student(inputs)``;
-    a detector takes its targets too). ``feature_taps(teacher, student, input_size, pairs)`` may return the
-    task's own pairs and feature capture (a detector's FPN levels, see :class:`cwkd.tasks.base.FeatureTaps`);
-    None keeps the layers hooked by name. Pass ``task.forward`` and ``task.feature_taps``.
 
     ``forward(images, targets)`` returns a dict with ``loss`` (``task + alpha * feat + kd_weight
     * kd``), ``task_loss`` and the task's other parts, ``feat_loss``, ``kd_loss`` when used, one
@@ -84,12 +69,7 @@ class FeatureDistiller(nn.Module):
         kd_temperature: float = 4.0,
         label_smoothing: float = 0.0,
         teacher_input: nn.Module | None = None,
-        task_loss: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]] | None = None,
-        logits_of: Callable[[Any], torch.Tensor] | None = _identity,
-        feature_prefix: str = "",
-        student_forward: Callable[[nn.Module, Any, Any], Any] = _call,
-        feature_taps: Callable[..., Any] | None = None,
-        kd_positions: Callable[[Any], torch.Tensor | None] | None = None,
+        task: DistillTask | None = None,
         mgd_mask: MgdMask | str = MgdMask.channel,
         mgd_ratio: float = 0.15,
         cwd_tau: float = 1.0,
@@ -106,12 +86,8 @@ class FeatureDistiller(nn.Module):
         self.kd_weight = float(kd_weight)
         self.kd_temperature = float(kd_temperature)
         self.label_smoothing = float(label_smoothing)
-        if task_loss is None:  # the default task (a classifier's cross-entropy), as before tasks existed
-            task_loss = functools.partial(cross_entropy, label_smoothing=self.label_smoothing)
-        self.task_loss = task_loss
-        self.logits_of = logits_of
-        self.kd_positions = kd_positions
-        if self.kd_weight > 0 and logits_of is None:
+        self.task = task if task is not None else DistillTask()  # none: a plain classifier, as before tasks existed
+        if self.kd_weight > 0 and self.task.logits is None:
             raise ConfigError(f"logit KD (kd_weight {kd_weight:g}) needs class logits, and this task's model "
                               "has none; set kd_weight 0 and distil features")
         size = as_size(input_size, default_input_size(student)[0]) if input_size is not None \
@@ -128,14 +104,12 @@ class FeatureDistiller(nn.Module):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.pairs: list[Pair] = []
-        self.student_forward = student_forward
-        self._taps = feature_taps(teacher, student, size, pairs) \
-            if feature_taps is not None and self.method is not Method.none else None
+        self._taps = self.task.feature_taps(teacher, student, size, pairs) if self.method is not Method.none else None
         if self._taps is not None:
             self.pairs = list(self._taps.pairs)
             self._taps.attach()
         elif self.method is not Method.none:
-            within = feature_prefix if isinstance(pairs, str) and pairs in ("last", "all") else ""
+            within = self.task.feature_prefix(student) if isinstance(pairs, str) and pairs in ("last", "all") else ""
             s_layers, t_layers = probe(student, size, within=within), probe(teacher, size, within=within)
             self.pairs = pair_layers(
                 s_layers, t_layers, pairs,
@@ -191,12 +165,15 @@ class FeatureDistiller(nn.Module):
             loss = loss + self.alpha * feat
             out["feat_loss"] = feat.detach()
         if self.kd_weight > 0 and t_logits is not None:
-            keep = self.kd_positions(targets) if self.kd_positions is not None else None
-            kd = kd_loss(self.logits_of(outputs), t_logits, self.kd_temperature, keep)
+            kd = kd_loss(self.task.logits(outputs), t_logits, self.kd_temperature, self.task.kd_positions(targets))
             loss = loss + self.kd_weight * kd
             out["kd_loss"] = kd.detach()
         out["loss"] = loss
         return out
+
+    def task_loss(self, outputs, targets) -> dict[str, torch.Tensor]:
+        """The task's loss parts on the student's ``outputs`` (``task_loss`` is optimised), with ``label_smoothing``."""
+        return self.task.loss(outputs, targets, label_smoothing=self.label_smoothing)
 
     def _run(self, images, targets) -> tuple[Any, dict, dict, torch.Tensor | None]:
         """The student's outputs and both sides' raw features of one batch (teacher ones only with ``targets``)."""
@@ -208,10 +185,10 @@ class FeatureDistiller(nn.Module):
                 t_outputs = self.teacher(t_images)
                 raw = self._t_hooks.pop()
             # Leave inference mode: clones are ordinary tensors that autograd may save.
-            t_logits = self.logits_of(t_outputs).clone() if self.kd_weight > 0 else None
+            t_logits = self.task.logits(t_outputs).clone() if self.kd_weight > 0 else None
             t_feats = {k: v.clone() for k, v in raw.items()}
             del raw, t_outputs
-        outputs = self.student_forward(self.student, images, targets)
+        outputs = self.task.forward(self.student, images, targets)
         s_feats = self._s_hooks.pop()
         if self._taps is not None:  # the teacher runs on what the student's own forward saw
             s_feats, t_feats = self._taps.pop(teacher=targets is not None)

@@ -7,36 +7,21 @@ the loss dict its model returns in train mode, and its ``feature_prefix`` points
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Optimizer, Task
+from cwkd.choices import ExportFormat, MgdMask, Optimizer, Precision, Task
+from cwkd.core.distilltask import DistillTask
 from cwkd.data.spec import DataSpec
-from cwkd.errors import ExportError
+from cwkd.runtime import autocast
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
     from cwkd.data.loading import DataConfig
-
-
-class FeatureTaps(Protocol):
-    """Features a task captures itself: its ``pairs``, and both sides' maps after a student forward.
-
-    ``pop(teacher=True)`` returns ``(student_maps, teacher_maps)`` keyed by the pairs' layer names and
-    clears what it held; ``attach``/``detach`` add and remove its hooks.
-    """
-
-    pairs: list
-
-    def attach(self) -> None: ...
-
-    def detach(self) -> None: ...
-
-    def pop(self, teacher: bool = True) -> tuple[dict, dict]: ...
 
 
 @dataclass(frozen=True)
@@ -65,8 +50,34 @@ class ExportIO:
         return "[" + ", ".join(str(axes.get(i, n)) for i, n in enumerate((self.batch or 1, *size))) + "]"
 
 
-class TaskSpec:
-    """One task. Subclasses set the class attributes and implement the methods marked as required."""
+class Scorer:
+    """One evaluation's running sums: :meth:`TaskSpec.evaluate` adds each batch, sums them over DDP ranks, reads
+    the scores. A task's :meth:`TaskSpec.scorer` makes one per evaluation."""
+
+    def running(self) -> AbstractContextManager:
+        """What the whole loop over the loader runs in (a detector's: a fixed seed); by default nothing."""
+        return nullcontext()
+
+    def add(self, model: nn.Module, inputs, targets, amp: Callable[[], AbstractContextManager]) -> None:
+        """Run ``model`` (in eval mode) on one batch on the device, under ``amp()``, and add what it scores."""
+        raise NotImplementedError
+
+    def reduce(self) -> None:
+        """Sum what every DDP rank added (called only under DDP)."""
+        raise NotImplementedError
+
+    def result(self) -> dict:
+        """``loss``, each of the task's metrics (percent) and ``images``, and any per-class scores."""
+        raise NotImplementedError
+
+
+class TaskSpec(DistillTask):
+    """One task. Subclasses set the class attributes and implement the methods marked as required.
+
+    It is what :class:`~cwkd.core.distiller.FeatureDistiller` asks of a task (``task=``): :meth:`loss`,
+    :attr:`logits`, :meth:`kd_positions`, :meth:`forward`, :meth:`feature_prefix` and :meth:`feature_taps`
+    (the last four default to :class:`~cwkd.core.distilltask.DistillTask`'s).
+    """
 
     name: Task
     #: The metric (a key of :meth:`evaluate`'s dict) that picks ``best.safetensors``; higher is better.
@@ -75,14 +86,16 @@ class TaskSpec:
     metrics: dict[str, str]
     #: The exported graph's input and outputs (ONNX names, dynamic axes).
     export_io: ExportIO = ExportIO.batched("input", "output", "[batch, ...]")
-    #: Whether the models are timm classifiers whose output is their class logits.
-    has_logits: bool = False
-    #: Whether :meth:`logits` gives class logits (per image or per pixel), so logit KD (``--kd-weight``) can work.
-    kd_logits: bool = False
-    #: MGD's mask kind and ratio in MGD's reference config for this task (see :meth:`mgd_defaults`).
-    mgd_mask: tuple[MgdMask, float] = (MgdMask.pixel, 0.75)
-    #: Whether the task's models are plain timm models, which ``timm.create_model`` rebuilds from a Hugging Face folder.
+    #: The class logits that logit KD (``--kd-weight``) matches, per image or per pixel, classes on dim 1: a
+    #: method ``logits(outputs)`` in a task whose models have them; None where they have none (a detector's).
+    logits: Callable[[Any], torch.Tensor] | None = None
+    #: Whether the models are timm classifiers: built to the shape of a weights file's head (a teacher's
+    #: ``--teacher-weights``, ``cwkd eval --weights``), pretrained with their own head, and rebuilt by
+    #: ``timm.create_model`` from a Hugging Face folder (``cwkd export --format hf``, refused otherwise).
     timm_models: bool = False
+    #: The export formats the task's models cannot take, each with what to use instead (``cwkd export`` refuses
+    #: them; ``hf`` needs :attr:`timm_models`).
+    refused_exports: dict[ExportFormat, str] = {}
     #: Whether DDP must look for parameters a step leaves unused (a detector's heads on an image without objects).
     ddp_find_unused: bool = False
     #: Whether every training step allocates tensors of the same sizes, so that keeping freed memory for the
@@ -134,34 +147,42 @@ class TaskSpec:
         return (images.to(device, non_blocking=True, memory_format=memory_format),
                 targets.to(device, non_blocking=True))
 
-    def forward(self, model: nn.Module, inputs, targets):
-        """The model's output on a training batch (a detector takes the targets too, and returns its losses)."""
-        return model(inputs)
-
     def loss(self, outputs, targets, *, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
         """The task's loss parts: ``task_loss`` (what is optimised) and any parts it sums (required)."""
         raise NotImplementedError
 
-    def logits(self, outputs) -> torch.Tensor | None:
-        """The class logits that logit KD matches, classes on dim 1, or None where the task has none."""
-        return None
-
-    def kd_positions(self, targets) -> torch.Tensor | None:
-        """Which positions of :meth:`logits` logit KD counts (a bool tensor of their shape), or None: all."""
-        return None
-
     def mgd_defaults(self, model: str) -> tuple[MgdMask, float]:
-        """MGD's mask kind and ratio for a student ``model`` of this task, as MGD's reference configs set them."""
-        return self.mgd_mask
+        """MGD's mask kind and ratio for a student ``model`` of this task, as MGD's reference configs set them; here
+        its classification config (cls/mmcls/distillation/losses/mgd.py and its ImageNet configs): 15 % of the
+        channels."""
+        return MgdMask.channel, 0.15
 
-    def loss_fn(self, label_smoothing: float = 0.0) -> Callable:
-        """:meth:`loss` with its options bound, as :class:`~cwkd.core.distiller.FeatureDistiller` takes it."""
-        return lambda outputs, targets: self.loss(outputs, targets, label_smoothing=label_smoothing)
-
-    def evaluate(self, model: nn.Module, loader, device: torch.device, precision, channels_last: bool = False,
-                 rank=None) -> dict:
-        """``loss``, each of :attr:`metrics` and ``images`` over ``loader`` (required; summed over DDP ranks)."""
+    def scorer(self, loader, device: torch.device) -> Scorer:
+        """An empty :class:`Scorer` for one :meth:`evaluate` over ``loader`` on ``device`` (required)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
+                 channels_last: bool = False, rank=None) -> dict:
+        """``loss``, each of :attr:`metrics` (percent) and ``images`` of ``model`` over ``loader``, as its
+        :meth:`scorer` adds them up; the model is left in the mode it was in.
+
+        Under DDP each rank scores its shard and the sums are added; the distributed sampler may pad a few
+        duplicates so shards are equal.
+        """
+        was_training = model.training
+        model.eval()
+        amp = autocast(device, precision)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        scorer = self.scorer(loader, device)
+        with scorer.running():
+            for batch in loader:
+                inputs, targets = self.batch_to(batch, device, memory_format)
+                scorer.add(model, inputs, targets, amp)
+        model.train(was_training)
+        if rank is not None and rank.enabled:
+            scorer.reduce()
+        return scorer.result()
 
     def chance(self, num_classes: int) -> float:
         """The :attr:`best_metric` (percent) at or below which a model is taken to have learnt nothing (a teacher
@@ -179,23 +200,6 @@ class TaskSpec:
         """What records per-class scores during :meth:`evaluate` for ``cwkd eval --per-class``, when the task's
         :meth:`evaluate` does not return them itself (a classifier's confusion matrix); None: it does."""
         return None
-
-    def feature_prefix(self, model: nn.Module) -> str:
-        """Where ``--pairs last``/``all`` look for stages: ``""`` (the whole model) or a submodule's ``name.``."""
-        return ""
-
-    def feature_taps(self, teacher: nn.Module, student: nn.Module, input_size: tuple[int, int, int],
-                     pairs) -> FeatureTaps | None:
-        """The task's own way to pair and capture features, or None: layers hooked by name (the default)."""
-        return None
-
-    def check_export(self, fmt: str) -> None:
-        """Raise :class:`~cwkd.errors.ExportError` for a format the task's models cannot take (by default the
-        Hugging Face format, for models timm cannot rebuild)."""
-        if fmt == "hf" and not self.timm_models:
-            raise ExportError(f"--format hf writes what timm.create_model loads, and {self.name.value} models are "
-                              "not timm models; use --format safetensors (cwkd eval and cwkd.load_student read it) "
-                              "or --format onnx")
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The model as a graph of tensors: :attr:`export_io`'s input in, its outputs out (ONNX, TorchScript)."""

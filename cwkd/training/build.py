@@ -142,10 +142,10 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
             )
         if cfg.teacher_weights:  # built with the head the weights have; a mismatch is caught below
             _refuse_cwkd_checkpoint(cfg.teacher_weights)
-            model = _with_weights(name, cfg.teacher_weights, in_chans) if task.has_logits else \
+            model = _with_weights(name, cfg.teacher_weights, in_chans) if task.timm_models else \
                 task.build_model(name, num_classes=num_classes, in_chans=in_chans, weights=cfg.teacher_weights)
         elif cfg.teacher_pretrained:  # a classifier keeps its pretrained head; a dense model gets fresh heads
-            model = task.build_model(name, num_classes=None if task.has_logits else num_classes, in_chans=in_chans,
+            model = task.build_model(name, num_classes=None if task.timm_models else num_classes, in_chans=in_chans,
                                      pretrained=True)
         else:
             model = task.build_model(name, num_classes=num_classes, in_chans=in_chans)

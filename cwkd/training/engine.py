@@ -138,7 +138,7 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
            lock: RunLock) -> _Pieces:
     """Data, models, loaders, optimizer and saved state; ``out`` is prepared once they all loaded."""
     task = get_task(cfg.task)
-    if cfg.kd_weight > 0 and not task.kd_logits:
+    if cfg.kd_weight > 0 and task.logits is None:
         raise ConfigError(f"--kd-weight {cfg.kd_weight:g}: logit KD needs class logits, and {task.name.value} "
                           "models have none; drop --kd-weight (feature distillation works as it is)")
     spec = task.load_data(cfg.data, root=cfg.data_root, download=cfg.download, skip_corrupt=cfg.skip_corrupt)
@@ -214,9 +214,7 @@ def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int, device: to
         teacher, student, pairs=cfg.pairs, method=cfg.method, alpha=cfg.alpha, hidden=cfg.hidden,
         input_size=dcfg.input_size, reduction=cfg.reduction, kd_weight=cfg.kd_weight,
         kd_temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, teacher_input=teacher_input,
-        task_loss=task.loss_fn(cfg.label_smoothing), logits_of=task.logits if task.kd_logits else None,
-        feature_prefix=task.feature_prefix(student), student_forward=task.forward, feature_taps=task.feature_taps,
-        kd_positions=task.kd_positions, **cfg.method_options,
+        task=task, **cfg.method_options,
     )
     if device.type == "cuda":
         distiller.to(device, memory_format=torch.channels_last)

@@ -1,4 +1,5 @@
-"""A classifier's per-class scores: the confusion matrix ``cwkd eval --per-class`` prints, and accuracy per class."""
+"""A classifier's scores: top-1, top-5 and the loss over a loader, and the confusion matrix ``cwkd eval --per-class``
+prints, with accuracy per class."""
 
 from __future__ import annotations
 
@@ -6,11 +7,45 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+
+from cwkd.tasks.base import Scorer
+
+
+class ClassificationScorer(Scorer):
+    """Top-1, top-5 (percent) and mean cross-entropy, summed in float64 over the batches."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top5, count
+
+    def add(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, amp) -> None:
+        with amp():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
+        self.totals += torch.stack([
+            F.cross_entropy(logits, targets, reduction="sum").double(),
+            hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+            torch.tensor(float(targets.numel()), device=self.device, dtype=torch.float64),
+        ])
+
+    def reduce(self) -> None:
+        dist.all_reduce(self.totals)
+
+    def result(self) -> dict:
+        loss_sum, top1, top5, count = self.totals.tolist()
+        count = max(count, 1.0)
+        return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
+                "images": int(count)}
 
 
 class Confusion:
-    """Counts (true, predicted) pairs while :func:`cwkd.training.engine.evaluate` runs, changing nothing it computes.
+    """Counts (true, predicted) pairs while :meth:`~cwkd.tasks.base.TaskSpec.evaluate` runs, changing nothing it
+    computes.
 
     Why a hook and a tee: the top-1 then comes from the one function that also wrote metrics.jsonl. ``cwkd eval
     --per-class`` uses it (:meth:`cwkd.tasks.base.TaskSpec.per_class_counter`): accuracy per class and the matrix.

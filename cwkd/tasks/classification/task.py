@@ -5,20 +5,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Precision, Task
+from cwkd.choices import Task
 from cwkd.core.losses import cross_entropy
 from cwkd.data.loading import DataConfig, transformed_datasets
 from cwkd.data.spec import DataSpec
 from cwkd.errors import ConfigError
-from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
 from cwkd.tasks.classification.data import load_data
-from cwkd.tasks.classification.metric import Confusion
+from cwkd.tasks.classification.metric import ClassificationScorer, Confusion
 from cwkd.tasks.classification.models import create_model, resolve_name
 
 
@@ -29,9 +26,6 @@ class Classification(TaskSpec):
     best_metric = "top1"
     metrics = {"top1": "top-1", "top5": "top-5"}
     export_io = ExportIO.batched("input", "logits", "[batch, classes]")
-    has_logits = True
-    kd_logits = True
-    mgd_mask = (MgdMask.channel, 0.15)  # MGD's cls/mmcls/distillation/losses/mgd.py and its ImageNet configs
     timm_models = True
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
@@ -76,36 +70,6 @@ class Classification(TaskSpec):
         """A classifier's output is its logits."""
         return outputs
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
-                 channels_last: bool = False, rank=None) -> dict:
-        """Top-1, top-5 (percent) and mean cross-entropy of ``model`` over ``loader``.
-
-        Under DDP each rank scores its shard and the sums are added; the distributed sampler may pad
-        a few duplicates so shards are equal.
-        """
-        was_training = model.training
-        model.eval()
-        amp = autocast(device, precision)
-        totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top5, count
-        for images, targets in loader:
-            images = images.to(device, non_blocking=True,
-                                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            targets = targets.to(device, non_blocking=True)
-            with amp():
-                logits = model(images)
-            logits = logits.float()
-            k = min(5, logits.shape[1])
-            hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
-            totals += torch.stack([
-                F.cross_entropy(logits, targets, reduction="sum").double(),
-                hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                torch.tensor(float(targets.numel()), device=device, dtype=torch.float64),
-            ])
-        if rank is not None and rank.enabled:
-            dist.all_reduce(totals)
-        model.train(was_training)
-        loss_sum, top1, top5, count = totals.tolist()
-        count = max(count, 1.0)
-        return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count,
-                "images": int(count)}
+    def scorer(self, loader, device: torch.device) -> ClassificationScorer:
+        """Top-1, top-5 (percent) and mean cross-entropy."""
+        return ClassificationScorer(device)

@@ -28,8 +28,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
 
+from cwkd.data.loading import seeded
 from cwkd.errors import ConfigError
+from cwkd.tasks.base import Scorer
 from cwkd.tasks.detection.data import CocoDetection
 
 #: COCOeval's summary, in the order of ``COCOeval.stats`` (its first six).
@@ -138,5 +143,76 @@ class CocoScore:
         return ground_truth
 
 
+class DetectionScorer(Scorer):
+    """COCO AP (percent, :class:`CocoScore`; ``per_class``: AP per class) and the loss per image, for
+    :meth:`~cwkd.tasks.base.TaskSpec.evaluate` over a loader of ``dataset`` (a COCO split, transformed).
+
+    The loss is the train-mode loss dict with BatchNorm and dropout in eval mode, so nothing is updated,
+    drawn under a fixed seed (the R-CNNs sample proposals at random), so every evaluation agrees.
+    """
+
+    def __init__(self, dataset: Dataset, device: torch.device, *, masks: bool = False) -> None:
+        self.device = device
+        self.score = CocoScore(_coco_split(dataset), masks=masks)
+        self.totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, images
+
+    def running(self) -> contextlib.AbstractContextManager:
+        return seeded(0)
+
+    def add(self, model: nn.Module, images: list[torch.Tensor], targets: list[dict], amp) -> None:
+        with amp(), _loss_mode(model):
+            losses = model(images, targets)
+        with amp():
+            outputs = model.eval()(images)
+        self.score.update(outputs, targets)
+        count = float(len(images))
+        self.totals += torch.stack([sum(losses.values()).double() * count,
+                                    torch.tensor(count, device=self.device, dtype=torch.float64)])
+
+    def reduce(self) -> None:
+        dist.all_reduce(self.totals)
+        _gather(self.score)
+
+    def result(self) -> dict:
+        loss_sum, count = self.totals.tolist()
+        return {"loss": loss_sum / max(count, 1.0), **self.score.compute(), "per_class": self.score.per_class,
+                "images": int(count)}
+
+
 def _prefix(kind: str) -> str:
     return "box" if kind == "bbox" else "mask"
+
+
+@contextlib.contextmanager
+def _loss_mode(model: nn.Module):
+    """Train mode, so the detector computes its losses, with BatchNorm and dropout in eval mode; eval mode after."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.Dropout):
+            module.eval()
+    try:
+        yield
+    finally:
+        model.eval()
+
+
+def _coco_split(dataset: Dataset) -> CocoDetection:
+    """The :class:`~cwkd.tasks.detection.data.CocoDetection` under a loader's (transformed) data set."""
+    while not isinstance(dataset, CocoDetection):
+        if not hasattr(dataset, "base"):
+            raise ConfigError("detection scores need a COCO split (cwkd.tasks.detection.data.CocoDetection) "
+                              "under the loader")
+        dataset = dataset.base
+    return dataset
+
+
+def _gather(score) -> None:
+    """Every rank's detections in ``score``, each image once (the distributed sampler repeats a few)."""
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (score.results, sorted(score.image_ids)))
+    results, seen = [], set()
+    for found, ids in everyone:
+        new = set(ids) - seen
+        results += [r for r in found if r["image_id"] in new]
+        seen |= new
+    score.results, score.image_ids = results, seen

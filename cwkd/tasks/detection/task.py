@@ -14,20 +14,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Optimizer, Precision, Task
-from cwkd.data.loading import DataConfig, Transformed, seeded
+from cwkd.choices import ExportFormat, MgdMask, Optimizer, Task
+from cwkd.data.loading import DataConfig, Transformed
 from cwkd.data.spec import DataSpec
-from cwkd.errors import ConfigError, ExportError, ModelNotFoundError
+from cwkd.errors import ConfigError, ModelNotFoundError
 from cwkd.files.checkpoint import read_state_dict
 from cwkd.files.weights import load_state_checked
-from cwkd.runtime import autocast
-from cwkd.tasks.base import ExportIO, TaskSpec
+from cwkd.tasks.base import ExportIO, Scorer, TaskSpec
 from cwkd.tasks.bodies import start_body
-from cwkd.tasks.detection.data import CocoDetection, DetectionTransform, collate_detection, load_coco
+from cwkd.tasks.detection.data import DetectionTransform, collate_detection, load_coco
 from cwkd.tasks.detection.fpn import FPNTaps, normalization
 from cwkd.tasks.detection.models import backbone_origin, create_detection_model, detection_task, list_detection_models
 
@@ -65,9 +63,9 @@ class Detection(TaskSpec):
     default_lr = {Optimizer.sgd: 0.005, Optimizer.adamw: 1e-4}
     #: Whether the data set's masks are loaded and mask AP is scored.
     masks = False
-    #: MGD's det/configs/distillers/mgd/: Faster and Mask R-CNN students mask 45 % of the positions, RetinaNet 65 %.
-    mgd_mask = (MgdMask.pixel, 0.45)
-    mgd_one_stage = (MgdMask.pixel, 0.65)
+    # TorchScript: a timm body rarely scripts, and tracing would fix the number of detections.
+    refused_exports = {ExportFormat.torchscript: "use --format onnx (one image in; boxes, labels and scores out) or "
+                                                 "safetensors"}
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
@@ -148,39 +146,12 @@ class Detection(TaskSpec):
         """The sum of the detector's own losses, and each of them (``loss_classifier``, ``loss_box_reg``, ...)."""
         return {"task_loss": sum(outputs.values()), **{k: v.detach() for k, v in outputs.items()}}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
-                 channels_last: bool = False, rank=None) -> dict:
-        """COCO AP (percent, :class:`~cwkd.tasks.detection.metric.CocoScore`; ``per_class``: AP per class) and
-        the loss per image.
+    def scorer(self, loader, device: torch.device) -> Scorer:
+        """COCO AP (percent; ``per_class``: AP per class) and the loss per image
+        (:class:`~cwkd.tasks.detection.metric.DetectionScorer`)."""
+        from cwkd.tasks.detection.metric import DetectionScorer
 
-        The loss is the train-mode loss dict with BatchNorm and dropout in eval mode, so nothing is updated,
-        drawn under a fixed seed (the R-CNNs sample proposals at random), so every evaluation agrees.
-        """
-        from cwkd.tasks.detection.metric import CocoScore
-
-        was_training = model.training
-        amp = autocast(device, precision)
-        score = CocoScore(_coco_split(loader.dataset), masks=self.masks)
-        totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, images
-        with seeded(0):
-            for batch in loader:
-                images, targets = self.batch_to(batch, device, torch.contiguous_format)
-                with amp(), _loss_mode(model):
-                    losses = model(images, targets)
-                with amp():
-                    outputs = model.eval()(images)
-                score.update(outputs, targets)
-                count = float(len(images))
-                totals += torch.stack([sum(losses.values()).double() * count,
-                                       torch.tensor(count, device=device, dtype=torch.float64)])
-        model.train(was_training)
-        if rank is not None and rank.enabled:
-            dist.all_reduce(totals)
-            _gather(score)
-        loss_sum, count = totals.tolist()
-        return {"loss": loss_sum / max(count, 1.0), **score.compute(), "per_class": score.per_class,
-                "images": int(count)}
+        return DetectionScorer(loader.dataset, device, masks=self.masks)
 
     def chance(self, num_classes: int) -> float:
         """AP near 0: a detector that finds (almost) nothing."""
@@ -211,17 +182,10 @@ class Detection(TaskSpec):
                               "drop --pairs (see them with `cwkd inspect --teacher T --student S`)")
         return FPNTaps(teacher, student, input_size)
 
-
-    def check_export(self, fmt: str) -> None:
-        """TorchScript is refused: a timm body rarely scripts, and tracing would fix the number of detections."""
-        super().check_export(fmt)
-        if fmt == "torchscript":
-            raise ExportError(f"torchscript export is not supported for {self.name.value} models; use --format onnx "
-                              "(one image in; boxes, labels and scores out) or safetensors")
-
     def mgd_defaults(self, model: str) -> tuple[MgdMask, float]:
-        """MGD's mask for a two-stage detector (Faster/Mask R-CNN), or for a one-stage RetinaNet."""
-        return self.mgd_one_stage if model.startswith("retinanet") else self.mgd_mask
+        """MGD's det/configs/distillers/mgd/: Faster and Mask R-CNN students mask 45 % of the positions, RetinaNet
+        65 %."""
+        return (MgdMask.pixel, 0.65) if model.startswith("retinanet") else (MgdMask.pixel, 0.45)
 
     def export_model(self, model: nn.Module) -> nn.Module:
         """The detector as a graph of one image ``[1, 3, H, W]`` (RGB, 0-1, any size) in and its detections out."""
@@ -248,38 +212,3 @@ class _OneImage(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         found = self.model([images[0]])[0]
         return tuple(found[name] for name in self.outputs)
-
-
-@contextmanager
-def _loss_mode(model: nn.Module):
-    """Train mode, so the detector computes its losses, with BatchNorm and dropout in eval mode; eval mode after."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.Dropout):
-            module.eval()
-    try:
-        yield
-    finally:
-        model.eval()
-
-
-def _coco_split(dataset: Dataset) -> CocoDetection:
-    """The :class:`~cwkd.tasks.detection.data.CocoDetection` under a loader's (transformed) data set."""
-    while not isinstance(dataset, CocoDetection):
-        if not hasattr(dataset, "base"):
-            raise ConfigError("detection scores need a COCO split (cwkd.tasks.detection.data.CocoDetection) "
-                              "under the loader")
-        dataset = dataset.base
-    return dataset
-
-
-def _gather(score) -> None:
-    """Every rank's detections in ``score``, each image once (the distributed sampler repeats a few)."""
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (score.results, sorted(score.image_ids)))
-    results, seen = [], set()
-    for found, ids in everyone:
-        new = set(ids) - seen
-        results += [r for r in found if r["image_id"] in new]
-        seen |= new
-    score.results, score.image_ids = results, seen

@@ -7,7 +7,11 @@ the ground truth or the prediction (a class absent from both has no IoU, not an 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
+from cwkd.tasks.base import Scorer
 from cwkd.tasks.segmentation.data import IGNORE_INDEX
 
 
@@ -46,3 +50,33 @@ class SegmentationScore:
             "pixel_acc": 100 * (hits.sum() / total).item() if total > 0 else 0.0,
             "iou": [None if v != v else 100 * v for v in iou.tolist()],
         }
+
+
+class SegmentationScorer(Scorer):
+    """mIoU, pixel accuracy and per-class IoU (``iou``) of the ``out`` logits, and the mean cross-entropy per
+    labelled pixel; the classes are the logits'."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.score: SegmentationScore | None = None  # made at the first batch, which says the number of classes
+        self.totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, images
+
+    def add(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, amp) -> None:
+        with amp():
+            logits = model(images)["out"].float()
+        self.score = self.score or SegmentationScore(logits.shape[1], self.device)
+        self.score.update(logits, targets)
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        self.totals += torch.stack([loss.double(), torch.tensor(float(len(images)), device=self.device).double()])
+
+    def reduce(self) -> None:
+        if self.score is not None:  # nothing scored: result() says so without summing
+            dist.all_reduce(self.totals)
+            dist.all_reduce(self.score.counts)
+
+    def result(self) -> dict:
+        if self.score is None:
+            return {"loss": float("nan"), "miou": 0.0, "pixel_acc": 0.0, "iou": [], "images": 0}
+        pixels = max(float(self.score.counts.sum()), 1.0)
+        loss_sum, images = self.totals.tolist()
+        return {"loss": loss_sum / pixels, **self.score.compute(), "images": int(images)}

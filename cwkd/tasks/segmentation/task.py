@@ -9,23 +9,21 @@ from the backbone (``backbone.``): ``--pairs last`` is its last stage, at 1/8 of
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.choices import MgdMask, Precision, Task
+from cwkd.choices import MgdMask, Task
 from cwkd.data.loading import DataConfig, Transformed
 from cwkd.data.spec import DataSpec
 from cwkd.errors import ModelNotFoundError
 from cwkd.files.checkpoint import read_state_dict
 from cwkd.files.weights import load_state_checked
-from cwkd.runtime import autocast
 from cwkd.tasks.base import ExportIO, TaskSpec
 from cwkd.tasks.bodies import start_body
 from cwkd.tasks.segmentation.data import IGNORE_INDEX, JointTransform, load_segmentation
-from cwkd.tasks.segmentation.metric import SegmentationScore
+from cwkd.tasks.segmentation.metric import SegmentationScorer
 from cwkd.tasks.segmentation.models import (
     TORCHVISION_MODELS,
     backbone_origin,
@@ -48,8 +46,6 @@ class Segmentation(TaskSpec):
     best_metric = "miou"
     metrics = {"miou": "mIoU", "pixel_acc": "pixel acc"}
     export_io = ExportIO.batched("input", "out", "[batch, classes, height, width]")
-    kd_logits = True
-    mgd_mask = (MgdMask.pixel, 0.75)  # MGD's seg/configs/distillers/mgd/psp_r101_distill_psp_r18_40k_512x512_city.py
 
     def load_data(self, data: str, *, root: str | None = None, download: bool = False,
                   skip_corrupt: bool = False) -> DataSpec:
@@ -118,34 +114,14 @@ class Segmentation(TaskSpec):
         """The labelled pixels: those marked 255 (ignore) take no logit KD, as they take no cross-entropy."""
         return targets != IGNORE_INDEX
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, device: torch.device, precision: Precision = Precision.fp32,
-                 channels_last: bool = False, rank=None) -> dict:
+    def scorer(self, loader, device: torch.device) -> SegmentationScorer:
         """mIoU and pixel accuracy (percent), per-class IoU (``iou``) and mean cross-entropy per labelled pixel."""
-        was_training = model.training
-        model.eval()
-        amp = autocast(device, precision)
-        score = None
-        totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, images
-        for images, targets in loader:
-            images = images.to(device, non_blocking=True,
-                                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            targets = targets.to(device, non_blocking=True)
-            with amp():
-                logits = model(images)["out"].float()
-            score = score or SegmentationScore(logits.shape[1], device)
-            score.update(logits, targets)
-            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-            totals += torch.stack([loss.double(), torch.tensor(float(len(images)), device=device).double()])
-        model.train(was_training)
-        if score is None:
-            return {"loss": float("nan"), "miou": 0.0, "pixel_acc": 0.0, "iou": [], "images": 0}
-        if rank is not None and rank.enabled:
-            dist.all_reduce(totals)
-            dist.all_reduce(score.counts)
-        pixels = max(float(score.counts.sum()), 1.0)
-        loss_sum, images = totals.tolist()
-        return {"loss": loss_sum / pixels, **score.compute(), "images": int(images)}
+        return SegmentationScorer(device)
+
+    def mgd_defaults(self, model: str) -> tuple[MgdMask, float]:
+        """75 % of the positions masked, as MGD's
+        seg/configs/distillers/mgd/psp_r101_distill_psp_r18_40k_512x512_city.py."""
+        return MgdMask.pixel, 0.75
 
     def chance(self, num_classes: int) -> float:
         """The most mIoU predicting one class everywhere can reach: that class's IoU at most 100 %, the rest 0."""
