@@ -156,7 +156,7 @@ def pretrain_body(plan: Plan, body: str) -> Path:
         return weights
     data = ["--data", plan.pretrain_data]
     if plan.pretrain_subset is not None:  # a class-balanced subset, written as IDX files (accuracy.py's)
-        from accuracy import prepare_data as fmnist_subset
+        from accuracy_data import prepare_data as fmnist_subset
 
         sizes = SimpleNamespace(train_subset=plan.pretrain_subset, teacher_subset=plan.pretrain_subset,
                                 test_subset=plan.pretrain_test, runs=plan.runs)
