@@ -28,7 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accuracy  # noqa: E402  (the benchmark this one extends)
-from accuracy import PAIRS, Cell, Plan, _stats, _write_json, load_results  # noqa: E402
+from accuracy_plan import PAIRS, Cell, Plan  # noqa: E402
+from accuracy_report import fmt_paired, fmt_stat, load_results, seed_stats  # noqa: E402
+from common import write_json  # noqa: E402
 
 FEATURE_METHODS = ("cwt", "linear", "mgd")
 ALPHAS = (0.5, 2.0, 7.0, 20.0, 50.0, 200.0)
@@ -61,16 +63,16 @@ def summarise(plan: Plan, records: list[dict]) -> dict:
         for m in (m for m in plan.methods if m != "none"):
             runs = {a: {seed: top1[(s, m, a, seed)] for seed in plan.seeds if (s, m, a, seed) in top1}
                     for a in (*plan.alphas, "auto")}
-            swept = {a: _stats([r["top1"] for r in runs[a].values()]) for a in plan.alphas}
+            swept = {a: seed_stats([r["top1"] for r in runs[a].values()]) for a in plan.alphas}
             finished = {a: st for a, st in swept.items() if st["n"] and not st["diverged"]}
             best = max(finished, key=lambda a: finished[a]["mean"]) if finished else None
             auto = runs["auto"]
             out.setdefault(s, {})[m] = {
-                "swept": swept, "best_alpha": best, "auto": _stats([r["top1"] for r in auto.values()]),
+                "swept": swept, "best_alpha": best, "auto": seed_stats([r["top1"] for r in auto.values()]),
                 "auto_picked": {seed: r.get("alpha_used") for seed, r in auto.items()},
-                "auto_minus_best": _paired(auto, runs[best]) if best is not None else _stats([]),
-                "auto_minus_default": _paired(auto, runs[7.0]) if 7.0 in runs else _stats([]),
-                "auto_minus_none": _stats([r["top1"] - base[seed] for seed, r in auto.items()
+                "auto_minus_best": _paired(auto, runs[best]) if best is not None else seed_stats([]),
+                "auto_minus_default": _paired(auto, runs[7.0]) if 7.0 in runs else seed_stats([]),
+                "auto_minus_none": seed_stats([r["top1"] - base[seed] for seed, r in auto.items()
                                            if r["top1"] is not None and seed in base]),
             }
     return out
@@ -78,30 +80,30 @@ def summarise(plan: Plan, records: list[dict]) -> dict:
 
 def _paired(runs: dict[int, dict], reference: dict[int, dict]) -> dict:
     """Per-seed differences of the finished runs in both."""
-    return _stats([r["top1"] - reference[seed]["top1"] for seed, r in runs.items()
+    return seed_stats([r["top1"] - reference[seed]["top1"] for seed, r in runs.items()
                    if seed in reference and r["top1"] is not None and reference[seed]["top1"] is not None])
 
 
 def markdown(plan: Plan, summary: dict) -> str:
     """One table per student: the sweep, the best alpha, and auto."""
-    fmt, lines = accuracy._fmt, []
+    lines = []
     for s, methods in summary.items():
         lines += [f"| {s} | " + " | ".join(f"alpha {a:g}" for a in plan.alphas)
                   + " | best | auto (picked) | auto minus best | auto minus alpha 7 | auto minus none |",
                   "| --- |" + " --- |" * (len(plan.alphas) + 5)]
         for m, row in methods.items():
             picked = ", ".join(f"{v:.3g}" for v in row["auto_picked"].values() if v is not None) or "-"
-            lines.append(f"| {m} | " + " | ".join(fmt(row["swept"][a]) for a in plan.alphas)
-                         + f" | {row['best_alpha'] if row['best_alpha'] is not None else '-'} | {fmt(row['auto'])} "
-                         f"({picked}) | " + " | ".join(accuracy._fmt_paired(row[k]) for k in (
-                             "auto_minus_best", "auto_minus_default", "auto_minus_none")) + " |")
+            best = row["best_alpha"] if row["best_alpha"] is not None else "-"
+            paired = " | ".join(fmt_paired(row[f"auto_minus_{k}"]) for k in ("best", "default", "none"))
+            lines.append(f"| {m} | " + " | ".join(fmt_stat(row["swept"][a]) for a in plan.alphas)
+                         + f" | {best} | {fmt_stat(row['auto'])} ({picked}) | {paired} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def report(plan: Plan) -> None:
     summary = summarise(plan, load_results(plan))
-    _write_json(plan.results / "alpha_summary.json", {"students": plan.students, "alphas": plan.alphas, **summary})
+    write_json(plan.results / "alpha_summary.json", {"students": plan.students, "alphas": plan.alphas, **summary})
     print(markdown(plan, summary))
 
 
@@ -142,7 +144,7 @@ def probe(plan: Plan, batches: int = 5) -> dict:
                 print(f"{name:22s} {method:6s} {reduction:4s} {picked.line()}; loss task {picked.task_loss:.3g} "
                       f"feat {picked.feat_loss:.3g}", flush=True)
     teacher = json.loads(accuracy.teacher_json(plan).read_text())
-    _write_json(accuracy.RESULTS / "alpha_probe.json",  # committed: it names the plan and teacher it measured
+    write_json(accuracy.RESULTS / "alpha_probe.json",  # committed: it names the plan and teacher it measured
                 {"plan": plan.name, "batches": batches, "batch_size": plan.batch_size, "ratio": RATIO,
                  "max_loss_ratio": MAX_LOSS_RATIO,
                  "teacher": {k: teacher[k] for k in ("model", "top1", "epochs", "train_images")}, "rows": rows})

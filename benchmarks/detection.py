@@ -24,8 +24,8 @@ paper distils for Mask R-CNN too.
 
 Each run writes ``benchmarks/results/detection/<key>.json`` when it finishes and is skipped when that file
 exists, so an interrupted grid resumes; run directories go to ``benchmarks/runs/detection`` (git-ignored)
-and are deleted once their result is written, except the teacher's. The data, the run order and the helpers
-are segmentation's (``benchmarks/segmentation.py``).
+and are deleted once their result is written, except the teacher's. The data, the run order and the table
+helpers are segmentation's (``benchmarks/segmentation.py``), running cwkd and writing results ``common.py``'s.
 
 Usage:
     python benchmarks/detection.py --quick        # tiny data and models, none vs cwt, 1 seed (< 3 min)
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -52,21 +51,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from segmentation import (  # noqa: E402  (the benchmark this one follows)
+from common import (  # noqa: E402
     RESULTS,
     ROOT,
-    _mean_std,
+    cell_tail,
+    fmt_mean_std,
+    keep_result,
+    key,
+    run_in,
+    saved_config,
+    versions,
+    write_json,
+)
+from segmentation import (  # noqa: E402  (the benchmark this one follows)
     _stepper,
-    _write,
     auto_table,
     cost_table,
-    key,
+    load_cells,
     order,
     prepare_data,
-    run_in,
     student_options,
     time_steps,
-    versions,
 )
 
 RUNS = ROOT / "benchmarks" / "runs" / "detection"
@@ -132,8 +137,8 @@ def train_teacher(plan: Plan, data: Path, extra: tuple = ()) -> dict:
     history = run_in(out, ["train", "--model", plan.teacher, *_common(plan, data, 0, plan.teacher_epochs), *extra])
     result = {"model": plan.teacher, "scores": _scores(history[-1]), "history": [_scores(h) for h in history],
               "epochs": plan.teacher_epochs, "wall_s": round(sum(h["epoch_s"] for h in history), 1),
-              "config": json.loads((out / "config.json").read_text())["config"], "versions": versions()}
-    _write(path, result)
+              "config": saved_config(out), "versions": versions()}
+    write_json(path, result)
     return result
 
 
@@ -144,7 +149,7 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, auto:
     ``distil``: the distilled cell's loss options (default: ``--reduction sum`` and MGD's two-stage alpha, or
     auto); ``student_extra``: more options for every cell, with ``cwkd train``'s names (``--backbone-weights``).
     """
-    name = name or _name(student, method, seed, auto)
+    name = name or key(student, method, seed, auto)
     out = plan.runs / "cells" / name
     teacher = plan.runs / "teacher" / "last.safetensors"
     if distil is None:
@@ -155,20 +160,11 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, auto:
          *(["--no-teacher-check"] if plan.name == "quick" else [])]  # the quick plan's teacher is at chance
     started = time.perf_counter()
     history = run_in(out, [*command, *_common(plan, data, seed, plan.epochs_of(student))])
-    config = json.loads((out / "config.json").read_text())["config"]
+    config = saved_config(out)
     result = {"student": student, "method": method, "seed": seed, "alpha_auto": auto,
               "alpha": config["alpha"] if method != "none" else None, "scores": _scores(history[-1]),
-              "history": [_scores(h) for h in history],
-              "last_train": {k: v for k, v in history[-1].items() if k.startswith("train_")},
-              "epoch_s": [h["epoch_s"] for h in history], "wall_s_this_call": round(time.perf_counter() - started, 1),
-              "config": config, "versions": versions()}
-    _write(plan.results / f"{name}.json", result)
-    shutil.rmtree(out, ignore_errors=True)
-    return result
-
-
-def _name(student: str, method: str, seed: int, auto: bool = False) -> str:
-    return key(student, method, seed) + ("-aauto" if auto else "")
+              "history": [_scores(h) for h in history], **cell_tail(history, started, config)}
+    return keep_result(plan.results / f"{name}.json", result, out)
 
 
 def run_grid(plan: Plan, jobs: int = 1) -> None:
@@ -181,7 +177,7 @@ def run_grid(plan: Plan, jobs: int = 1) -> None:
     cells = [(*cell, False) for cell in order(plan)]
     if plan.auto:
         cells += [(plan.students[0], m, seed, True) for seed in plan.seeds for m in plan.methods if m != "none"]
-    todo = [(n, cell) for n, cell in enumerate(cells, 1) if not (plan.results / f"{_name(*cell)}.json").is_file()]
+    todo = [(n, cell) for n, cell in enumerate(cells, 1) if not (plan.results / f"{key(*cell)}.json").is_file()]
     if jobs > 1:  # the teacher-free cells first, beside the teacher
         todo.sort(key=lambda item: item[1][1] != "none")
     failed = []
@@ -195,10 +191,10 @@ def run_grid(plan: Plan, jobs: int = 1) -> None:
             try:
                 result = future.result()
             except Exception as exc:  # report and go on: one broken cell must not lose the others
-                failed.append(_name(*cell))
-                print(f"[{number}/{len(cells)}] {_name(*cell)}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+                failed.append(key(*cell))
+                print(f"[{number}/{len(cells)}] {key(*cell)}: FAILED ({type(exc).__name__}: {exc})", flush=True)
                 continue
-            print(f"[{number}/{len(cells)}] {_name(*cell)}: {_format(result['scores'])} "
+            print(f"[{number}/{len(cells)}] {key(*cell)}: {_format(result['scores'])} "
                   f"({sum(result['epoch_s']):.0f}s)", flush=True)
     if teacher.exception() is not None:  # the cells that did not need it have finished
         failed.insert(0, "teacher")
@@ -259,7 +255,7 @@ def step_cost(plan: Plan, rounds: int = 5) -> dict:
                  "b_teacher_forward": partial(teacher_backbone_features, teacher, student, batch.tensors,
                                               batch.image_sizes)}
         results["students"][name] = time_steps(name, {k: _synced(v, device) for k, v in steps.items()}, rounds)
-    _write(plan.results / "step_cost.json", {**results, "versions": versions()})
+    write_json(plan.results / "step_cost.json", {**results, "versions": versions()})
     return results
 
 
@@ -280,10 +276,7 @@ def _synced(step, device):
 
 def report(plan: Plan) -> str:
     """The markdown table: box AP and mask AP mean +- std per student and method, and the paired gain over none."""
-    results, auto = {}, {}
-    for path in sorted(plan.results.glob("*-s*.json")):
-        r = json.loads(path.read_text())
-        (auto if r.get("alpha_auto") else results)[(r["student"], r["method"], r["seed"])] = r
+    results, auto = load_cells(plan.results)
     if not results:
         return "no results yet"
     teacher = json.loads((plan.results / "teacher.json").read_text())
@@ -313,8 +306,8 @@ def _row(results: dict, student: str, method: str, seeds: list[int], shown: list
             continue
         gains = [results[(student, method, s)]["scores"][name] - results[(student, "none", s)]["scores"][name]
                  for s in seeds if (student, "none", s) in results]
-        gain = "" if method == "none" or not gains else f"{_mean_std(gains, signed=True)} ({len(gains)} paired)"
-        cells += [_mean_std(values), gain]
+        gain = "" if method == "none" or not gains else f"{fmt_mean_std(gains, signed=True)} ({len(gains)} paired)"
+        cells += [fmt_mean_std(values), gain]
     per_seed = ", ".join(f"{results[(student, method, s)]['scores']['box_ap']:.2f}" for s in seeds)
     return f"| {student} | {method} | {len(seeds)} | {' | '.join(cells)} | {per_seed} |"
 

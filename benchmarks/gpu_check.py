@@ -58,6 +58,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the step modules beside this file, and common
+
+from common import read_history, write_json  # noqa: E402  (only the standard library: no cwkd is imported here)
+
 REPO = Path(__file__).resolve().parents[1]
 DEPS = REPO / ".gpu_deps"  # pure-Python packages the GPU machine may lack (pytest), carried with the tree
 STEPS = ("machine", "tests", "cli_fp16", "cli_bf16", "speed_bf16", "speed_fp16")
@@ -187,13 +191,20 @@ class Check:
               + f" ({result['wall_s']} s)", flush=True)
         self.save()
 
+    def wait(self, jobs: list[Running], until: float, snapshot, every: float) -> None:
+        """Wait until every one of ``jobs`` has ended or the monotonic clock reaches ``until``, calling
+        ``snapshot()`` every ``every`` seconds meanwhile; :meth:`collect` then reaps them."""
+        last = time.monotonic()
+        while any(job.proc.poll() is None for job in jobs) and time.monotonic() < until:
+            time.sleep(1)
+            if time.monotonic() - last >= every:
+                snapshot()
+                last = time.monotonic()
+
     def save(self) -> None:
         with tarfile.open(self.out / "logs.tar.gz", "w:gz") as tar:  # one file for every log
             tar.add(self.logs, arcname="logs")
-        path = self.out / "gpu_check.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.report, indent=1, default=str) + "\n")
-        os.replace(tmp, path)
+        write_json(self.out / "gpu_check.json", self.report)
 
 
 def _plan_dict(plan: Plan) -> dict:
@@ -340,8 +351,7 @@ def _cli_results(runs: Path, done: list[dict]) -> dict:
     """Last epoch of each run and the eval scores; ``problem`` says what is wrong with them, if anything."""
     out = {}
     for name in ("teacher", "student"):
-        lines = (runs / name / "metrics.jsonl").read_text().splitlines()
-        out[name] = json.loads(lines[-1])
+        out[name] = read_history(runs / name)[-1]
     scores = next((ln for ln in done[2]["tail"].splitlines() if ln.startswith("{")), "{}")
     out["eval"] = {k: v for k, v in json.loads(scores).items() if k in ("top1", "top5", "loss", "images_per_s")}
     losses = [v for r in (out["teacher"], out["student"]) for k, v in r.items() if k.endswith("loss")]
@@ -448,7 +458,6 @@ def throughput(check: Check, limit: float) -> dict:
 
 def _grids(check: Check, limit: float) -> dict:
     """The grids step (benchmarks/gpu_grids.py)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from gpu_grids import grids
 
     return grids(check, limit, _failed_command)
@@ -456,7 +465,6 @@ def _grids(check: Check, limit: float) -> dict:
 
 def _pretrained_detection(check: Check, limit: float) -> dict:
     """The pretrained_detection step (benchmarks/gpu_pretrained.py)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from gpu_pretrained import pretrained_detection
 
     return pretrained_detection(check, limit, _failed_command)

@@ -17,14 +17,12 @@ accuracy.py keeps them (``benchmarks/runs``). With ``--dry-run`` both grids run 
 
 from __future__ import annotations
 
-import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "benchmarks"
+from common import BENCH, write_tarball
+
 #: Composited detection sets carried to the GPU machine (only their COCO part), one folder per set.
 DETECTION_CARRY = BENCH / "runs" / "gpu_carry" / "detection"
 TARBALL = "grids_results.tar.gz"
@@ -59,12 +57,7 @@ def grids(check, limit: float, describe) -> dict:
                  + ([] if check.dry_run else ["--students", "mobilenetv1_100", "--alphas", "0.5,2,7,20,50,200"]),
     }
     running = {name: check.spawn(f"grids_{name}", cmd, env[name]) for name, cmd in commands.items()}
-    last = time.monotonic()
-    while any(job.proc.poll() is None for job in running.values()) and time.monotonic() < stop:
-        time.sleep(1)
-        if time.monotonic() - last >= SNAPSHOT_S:
-            _snapshot(check, results)
-            last = time.monotonic()
+    check.wait(list(running.values()), stop, lambda: _snapshot(check, results), SNAPSHOT_S)
     done = {name: check.collect(job, stop - time.monotonic()) for name, job in running.items()}
     _snapshot(check, results)
     counts = {name: _result_files(folder) for name, folder in results.items()}
@@ -100,12 +93,6 @@ def _result_files(folder: Path) -> int:
 
 def _snapshot(check, results: dict[str, Path]) -> None:
     """Rewrite --out/grids_results.tar.gz with both results folders and the grids' logs, atomically."""
-    path = check.out / TARBALL
-    tmp = check.out / f".{TARBALL}.tmp"
-    with tarfile.open(tmp, "w:gz") as tar:
-        for folder in results.values():
-            if folder.is_dir():
-                tar.add(folder, arcname=f"results/{folder.name}")
-        for log in sorted(check.logs.glob("grids_*.log")):
-            tar.add(log, arcname=f"logs/{log.name}")
-    os.replace(tmp, path)
+    folders = [(folder, f"results/{folder.name}") for folder in results.values() if folder.is_dir()]
+    logs = [(log, f"logs/{log.name}") for log in sorted(check.logs.glob("grids_*.log"))]
+    write_tarball(check.out / TARBALL, folders + logs)

@@ -11,14 +11,13 @@ on the CPU. The GPU machine has no pycocotools: carry it in ``.gpu_deps`` (bench
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
+from common import BENCH, write_tarball
+
 TARBALL = "pretrained_detection.tar.gz"
 SNAPSHOT_S = 20    # seconds between two rewrites of the tarball
 END_MARGIN_S = 10  # kept back at the end of the step for the last tarball and the report
@@ -42,12 +41,7 @@ def pretrained_detection(check, limit: float, describe) -> dict:
            "--jobs", JOBS["dry-run" if check.dry_run else "gpu"], "--results", str(results),
            "--runs", str(check.work / "runs" / "pretrained_detection")]
     job = check.spawn("pretrained_detection", cmd, {**check.env, "CWKD_BENCH_THREADS": "2"})
-    last = time.monotonic()
-    while job.proc.poll() is None and time.monotonic() < stop:
-        time.sleep(1)
-        if time.monotonic() - last >= SNAPSHOT_S:
-            snapshot(check.out, results, check.logs)
-            last = time.monotonic()
+    check.wait([job], stop, lambda: snapshot(check.out, results, check.logs), SNAPSHOT_S)
     done = check.collect(job, stop - time.monotonic())
     snapshot(check.out, results, check.logs)
     report = results / "report.md"
@@ -65,13 +59,8 @@ def pretrained_detection(check, limit: float, describe) -> dict:
 
 def snapshot(out: Path, results: Path, logs: Path) -> None:
     """Rewrite ``out``/pretrained_detection.tar.gz with the results folder (no weights) and the step's log."""
-    path, tmp = out / TARBALL, out / f".{TARBALL}.tmp"
-    with tarfile.open(tmp, "w:gz") as tar:
-        if results.is_dir():
-            for file in sorted(results.rglob("*")):
-                if file.is_file() and not file.name.endswith(SKIPPED_FILES):
-                    tar.add(file, arcname=f"results/{file.relative_to(results)}")
-        log = logs / "pretrained_detection.log"
-        if log.is_file():
-            tar.add(log, arcname=f"logs/{log.name}")
-    os.replace(tmp, path)
+    files = sorted(results.rglob("*")) if results.is_dir() else []
+    members = [(file, f"results/{file.relative_to(results)}") for file in files
+               if file.is_file() and not file.name.endswith(SKIPPED_FILES)]
+    log = logs / "pretrained_detection.log"
+    write_tarball(out / TARBALL, members + ([(log, f"logs/{log.name}")] if log.is_file() else []))

@@ -58,19 +58,13 @@ from cwkd.compare import t975  # the 95 % t quantile `cwkd compare` uses
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import RESULTS, ROOT, fmt_mean_std, key, run_in, versions, write_json  # noqa: E402
 from segmentation import (  # noqa: E402  (the benchmark this one follows)
     MGD_SEG_ALPHA_SUM,
-    RESULTS,
-    ROOT,
-    _mean_std,
-    _write,
-    key,
     prepare_data,
     run_cell,
-    run_in,
     teacher_alpha,
     train_teacher,
-    versions,
 )
 
 RUNS = ROOT / "benchmarks" / "runs" / "pretrained"
@@ -150,7 +144,7 @@ QUICK = Plan(name="quick", bodies=("test_resnet",), pretrain_subset=300, pretrai
 
 
 def body_of(model: str) -> str:
-    """The timm body of a ``pspnet_<timm name>`` model."""
+    """The timm body of a ``<head>_<timm name>`` model (``pspnet_resnet18``, ``fasterrcnn_resnet18``)."""
     return model.partition("_")[2]
 
 
@@ -162,7 +156,7 @@ def pretrain_body(plan: Plan, body: str) -> Path:
         return weights
     data = ["--data", plan.pretrain_data]
     if plan.pretrain_subset is not None:  # a class-balanced subset, written as IDX files (accuracy.py's)
-        from accuracy import prepare_data as fmnist_subset
+        from accuracy_data import prepare_data as fmnist_subset
 
         sizes = SimpleNamespace(train_subset=plan.pretrain_subset, teacher_subset=plan.pretrain_subset,
                                 test_subset=plan.pretrain_test, runs=plan.runs)
@@ -170,10 +164,10 @@ def pretrain_body(plan: Plan, body: str) -> Path:
     history = run_in(out, ["train", "--model", body, *data, "--in-chans", 3, "--epochs", plan.pretrain_epochs,
                            "--batch-size", plan.pretrain_batch, "--workers", 0, "--seed", 0, "--device", plan.device,
                            "--quiet"])
-    _write(done, {"body": body, "top1": history[-1]["val_top1"], "history": [h["val_top1"] for h in history],
-                       "epochs": plan.pretrain_epochs, "data": plan.pretrain_data,
-                       "images": plan.pretrain_subset or PRETRAIN_IMAGES[plan.pretrain_data],
-                       "wall_s": round(sum(h["epoch_s"] for h in history), 1), "versions": versions()})
+    write_json(done, {"body": body, "top1": history[-1]["val_top1"], "history": [h["val_top1"] for h in history],
+                      "epochs": plan.pretrain_epochs, "data": plan.pretrain_data,
+                      "images": plan.pretrain_subset or PRETRAIN_IMAGES[plan.pretrain_data],
+                      "wall_s": round(sum(h["epoch_s"] for h in history), 1), "versions": versions()})
     return weights
 
 
@@ -275,7 +269,7 @@ def arm_table(plan, scores: dict[tuple[str, str, int], float], metric: str) -> t
             values = [scores[(student, arm, s)] for s in plan.seeds if (student, arm, s) in scores]
             if not values or arm == "none":
                 lines.append(f"| {student} | {arm} | {len(values)} | "
-                             f"{_mean_std(values) if values else 'not run yet'} | | | | |")
+                             f"{fmt_mean_std(values) if values else 'not run yet'} | | | | |")
                 continue
             gains = [scores[(student, arm, s)] - scores[(student, "none", s)] for s in plan.seeds
                      if (student, arm, s) in scores and (student, "none", s) in scores]
@@ -290,9 +284,9 @@ def arm_table(plan, scores: dict[tuple[str, str, int], float], metric: str) -> t
 
 def _arm_row(student: str, arm: str, values: list[float], verdict: Verdict | None) -> str:
     if verdict is None:
-        return f"| {student} | {arm} | {len(values)} | {_mean_std(values)} | no paired baseline | | | |"
+        return f"| {student} | {arm} | {len(values)} | {fmt_mean_std(values)} | no paired baseline | | | |"
     interval = f"[{verdict.low:+.2f}, {verdict.high:+.2f}]" if math.isfinite(verdict.low) else "-"
-    return (f"| {student} | {arm} | {len(values)} | {_mean_std(values)} | {verdict.mean:+.2f} | {interval} | "
+    return (f"| {student} | {arm} | {len(values)} | {fmt_mean_std(values)} | {verdict.mean:+.2f} | {interval} | "
             f"{verdict.positive}/{len(verdict.gains)} | {verdict.reason} |")
 
 

@@ -56,14 +56,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import RESULTS, ROOT, key  # noqa: E402
 from detection import MGD_TWO_STAGE_ALPHA_SUM, run_cell, train_teacher  # noqa: E402
 from pretrained import (  # noqa: E402  (the protocol this one follows)
     TEACHER_LEAD,
     _pretrain_lines,
     arm_table,
+    body_of,
     pretrain_body,
 )
-from segmentation import RESULTS, ROOT, key, prepare_data  # noqa: E402
+from segmentation import prepare_data  # noqa: E402
 
 RUNS = ROOT / "benchmarks" / "runs" / "pretrained_detection"
 #: The gradient-norm clip of every cell (MGD's Faster R-CNN configs clip at 35).
@@ -122,11 +124,6 @@ QUICK = Plan(name="quick", bodies=("test_resnet",), pretrain_data="fashion-mnist
              students=("fasterrcnn_test_resnet",), seeds=(0,), canvas=64, train_canvases=8, val_canvases=4,
              epochs=1, teacher_epochs=2, batch_size=4, results=RUNS / "quick" / "results", runs=RUNS / "quick")
 PLANS = {"full": Plan(), "gpu": GPU, "quick": QUICK}
-
-
-def body_of(model: str) -> str:
-    """The timm body of a ``fasterrcnn_<timm name>`` model."""
-    return model.partition("_")[2]
 
 
 def cells(plan: Plan) -> list[tuple[str, str, int]]:

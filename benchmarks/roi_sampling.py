@@ -15,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -23,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, ROOT, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cwkd.tasks.detection.models import create_detection_model  # noqa: E402
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "roi_sampling.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "roi_sampling.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = {}
@@ -98,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"size": args.size, "batch": args.batch, "rounds": args.rounds, "threads": args.threads,
               "torchvision_counts": TORCHVISION, "rows": rows,
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(args.out, record)
     return 0
 
 

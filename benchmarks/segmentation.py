@@ -31,18 +31,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from common import (
+    RESULTS,
+    ROOT,
+    cell_tail,
+    fmt_mean_std,
+    keep_result,
+    key,
+    run_in,
+    saved_config,
+    versions,
+    write_json,
+)
+
 RUNS = ROOT / "benchmarks" / "runs" / "segmentation"
 METHODS = ("none", "linear", "cwt", "mgd")
 #: MGD's alpha for segmentation, in the summed form (sum over C*H*W, divided by the batch).
@@ -74,10 +81,6 @@ QUICK = Plan(name="quick", teacher="pspnet_resnet18", students=("pspnet_mobilene
              results=RUNS / "quick" / "results", runs=RUNS / "quick")
 
 
-def key(student: str, method: str, seed: int) -> str:
-    return f"{student}-{method}-s{seed}"
-
-
 def prepare_data(plan: Plan, source: str = "fashion-mnist") -> Path:
     """Write the composited data set once (seed 0) and return its folder.
 
@@ -97,28 +100,10 @@ def prepare_data(plan: Plan, source: str = "fashion-mnist") -> Path:
     return root
 
 
-def _cwkd(args: list[str]) -> None:
-    command = [sys.executable, "-m", "cwkd", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("CWKD_BENCH_THREADS", "2")}
-    subprocess.run(command, check=True, cwd=ROOT, env=env)
-
-
-def run_in(out: Path, args: list) -> list[dict]:
-    """``cwkd ARGS`` into the run directory ``out`` (resumed where a stop left its state); its metrics history."""
-    resume = ["--resume", out] if (out / "state.pt").is_file() else ["--out", out, "--overwrite"]
-    _cwkd([*args, *resume])
-    return _history(out)
-
-
 def _common(plan: Plan, data: Path, seed: int, epochs: int) -> list:
     return ["--task", "segmentation", "--data", data, "--input-size", plan.canvas, "--epochs", epochs,
             "--batch-size", plan.batch_size, "--lr", plan.lr, "--workers", 0, "--seed", seed, "--device", "cpu",
             "--quiet"]
-
-
-def _history(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def train_teacher(plan: Plan, data: Path, extra: tuple = ()) -> dict:
@@ -130,7 +115,7 @@ def train_teacher(plan: Plan, data: Path, extra: tuple = ()) -> dict:
     result = {"model": plan.teacher, "miou": history[-1]["val_miou"], "pixel_acc": history[-1]["val_pixel_acc"],
               "history": [h["val_miou"] for h in history], "epochs": plan.teacher_epochs,
               "wall_s": round(sum(h["epoch_s"] for h in history), 1), "versions": versions()}
-    _write(path, result)
+    write_json(path, result)
     return result
 
 
@@ -147,7 +132,7 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha
     """Train or distil one student (``alpha`` a number, ``"auto"``, or None: the method's default); write and
     return its result as ``name`` (default: student, method, seed). ``extra`` are more options for a distilled
     cell, ``student_extra`` for every cell, given with ``cwkd train``'s names (``--backbone-weights``)."""
-    name = name or key(student, method, seed) + ("-aauto" if alpha == "auto" else "")
+    name = name or key(student, method, seed, auto=alpha == "auto")
     out = plan.runs / "cells" / name
     teacher = plan.runs / "teacher" / "last.safetensors"
     distil = ["--method", method, *(["--alpha", alpha] if alpha is not None else []), *extra,
@@ -157,17 +142,12 @@ def run_cell(plan: Plan, data: Path, student: str, method: str, seed: int, alpha
         ["distill", "--teacher", teacher, "--student", student, *distil]
     started = time.perf_counter()
     history = run_in(out, [*command, *_common(plan, data, seed, plan.epochs)])
-    config = json.loads((out / "config.json").read_text())["config"]
+    config = saved_config(out)
     result = {"student": student, "method": method, "seed": seed,
               "alpha": config["alpha"] if method != "none" else None, "alpha_auto": alpha == "auto",
               "miou": history[-1]["val_miou"], "pixel_acc": history[-1]["val_pixel_acc"],
-              "history": [h["val_miou"] for h in history],
-              "last_train": {k: v for k, v in history[-1].items() if k.startswith("train_")},
-              "epoch_s": [h["epoch_s"] for h in history], "wall_s_this_call": round(time.perf_counter() - started, 1),
-              "config": config, "versions": versions()}
-    _write(plan.results / f"{name}.json", result)
-    shutil.rmtree(out, ignore_errors=True)
-    return result
+              "history": [h["val_miou"] for h in history], **cell_tail(history, started, config)}
+    return keep_result(plan.results / f"{name}.json", result, out)
 
 
 def student_options(options: tuple) -> list:
@@ -183,10 +163,11 @@ def run_auto(plan: Plan, methods: tuple[str, ...] = ("cwt", "mgd")) -> None:
     student = plan.students[0]
     for seed in plan.seeds:
         for method in methods:
-            if (plan.results / f"{key(student, method, seed)}-aauto.json").is_file():
+            name = key(student, method, seed, auto=True)
+            if (plan.results / f"{name}.json").is_file():
                 continue
             result = run_cell(plan, data, student, method, seed, "auto")
-            print(f"{key(student, method, seed)}-aauto: alpha {result['alpha']:.4g}, val mIoU {result['miou']:.2f} "
+            print(f"{name}: alpha {result['alpha']:.4g}, val mIoU {result['miou']:.2f} "
                   f"({sum(result['epoch_s']):.0f}s)", flush=True)
 
 
@@ -243,7 +224,7 @@ def step_cost(plan: Plan, rounds: int = 7) -> dict:
         steps = {"a_student_step": _stepper(plain, images, masks), "c_cwkd_step": _stepper(distil, images, masks)}
         steps["b_teacher_forward"] = lambda: _teacher_forward(teacher, images)
         results["students"][name] = time_steps(name, steps, rounds)
-    _write(plan.results / "step_cost.json", {**results, "versions": versions()})
+    write_json(plan.results / "step_cost.json", {**results, "versions": versions()})
     return results
 
 
@@ -293,11 +274,7 @@ def _teacher_forward(teacher, images) -> None:
 
 def report(plan: Plan) -> str:
     """The markdown tables: mIoU mean +- std per student and method, and the paired gain over the baseline."""
-    results = {}
-    auto = {}
-    for path in sorted(plan.results.glob("*-s*.json")):
-        r = json.loads(path.read_text())
-        (auto if r.get("alpha_auto") else results)[(r["student"], r["method"], r["seed"])] = r
+    results, auto = load_cells(plan.results)
     if not results:
         return "no results yet"
     teacher = json.loads((plan.results / "teacher.json").read_text())
@@ -312,10 +289,19 @@ def report(plan: Plan) -> str:
             values = [results[(student, method, s)]["miou"] for s in seeds]
             gains = [results[(student, method, s)]["miou"] - results[(student, "none", s)]["miou"]
                      for s in seeds if (student, "none", s) in results]
-            gain = "" if method == "none" or not gains else f"{_mean_std(gains, signed=True)} ({len(gains)} paired)"
-            lines.append(f"| {student} | {method} | {len(seeds)} | {_mean_std(values)} | {gain} | "
+            gain = "" if method == "none" or not gains else f"{fmt_mean_std(gains, signed=True)} ({len(gains)} paired)"
+            lines.append(f"| {student} | {method} | {len(seeds)} | {fmt_mean_std(values)} | {gain} | "
                          f"{', '.join(f'{v:.2f}' for v in values)} |")
     return "\n".join(lines + auto_table(plan.seeds, results, auto) + cost_table(plan.results / "step_cost.json"))
+
+
+def load_cells(folder: Path) -> tuple[dict, dict]:
+    """The cells saved in ``folder`` by (student, method, seed): the grid's, and the ``--alpha auto`` ones."""
+    results, auto = {}, {}
+    for path in sorted(folder.glob("*-s*.json")):
+        r = json.loads(path.read_text())
+        (auto if r.get("alpha_auto") else results)[(r["student"], r["method"], r["seed"])] = r
+    return results, auto
 
 
 def auto_table(seeds: tuple[int, ...], fixed: dict, auto: dict, value=lambda r: r["miou"],
@@ -333,7 +319,7 @@ def auto_table(seeds: tuple[int, ...], fixed: dict, auto: dict, value=lambda r: 
         runs = {seed: auto[(student, method, seed)] for seed in seeds if (student, method, seed) in auto}
         picked = ", ".join(f"{r['alpha']:.3g}" for r in runs.values())
         paired = [_paired(runs, fixed, student, other, value) for other in (method, "none")]
-        lines.append(f"| {student} | {method} | {picked} | {_mean_std([value(r) for r in runs.values()])} | "
+        lines.append(f"| {student} | {method} | {picked} | {fmt_mean_std([value(r) for r in runs.values()])} | "
                      f"{paired[0]} | {paired[1]} |")
     return lines
 
@@ -341,7 +327,7 @@ def auto_table(seeds: tuple[int, ...], fixed: dict, auto: dict, value=lambda r: 
 def _paired(runs: dict, fixed: dict, student: str, other: str, value) -> str:
     diffs = [value(r) - value(fixed[(student, other, seed)]) for seed, r in runs.items()
              if (student, other, seed) in fixed]
-    return f"{_mean_std(diffs, signed=True)} ({len(diffs)})" if diffs else "-"
+    return f"{fmt_mean_std(diffs, signed=True)} ({len(diffs)})" if diffs else "-"
 
 
 def cost_table(path: Path, teacher: str = "teacher forward") -> list[str]:
@@ -354,27 +340,6 @@ def cost_table(path: Path, teacher: str = "teacher forward") -> list[str]:
              "| --- | ---: | ---: | ---: | ---: |"]
     return lines + [f"| {name} | {c['a_student_step']} | {c['b_teacher_forward']} | {c['c_cwkd_step']} | {c['ratio']} |"
                     for name, c in cost["students"].items()]
-
-
-def _mean_std(values: list[float], signed: bool = False) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:+.2f} ± {std:.2f}" if signed else f"{mean:.2f} ± {std:.2f}"
-
-
-def versions() -> dict:
-    import timm
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "cpu": platform.processor() or platform.machine()}
-
-
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

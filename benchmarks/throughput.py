@@ -53,8 +53,9 @@ from multiprocessing import Pool
 from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import RESULTS, ROOT, write_json
+
+sys.path.insert(0, str(ROOT))  # cwkd from this checkout
 
 #: The targets and the decision rule above, as numbers.
 GPU_TARGET = 0.90          # workers_auto / model_bound on the GPU, bf16
@@ -104,7 +105,7 @@ def _source_images():
     files = find_fashion_mnist()
     if files is not None:
         return read_idx(files["x_train"]), read_idx(files["y_train"]), "fashion-mnist (system)"
-    with np.load(REPO / "cwkd" / "assets" / "fashion_mnist_mini.npz") as npz:
+    with np.load(ROOT / "cwkd" / "assets" / "fashion_mnist_mini.npz") as npz:
         images = np.concatenate([npz["x_train"], npz["x_val"]])
         labels = np.concatenate([npz["y_train"], npz["y_val"]])
     return images, labels, "fashion-mnist-mini (bundled)"
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = PLANS["quick" if args.quick else args.plan]
     plan = plan if args.device is None else replace_device(plan, args.device)
-    out = args.out or REPO / "benchmarks" / "results" / f"throughput_{plan.name}.json"
+    out = args.out or RESULTS / f"throughput_{plan.name}.json"
     started = time.perf_counter()
     data = make_folder(plan, args.data_dir)
     print(f"data: {data['dir']} ({data['train_files']} train JPEGs, {data['mean_kib']} KiB mean, {data['source']})")
@@ -279,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"plan": asdict(plan), "machine": _machine(plan.device), "data": data, "variants": rows,
               "targets": {"gpu_bf16": GPU_TARGET, "cpu_auto_vs_2": CPU_NOISE, "input_bound_wait": INPUT_BOUND_WAIT},
               "verdict": verdict(plan, rows), "wall_s": round(time.perf_counter() - started, 1)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out, report)
     for name, row in rows.items():
         print(f"{name:13s} workers {str(row['workers']):>4s}  {row['images_per_s']:8.1f} img/s  "
               f"{row['ratio_to_model_bound']:6.1%} of model-bound  data wait {row['data_wait']:6.1%}")
