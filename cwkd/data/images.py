@@ -143,7 +143,7 @@ def scale_pad_crop(sample: tuple, factor: float, out: tuple[int, int], *, fill: 
     """Resize a v2 sample (an image first) by ``factor``, pad it on the bottom and right to at least ``out``.
 
     With ``crop`` it is then cropped to ``out`` at a random place (torch's RNG); without, it keeps the
-    padded size. Boxes and masks in the sample move with the image (torchvision's ``transforms.v2``).
+    padded size. The sample's other ``tv_tensors`` move with the image (torchvision's ``transforms.v2``).
     Why pad before the crop, not ``RandomCrop(pad_if_needed=True)``: that pads both sides and places a
     small image anywhere in the crop, where training has always kept it at the top left, as for val.
     """

@@ -166,7 +166,7 @@ class Transformed(Dataset):
     seed, so a sample's augmentation does not depend on which worker loads it or what was loaded before.
 
     Example:
-        >>> masks = Transformed(spec.train, JointTransform(64, mean, std, train=True))  # doctest: +SKIP
+        >>> train = Transformed(spec.train, JointTransform(64, mean, std, train=True))  # doctest: +SKIP
     """
 
     def __init__(self, base: Dataset, transform: Callable) -> None:

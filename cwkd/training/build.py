@@ -107,11 +107,12 @@ class TeacherSource:
     std: tuple[float, ...]
     checkpoint: str | None = None  # a cwkd checkpoint given as --teacher
     weights: str | None = None     # else a --teacher-weights file, "pretrained" or "random"
-    metric: str | None = None      # the teacher's score on val as distilled (cwkd.training.teachercheck), e.g. "top1"
+    metric: str | None = None      # the teacher's score on val as distilled (cwkd.training.teachercheck): its name
     score: float | None = None
 
     def to_dict(self) -> dict:
-        """The JSON layout config.json has always had (the keys that apply, means as lists; ``val_top1``: its score)."""
+        """The JSON layout config.json has always had (the keys that apply, means as lists; its score as
+        ``val_<metric>``)."""
         values = {"checkpoint": self.checkpoint, "model": self.model, "weights": self.weights,
                   "mean": list(self.mean), "std": list(self.std)}
         if self.metric is not None:
@@ -142,7 +143,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn
             )
         if cfg.teacher_weights:  # built with the head the weights have; a mismatch is caught below
             _refuse_cwkd_checkpoint(cfg.teacher_weights)
-            model = _with_weights(name, cfg.teacher_weights, in_chans) if task.timm_models else \
+            model = _with_weights(task, name, cfg.teacher_weights, in_chans) if task.timm_models else \
                 task.build_model(name, num_classes=num_classes, in_chans=in_chans, weights=cfg.teacher_weights)
         elif cfg.teacher_pretrained:  # a classifier keeps its pretrained head; a dense model gets fresh heads
             model = task.build_model(name, num_classes=None if task.timm_models else num_classes, in_chans=in_chans,
@@ -206,10 +207,10 @@ def _refuse_cwkd_checkpoint(path: str) -> None:
                       "and drop --teacher-weights")
 
 
-def _with_weights(name: str, path: str, in_chans: int) -> nn.Module:
-    """Build ``name`` with the classifier size the weights file has, then load it."""
+def _with_weights(task: TaskSpec, name: str, path: str, in_chans: int) -> nn.Module:
+    """Build ``name`` (a plain timm model of ``task``) with the class count the weights file has, then load it."""
     classes, _ = shape_of_weights(name, read_state_dict(path), in_chans)
-    return get_task(Task.classification).build_model(name, num_classes=classes, in_chans=in_chans, weights=path)
+    return task.build_model(name, num_classes=classes, in_chans=in_chans, weights=path)
 
 
 def _num_classes(model: nn.Module) -> int:

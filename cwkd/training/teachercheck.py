@@ -2,7 +2,7 @@
 
 A teacher that sees its input wrongly (another normalisation, another size, other data) still runs, and the
 student learns from noise without anyone being told: a benchmark of ours once fed a teacher the student's
-statistics and it fell from 84 % to 21 % top-1. So :func:`check_teacher` scores the teacher on exactly what it
+statistics and its score fell from 84 % to 21 %. So :func:`check_teacher` scores the teacher on exactly what it
 will see (the student's validation batches, remapped to the teacher's own statistics, at the student's input
 size), prints the score, and refuses a teacher near chance or far below what its own checkpoint recorded.
 """
@@ -83,7 +83,7 @@ def check_teacher(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller,
         console.info("teacher: random weights (--allow-random-teacher), not checked")
         return source
     own = _teacher_task(task, source)
-    if own.name is not task.name:  # a Mask R-CNN teaching a Faster R-CNN: its own scores need masks this data lacks
+    if own.name is not task.name:  # a teacher of another task: its own scores need data of its task
         console.info(f"teacher: not checked: it is a {own.name.value} model and this run is {task.name.value} (its "
                      f"{own.metrics[own.best_metric]} needs {own.name.value} data)")
         return source
@@ -126,7 +126,7 @@ def recorded_score(out: Path, source: TeacherSource | None) -> TeacherSource | N
 
 
 def _teacher_task(task: TaskSpec, source: TeacherSource) -> TaskSpec:
-    """The task the teacher's own model does (a Faster R-CNN teaching a Mask R-CNN scores boxes, not masks)."""
+    """The task the teacher's own model does, which may differ from the run's (:func:`cwkd.tasks.can_teach`)."""
     if source.checkpoint is not None:
         return get_task(read_metadata(source.checkpoint).task)
     named = infer_task(source.model)

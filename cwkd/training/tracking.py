@@ -4,7 +4,7 @@ Nothing here syncs with the device: the engine hands over numbers it already has
 record, and the running loss means it reads for the progress bar every 10 steps), on rank 0 only. Every
 value goes out at one x axis, the global optimizer step: the per-step running means as ``step/loss``,
 ``step/task_loss``, ...; each epoch's record at the epoch's last step, its metrics.jsonl keys with the first
-``_`` as ``/`` (``train/loss``, ``train/feat/layer4->layer4``, ``val/top1``, ``lr``, ``epoch``).
+``_`` as ``/`` (``train/loss``, ``train/feat/layer4->layer4``, ``val/<metric>``, ``lr``, ``epoch``).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Tracking:
 
 
 def _tag(key: str) -> str:
-    """``train_loss`` -> ``train/loss``, ``val_top1`` -> ``val/top1``; other keys stay (``lr``, ``epoch``)."""
+    """``train_loss`` -> ``train/loss``, ``val_<metric>`` -> ``val/<metric>``; other keys stay (``lr``, ``epoch``)."""
     for split in ("train_", "val_"):
         if key.startswith(split):
             return split[:-1] + "/" + key[len(split):]
