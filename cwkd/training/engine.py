@@ -39,7 +39,7 @@ from cwkd.runtime import (
 )
 from cwkd.tasks import get_task
 from cwkd.tasks.base import TaskSpec
-from cwkd.training import rundir
+from cwkd.training import rundir, signals
 from cwkd.training.build import TeacherSource, build_student, build_teacher, run_metadata, teacher_in_chans
 from cwkd.training.config import TrainConfig
 from cwkd.training.console import RunConsole
@@ -122,7 +122,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
         p = _build(cfg, out, resume is not None, device, rank, console, lock)
         console.info(_describe(cfg, p.distiller, p.spec, p.dcfg, device, rank, p.train_loader.num_workers))
         keep_freed = reuse_freed_memory(device) if p.task.steady_shapes else contextlib.nullcontext(False)
-        with rundir.StopSignals() as stop, keep_freed, \
+        with signals.StopSignals() as stop, keep_freed, \
                 Tracking(cfg.log, out=out, config=cfg.to_dict(), enabled=rank.main) as p.tracking:
             if rank.main:
                 rundir.check_space(out, p.distiller, p.optimizer)
@@ -230,7 +230,7 @@ def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int, device: to
 
 
 def _train(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: Dist, console: RunConsole,
-           stop: rundir.StopSignals) -> dict:
+           stop: signals.StopSignals) -> dict:
     """The loop; under ``--alpha auto`` a loss gone non-finite in the first epoch starts it again at alpha / 4."""
     from cwkd.core.autoalpha import BackOff
 
@@ -254,7 +254,7 @@ def _train(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: 
 
 
 def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: Dist, console: RunConsole,
-          stop: rundir.StopSignals) -> dict:
+          stop: signals.StopSignals) -> dict:
     """The epochs: train, stop-and-save if asked, evaluate, save; returns the last epoch's record."""
     if p.start_epoch >= cfg.epochs:
         console.info(f"{out} already finished {p.start_epoch} epochs; resume with a larger --epochs to go on")
