@@ -76,7 +76,7 @@ def test_resume_continues_from_saved_epoch(folder, teacher_ckpt, tmp_path):
 
 
 def test_resume_takes_run_options_and_refuses_changed_ones(folder, teacher_ckpt, tmp_path):
-    from cwkd.training.rundir import load_config
+    from cwkd.training.resume import load_config
 
     out = tmp_path / "run"
     args = ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet", "--data", str(folder),

@@ -52,6 +52,7 @@ from cwkd.training.nonfinite import (
     saved_checkpoints,
 )
 from cwkd.training.optim import build_optimizer, build_scheduler
+from cwkd.training.resume import load_config, no_best, restore
 from cwkd.training.runlock import RunLock
 from cwkd.training.teachercheck import check_teacher, recorded_score
 from cwkd.training.tracking import Tracking, require
@@ -97,14 +98,14 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
     """Train or distill as ``cfg`` says, writing a run directory; ``resume`` continues one.
 
     ``resume_options`` are options given again when resuming (``{"epochs": 20}``): those a resumed run
-    may change replace the saved ones, any other must equal the saved value (:func:`cwkd.training.rundir.load_config`).
+    may change replace the saved ones, any other must equal the saved value (:func:`cwkd.training.resume.load_config`).
 
     Example:
         >>> cfg = TrainConfig(data="fashion-mnist-mini", student="test_resnet", method="none", epochs=1)
         >>> result = run(cfg)  # doctest: +SKIP
     """
     if resume is not None:
-        cfg = rundir.load_config(resume, options=resume_options)
+        cfg = load_config(resume, options=resume_options)
     require(cfg.log)  # a --log tracker that is not installed stops the run before anything loads
     device = resolve_device(cfg.device, cfg.precision)
     rank = setup_distributed(device)
@@ -170,11 +171,13 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
                 val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
                 scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16),
                 autocast=autocast(device, cfg.precision),
-                channels_last=device.type == "cuda", best=rundir.no_best(task.best_metric),
+                channels_last=device.type == "cuda", best=no_best(task.best_metric),
                 meta=run_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source))
     if resuming:
-        p.start_epoch, p.start_step, p.best = rundir.restore(out, distiller, optimizer, p.scheduler, p.scaler,
-                                                             device, task.best_metric)
+        p.start_epoch, p.start_step, p.best = restore(out, distiller, optimizer, p.scheduler, p.scaler,
+                                                      task.best_metric)
+        if rank.main:  # the metric lines of epochs state.pt had not saved (a kill just after the line)
+            rundir.truncate_metrics(out / "metrics.jsonl", p.start_epoch)
         console.info(f"resuming {out} at epoch {p.start_epoch + 1}"
                      + (f", step {p.start_step}" if p.start_step else ""))
     elif rank.main:
