@@ -348,7 +348,7 @@ def test_a_run_that_never_finished_an_epoch_is_replaced_without_overwrite(folder
     def stop(*args, **kwargs):  # stop right after the run directory was prepared
         raise MemoryError()
 
-    monkeypatch.setattr(engine, "build_optimizer", stop)  # the run directory is prepared after the loaders
+    monkeypatch.setattr("cwkd.training.optim.build_optimizer", stop)  # the run directory is prepared after the loaders
     _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, "--epochs", "1", *FAST],
            "out of memory")  # before: "already holds a run (config.json, metrics.jsonl) ... --overwrite"
     assert not (out / "metrics.jsonl").exists()  # replaced: the old start's files are gone

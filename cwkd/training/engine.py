@@ -22,7 +22,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cwkd.choices import Precision
 from cwkd.core.distiller import FeatureDistiller, Renormalize
 from cwkd.data.loading import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
 from cwkd.errors import ConfigError, NonfiniteLoss, RunInterrupted, TrainingError
@@ -51,7 +50,7 @@ from cwkd.training.nonfinite import (
     raise_nonfinite,
     saved_checkpoints,
 )
-from cwkd.training.optim import build_optimizer, build_scheduler
+from cwkd.training.optim import Stepper
 from cwkd.training.resume import load_config, no_best, restore
 from cwkd.training.runlock import RunLock
 from cwkd.training.teachercheck import check_teacher, recorded_score
@@ -81,9 +80,7 @@ class _Pieces:
     model: nn.Module                 # the distiller, or its DDP wrapper
     train_loader: object
     val_loader: object
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    stepper: Stepper                 # optimizer, schedule, fp16 loss scaler
     autocast: Callable[[], torch.autocast]  # built once per run; call it around a forward pass
     channels_last: bool              # the memory format of batches (on CUDA)
     meta: CheckpointMeta             # checkpoint metadata
@@ -126,7 +123,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
         with signals.StopSignals() as stop, keep_freed, \
                 Tracking(cfg.log, out=out, config=cfg.to_dict(), enabled=rank.main) as p.tracking:
             if rank.main:
-                rundir.check_space(out, p.distiller, p.optimizer)
+                rundir.check_space(out, p.distiller, p.stepper.optimizer)
             last = _train(p, cfg, out, device, rank, console, stop)
     best = p.best
     console.table("cwkd run summary", [f"best val {p.task.metrics[p.task.best_metric]}", "at epoch", "run directory"],
@@ -165,17 +162,13 @@ def _build(cfg: TrainConfig, out: Path, resuming: bool, device: torch.device, ra
         rundir.prepare(out, resume=resuming, overwrite=cfg.overwrite, cfg=cfg, lock=lock)
     if cfg.alpha == "auto":  # a resumed run has the number its first start picked, and never probes again
         _auto_alpha(cfg, task, distiller, train_loader, device, console)
-    optimizer = build_optimizer(distiller, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     p = _Pieces(task=task, spec=spec, dcfg=dcfg, distiller=distiller, model=model, train_loader=train_loader,
-                val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
-                scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16),
+                val_loader=val_loader, stepper=Stepper.build(distiller, cfg, len(train_loader), device),
                 autocast=autocast(device, cfg.precision),
                 channels_last=device.type == "cuda", best=no_best(task.best_metric),
                 meta=run_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source))
     if resuming:
-        p.start_epoch, p.start_step, p.best = restore(out, distiller, optimizer, p.scheduler, p.scaler,
-                                                      task.best_metric)
+        p.start_epoch, p.start_step, p.best = restore(out, distiller, p.stepper, task.best_metric)
         if rank.main:  # the metric lines of epochs state.pt had not saved (a kill just after the line)
             rundir.truncate_metrics(out / "metrics.jsonl", p.start_epoch)
         console.info(f"resuming {out} at epoch {p.start_epoch + 1}"
@@ -246,9 +239,7 @@ def _train(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: 
             if back_off is None or not back_off.left or p.best["epoch"] >= 0:
                 raise
             before, cfg.alpha = cfg.alpha, back_off.lower(p.distiller)
-            p.optimizer = build_optimizer(p.distiller, cfg)
-            p.scheduler = build_scheduler(p.optimizer, cfg, len(p.train_loader))
-            p.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16)
+            p.stepper = Stepper.build(p.distiller, cfg, len(p.train_loader), device)
             p.meta = dataclasses.replace(p.meta, alpha=cfg.alpha)
             if rank.main:
                 rundir.update_config(out, alpha=cfg.alpha)
@@ -273,7 +264,7 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
         if stop.requested and skip + train["batches"] < steps_per_epoch:
             if rank.main:
                 with stop.saving():  # a second Ctrl-C waits: last.safetensors without state.pt is no resume
-                    rundir.save_interrupted(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, epoch,
+                    rundir.save_interrupted(out, p.distiller, p.stepper, p.meta, epoch,
                                             skip + train["batches"], p.best)
             raise RunInterrupted(out, stop.signal_number)
         if train["batches"] and not train["steps"]:
@@ -281,11 +272,11 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
                                 f"--skip-nonfinite); lower --lr{fp16_advice(cfg, device, ' or ')}")
         val = evaluate(p.distiller.student, p.val_loader, device, cfg.precision, p.channels_last, rank,
                        task=p.task.name)
-        last = _epoch_record(epoch, train, val, p.optimizer, time.perf_counter() - started, p.task)
+        last = _epoch_record(epoch, train, val, p.stepper.optimizer, time.perf_counter() - started, p.task)
         check_diverged(p.distiller, last, cfg, out, rank.main)  # poisoned weights never become last or best
         if rank.main:
             with stop.saving():
-                p.best = rundir.save_epoch(out, p.distiller, p.optimizer, p.scheduler, p.scaler, p.meta, last, p.best)
+                p.best = rundir.save_epoch(out, p.distiller, p.stepper, p.meta, last, p.best)
             p.tracking.epoch(last, (epoch + 1) * steps_per_epoch)
         console.info(_epoch_line(last, cfg.epochs, p.task))
         bad = sum(getattr(split, "skipped", 0) for split in (p.spec.train, p.spec.val))
@@ -328,7 +319,7 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
         images, targets = p.task.batch_to(batch, device, memory_format)
         with p.autocast():
             out = p.model(images, targets)
-        p.optimizer.zero_grad(set_to_none=True)
+        p.stepper.optimizer.zero_grad(set_to_none=True)
         if watch is not None:
             watch.see(out, step)
         elif not finite_everywhere(out["loss"]):
@@ -368,18 +359,19 @@ def _checks_each_step(cfg: TrainConfig, device: torch.device) -> bool:
 
 def _update(p: _Pieces, loss: torch.Tensor, cfg: TrainConfig) -> None:
     """Backward, clip, optimizer and schedule step (the scaler is a no-op unless fp16)."""
-    p.scaler.scale(loss).backward()
+    scaler, optimizer = p.stepper.scaler, p.stepper.optimizer
+    scaler.scale(loss).backward()
     if cfg.clip_grad:
-        p.scaler.unscale_(p.optimizer)
+        scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(p.distiller.parameters(), cfg.clip_grad)
-    p.scaler.step(p.optimizer)
-    p.scaler.update()
-    if not p.scaler.is_enabled():
-        p.scheduler.step()
+    scaler.step(optimizer)
+    scaler.update()
+    if not scaler.is_enabled():
+        p.stepper.scheduler.step()
         return
     with warnings.catch_warnings():  # fp16 skips the steps whose gradients overflowed: the schedule goes on
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-        p.scheduler.step()
+        p.stepper.scheduler.step()
 
 
 def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:

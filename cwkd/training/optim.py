@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from cwkd.choices import Precision
 from cwkd.training.config import TrainConfig
+
+
+@dataclass
+class Stepper:
+    """What steps a run's weights: the optimizer, its learning-rate schedule and the loss scaler (fp16 only)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def build(cls, module: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> Stepper:
+        """A fresh optimizer over ``module``'s parameters, its schedule over ``cfg.epochs``, and the scaler."""
+        optimizer = build_optimizer(module, cfg)
+        return cls(optimizer, build_scheduler(optimizer, cfg, steps_per_epoch),
+                   torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16))
 
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -18,6 +18,7 @@ from cwkd.files.metadata import is_int, upgrade_best
 from cwkd.files.weights import load_state_checked
 from cwkd.training import runinputs
 from cwkd.training.config import TrainConfig
+from cwkd.training.optim import Stepper
 
 #: Layout version of state.pt; a file with a larger number needs a newer cwkd.
 STATE_VERSION = 1
@@ -98,7 +99,7 @@ def no_best(metric: str) -> dict:
     return {"metric": metric, "value": -1.0, "epoch": -1}
 
 
-def restore(out: Path, distiller, optimizer, scheduler, scaler, metric: str) -> tuple[int, int, dict]:
+def restore(out: Path, distiller, stepper: Stepper, metric: str) -> tuple[int, int, dict]:
     """Load state.pt into the run's objects; return (epoch, step, best) to continue from.
 
     ``metric`` is the task's best metric. A run killed before its first epoch ended has no state.pt:
@@ -113,9 +114,9 @@ def restore(out: Path, distiller, optimizer, scheduler, scaler, metric: str) -> 
     load_state_checked(distiller, state["model"], f"the weights in {path}",
                        hint="it was saved by another run; start a new run")
     try:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        stepper.optimizer.load_state_dict(state["optimizer"])
+        stepper.scheduler.load_state_dict(state["scheduler"])
+        stepper.scaler.load_state_dict(state["scaler"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} does not match this run ({detail}); start a new run") from exc

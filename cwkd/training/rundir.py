@@ -28,6 +28,7 @@ from cwkd.files.checkpoint import (
 from cwkd.files.metadata import CheckpointMeta, is_int
 from cwkd.training import runinputs
 from cwkd.training.config import TrainConfig
+from cwkd.training.optim import Stepper
 from cwkd.training.resume import STATE_VERSION
 from cwkd.training.runlock import RunLock
 
@@ -154,8 +155,7 @@ def update_config(out: Path, inputs: dict | None = None, **changes) -> None:
     atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
 
 
-def save_epoch(out: Path, distiller, optimizer, scheduler, scaler, meta: CheckpointMeta, record: dict,
-               best: dict) -> dict:
+def save_epoch(out: Path, distiller, stepper: Stepper, meta: CheckpointMeta, record: dict, best: dict) -> dict:
     """After an epoch: metrics line, last (and maybe best, by ``val_<best["metric"]>``) checkpoint, then the state."""
     epoch = record["epoch"] - 1
     key = f"val_{best['metric']}"
@@ -166,21 +166,21 @@ def save_epoch(out: Path, distiller, optimizer, scheduler, scaler, meta: Checkpo
     if record[key] > best["value"]:
         best = {"metric": best["metric"], "value": record[key], "epoch": epoch}
         save_checkpoint(out / "best.safetensors", tensors, meta)
-    _save_state(out, distiller, optimizer, scheduler, scaler, epoch + 1, 0, best)
+    _save_state(out, distiller, stepper, epoch + 1, 0, best)
     return best
 
 
-def save_interrupted(out: Path, distiller, optimizer, scheduler, scaler, meta: CheckpointMeta, epoch: int,
-                     step: int, best: dict) -> None:
+def save_interrupted(out: Path, distiller, stepper: Stepper, meta: CheckpointMeta, epoch: int, step: int,
+                     best: dict) -> None:
     """After a stop signal mid-epoch: the current weights as last, and the state to resume from."""
     save_checkpoint(out / "last.safetensors", distiller.state_dict(), meta.replace(epoch=epoch, step=step))
-    _save_state(out, distiller, optimizer, scheduler, scaler, epoch, step, best)
+    _save_state(out, distiller, stepper, epoch, step, best)
 
 
-def _save_state(out: Path, distiller, optimizer, scheduler, scaler, epoch: int, step: int, best: dict) -> None:
+def _save_state(out: Path, distiller, stepper: Stepper, epoch: int, step: int, best: dict) -> None:
     save_state(out / "state.pt", {
-        "model": distiller.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "model": distiller.state_dict(), "optimizer": stepper.optimizer.state_dict(),
+        "scheduler": stepper.scheduler.state_dict(), "scaler": stepper.scaler.state_dict(),
         "epoch": epoch, "step": step, "best": best, "format_version": STATE_VERSION,
     })
 
