@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ from cwkd.files.metadata import CheckpointMeta
 from cwkd.files.weights import load_state_checked, looks_like_path
 from cwkd.tasks import can_teach, get_task, infer_task, is_model_name, shape_of_weights
 from cwkd.training.config import TrainConfig
+from cwkd.training.teachercheck import TeacherSource
 
 if TYPE_CHECKING:  # only their types are needed here
     from cwkd.core.distiller import FeatureDistiller
@@ -96,27 +96,6 @@ def _teacher_checkpoint(path: str, header_only: bool = False) -> tuple[dict, Che
     if header_only:
         return {}, read_metadata(path, plain_hint=hint)
     return load_checkpoint(path, plain_hint=hint)
-
-
-@dataclass(frozen=True)
-class TeacherSource:
-    """Where a teacher's weights came from, and the input statistics it expects (config.json's "teacher")."""
-
-    model: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    checkpoint: str | None = None  # a cwkd checkpoint given as --teacher
-    weights: str | None = None     # else a --teacher-weights file, "pretrained" or "random"
-    metric: str | None = None      # the teacher's score on val as distilled (cwkd.training.teachercheck), e.g. "top1"
-    score: float | None = None
-
-    def to_dict(self) -> dict:
-        """The JSON layout config.json has always had (the keys that apply, means as lists; ``val_top1``: its score)."""
-        values = {"checkpoint": self.checkpoint, "model": self.model, "weights": self.weights,
-                  "mean": list(self.mean), "std": list(self.std)}
-        if self.metric is not None:
-            values[f"val_{self.metric}"] = self.score
-        return {k: v for k, v in values.items() if v is not None}
 
 
 def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, TeacherSource]:

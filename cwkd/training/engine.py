@@ -39,7 +39,7 @@ from cwkd.runtime import (
 from cwkd.tasks import get_task
 from cwkd.tasks.base import TaskSpec
 from cwkd.training import rundir, signals
-from cwkd.training.build import TeacherSource, build_student, build_teacher, run_metadata, teacher_in_chans
+from cwkd.training.build import build_student, build_teacher, run_metadata, teacher_in_chans
 from cwkd.training.config import TrainConfig
 from cwkd.training.console import RunConsole
 from cwkd.training.nonfinite import (
@@ -53,7 +53,7 @@ from cwkd.training.nonfinite import (
 from cwkd.training.optim import Stepper
 from cwkd.training.resume import load_config, no_best, restore
 from cwkd.training.runlock import RunLock
-from cwkd.training.teachercheck import check_teacher, recorded_score
+from cwkd.training.teachercheck import TeacherSource, check_teacher, recorded_score
 from cwkd.training.tracking import Tracking, require
 
 

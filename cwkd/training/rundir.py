@@ -34,7 +34,7 @@ from cwkd.training.runlock import RunLock
 
 if TYPE_CHECKING:  # build imports torch's distributed helpers; rundir needs only the type
     from cwkd.data.loading import DataConfig
-    from cwkd.training.build import TeacherSource
+    from cwkd.training.teachercheck import TeacherSource
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt")
 
