@@ -391,10 +391,10 @@ def test_double_ctrl_c_during_start_up_exits_130_cleanly(tmp_path):
 
 _CTRL_C_TWICE_AROUND_A_SAVE = """
 import os, signal, sys, time
-import cwkd.training.engine, cwkd.training.rundir
+import cwkd.training.optim, cwkd.training.rundir
 
 first_at = int(sys.argv[3])
-update, save_checkpoint, steps = cwkd.training.engine._update, cwkd.training.rundir.save_checkpoint, [0]
+update, save_checkpoint, steps = cwkd.training.optim.Stepper.step, cwkd.training.rundir.save_checkpoint, [0]
 
 def update_then_ctrl_c(*args, **kwargs):
     update(*args, **kwargs)
@@ -407,7 +407,7 @@ def save_then_ctrl_c(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)  # the second, once last.safetensors is written and before state.pt
     time.sleep(0.5)
 
-cwkd.training.engine._update = update_then_ctrl_c
+cwkd.training.optim.Stepper.step = update_then_ctrl_c
 cwkd.training.rundir.save_checkpoint = save_then_ctrl_c
 sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", sys.argv[1], "--out", sys.argv[2], "--epochs", "2",
             "--batch-size", "2", "--input-size", "32", "--workers", "0", "--device", "cpu"]

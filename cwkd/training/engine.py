@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import random
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from cwkd.tasks.base import TaskSpec
 from cwkd.training import rundir, signals
 from cwkd.training.build import build_student, build_teacher, run_metadata, teacher_in_chans
 from cwkd.training.config import TrainConfig
-from cwkd.training.console import RunConsole
+from cwkd.training.console import RunConsole, epoch_line
 from cwkd.training.nonfinite import (
     NonfiniteWatch,
     check_diverged,
@@ -278,7 +277,7 @@ def _loop(p: _Pieces, cfg: TrainConfig, out: Path, device: torch.device, rank: D
             with stop.saving():
                 p.best = rundir.save_epoch(out, p.distiller, p.stepper, p.meta, last, p.best)
             p.tracking.epoch(last, (epoch + 1) * steps_per_epoch)
-        console.info(_epoch_line(last, cfg.epochs, p.task))
+        console.info(epoch_line(last, cfg.epochs, p.task.metrics))
         bad = sum(getattr(split, "skipped", 0) for split in (p.spec.train, p.spec.val))
         if bad > reported_bad:
             console.warn(f"skipped {bad} unreadable image(s) so far (--skip-corrupt); their paths are above")
@@ -326,7 +325,7 @@ def train_one_epoch(p: _Pieces, cfg: TrainConfig, device: torch.device, *, steps
             skipped += 1
             raise_nonfinite(out, step, skipped, cfg, device, label, **why)  # raises once past --skip-nonfinite
             continue
-        _update(p, out["loss"], cfg)
+        p.stepper.step(out["loss"], p.distiller, cfg.clip_grad)  # the scaler is a no-op unless fp16
         for key, value in out.items():  # the loss and its parts, the task's own included (a detector's)
             if key != "outputs":  # the per-pair feature losses (feat/S->T) too
                 sums[key] += value.detach()
@@ -357,23 +356,6 @@ def _checks_each_step(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.skip_nonfinite > 0 or device.type == "cpu"
 
 
-def _update(p: _Pieces, loss: torch.Tensor, cfg: TrainConfig) -> None:
-    """Backward, clip, optimizer and schedule step (the scaler is a no-op unless fp16)."""
-    scaler, optimizer = p.stepper.scaler, p.stepper.optimizer
-    scaler.scale(loss).backward()
-    if cfg.clip_grad:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(p.distiller.parameters(), cfg.clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    if not scaler.is_enabled():
-        p.stepper.scheduler.step()
-        return
-    with warnings.catch_warnings():  # fp16 skips the steps whose gradients overflowed: the schedule goes on
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-        p.stepper.scheduler.step()
-
-
 def _reduce_means(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
     keys = sorted(sums)
     if not keys:
@@ -398,16 +380,6 @@ def _epoch_record(epoch: int, train: dict, val: dict, optimizer, seconds: float,
         "data_wait": train["data_wait"],
     })
     return record
-
-
-def _epoch_line(rec: dict, epochs: int, task: TaskSpec) -> str:
-    feat = f" feat {rec['train_feat_loss']:.4f}" if "train_feat_loss" in rec else ""
-    kd = f" kd {rec['train_kd_loss']:.4f}" if "train_kd_loss" in rec else ""
-    scores = " ".join(f"{label} {rec[f'val_{name}']:.2f}%" for name, label in task.metrics.items())
-    return (f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.4f} (task "
-            f"{rec['train_task_loss']:.4f}{feat}{kd})  val {scores} loss {rec['val_loss']:.4f}  "
-            f"{rec['images_per_s']:.0f} img/s (data wait {100 * rec.get('data_wait', 0):.0f}%) "
-            f"{rec['epoch_s']:.1f}s")
 
 
 def _describe(cfg: TrainConfig, distiller: FeatureDistiller, spec, dcfg: DataConfig, device, rank: Dist,
