@@ -286,7 +286,7 @@ def test_run_directory_made_unwritable_mid_run_is_one_line(folder, tmp_path, mon
     from cwkd.training import rundir
 
     out = tmp_path / "r"
-    save_epoch, real_open, real_unlink = rundir.save_epoch, os.open, Path.unlink
+    save_epoch, real_open, real_unlink = rundir.RunDir.save_epoch, os.open, Path.unlink
 
     def denied(path) -> OSError:
         return PermissionError(errno.EACCES, "Permission denied", str(path))
@@ -302,12 +302,11 @@ def test_run_directory_made_unwritable_mid_run_is_one_line(folder, tmp_path, mon
         return real_unlink(self, missing_ok=missing_ok)
 
     def save_then_chmod(*args, **kwargs):  # epoch 1 saves; then `chmod a-w` the folder (as a non-root user)
-        best = save_epoch(*args, **kwargs)
+        save_epoch(*args, **kwargs)
         monkeypatch.setattr(os, "open", open_)
         monkeypatch.setattr(Path, "unlink", unlink)  # the lock file cannot be removed either
-        return best
 
-    monkeypatch.setattr(rundir, "save_epoch", save_then_chmod)
+    monkeypatch.setattr(rundir.RunDir, "save_epoch", save_then_chmod)
     _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, "--epochs", "2", *FAST],
            "could not write", "metrics.jsonl", "Permission denied", "check free space and permissions")
     monkeypatch.undo()  # before: releasing the lock raised PermissionError, a traceback hiding the line above

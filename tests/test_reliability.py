@@ -377,9 +377,9 @@ def test_space_for_checkpoints_is_checked_before_training(tmp_path, monkeypatch)
     optimizer = torch.optim.SGD(big.parameters(), lr=0.1, momentum=0.9)
     monkeypatch.setattr(shutil, "disk_usage", lambda _path: shutil._ntuple_diskusage(2**40, 0, 200 * 2**20))
     with pytest.raises(ConfigError, match="needs about 400 MiB .* only 200 MiB are free"):
-        rundir.check_space(tmp_path, big, optimizer)
+        rundir.RunDir(tmp_path).check_space(big, optimizer)
     monkeypatch.setattr(shutil, "disk_usage", lambda _path: shutil._ntuple_diskusage(2**40, 0, 500 * 2**20))
-    rundir.check_space(tmp_path, big, optimizer)
+    rundir.RunDir(tmp_path).check_space(big, optimizer)
 
 
 # ----------------------------------------------------------------------------- non-finite losses

@@ -1,16 +1,19 @@
 """What ``--resume`` reads back: the run's config (config.json) and its training state (state.pt).
 
 ``state.pt`` holds the whole training state (weights included) in one file, so resuming never mixes weights
-and optimizer state from different epochs; :mod:`cwkd.training.rundir` writes it.
+and optimizer state from different epochs: :func:`state_record` is its layout, :class:`TrainState` the part
+that changes as a run goes, and :mod:`cwkd.training.rundir` writes it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.files.checkpoint import load_state
@@ -94,21 +97,57 @@ def _same(key: str, given, saved) -> bool:
     return False
 
 
-def no_best(metric: str) -> dict:
-    """The best record before any epoch: ``{"metric": metric, "value": -1.0, "epoch": -1}``."""
-    return {"metric": metric, "value": -1.0, "epoch": -1}
+@dataclass
+class TrainState:
+    """Where a run is: what changes as it trains, and what state.pt saves beside the weights and optimizer.
+
+    ``epoch`` is the epoch to train next (from 0) and ``step`` the steps of it already done (a run stopped
+    mid-epoch goes on from there); ``best`` is the best epoch so far, ``{"metric", "value", "epoch"}`` (its
+    epoch from 0, -1 before any); ``last`` is the last finished epoch's metrics record (empty before one).
+    """
+
+    best: dict
+    epoch: int = 0
+    step: int = 0
+    last: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, metric: str) -> TrainState:
+        """A run before its first step, whose best epoch will be the one with the highest ``val_<metric>``."""
+        return cls(best={"metric": metric, "value": -1.0, "epoch": -1})
+
+    def end_epoch(self, record: dict) -> None:
+        """Epoch ``record["epoch"]`` (from 1) finished: the next starts at step 0, and a higher score is the best."""
+        metric = self.best["metric"]
+        if record[f"val_{metric}"] > self.best["value"]:
+            self.best = {"metric": metric, "value": record[f"val_{metric}"], "epoch": record["epoch"] - 1}
+        self.epoch, self.step, self.last = record["epoch"], 0, record
+
+    @property
+    def last_is_best(self) -> bool:
+        """Whether the last finished epoch is the best so far (it is saved as best.safetensors too)."""
+        return bool(self.last) and self.best["epoch"] == self.last["epoch"] - 1
 
 
-def restore(out: Path, distiller, stepper: Stepper, metric: str) -> tuple[int, int, dict]:
-    """Load state.pt into the run's objects; return (epoch, step, best) to continue from.
+def state_record(distiller: nn.Module, stepper: Stepper, state: TrainState) -> dict:
+    """What state.pt holds: the weights, the optimizer's, schedule's and scaler's state, and ``state``."""
+    return {
+        "model": distiller.state_dict(), "optimizer": stepper.optimizer.state_dict(),
+        "scheduler": stepper.scheduler.state_dict(), "scaler": stepper.scaler.state_dict(),
+        "epoch": state.epoch, "step": state.step, "best": state.best, "format_version": STATE_VERSION,
+    }
+
+
+def restore(out: Path, distiller: nn.Module, stepper: Stepper, metric: str) -> TrainState:
+    """Load state.pt into the run's objects; return the state to continue from.
 
     ``metric`` is the task's best metric. A run killed before its first epoch ended has no state.pt:
     it starts again from the beginning. The metric lines of epochs past the state are the caller's to drop
-    (:func:`cwkd.training.rundir.truncate_metrics`).
+    (:meth:`cwkd.training.rundir.RunDir.truncate_metrics`).
     """
     path = out / "state.pt"
     if not path.exists():
-        return 0, 0, no_best(metric)
+        return TrainState.start(metric)
     state = load_state(path)
     epoch, step, best = _check_state(state, path)
     load_state_checked(distiller, state["model"], f"the weights in {path}",
@@ -120,7 +159,7 @@ def restore(out: Path, distiller, stepper: Stepper, metric: str) -> tuple[int, i
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} does not match this run ({detail}); start a new run") from exc
-    return epoch, step, best
+    return TrainState(best=best, epoch=epoch, step=step)
 
 
 def _check_state(state: dict, path: Path) -> tuple[int, int, dict]:

@@ -3,6 +3,7 @@
 Every file is written atomically, so a kill at any moment leaves the previous files loadable.
 ``state.pt`` holds the whole training state (weights included) in one file, so resuming never
 mixes weights and optimizer state from different epochs; :mod:`cwkd.training.resume` reads it back.
+Under DDP only rank 0 touches the folder: a :class:`RunDir` made with ``writes=False`` does nothing.
 """
 
 from __future__ import annotations
@@ -29,64 +30,171 @@ from cwkd.files.metadata import CheckpointMeta, is_int
 from cwkd.training import runinputs
 from cwkd.training.config import TrainConfig
 from cwkd.training.optim import Stepper
-from cwkd.training.resume import STATE_VERSION
+from cwkd.training.resume import TrainState, state_record
 from cwkd.training.runlock import RunLock
 
-if TYPE_CHECKING:  # build imports torch's distributed helpers; rundir needs only the type
+if TYPE_CHECKING:  # rundir needs only their types
     from cwkd.data.loading import DataConfig
     from cwkd.training.teachercheck import TeacherSource
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt")
 
 
-def prepare(out: Path, *, resume: bool, overwrite: bool, check_only: bool = False, cfg: TrainConfig | None = None,
-            lock: RunLock | None = None) -> None:
-    """Check the run directory before any training: writable, and not another run's (unless allowed).
+class RunDir:
+    """A run's directory, locked while the run holds it (``with RunDir(...)``); ``resuming``: ``--resume`` continues it.
 
-    ``overwrite`` deletes cwkd's run files only; anything else in ``out`` stays, and a run file that
-    ``cfg`` reads (a teacher checkpoint, a weights file) is refused rather than deleted. Temp files
-    that a killed write left behind are removed. ``check_only`` refuses what would be refused but
-    changes nothing on disk: the engine calls it first, and the real thing once data and models are
-    known to be good, so a bad option never costs an old run or leaves an empty folder. ``lock`` is
-    taken as soon as ``out`` exists (at the check for an existing folder), before anything is deleted.
+    Only the process with ``writes`` (rank 0) checks, locks or writes it: on every other rank each method
+    below returns at once, so the engine saves without asking which rank it is on.
     """
-    if resume:
-        if not (out / "config.json").is_file():
-            raise ConfigError(f"--resume {out}: no config.json there; point --resume at a cwkd run directory")
-    if not check_only and not out.is_dir():
-        check_writable(out, flag="--out")  # makes the folder, or says why it cannot
-    if lock is not None and out.is_dir():
-        lock.acquire()
-    if not resume and out.is_dir():
-        found = run_files(out)
-        if found and not overwrite and not _never_finished_an_epoch(found):
-            raise ConfigError(
-                f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
-                "replace it with --overwrite, or choose another --out"
-            )
-        if cfg is not None:
+
+    def __init__(self, path: Path, *, resuming: bool = False, writes: bool = True) -> None:
+        self.path, self.resuming, self.writes = Path(path), resuming, writes
+        self.lock = RunLock(self.path, enabled=writes)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def prepare(self, cfg: TrainConfig, *, check_only: bool = False) -> None:
+        """Check the run directory before any training: writable, and not another run's (unless allowed).
+
+        ``cfg.overwrite`` deletes cwkd's run files only; anything else in the folder stays, and a run file
+        that ``cfg`` reads (a teacher checkpoint, a weights file) is refused rather than deleted. Temp files
+        that a killed write left behind are removed. ``check_only`` refuses what would be refused but
+        changes nothing on disk: the engine calls it first, and the real thing once data and models are
+        known to be good, so a bad option never costs an old run or leaves an empty folder. The lock is
+        taken as soon as the folder exists (at the check for an existing folder), before anything is deleted.
+        """
+        if not self.writes:
+            return
+        out = self.path
+        if self.resuming:
+            if not (out / "config.json").is_file():
+                raise ConfigError(f"--resume {out}: no config.json there; point --resume at a cwkd run directory")
+        if not check_only and not out.is_dir():
+            check_writable(out, flag="--out")  # makes the folder, or says why it cannot
+        if out.is_dir():
+            self.lock.acquire()
+        if not self.resuming and out.is_dir():
+            found = run_files(out)
+            if found and not cfg.overwrite and not _never_finished_an_epoch(found):
+                raise ConfigError(
+                    f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
+                    "replace it with --overwrite, or choose another --out"
+                )
             runinputs.check_not_inputs([out / name for name in found], cfg, out)
+            if check_only:
+                return
+            for name in found:
+                (out / name).unlink()
         if check_only:
             return
-        for name in found:
-            (out / name).unlink()
-    if check_only:
-        return
-    if resume and cfg is not None:
-        _record_new_places(out, cfg)
-    for name in _RUN_FILES:  # atomic_write's temp names: .<name>.<8 hex>.tmp
-        for stale in out.glob(f".{name}.????????.tmp"):
-            stale.unlink(missing_ok=True)
-    check_writable(out, flag="--out")
+        if self.resuming:
+            self._record_new_places(cfg)
+        for name in _RUN_FILES:  # atomic_write's temp names: .<name>.<8 hex>.tmp
+            for stale in out.glob(f".{name}.????????.tmp"):
+                stale.unlink(missing_ok=True)
+        check_writable(out, flag="--out")
 
+    def _record_new_places(self, cfg: TrainConfig) -> None:
+        """Save where a resume found the run's inputs (``--data NEW``), so that the next resume finds them too."""
+        saved = json.loads((self.path / "config.json").read_text())["config"]
+        moved = {key: getattr(cfg, key) for key in runinputs.INPUT_KEYS if saved.get(key) != getattr(cfg, key)}
+        if moved:
+            entries = runinputs.record(cfg)
+            self.update_config(inputs={key: entries[key] for key in moved if key in entries}, **moved)
 
-def _record_new_places(out: Path, cfg: TrainConfig) -> None:
-    """Save where a resume found the run's inputs (``--data NEW``), so that the next resume finds them too."""
-    saved = json.loads((out / "config.json").read_text())["config"]
-    moved = {key: getattr(cfg, key) for key in runinputs.INPUT_KEYS if saved.get(key) != getattr(cfg, key)}
-    if moved:
-        entries = runinputs.record(cfg)
-        update_config(out, inputs={key: entries[key] for key in moved if key in entries}, **moved)
+    def check_space(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse to start when the folder has no room for this run's last, best and state files.
+
+        The estimate counts the files not yet there, plus one temp copy of the largest (atomic writes
+        write the new file before removing the old one).
+        """
+        if not self.writes:
+            return
+        weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+            slots = 2  # exp_avg and exp_avg_sq per parameter
+        else:
+            slots = int(any(group.get("momentum", 0) for group in optimizer.param_groups))
+        sizes = {"last.safetensors": weights, "best.safetensors": weights, "state.pt": weights * (1 + slots)}
+        need = sum(size for name, size in sizes.items() if not (self.path / name).exists()) + max(sizes.values())
+        need += 16 * 2**20  # metrics, config and slack
+        free = shutil.disk_usage(self.path).free
+        if free < need:
+            raise ConfigError(
+                f"{self.path} needs about {need / 2**20:.0f} MiB for this run's checkpoints but only "
+                f"{free / 2**20:.0f} MiB are free there; free some space or choose another --out"
+            )
+
+    def write_config(self, cfg: TrainConfig, distiller, dcfg: DataConfig, spec,
+                     teacher_source: TeacherSource | None) -> None:
+        """config.json: the resolved config, versions, git hash, data settings and layer pairs."""
+        if not self.writes:
+            return
+        record = {
+            "config": cfg.to_dict(),
+            "cwkd_version": __version__,
+            "versions": _versions(),
+            "git": _git_hash(),
+            "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg.input_size),
+                     "mean": list(dcfg.mean), "std": list(dcfg.std)},
+            "teacher": teacher_source.to_dict() if teacher_source else {},
+            "inputs": runinputs.record(cfg),
+            "body": body.to_dict() if (body := getattr(distiller.student, "cwkd_body", None)) is not None else {},
+            "pairs": distiller.describe(),
+            "trainable_params": sum(p.numel() for p in distiller.parameters()),
+            "aligner_params": sum(p.numel() for p in distiller.aligners.parameters()),
+        }
+        atomic_write_text(self.path / "config.json", json.dumps(record, indent=2) + "\n")
+
+    def update_config(self, inputs: dict | None = None, **changes) -> None:
+        """Rewrite config.json with ``changes`` to its ``config`` section (``alpha`` after an auto back-off) and
+        ``inputs`` to its record of the inputs (a resume's new place for a moved data folder)."""
+        if not self.writes:
+            return
+        record = json.loads((self.path / "config.json").read_text())
+        record["config"].update(changes)
+        record.setdefault("inputs", {}).update(inputs or {})
+        atomic_write_text(self.path / "config.json", json.dumps(record, indent=2) + "\n")
+
+    def append_metrics(self, record: dict) -> None:
+        """One epoch's line in metrics.jsonl."""
+        if self.writes:
+            append_jsonl(self.path / "metrics.jsonl", record)
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """Drop metric lines of epochs the saved state has not finished (written just before a kill)."""
+        path = self.path / "metrics.jsonl"
+        if not self.writes or not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if _epoch_of(line) <= epochs_done]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def save_epoch(self, distiller, stepper: Stepper, meta: CheckpointMeta, state: TrainState) -> None:
+        """After an epoch (``state.last``): its metrics line, last (and best, if it is) checkpoint, then the state."""
+        if not self.writes:
+            return
+        record, metric = state.last, state.best["metric"]
+        meta = meta.replace(epoch=record["epoch"], best_metric=metric, scores={metric: record[f"val_{metric}"]})
+        tensors = distiller.state_dict()
+        self.append_metrics(record)
+        save_checkpoint(self.path / "last.safetensors", tensors, meta)
+        if state.last_is_best:
+            save_checkpoint(self.path / "best.safetensors", tensors, meta)
+        save_state(self.path / "state.pt", state_record(distiller, stepper, state))
+
+    def save_interrupted(self, distiller, stepper: Stepper, meta: CheckpointMeta, state: TrainState) -> None:
+        """After a stop signal mid-epoch: the current weights as last, and the state to resume from."""
+        if not self.writes:
+            return
+        save_checkpoint(self.path / "last.safetensors", distiller.state_dict(),
+                        meta.replace(epoch=state.epoch, step=state.step))
+        save_state(self.path / "state.pt", state_record(distiller, stepper, state))
 
 
 def run_files(out: Path) -> list[str]:
@@ -102,97 +210,6 @@ def _never_finished_an_epoch(found: list[str]) -> bool:
     them without --overwrite.
     """
     return set(found) <= {"config.json", "metrics.jsonl"}
-
-
-def check_space(out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse to start when ``out`` has no room for this run's last, best and state files.
-
-    The estimate counts the files not yet there, plus one temp copy of the largest (atomic writes
-    write the new file before removing the old one).
-    """
-    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        slots = 2  # exp_avg and exp_avg_sq per parameter
-    else:
-        slots = int(any(group.get("momentum", 0) for group in optimizer.param_groups))
-    sizes = {"last.safetensors": weights, "best.safetensors": weights, "state.pt": weights * (1 + slots)}
-    need = sum(size for name, size in sizes.items() if not (out / name).exists()) + max(sizes.values())
-    need += 16 * 2**20  # metrics, config and slack
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise ConfigError(
-            f"{out} needs about {need / 2**20:.0f} MiB for this run's checkpoints but only {free / 2**20:.0f} "
-            "MiB are free there; free some space or choose another --out"
-        )
-
-
-def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: DataConfig, spec,
-                 teacher_source: TeacherSource | None) -> None:
-    """config.json: the resolved config, versions, git hash, data settings and layer pairs."""
-    record = {
-        "config": cfg.to_dict(),
-        "cwkd_version": __version__,
-        "versions": _versions(),
-        "git": _git_hash(),
-        "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg.input_size),
-                 "mean": list(dcfg.mean), "std": list(dcfg.std)},
-        "teacher": teacher_source.to_dict() if teacher_source else {},
-        "inputs": runinputs.record(cfg),
-        "body": body.to_dict() if (body := getattr(distiller.student, "cwkd_body", None)) is not None else {},
-        "pairs": distiller.describe(),
-        "trainable_params": sum(p.numel() for p in distiller.parameters()),
-        "aligner_params": sum(p.numel() for p in distiller.aligners.parameters()),
-    }
-    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
-
-
-def update_config(out: Path, inputs: dict | None = None, **changes) -> None:
-    """Rewrite config.json with ``changes`` to its ``config`` section (``alpha`` after an auto back-off) and
-    ``inputs`` to its record of the inputs (a resume's new place for a moved data folder)."""
-    record = json.loads((out / "config.json").read_text())
-    record["config"].update(changes)
-    record.setdefault("inputs", {}).update(inputs or {})
-    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
-
-
-def save_epoch(out: Path, distiller, stepper: Stepper, meta: CheckpointMeta, record: dict, best: dict) -> dict:
-    """After an epoch: metrics line, last (and maybe best, by ``val_<best["metric"]>``) checkpoint, then the state."""
-    epoch = record["epoch"] - 1
-    key = f"val_{best['metric']}"
-    meta = meta.replace(epoch=record["epoch"], best_metric=best["metric"], scores={best["metric"]: record[key]})
-    tensors = distiller.state_dict()
-    append_jsonl(out / "metrics.jsonl", record)
-    save_checkpoint(out / "last.safetensors", tensors, meta)
-    if record[key] > best["value"]:
-        best = {"metric": best["metric"], "value": record[key], "epoch": epoch}
-        save_checkpoint(out / "best.safetensors", tensors, meta)
-    _save_state(out, distiller, stepper, epoch + 1, 0, best)
-    return best
-
-
-def save_interrupted(out: Path, distiller, stepper: Stepper, meta: CheckpointMeta, epoch: int, step: int,
-                     best: dict) -> None:
-    """After a stop signal mid-epoch: the current weights as last, and the state to resume from."""
-    save_checkpoint(out / "last.safetensors", distiller.state_dict(), meta.replace(epoch=epoch, step=step))
-    _save_state(out, distiller, stepper, epoch, step, best)
-
-
-def _save_state(out: Path, distiller, stepper: Stepper, epoch: int, step: int, best: dict) -> None:
-    save_state(out / "state.pt", {
-        "model": distiller.state_dict(), "optimizer": stepper.optimizer.state_dict(),
-        "scheduler": stepper.scheduler.state_dict(), "scaler": stepper.scaler.state_dict(),
-        "epoch": epoch, "step": step, "best": best, "format_version": STATE_VERSION,
-    })
-
-
-def truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric lines of epochs the saved state has not finished (written just before a kill)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if _epoch_of(line) <= epochs_done]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _epoch_of(line: str) -> int:
