@@ -1,7 +1,7 @@
 """End-to-end distillation throughput on real JPEG files: does the input keep the model fed? (issue 27)
 
 For the paper's pair (resnet50 -> mobilenetv1_100, 224 px) it times the engine's own training step
-(``cwkd.training.engine.train_one_epoch``, on pieces built by ``cwkd.training.engine.build_pieces``) three ways:
+(``cwkd.training.engine.train_one_epoch``, on pieces built by ``cwkd.training.build.build_pieces``) three ways:
 
     model_bound   the same batches, read once and held on the device: the step alone, no input at all
                   (timed before and after the others; the faster counts, as the bound is a ceiling)
@@ -170,12 +170,12 @@ class _Continuing:
 
 
 def _pieces(plan: Plan, folder: str, work: Path, device):
-    """The engine's pieces for the plan (``cwkd.training.engine.build_pieces``: data, models, optimizer), the config
+    """The engine's pieces for the plan (``cwkd.training.build.build_pieces``: data, models, optimizer), the config
     and the run's context (device, console)."""
     from cwkd.runtime import setup_distributed
+    from cwkd.training.build import RunContext, build_pieces
     from cwkd.training.config import TrainConfig
     from cwkd.training.console import RunConsole
-    from cwkd.training.engine import RunContext, build_pieces
     from cwkd.training.rundir import RunDir
 
     cfg = TrainConfig(data=folder, student=plan.student, teacher=plan.teacher, allow_random_teacher=True,

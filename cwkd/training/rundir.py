@@ -34,7 +34,9 @@ from cwkd.training.resume import TrainState, state_record
 from cwkd.training.runlock import RunLock
 
 if TYPE_CHECKING:  # rundir needs only their types
+    from cwkd.core.distiller import FeatureDistiller
     from cwkd.data.loading import DataConfig
+    from cwkd.data.spec import DataSpec
     from cwkd.training.teachercheck import TeacherSource
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt")
@@ -195,6 +197,36 @@ class RunDir:
         save_checkpoint(self.path / "last.safetensors", distiller.state_dict(),
                         meta.replace(epoch=state.epoch, step=state.step))
         save_state(self.path / "state.pt", state_record(distiller, stepper, state))
+
+
+def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig, spec: DataSpec, in_chans: int,
+                 teacher_source: TeacherSource | None) -> CheckpointMeta:
+    """What every checkpoint of a run carries so it can be evaluated and exported on its own."""
+    return CheckpointMeta(
+        model=getattr(distiller.student, "cwkd_name", cfg.student),
+        num_classes=spec.num_classes,
+        in_chans=in_chans,
+        input_size=tuple(dcfg.input_size),
+        mean=tuple(float(v) for v in dcfg.mean),
+        std=tuple(float(v) for v in dcfg.std),
+        interpolation=dcfg.interpolation,
+        crop_pct=float(dcfg.crop_pct),
+        pairs=tuple(distiller.describe()),
+        method=cfg.method.value,
+        alpha=cfg.alpha,
+        alpha_auto=cfg.alpha_auto,
+        **{k: getattr(v, "value", v) for k, v in cfg.method_options.items()},
+        task=cfg.task.value,
+        dataset=spec.name,
+        classes=tuple(spec.classes),
+        cwkd_version=__version__,
+        kind="distill",
+        teacher=teacher_source.model if teacher_source else None,
+        teacher_metric=teacher_source.metric if teacher_source else None,
+        teacher_score=teacher_source.score if teacher_source else None,
+        backbone_weights=cfg.student_backbone_weights or ("pretrained" if cfg.student_pretrained and
+                                                          not cfg.student_weights else None),
+    )
 
 
 def run_files(out: Path) -> list[str]:
