@@ -1,7 +1,7 @@
 """End-to-end distillation throughput on real JPEG files: does the input keep the model fed? (issue 27)
 
 For the paper's pair (resnet50 -> mobilenetv1_100, 224 px) it times the engine's own training step
-(``cwkd.training.engine.train_one_epoch``, on pieces built by the engine's ``_build``) three ways:
+(``cwkd.training.engine.train_one_epoch``, on pieces built by ``cwkd.training.build.build_pieces``) three ways:
 
     model_bound   the same batches, read once and held on the device: the step alone, no input at all
                   (timed before and after the others; the faster counts, as the bound is a ceiling)
@@ -171,29 +171,30 @@ class _Continuing:
 
 
 def _pieces(plan: Plan, folder: str, work: Path, device):
-    """The engine's pieces for the plan (``cwkd.training.engine._build``: data, models, optimizer), and the config."""
+    """The engine's pieces for the plan (``cwkd.training.build.build_pieces``: data, models, optimizer), the config
+    and the run's context (device, console)."""
     from cwkd.runtime import setup_distributed
+    from cwkd.training.build import RunContext, build_pieces
     from cwkd.training.config import TrainConfig
     from cwkd.training.console import RunConsole
-    from cwkd.training.engine import _build
-    from cwkd.training.runlock import RunLock
+    from cwkd.training.rundir import RunDir
 
     cfg = TrainConfig(data=folder, student=plan.student, teacher=plan.teacher, allow_random_teacher=True,
                       input_size=plan.input_size, batch_size=plan.batch, precision=plan.precision, workers=0,
                       device=str(device), lr=1e-4, epochs=1, out=str(work / "run"), overwrite=True, quiet=True)
-    console = RunConsole(quiet=True)
-    with RunLock(Path(cfg.out), enabled=True) as lock:
-        return _build(cfg, Path(cfg.out), False, device, setup_distributed(device), console, lock), cfg, console
+    with RunDir(Path(cfg.out)) as out:
+        ctx = RunContext(out, device, setup_distributed(device), RunConsole(quiet=True))
+        return build_pieces(cfg, ctx), cfg, ctx
 
 
-def _timed(p, cfg, device, console, source, plan: Plan) -> dict:
+def _timed(p, cfg, ctx, source, plan: Plan) -> dict:
     """Warm up, then time ``plan.steps`` engine steps fed by ``source`` (one iterator for both)."""
-    from cwkd.training.engine import train_one_epoch
+    from cwkd.training.engine import Steps, train_one_epoch
 
     p.train_loader = _Continuing(source)
     go = SimpleNamespace(requested=False)
-    train_one_epoch(p, cfg, device, steps=plan.warmup, stop=go, console=console, label="warmup")
-    done = train_one_epoch(p, cfg, device, steps=plan.steps, stop=go, console=console, label="measured")
+    train_one_epoch(p, cfg, ctx, go, Steps("warmup", plan.warmup))
+    done = train_one_epoch(p, cfg, ctx, go, Steps("measured", plan.steps))
     p.train_loader = None  # the loader's iterator goes, and with it its workers
     gc.collect()
     return {"images_per_s": done["images_per_s"], "data_wait": done["data_wait"], "steps": done["batches"]}
@@ -208,7 +209,7 @@ def measure(plan: Plan, folder: str, work: Path) -> dict:
     from cwkd.runtime import resolve_device
 
     device = resolve_device(plan.device, plan.precision)
-    p, cfg, console = _pieces(plan, folder, work, device)
+    p, cfg, ctx = _pieces(plan, folder, work, device)
 
     def loader(workers: int | str):
         """A train loader as the engine builds it, with ``workers``."""
@@ -216,11 +217,11 @@ def measure(plan: Plan, folder: str, work: Path) -> dict:
                              datasets=p.task.datasets(p.spec, p.dcfg))[0]
 
     held = [(images, labels.to(device)) for images, labels in itertools.islice(loader(0), plan.preload)]
-    first = _timed(p, cfg, device, console, itertools.cycle(held), plan)
+    first = _timed(p, cfg, ctx, itertools.cycle(held), plan)
     rows = {}
     for name, workers in (("workers_2", 2), ("workers_auto", "auto")):
-        rows[name] = {"workers": resolve_workers(workers), **_timed(p, cfg, device, console, loader(workers), plan)}
-    last = _timed(p, cfg, device, console, itertools.cycle(held), plan)
+        rows[name] = {"workers": resolve_workers(workers), **_timed(p, cfg, ctx, loader(workers), plan)}
+    last = _timed(p, cfg, ctx, itertools.cycle(held), plan)
     del held
     if device.type == "cuda":
         torch.cuda.synchronize()

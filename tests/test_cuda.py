@@ -25,7 +25,7 @@ from cwkd.core.distiller import FeatureDistiller
 from cwkd.files.checkpoint import load_state
 from cwkd.runtime import autocast_dtype
 from cwkd.tasks.classification.models import create_model
-from cwkd.training import rundir
+from cwkd.training import signals
 from cwkd.training.config import TrainConfig
 from cwkd.training.engine import run
 
@@ -188,7 +188,7 @@ def test_stop_mid_epoch_and_resume_equals_an_uninterrupted_run(device, half, det
     reference = runner.invoke(app, [*args, "--out", str(tmp_path / "ref")])
     assert reference.exit_code == 0, reference.output
     out = tmp_path / "run"
-    monkeypatch.setattr(rundir, "StopSignals", _StopAfter(STEPS + 4))  # the flag is read STEPS + 2 times an epoch
+    monkeypatch.setattr(signals, "StopSignals", _StopAfter(STEPS + 4))  # the flag is read STEPS + 2 times an epoch
     stopped = runner.invoke(app, [*args, "--out", str(out)])
     assert stopped.exit_code == 130, stopped.output
     state = load_state(out / "state.pt")

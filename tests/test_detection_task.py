@@ -241,14 +241,14 @@ def test_verify_refuses_another_number_of_detections_and_writes_nothing(teacher,
 @pytest.mark.slow
 def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(coco, tmp_path, monkeypatch):
     from cwkd.files.checkpoint import load_state
-    from cwkd.training import rundir
+    from cwkd.training import signals
 
     from .test_reliability import _assert_same_weights, _StopAfter
 
     args = ["train", "--model", STUDENT, "--data", coco, *FAST[:-1], "--epochs", "2", "-q"]
     cli_ok([*args, "--out", tmp_path / "whole"])
     reference = safetensors.torch.load_file(tmp_path / "whole" / "last.safetensors")
-    monkeypatch.setattr(rundir, "StopSignals", _StopAfter(6))
+    monkeypatch.setattr(signals, "StopSignals", _StopAfter(6))
     stopped = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "cut"]])
     assert stopped.exit_code == 130, stopped.output
     monkeypatch.undo()

@@ -76,7 +76,7 @@ def test_resume_continues_from_saved_epoch(folder, teacher_ckpt, tmp_path):
 
 
 def test_resume_takes_run_options_and_refuses_changed_ones(folder, teacher_ckpt, tmp_path):
-    from cwkd.training.rundir import load_config
+    from cwkd.training.resume import load_config
 
     out = tmp_path / "run"
     args = ["distill", "--teacher", str(teacher_ckpt), "--student", "test_efficientnet", "--data", str(folder),
@@ -121,7 +121,7 @@ def test_bf16_and_linear_and_mgd_run_on_cpu(folder, teacher_ckpt, tmp_path):
 
 def test_teacher_sees_its_own_normalisation(folder, tmp_path, monkeypatch):
     """A teacher trained on other input statistics than the student's gets batches remapped to its own."""
-    import cwkd.training.engine as engine
+    import cwkd.training.build as build
 
     teacher = tmp_path / "teacher"
     result = runner.invoke(app, ["train", "--model", "test_resnet", "--data", str(folder), "--out", str(teacher),
@@ -130,13 +130,13 @@ def test_teacher_sees_its_own_normalisation(folder, tmp_path, monkeypatch):
     assert load_checkpoint(teacher / "best.safetensors")[1].mean == pytest.approx([0.2] * 3)
     seen: dict[str, list] = {"teacher": [], "student": []}
 
-    class Spy(engine.FeatureDistiller):
+    class Spy(build.FeatureDistiller):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             for name in seen:
                 getattr(self, name).register_forward_pre_hook(lambda m, a, name=name: seen[name].append(a[0]))
 
-    monkeypatch.setattr(engine, "FeatureDistiller", Spy)
+    monkeypatch.setattr(build, "FeatureDistiller", Spy)
     out = tmp_path / "student"
     result = runner.invoke(app, ["distill", "--teacher", str(teacher / "best.safetensors"), "--student",
                                  "test_efficientnet", "--data", str(folder), "--out", str(out), *COMMON,

@@ -286,7 +286,7 @@ def test_run_directory_made_unwritable_mid_run_is_one_line(folder, tmp_path, mon
     from cwkd.training import rundir
 
     out = tmp_path / "r"
-    save_epoch, real_open, real_unlink = rundir.save_epoch, os.open, Path.unlink
+    save_epoch, real_open, real_unlink = rundir.RunDir.save_epoch, os.open, Path.unlink
 
     def denied(path) -> OSError:
         return PermissionError(errno.EACCES, "Permission denied", str(path))
@@ -302,12 +302,11 @@ def test_run_directory_made_unwritable_mid_run_is_one_line(folder, tmp_path, mon
         return real_unlink(self, missing_ok=missing_ok)
 
     def save_then_chmod(*args, **kwargs):  # epoch 1 saves; then `chmod a-w` the folder (as a non-root user)
-        best = save_epoch(*args, **kwargs)
+        save_epoch(*args, **kwargs)
         monkeypatch.setattr(os, "open", open_)
         monkeypatch.setattr(Path, "unlink", unlink)  # the lock file cannot be removed either
-        return best
 
-    monkeypatch.setattr(rundir, "save_epoch", save_then_chmod)
+    monkeypatch.setattr(rundir.RunDir, "save_epoch", save_then_chmod)
     _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, "--epochs", "2", *FAST],
            "could not write", "metrics.jsonl", "Permission denied", "check free space and permissions")
     monkeypatch.undo()  # before: releasing the lock raised PermissionError, a traceback hiding the line above
@@ -348,7 +347,7 @@ def test_a_run_that_never_finished_an_epoch_is_replaced_without_overwrite(folder
     def stop(*args, **kwargs):  # stop right after the run directory was prepared
         raise MemoryError()
 
-    monkeypatch.setattr(engine, "build_optimizer", stop)  # the run directory is prepared after the loaders
+    monkeypatch.setattr("cwkd.training.optim.build_optimizer", stop)  # the run directory is prepared after the loaders
     _fails(["train", "--model", "test_resnet", "--data", folder, "--out", out, "--epochs", "1", *FAST],
            "out of memory")  # before: "already holds a run (config.json, metrics.jsonl) ... --overwrite"
     assert not (out / "metrics.jsonl").exists()  # replaced: the old start's files are gone
@@ -391,10 +390,10 @@ def test_double_ctrl_c_during_start_up_exits_130_cleanly(tmp_path):
 
 _CTRL_C_TWICE_AROUND_A_SAVE = """
 import os, signal, sys, time
-import cwkd.training.engine, cwkd.training.rundir
+import cwkd.training.optim, cwkd.training.rundir
 
 first_at = int(sys.argv[3])
-update, save_checkpoint, steps = cwkd.training.engine._update, cwkd.training.rundir.save_checkpoint, [0]
+update, save_checkpoint, steps = cwkd.training.optim.Stepper.step, cwkd.training.rundir.save_checkpoint, [0]
 
 def update_then_ctrl_c(*args, **kwargs):
     update(*args, **kwargs)
@@ -407,7 +406,7 @@ def save_then_ctrl_c(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)  # the second, once last.safetensors is written and before state.pt
     time.sleep(0.5)
 
-cwkd.training.engine._update = update_then_ctrl_c
+cwkd.training.optim.Stepper.step = update_then_ctrl_c
 cwkd.training.rundir.save_checkpoint = save_then_ctrl_c
 sys.argv = ["cwkd", "train", "--model", "test_resnet", "--data", sys.argv[1], "--out", sys.argv[2], "--epochs", "2",
             "--batch-size", "2", "--input-size", "32", "--workers", "0", "--device", "cpu"]

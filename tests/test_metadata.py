@@ -16,8 +16,8 @@ from cwkd.evaluation import read_student
 from cwkd.files.checkpoint import load_checkpoint, save_checkpoint
 from cwkd.files.metadata import CheckpointMeta
 from cwkd.tasks.classification.models import create_model
-from cwkd.training.build import run_metadata
 from cwkd.training.config import TrainConfig
+from cwkd.training.rundir import run_metadata
 
 #: The exact metadata a run checkpoint held before CheckpointMeta (rundir.checkpoint_metadata + save_epoch).
 _OLD_RUN_META = {

@@ -28,7 +28,7 @@ from cwkd.core.distiller import FeatureDistiller
 from cwkd.errors import ConfigError
 from cwkd.files.checkpoint import load_checkpoint, load_state
 from cwkd.tasks.classification.models import create_model
-from cwkd.training import engine, rundir
+from cwkd.training import engine, rundir, signals
 
 from .helpers import make_image_folder
 from .helpers import wait_for as _wait_for
@@ -377,9 +377,9 @@ def test_space_for_checkpoints_is_checked_before_training(tmp_path, monkeypatch)
     optimizer = torch.optim.SGD(big.parameters(), lr=0.1, momentum=0.9)
     monkeypatch.setattr(shutil, "disk_usage", lambda _path: shutil._ntuple_diskusage(2**40, 0, 200 * 2**20))
     with pytest.raises(ConfigError, match="needs about 400 MiB .* only 200 MiB are free"):
-        rundir.check_space(tmp_path, big, optimizer)
+        rundir.RunDir(tmp_path).check_space(big, optimizer)
     monkeypatch.setattr(shutil, "disk_usage", lambda _path: shutil._ntuple_diskusage(2**40, 0, 500 * 2**20))
-    rundir.check_space(tmp_path, big, optimizer)
+    rundir.RunDir(tmp_path).check_space(big, optimizer)
 
 
 # ----------------------------------------------------------------------------- non-finite losses
@@ -462,7 +462,7 @@ def _assert_same_weights(path: Path, reference: dict[str, torch.Tensor]) -> None
 
 
 class _StopAfter:
-    """Stands in for rundir.StopSignals: a SIGINT 'arrives' once the flag has been asked ``checks`` times."""
+    """Stands in for signals.StopSignals: a SIGINT 'arrives' once the flag has been asked ``checks`` times."""
 
     def __init__(self, checks: int) -> None:
         self.checks, self.signal_number = checks, 0
@@ -489,7 +489,7 @@ class _StopAfter:
 
 def test_stop_mid_epoch_saves_and_resume_is_exact(signal_folder, reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(rundir, "StopSignals", _StopAfter(13))  # the flag is read ~10 times an epoch
+    monkeypatch.setattr(signals, "StopSignals", _StopAfter(13))  # the flag is read ~10 times an epoch
     result = runner.invoke(app, [*DISTILL, "--data", signal_folder, "--out", out, "--workers", "0"])
     assert result.exit_code == 130, result.output
     assert f"continue with --resume {out}" in result.output
@@ -563,7 +563,7 @@ def test_under_ddp_the_stop_flag_is_agreed_every_few_reads_only(tmp_path, monkey
         reduces = []
         all_reduce = dist.all_reduce
         monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: (reduces.append(1), all_reduce(t, **kw))[1])
-        stop, every = rundir.StopSignals(), rundir.StopSignals.SYNC_EVERY
+        stop, every = signals.StopSignals(), signals.StopSignals.SYNC_EVERY
         assert not any(stop.requested for _ in range(2 * every))
         assert len(reduces) == 2  # one host sync per SYNC_EVERY steps, not one a step
         stop.signal_number = signal.SIGTERM

@@ -101,7 +101,7 @@ def test_grid_pool_traces_to_the_same_averages_as_adaptive_pooling():
 @pytest.mark.slow
 def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(voc, tmp_path, monkeypatch):
     from cwkd.files.checkpoint import load_state
-    from cwkd.training import rundir
+    from cwkd.training import signals
 
     from .test_reliability import _assert_same_weights, _StopAfter
 
@@ -109,7 +109,7 @@ def test_a_stop_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(voc, tm
             "--device", "cpu", "-q"]
     cli_ok([*args, "--out", tmp_path / "whole"])
     reference = safetensors.torch.load_file(tmp_path / "whole" / "last.safetensors")
-    monkeypatch.setattr(rundir, "StopSignals", _StopAfter(7))  # the flag is read ~5 times an epoch of 4 steps
+    monkeypatch.setattr(signals, "StopSignals", _StopAfter(7))  # the flag is read ~5 times an epoch of 4 steps
     stopped = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "cut"]])
     assert stopped.exit_code == 130, stopped.output
     monkeypatch.undo()

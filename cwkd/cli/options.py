@@ -91,7 +91,7 @@ def train_config(options: dict, *, student: str | None, method: Method, flag: st
                   "backbone_weights": "student_backbone_weights"}.get(k, k) for k in given}
     options["student"] = student
     options["log"] = tuple(Tracker(t).value for t in options["log"] or ())
-    if resume:  # the options given are checked against the saved config (rundir.load_config)
+    if resume:  # the options given are checked against the saved config (cwkd.training.resume.load_config)
         return (TrainConfig(data="-", student="-", method=Method.none),
                 {k: v for k, v in options.items() if k in given or k == "student" and student})
     if options["epochs"] is None:  # not `or 10`: --epochs 0 must reach the check and fail

@@ -1,29 +1,38 @@
-"""Building a run's pieces from its config: teacher, student and checkpoint metadata."""
+"""Building a run's pieces from its config, once (:func:`build_pieces`): data, student, teacher, aligners,
+loaders, optimizer and checkpoint metadata."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from cwkd import __version__
 from cwkd.choices import Task
-from cwkd.data.loading import data_config
+from cwkd.core.distiller import FeatureDistiller, Renormalize
+from cwkd.data.loading import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.files.checkpoint import load_checkpoint, read_metadata, read_state_dict, student_state
 from cwkd.files.metadata import CheckpointMeta
 from cwkd.files.weights import load_state_checked, looks_like_path
+from cwkd.runtime import Dist, autocast
 from cwkd.tasks import can_teach, get_task, infer_task, is_model_name, shape_of_weights
+from cwkd.tasks.base import TaskSpec
 from cwkd.training.config import TrainConfig
+from cwkd.training.console import RunConsole
+from cwkd.training.optim import Stepper
+from cwkd.training.rundir import RunDir, run_metadata
+from cwkd.training.teachercheck import TeacherSource, check_teacher, recorded_score
+from cwkd.training.tracking import Tracking
 
-if TYPE_CHECKING:  # only their types are needed here
-    from cwkd.core.distiller import FeatureDistiller
-    from cwkd.data.loading import DataConfig
+if TYPE_CHECKING:  # only its type is needed here
     from cwkd.data.spec import DataSpec
-    from cwkd.tasks.base import TaskSpec
 
 
 def is_checkpoint_path(value: str) -> bool:
@@ -96,28 +105,6 @@ def _teacher_checkpoint(path: str, header_only: bool = False) -> tuple[dict, Che
     if header_only:
         return {}, read_metadata(path, plain_hint=hint)
     return load_checkpoint(path, plain_hint=hint)
-
-
-@dataclass(frozen=True)
-class TeacherSource:
-    """Where a teacher's weights came from, and the input statistics it expects (config.json's "teacher")."""
-
-    model: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    checkpoint: str | None = None  # a cwkd checkpoint given as --teacher
-    weights: str | None = None     # else a --teacher-weights file, "pretrained" or "random"
-    metric: str | None = None      # the teacher's score on val as distilled (cwkd.training.teachercheck): its name
-    score: float | None = None
-
-    def to_dict(self) -> dict:
-        """The JSON layout config.json has always had (the keys that apply, means as lists; its score as
-        ``val_<metric>``)."""
-        values = {"checkpoint": self.checkpoint, "model": self.model, "weights": self.weights,
-                  "mean": list(self.mean), "std": list(self.std)}
-        if self.metric is not None:
-            values[f"val_{self.metric}"] = self.score
-        return {k: v for k, v in values.items() if v is not None}
 
 
 def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, TeacherSource]:
@@ -220,31 +207,124 @@ def _num_classes(model: nn.Module) -> int:
     raise ConfigError("cannot tell how many classes the teacher predicts; use a timm model or a checkpoint")
 
 
-def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig, spec: DataSpec, in_chans: int,
-                 teacher_source: TeacherSource | None) -> CheckpointMeta:
-    """What every checkpoint of a run carries so it can be evaluated and exported on its own."""
-    return CheckpointMeta(
-        model=getattr(distiller.student, "cwkd_name", cfg.student),
-        num_classes=spec.num_classes,
-        in_chans=in_chans,
-        input_size=tuple(dcfg.input_size),
-        mean=tuple(float(v) for v in dcfg.mean),
-        std=tuple(float(v) for v in dcfg.std),
-        interpolation=dcfg.interpolation,
-        crop_pct=float(dcfg.crop_pct),
-        pairs=tuple(distiller.describe()),
-        method=cfg.method.value,
-        alpha=cfg.alpha,
-        alpha_auto=cfg.alpha_auto,
-        **{k: getattr(v, "value", v) for k, v in cfg.method_options.items()},
-        task=cfg.task.value,
-        dataset=spec.name,
-        classes=tuple(spec.classes),
-        cwkd_version=__version__,
-        kind="distill",
-        teacher=teacher_source.model if teacher_source else None,
-        teacher_metric=teacher_source.metric if teacher_source else None,
-        teacher_score=teacher_source.score if teacher_source else None,
-        backbone_weights=cfg.student_backbone_weights or ("pretrained" if cfg.student_pretrained and
-                                                          not cfg.student_weights else None),
+@dataclass(frozen=True)
+class RunContext:
+    """Where a run happens: its directory (written by rank 0 only), its device, its process and its console."""
+
+    dir: RunDir
+    device: torch.device
+    rank: Dist
+    console: RunConsole
+
+
+@dataclass
+class Pieces:
+    """Everything a run's loop uses, built once by :func:`build_pieces` (the nanoGPT-style setup block)."""
+
+    task: TaskSpec
+    spec: DataSpec                   # the task's data (splits, classes, channels)
+    dcfg: DataConfig                 # the student's input: size, mean, std, interpolation, crop
+    distiller: FeatureDistiller      # student + aligners (+ frozen teacher): the one trainable module
+    model: nn.Module                 # the distiller, or its DDP wrapper
+    train_loader: object
+    val_loader: object
+    stepper: Stepper                 # optimizer, schedule, fp16 loss scaler
+    autocast: Callable[[], torch.autocast]  # built once per run; call it around a forward pass
+    channels_last: bool              # the memory format of batches (on CUDA)
+    meta: CheckpointMeta             # checkpoint metadata
+    tracking: Tracking = field(default_factory=Tracking)  # --log: TensorBoard, wandb, trackio (none by default)
+
+
+def build_pieces(cfg: TrainConfig, ctx: RunContext) -> Pieces:
+    """Data, models, loaders and optimizer; the run directory is prepared once they all loaded.
+
+    A new run's config.json is written last (``cfg`` then holds what ``--alpha auto`` picked).
+    """
+    task = get_task(cfg.task)
+    if cfg.kd_weight > 0 and task.logits is None:
+        raise ConfigError(f"--kd-weight {cfg.kd_weight:g}: logit KD needs class logits, and {task.name.value} "
+                          "models have none; drop --kd-weight (feature distillation works as it is)")
+    spec = task.load_data(cfg.data, root=cfg.data_root, download=cfg.download, skip_corrupt=cfg.skip_corrupt)
+    check_split_sizes(spec, ctx.rank.world)
+    in_chans = cfg.in_chans or teacher_in_chans(cfg) or spec.channels
+    if spec.modes is not None:
+        ctx.console.info(spec.modes.describe(in_chans))
+    distiller, dcfg, teacher_source = _distiller(cfg, task, spec, in_chans, ctx)
+    for who, part in (("student", distiller.student), ("teacher", distiller.teacher)):
+        if getattr(part, "cwkd_body", None) is not None:  # a dense model's backbone started from a classifier
+            ctx.console.info(f"{who}: {part.cwkd_body.line()}")
+    model: nn.Module = distiller
+    if ctx.rank.enabled:
+        model = DistributedDataParallel(distiller, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                        find_unused_parameters=task.ddp_find_unused)
+    train_loader, val_loader = build_loaders(spec, dcfg, batch_size=cfg.batch_size, workers=cfg.workers,
+                                             device=ctx.device, distributed=ctx.rank.enabled, seed=cfg.seed,
+                                             datasets=task.datasets(spec, dcfg), collate=task.collate)
+    teacher_source = recorded_score(ctx.dir.path, teacher_source) if ctx.dir.resuming else check_teacher(
+        cfg, task, distiller, teacher_source, val_loader, spec.num_classes, ctx.device, ctx.rank, ctx.console)
+    ctx.dir.prepare(cfg)  # after the teacher check: a refused teacher leaves --out as it was
+    if cfg.alpha == "auto":  # a resumed run has the number its first start picked, and never probes again
+        _auto_alpha(cfg, task, distiller, train_loader, ctx)
+    p = Pieces(task=task, spec=spec, dcfg=dcfg, distiller=distiller, model=model, train_loader=train_loader,
+               val_loader=val_loader, stepper=Stepper.build(distiller, cfg, len(train_loader), ctx.device),
+               autocast=autocast(ctx.device, cfg.precision), channels_last=ctx.device.type == "cuda",
+               meta=run_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source))
+    if not ctx.dir.resuming:  # a resumed run keeps the config.json of its first start
+        ctx.dir.write_config(cfg, distiller, dcfg, spec, teacher_source)
+    return p
+
+
+def _auto_alpha(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller, loader, ctx: RunContext) -> None:
+    """``--alpha auto``: measure the first batches (no weight changes) and run with the number picked.
+
+    ``cfg`` is this run's own copy: the number and ``alpha_auto`` go into config.json and the checkpoints.
+    """
+    from cwkd.core.autoalpha import BATCHES, pick_alpha
+
+    seed_all(cfg.seed)
+    set_epoch(loader, cfg.seed, 0)  # the first batches of epoch 0, whatever the loader drew before
+    memory_format = torch.channels_last if ctx.device.type == "cuda" else torch.contiguous_format
+    batches = (task.batch_to(b, ctx.device, memory_format) for b in itertools.islice(loader, BATCHES))
+    picked = pick_alpha(distiller, batches, autocast=autocast(ctx.device, cfg.precision))
+    cfg.alpha, cfg.alpha_auto = picked.alpha, True
+    ctx.console.info(picked.line())
+
+
+def _distiller(cfg: TrainConfig, task: TaskSpec, spec, in_chans: int,
+               ctx: RunContext) -> tuple[FeatureDistiller, DataConfig, TeacherSource | None]:
+    """Student, teacher and aligners in one module on the run's device; also the input config and teacher source.
+
+    A resumed run that saved a state.pt builds its student without the starting weights: the state replaces them.
+    """
+    device, restoring = ctx.device, ctx.dir.resuming and (ctx.dir.path / "state.pt").is_file()
+    size = cfg.input_size or task.default_input_size(spec)
+    student = build_student(cfg, spec.num_classes, in_chans, input_size=size, restoring=restoring)
+    teacher, teacher_source = build_teacher(cfg, spec.num_classes, in_chans) if cfg.uses_teacher else (None, None)
+    dcfg = data_config(student, input_size=size, in_chans=in_chans, native_size=spec.native_size, mean=cfg.mean,
+                       std=cfg.std)
+    # Batches are normalised for the student; a teacher trained on other statistics gets them remapped.
+    teacher_input = Renormalize.between((dcfg.mean, dcfg.std), (teacher_source.mean, teacher_source.std)) \
+        if teacher is not None else None
+    distiller = FeatureDistiller(
+        teacher, student, pairs=cfg.pairs, method=cfg.method, alpha=cfg.alpha, hidden=cfg.hidden,
+        input_size=dcfg.input_size, reduction=cfg.reduction, kd_weight=cfg.kd_weight,
+        kd_temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing, teacher_input=teacher_input,
+        task=task, **cfg.method_options,
     )
+    if device.type == "cuda":
+        distiller.to(device, memory_format=torch.channels_last)
+    else:
+        distiller.to(device)
+    if cfg.compile:  # compile in place: the module objects stay, so the feature hooks still fire
+        distiller.student.compile()
+        if teacher is not None:
+            teacher.compile()
+    return distiller, dcfg, teacher_source
+
+
+def seed_all(seed: int, *mix: int) -> None:
+    """Seed torch (every device) and Python from ``seed``, mixed with ``mix`` (epoch, step, rank)."""
+    for value in mix:
+        seed = (seed * 1_000_003 + value) % 2**63
+    random.seed(seed)
+    torch.manual_seed(seed)

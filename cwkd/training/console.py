@@ -76,6 +76,17 @@ class RunConsole:
         self.console.print(table)
 
 
+def epoch_line(rec: dict, epochs: int, metrics: dict[str, str]) -> str:
+    """An epoch's line from its metrics.jsonl record: train loss parts, val ``metrics`` (name: label), speed."""
+    feat = f" feat {rec['train_feat_loss']:.4f}" if "train_feat_loss" in rec else ""
+    kd = f" kd {rec['train_kd_loss']:.4f}" if "train_kd_loss" in rec else ""
+    scores = " ".join(f"{label} {rec[f'val_{name}']:.2f}%" for name, label in metrics.items())
+    return (f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.4f} (task "
+            f"{rec['train_task_loss']:.4f}{feat}{kd})  val {scores} loss {rec['val_loss']:.4f}  "
+            f"{rec['images_per_s']:.0f} img/s (data wait {100 * rec.get('data_wait', 0):.0f}%) "
+            f"{rec['epoch_s']:.1f}s")
+
+
 def _format(stats: dict[str, float]) -> str:
     parts = []
     for key, value in stats.items():

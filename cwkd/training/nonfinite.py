@@ -8,7 +8,6 @@ first bad step on the device and the engine asks it every few steps (see docs/tr
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,12 +16,12 @@ from torch import nn
 
 from cwkd.choices import Precision
 from cwkd.errors import NonfiniteLoss, TrainingError
-from cwkd.files.checkpoint import append_jsonl
 from cwkd.runtime import precision_advice
 from cwkd.training.config import TrainConfig
 
 if TYPE_CHECKING:
     from cwkd.core.distiller import FeatureDistiller
+    from cwkd.training.rundir import RunDir
 
 
 #: What a stop in a later epoch leaves: the run directory as the last finished epoch saved it.
@@ -103,18 +102,17 @@ def fp16_advice(cfg: TrainConfig, device: torch.device, start: str = "", end: st
     return f"{start}use {precision_advice(device, Precision.fp16)} instead of fp16{end}"
 
 
-def check_diverged(distiller: FeatureDistiller, record: dict, cfg: TrainConfig, out: Path, main: bool) -> None:
+def check_diverged(distiller: FeatureDistiller, record: dict, cfg: TrainConfig, out: RunDir) -> None:
     """Stop, keeping the last good checkpoints, when the weights or the val loss went non-finite this epoch.
 
-    The epoch's metrics line is still written (its non-finite values as null), so the user can see it.
+    The epoch's metrics line is still written to ``out`` (its non-finite values as null), so the user can see it.
     Every rank sees the same weights and the all-reduced val loss, so ranks stop together.
     """
     poisoned = [name for name, t in distiller.state_dict().items()
                 if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if not poisoned and math.isfinite(record["val_loss"]):
         return
-    if main:
-        append_jsonl(out / "metrics.jsonl", record)
+    out.append_metrics(record)
     what = (f"{len(poisoned)} weight tensor(s) became non-finite (e.g. {poisoned[0]})" if poisoned
             else f"the validation loss is {record['val_loss']}")
     parts = {"feat_loss": math.inf} if poisoned and all(n.startswith("aligners.") for n in poisoned) else {}

@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from cwkd.choices import Precision
 from cwkd.training.config import TrainConfig
+
+
+@dataclass
+class Stepper:
+    """What steps a run's weights: the optimizer, its learning-rate schedule and the loss scaler (fp16 only)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def build(cls, module: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> Stepper:
+        """A fresh optimizer over ``module``'s parameters, its schedule over ``cfg.epochs``, and the scaler."""
+        optimizer = build_optimizer(module, cfg)
+        return cls(optimizer, build_scheduler(optimizer, cfg, steps_per_epoch),
+                   torch.amp.GradScaler(device.type, enabled=cfg.precision is Precision.fp16))
+
+    def step(self, loss: torch.Tensor, module: nn.Module, clip_grad: float | None = None) -> None:
+        """Backward, clip ``module``'s gradients to norm ``clip_grad`` (when given), optimizer and schedule step."""
+        self.scaler.scale(loss).backward()
+        if clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if not self.scaler.is_enabled():
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():  # fp16 skips the steps whose gradients overflowed: the schedule goes on
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
 
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

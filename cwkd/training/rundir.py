@@ -2,166 +2,231 @@
 
 Every file is written atomically, so a kill at any moment leaves the previous files loadable.
 ``state.pt`` holds the whole training state (weights included) in one file, so resuming never
-mixes weights and optimizer state from different epochs.
+mixes weights and optimizer state from different epochs; :mod:`cwkd.training.resume` reads it back.
+Under DDP only rank 0 touches the folder: a :class:`RunDir` made with ``writes=False`` does nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import shutil
-import signal
 import subprocess
-import threading
-from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from cwkd import __version__
-from cwkd.errors import CheckpointError, ConfigError
+from cwkd.errors import ConfigError
 from cwkd.files.checkpoint import (
     append_jsonl,
     atomic_write_text,
     check_writable,
-    load_state,
     save_checkpoint,
     save_state,
 )
-from cwkd.files.metadata import CheckpointMeta, is_int, upgrade_best
-from cwkd.files.weights import load_state_checked
+from cwkd.files.metadata import CheckpointMeta, is_int
 from cwkd.training import runinputs
 from cwkd.training.config import TrainConfig
+from cwkd.training.optim import Stepper
+from cwkd.training.resume import TrainState, state_record
 from cwkd.training.runlock import RunLock
 
-if TYPE_CHECKING:  # build imports torch's distributed helpers; rundir needs only the type
+if TYPE_CHECKING:  # rundir needs only their types
+    from cwkd.core.distiller import FeatureDistiller
     from cwkd.data.loading import DataConfig
-    from cwkd.training.build import TeacherSource
+    from cwkd.data.spec import DataSpec
+    from cwkd.training.teachercheck import TeacherSource
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt")
-#: Layout version of state.pt; a file with a larger number needs a newer cwkd.
-STATE_VERSION = 1
 
 
-class StopSignals:
-    """Turn the first SIGINT/SIGTERM/SIGHUP into a request to stop at the next step; a second SIGINT aborts.
+class RunDir:
+    """A run's directory, locked while the run holds it (``with RunDir(...)``); ``resuming``: ``--resume`` continues it.
 
-    SIGHUP is what a run started over ssh gets when the connection drops: it saves and stops like SIGTERM.
-    A second SIGINT during :meth:`saving` waits for the save: aborting there would leave ``last.safetensors``
-    without the ``state.pt`` that makes it resumable.
+    Only the process with ``writes`` (rank 0) checks, locks or writes it: on every other rank each method
+    below returns at once, so the engine saves without asking which rank it is on.
     """
 
-    #: Under DDP the ranks agree on the flag every this many reads (an all-reduce is a host sync).
-    SYNC_EVERY = 10
+    def __init__(self, path: Path, *, resuming: bool = False, writes: bool = True) -> None:
+        self.path, self.resuming, self.writes = Path(path), resuming, writes
+        self.lock = RunLock(self.path, enabled=writes)
 
-    def __init__(self) -> None:
-        self.signal_number = 0
-        self._old: dict = {}
-        self._reads = 0
-        self._agreed = 0
-        self._saving = False
-
-    @property
-    def requested(self) -> bool:
-        """True once a signal arrived (on any rank under DDP: ranks agree, so DDP never hangs on a collective).
-
-        One process reads its own flag, which costs nothing. Under DDP every rank reads the flag at the
-        same steps, and each :attr:`SYNC_EVERY`-th read all-reduces it, so a stop comes at most that many
-        steps late while a GPU step never waits on the host for it.
-        """
-        if not dist.is_initialized():
-            return self.signal_number != 0
-        self._reads += 1
-        if not self._agreed and self._reads % self.SYNC_EVERY == 1:
-            t = torch.tensor([self.signal_number], dtype=torch.int64)
-            if dist.get_backend() == "nccl":
-                t = t.cuda()
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            self._agreed = int(t.item())
-            self.signal_number = self.signal_number or self._agreed
-        return self._agreed != 0
-
-    @contextlib.contextmanager
-    def saving(self) -> Iterator[None]:
-        """Write a save's files: a second SIGINT meanwhile is held off, and the run then stops as the first asked."""
-        self._saving = True
-        try:
-            yield
-        finally:
-            self._saving = False
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signal_number and signum == signal.SIGINT:
-            if self._saving:
-                return
-            raise KeyboardInterrupt
-        self.signal_number = signum
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-                if sig is None:  # Windows has no SIGHUP
-                    continue
-                self._old[sig] = signal.signal(sig, self._handle)
+    def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+        self.lock.release()
 
+    def prepare(self, cfg: TrainConfig, *, check_only: bool = False) -> None:
+        """Check the run directory before any training: writable, and not another run's (unless allowed).
 
-def prepare(out: Path, *, resume: bool, overwrite: bool, check_only: bool = False, cfg: TrainConfig | None = None,
-            lock: RunLock | None = None) -> None:
-    """Check the run directory before any training: writable, and not another run's (unless allowed).
-
-    ``overwrite`` deletes cwkd's run files only; anything else in ``out`` stays, and a run file that
-    ``cfg`` reads (a teacher checkpoint, a weights file) is refused rather than deleted. Temp files
-    that a killed write left behind are removed. ``check_only`` refuses what would be refused but
-    changes nothing on disk: the engine calls it first, and the real thing once data and models are
-    known to be good, so a bad option never costs an old run or leaves an empty folder. ``lock`` is
-    taken as soon as ``out`` exists (at the check for an existing folder), before anything is deleted.
-    """
-    if resume:
-        if not (out / "config.json").is_file():
-            raise ConfigError(f"--resume {out}: no config.json there; point --resume at a cwkd run directory")
-    if not check_only and not out.is_dir():
-        check_writable(out, flag="--out")  # makes the folder, or says why it cannot
-    if lock is not None and out.is_dir():
-        lock.acquire()
-    if not resume and out.is_dir():
-        found = run_files(out)
-        if found and not overwrite and not _never_finished_an_epoch(found):
-            raise ConfigError(
-                f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
-                "replace it with --overwrite, or choose another --out"
-            )
-        if cfg is not None:
+        ``cfg.overwrite`` deletes cwkd's run files only; anything else in the folder stays, and a run file
+        that ``cfg`` reads (a teacher checkpoint, a weights file) is refused rather than deleted. Temp files
+        that a killed write left behind are removed. ``check_only`` refuses what would be refused but
+        changes nothing on disk: the engine calls it first, and the real thing once data and models are
+        known to be good, so a bad option never costs an old run or leaves an empty folder. The lock is
+        taken as soon as the folder exists (at the check for an existing folder), before anything is deleted.
+        """
+        if not self.writes:
+            return
+        out = self.path
+        if self.resuming:
+            if not (out / "config.json").is_file():
+                raise ConfigError(f"--resume {out}: no config.json there; point --resume at a cwkd run directory")
+        if not check_only and not out.is_dir():
+            check_writable(out, flag="--out")  # makes the folder, or says why it cannot
+        if out.is_dir():
+            self.lock.acquire()
+        if not self.resuming and out.is_dir():
+            found = run_files(out)
+            if found and not cfg.overwrite and not _never_finished_an_epoch(found):
+                raise ConfigError(
+                    f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
+                    "replace it with --overwrite, or choose another --out"
+                )
             runinputs.check_not_inputs([out / name for name in found], cfg, out)
+            if check_only:
+                return
+            for name in found:
+                (out / name).unlink()
         if check_only:
             return
-        for name in found:
-            (out / name).unlink()
-    if check_only:
-        return
-    if resume and cfg is not None:
-        _record_new_places(out, cfg)
-    for name in _RUN_FILES:  # atomic_write's temp names: .<name>.<8 hex>.tmp
-        for stale in out.glob(f".{name}.????????.tmp"):
-            stale.unlink(missing_ok=True)
-    check_writable(out, flag="--out")
+        if self.resuming:
+            self._record_new_places(cfg)
+        for name in _RUN_FILES:  # atomic_write's temp names: .<name>.<8 hex>.tmp
+            for stale in out.glob(f".{name}.????????.tmp"):
+                stale.unlink(missing_ok=True)
+        check_writable(out, flag="--out")
+
+    def _record_new_places(self, cfg: TrainConfig) -> None:
+        """Save where a resume found the run's inputs (``--data NEW``), so that the next resume finds them too."""
+        saved = json.loads((self.path / "config.json").read_text())["config"]
+        moved = {key: getattr(cfg, key) for key in runinputs.INPUT_KEYS if saved.get(key) != getattr(cfg, key)}
+        if moved:
+            entries = runinputs.record(cfg)
+            self.update_config(inputs={key: entries[key] for key in moved if key in entries}, **moved)
+
+    def check_space(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse to start when the folder has no room for this run's last, best and state files.
+
+        The estimate counts the files not yet there, plus one temp copy of the largest (atomic writes
+        write the new file before removing the old one).
+        """
+        if not self.writes:
+            return
+        weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+            slots = 2  # exp_avg and exp_avg_sq per parameter
+        else:
+            slots = int(any(group.get("momentum", 0) for group in optimizer.param_groups))
+        sizes = {"last.safetensors": weights, "best.safetensors": weights, "state.pt": weights * (1 + slots)}
+        need = sum(size for name, size in sizes.items() if not (self.path / name).exists()) + max(sizes.values())
+        need += 16 * 2**20  # metrics, config and slack
+        free = shutil.disk_usage(self.path).free
+        if free < need:
+            raise ConfigError(
+                f"{self.path} needs about {need / 2**20:.0f} MiB for this run's checkpoints but only "
+                f"{free / 2**20:.0f} MiB are free there; free some space or choose another --out"
+            )
+
+    def write_config(self, cfg: TrainConfig, distiller, dcfg: DataConfig, spec,
+                     teacher_source: TeacherSource | None) -> None:
+        """config.json: the resolved config, versions, git hash, data settings and layer pairs."""
+        if not self.writes:
+            return
+        record = {
+            "config": cfg.to_dict(),
+            "cwkd_version": __version__,
+            "versions": _versions(),
+            "git": _git_hash(),
+            "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg.input_size),
+                     "mean": list(dcfg.mean), "std": list(dcfg.std)},
+            "teacher": teacher_source.to_dict() if teacher_source else {},
+            "inputs": runinputs.record(cfg),
+            "body": body.to_dict() if (body := getattr(distiller.student, "cwkd_body", None)) is not None else {},
+            "pairs": distiller.describe(),
+            "trainable_params": sum(p.numel() for p in distiller.parameters()),
+            "aligner_params": sum(p.numel() for p in distiller.aligners.parameters()),
+        }
+        atomic_write_text(self.path / "config.json", json.dumps(record, indent=2) + "\n")
+
+    def update_config(self, inputs: dict | None = None, **changes) -> None:
+        """Rewrite config.json with ``changes`` to its ``config`` section (``alpha`` after an auto back-off) and
+        ``inputs`` to its record of the inputs (a resume's new place for a moved data folder)."""
+        if not self.writes:
+            return
+        record = json.loads((self.path / "config.json").read_text())
+        record["config"].update(changes)
+        record.setdefault("inputs", {}).update(inputs or {})
+        atomic_write_text(self.path / "config.json", json.dumps(record, indent=2) + "\n")
+
+    def append_metrics(self, record: dict) -> None:
+        """One epoch's line in metrics.jsonl."""
+        if self.writes:
+            append_jsonl(self.path / "metrics.jsonl", record)
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """Drop metric lines of epochs the saved state has not finished (written just before a kill)."""
+        path = self.path / "metrics.jsonl"
+        if not self.writes or not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if _epoch_of(line) <= epochs_done]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def save_epoch(self, distiller, stepper: Stepper, meta: CheckpointMeta, state: TrainState) -> None:
+        """After an epoch (``state.last``): its metrics line, last (and best, if it is) checkpoint, then the state."""
+        if not self.writes:
+            return
+        record, metric = state.last, state.best["metric"]
+        meta = meta.replace(epoch=record["epoch"], best_metric=metric, scores={metric: record[f"val_{metric}"]})
+        tensors = distiller.state_dict()
+        self.append_metrics(record)
+        save_checkpoint(self.path / "last.safetensors", tensors, meta)
+        if state.last_is_best:
+            save_checkpoint(self.path / "best.safetensors", tensors, meta)
+        save_state(self.path / "state.pt", state_record(distiller, stepper, state))
+
+    def save_interrupted(self, distiller, stepper: Stepper, meta: CheckpointMeta, state: TrainState) -> None:
+        """After a stop signal mid-epoch: the current weights as last, and the state to resume from."""
+        if not self.writes:
+            return
+        save_checkpoint(self.path / "last.safetensors", distiller.state_dict(),
+                        meta.replace(epoch=state.epoch, step=state.step))
+        save_state(self.path / "state.pt", state_record(distiller, stepper, state))
 
 
-def _record_new_places(out: Path, cfg: TrainConfig) -> None:
-    """Save where a resume found the run's inputs (``--data NEW``), so that the next resume finds them too."""
-    saved = json.loads((out / "config.json").read_text())["config"]
-    moved = {key: getattr(cfg, key) for key in runinputs.INPUT_KEYS if saved.get(key) != getattr(cfg, key)}
-    if moved:
-        entries = runinputs.record(cfg)
-        update_config(out, inputs={key: entries[key] for key in moved if key in entries}, **moved)
+def run_metadata(cfg: TrainConfig, distiller: FeatureDistiller, dcfg: DataConfig, spec: DataSpec, in_chans: int,
+                 teacher_source: TeacherSource | None) -> CheckpointMeta:
+    """What every checkpoint of a run carries so it can be evaluated and exported on its own."""
+    return CheckpointMeta(
+        model=getattr(distiller.student, "cwkd_name", cfg.student),
+        num_classes=spec.num_classes,
+        in_chans=in_chans,
+        input_size=tuple(dcfg.input_size),
+        mean=tuple(float(v) for v in dcfg.mean),
+        std=tuple(float(v) for v in dcfg.std),
+        interpolation=dcfg.interpolation,
+        crop_pct=float(dcfg.crop_pct),
+        pairs=tuple(distiller.describe()),
+        method=cfg.method.value,
+        alpha=cfg.alpha,
+        alpha_auto=cfg.alpha_auto,
+        **{k: getattr(v, "value", v) for k, v in cfg.method_options.items()},
+        task=cfg.task.value,
+        dataset=spec.name,
+        classes=tuple(spec.classes),
+        cwkd_version=__version__,
+        kind="distill",
+        teacher=teacher_source.model if teacher_source else None,
+        teacher_metric=teacher_source.metric if teacher_source else None,
+        teacher_score=teacher_source.score if teacher_source else None,
+        backbone_weights=cfg.student_backbone_weights or ("pretrained" if cfg.student_pretrained and
+                                                          not cfg.student_weights else None),
+    )
 
 
 def run_files(out: Path) -> list[str]:
@@ -177,219 +242,6 @@ def _never_finished_an_epoch(found: list[str]) -> bool:
     them without --overwrite.
     """
     return set(found) <= {"config.json", "metrics.jsonl"}
-
-
-def check_space(out: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse to start when ``out`` has no room for this run's last, best and state files.
-
-    The estimate counts the files not yet there, plus one temp copy of the largest (atomic writes
-    write the new file before removing the old one).
-    """
-    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        slots = 2  # exp_avg and exp_avg_sq per parameter
-    else:
-        slots = int(any(group.get("momentum", 0) for group in optimizer.param_groups))
-    sizes = {"last.safetensors": weights, "best.safetensors": weights, "state.pt": weights * (1 + slots)}
-    need = sum(size for name, size in sizes.items() if not (out / name).exists()) + max(sizes.values())
-    need += 16 * 2**20  # metrics, config and slack
-    free = shutil.disk_usage(out).free
-    if free < need:
-        raise ConfigError(
-            f"{out} needs about {need / 2**20:.0f} MiB for this run's checkpoints but only {free / 2**20:.0f} "
-            "MiB are free there; free some space or choose another --out"
-        )
-
-
-#: Options a resumed run may change: how it runs, not what it trains.
-RESUMABLE = ("epochs", "workers", "device", "quiet", "skip_corrupt", "skip_nonfinite", "data_root", "download",
-             "teacher_check", "log")
-
-
-def load_config(out: str | Path, *, options: dict | None = None) -> TrainConfig:
-    """The config a run was started with, for ``--resume``.
-
-    ``options`` are the ones given on the resuming command line: those in :data:`RESUMABLE` replace the
-    saved values (``epochs`` may raise the total); a new place for a moved data folder, teacher or
-    weights file is taken when the file's content is unchanged (:func:`cwkd.training.runinputs.locate`); any
-    other option must equal the saved value, so a retyped command line resumes, and a changed one is
-    refused instead of being silently ignored.
-    """
-    path = Path(out) / "config.json"
-    record = _read_record(path, out)
-    try:
-        cfg = TrainConfig.from_dict(record["config"])
-    except ConfigError as exc:
-        raise ConfigError(f"--resume {out}: {path} holds a config this cwkd cannot use ({exc}); it was edited "
-                          "or written by another cwkd version: restore it, or start a new run with --out") from exc
-    entries = record.get("inputs") if isinstance(record.get("inputs"), dict) else {}
-    moved = {}
-    for key, value in (options or {}).items():
-        if key in RESUMABLE:
-            setattr(cfg, key, value)
-        elif runinputs.movable(key, entries):
-            moved[key] = value
-        elif key == "alpha" and value == "auto" and cfg.alpha_auto:
-            continue  # the number this run's `--alpha auto` picked at its start
-        elif not _same(key, value, getattr(cfg, key, None)):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(
-                f"--resume {out}: {flag} {_plain(value)} differs from the run's own "
-                f"{_plain(getattr(cfg, key, None))}; a resumed run keeps its config (only "
-                f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change): drop the option, or "
-                "start a new run with --out"
-            )
-    runinputs.locate(cfg, entries, moved, out)
-    cfg.out, cfg.overwrite = str(out), False
-    cfg.validate()
-    return cfg
-
-
-def _read_record(path: Path, out: str | Path) -> dict:
-    """config.json as a dict holding a "config" dict, or a ConfigError saying what is wrong with it."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume {out}: cannot read {path} ({exc}); is this a cwkd run directory?") from exc
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        raise ConfigError(f"--resume {out}: {path} is not a cwkd run config (it has no \"config\" object); "
-                          "restore it, or start a new run with --out")
-    return record
-
-
-def _plain(value):
-    return value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value
-
-
-def _same(key: str, given, saved) -> bool:
-    """Whether a resuming command's option says what the saved config says."""
-    given = _plain(TrainConfig.parse_stats(key, given) if key in ("mean", "std") else given)
-    saved = _plain(saved)
-    if given == saved or key == "precision" and given == "auto":  # auto was resolved when the run began
-        return True
-    if key in (*runinputs.INPUT_KEYS, "out") and given and saved:
-        return Path(str(given)).resolve() == Path(str(saved)).resolve()
-    return False
-
-
-def write_config(out: Path, cfg: TrainConfig, distiller, dcfg: DataConfig, spec,
-                 teacher_source: TeacherSource | None) -> None:
-    """config.json: the resolved config, versions, git hash, data settings and layer pairs."""
-    record = {
-        "config": cfg.to_dict(),
-        "cwkd_version": __version__,
-        "versions": _versions(),
-        "git": _git_hash(),
-        "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg.input_size),
-                 "mean": list(dcfg.mean), "std": list(dcfg.std)},
-        "teacher": teacher_source.to_dict() if teacher_source else {},
-        "inputs": runinputs.record(cfg),
-        "body": body.to_dict() if (body := getattr(distiller.student, "cwkd_body", None)) is not None else {},
-        "pairs": distiller.describe(),
-        "trainable_params": sum(p.numel() for p in distiller.parameters()),
-        "aligner_params": sum(p.numel() for p in distiller.aligners.parameters()),
-    }
-    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
-
-
-def update_config(out: Path, inputs: dict | None = None, **changes) -> None:
-    """Rewrite config.json with ``changes`` to its ``config`` section (``alpha`` after an auto back-off) and
-    ``inputs`` to its record of the inputs (a resume's new place for a moved data folder)."""
-    record = json.loads((out / "config.json").read_text())
-    record["config"].update(changes)
-    record.setdefault("inputs", {}).update(inputs or {})
-    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
-
-
-def no_best(metric: str) -> dict:
-    """The best record before any epoch: ``{"metric": metric, "value": -1.0, "epoch": -1}``."""
-    return {"metric": metric, "value": -1.0, "epoch": -1}
-
-
-def save_epoch(out: Path, distiller, optimizer, scheduler, scaler, meta: CheckpointMeta, record: dict,
-               best: dict) -> dict:
-    """After an epoch: metrics line, last (and maybe best, by ``val_<best["metric"]>``) checkpoint, then the state."""
-    epoch = record["epoch"] - 1
-    key = f"val_{best['metric']}"
-    meta = meta.replace(epoch=record["epoch"], best_metric=best["metric"], scores={best["metric"]: record[key]})
-    tensors = distiller.state_dict()
-    append_jsonl(out / "metrics.jsonl", record)
-    save_checkpoint(out / "last.safetensors", tensors, meta)
-    if record[key] > best["value"]:
-        best = {"metric": best["metric"], "value": record[key], "epoch": epoch}
-        save_checkpoint(out / "best.safetensors", tensors, meta)
-    _save_state(out, distiller, optimizer, scheduler, scaler, epoch + 1, 0, best)
-    return best
-
-
-def save_interrupted(out: Path, distiller, optimizer, scheduler, scaler, meta: CheckpointMeta, epoch: int,
-                     step: int, best: dict) -> None:
-    """After a stop signal mid-epoch: the current weights as last, and the state to resume from."""
-    save_checkpoint(out / "last.safetensors", distiller.state_dict(), meta.replace(epoch=epoch, step=step))
-    _save_state(out, distiller, optimizer, scheduler, scaler, epoch, step, best)
-
-
-def _save_state(out: Path, distiller, optimizer, scheduler, scaler, epoch: int, step: int, best: dict) -> None:
-    save_state(out / "state.pt", {
-        "model": distiller.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "epoch": epoch, "step": step, "best": best, "format_version": STATE_VERSION,
-    })
-
-
-def restore(out: Path, distiller, optimizer, scheduler, scaler, device, metric: str) -> tuple[int, int, dict]:
-    """Load state.pt into the run's objects; return (epoch, step, best) to continue from.
-
-    ``metric`` is the task's best metric. A run killed before its first epoch ended has no state.pt:
-    it starts again from the beginning.
-    """
-    path = out / "state.pt"
-    if not path.exists():
-        _truncate_metrics(out / "metrics.jsonl", 0)
-        return 0, 0, no_best(metric)
-    state = load_state(path)
-    epoch, step, best = _check_state(state, path)
-    load_state_checked(distiller, state["model"], f"the weights in {path}",
-                       hint="it was saved by another run; start a new run")
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} does not match this run ({detail}); start a new run") from exc
-    _truncate_metrics(out / "metrics.jsonl", epoch)
-    return epoch, step, best
-
-
-def _check_state(state: dict, path: Path) -> tuple[int, int, dict]:
-    """Validate state.pt's layout before any of it is used; return its (epoch, step, best)."""
-    version = state.get("format_version")
-    if not is_int(version) or version < 1:
-        raise CheckpointError(f"{path} is not cwkd training state (format_version {version!r}); start a new run")
-    if version > STATE_VERSION:
-        raise CheckpointError(f"{path} was written by a newer cwkd (state format {version}); upgrade cwkd")
-    missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "best") if not isinstance(state.get(k), dict)]
-    epoch, step, best = state.get("epoch"), state.get("step"), state.get("best", {})
-    ok = not missing and is_int(epoch) and epoch >= 0 and is_int(step) and step >= 0
-    best = upgrade_best(best)
-    ok = ok and isinstance(best.get("metric"), str) and isinstance(best.get("value"), int | float)
-    ok = ok and is_int(best.get("epoch"))
-    ok = ok and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items())
-    if not ok:
-        raise CheckpointError(f"{path} is damaged: its epoch, step, best or state dicts are missing or of the "
-                              "wrong type; start a new run")
-    return epoch, step, {"metric": best["metric"], "value": float(best["value"]), "epoch": best["epoch"]}
-
-
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric lines of epochs the saved state has not finished (written just before a kill)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if _epoch_of(line) <= epochs_done]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _epoch_of(line: str) -> int:

@@ -27,11 +27,32 @@ if TYPE_CHECKING:
     from cwkd.core.distiller import FeatureDistiller
     from cwkd.runtime import Dist
     from cwkd.tasks.base import TaskSpec
-    from cwkd.training.build import TeacherSource
     from cwkd.training.console import RunConsole
 
 #: How many points below its checkpoint's own record a teacher may score before it is refused.
 MAX_DROP = 10.0
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a teacher's weights came from, and the input statistics it expects (config.json's "teacher")."""
+
+    model: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    checkpoint: str | None = None  # a cwkd checkpoint given as --teacher
+    weights: str | None = None     # else a --teacher-weights file, "pretrained" or "random"
+    metric: str | None = None      # the teacher's score on val as distilled (check_teacher): its name
+    score: float | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON layout config.json has always had (the keys that apply, means as lists; its score as
+        ``val_<metric>``)."""
+        values = {"checkpoint": self.checkpoint, "model": self.model, "weights": self.weights,
+                  "mean": list(self.mean), "std": list(self.std)}
+        if self.metric is not None:
+            values[f"val_{self.metric}"] = self.score
+        return {k: v for k, v in values.items() if v is not None}
 
 
 @dataclass(frozen=True)
