@@ -139,3 +139,13 @@ def test_a_runs_config_json_round_trips(folder, tmp_path, built, monkeypatch):
     # A distillation from the same file: the run's student, schedule and statistics, and the teacher given.
     cli_ok(["distill", "--config", run / "config.json", "--teacher", run / "best.safetensors"])
     assert (found[-1].student, found[-1].method.value, found[-1].mean) == ("test_resnet", "none", (0.4, 0.5, 0.6))
+
+
+def test_resume_help_names_every_option_a_resumed_run_may_change():
+    from cwkd.cli.options import Resume
+    from cwkd.training.resume import RESUMABLE
+
+    text = Resume.__metadata__[0].help
+    for key in RESUMABLE:
+        flag = key.replace("_", "-")
+        assert f"--{flag}" in text or f"--[no-]{flag}" in text, f"--resume's help does not name --{flag}"

@@ -56,8 +56,9 @@ Out = Annotated[str | None, typer.Option(help="Run directory. (default: runs/<ti
 Overwrite = Annotated[bool, typer.Option(help="Replace the run already in --out.")]
 Resume = Annotated[str | None, typer.Option(help="Continue the run in this directory with its saved config "
                                              "(--epochs, --workers, --device, --quiet, --skip-corrupt, "
-                                             "--skip-nonfinite, --data-root, --download may change; --data, "
-                                             "--teacher and weights may name a moved copy).")]
+                                             "--skip-nonfinite, --data-root, --download, --[no-]teacher-check, "
+                                             "--log may change; --data, --teacher and weights may name a moved "
+                                             "copy).")]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss is NaN/inf before stopping.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Log = Annotated[list[Tracker] | None, typer.Option("--log", help="Also write each epoch's metrics and the "
