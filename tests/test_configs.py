@@ -136,9 +136,10 @@ def test_a_runs_config_json_round_trips(folder, tmp_path, built, monkeypatch):
     assert again["out"] is None and not again["overwrite"]
     assert {k: v for k, v in again.items() if k not in ("out", "overwrite")} == \
         {k: v for k, v in saved.items() if k not in ("out", "overwrite")}
-    # A distillation from the same file: the run's student, schedule and statistics, and the teacher given.
+    # A distillation from the same file: the run's student, schedule and statistics, the teacher given, and
+    # distillation's default method (the training run's own `method: none` is left out).
     cli_ok(["distill", "--config", run / "config.json", "--teacher", run / "best.safetensors"])
-    assert (found[-1].student, found[-1].method.value, found[-1].mean) == ("test_resnet", "none", (0.4, 0.5, 0.6))
+    assert (found[-1].student, found[-1].method.value, found[-1].mean) == ("test_resnet", "cwt", (0.4, 0.5, 0.6))
 
 
 def test_resume_help_names_every_option_a_resumed_run_may_change():
@@ -149,3 +150,17 @@ def test_resume_help_names_every_option_a_resumed_run_may_change():
     for key in RESUMABLE:
         flag = key.replace("_", "-")
         assert f"--{flag}" in text or f"--[no-]{flag}" in text, f"--resume's help does not name --{flag}"
+
+
+def test_distill_given_a_training_runs_config_distils_with_the_default_method(tmp_path, built):
+    path = tmp_path / "config.json"  # what `cwkd train` writes: method none, no teacher
+    path.write_text(json.dumps({"student": "test_resnet", "data": "fashion-mnist-mini", "epochs": 3,
+                                "method": "none", "teacher": None}))
+    output = cli_ok(["distill", "--config", path, "--teacher", "test_resnet", "--allow-random-teacher"])
+    assert built[-1].method.value == "cwt" and built[-1].epochs == 3
+    assert "training run's config (method none)" in output
+    cli_ok(["distill", "--config", path, "--teacher", "test_resnet", "--allow-random-teacher", "--method", "mgd"])
+    assert built[-1].method.value == "mgd"
+    kd_only = _yaml(tmp_path, {"teacher": "test_resnet", "student": "test_resnet", "method": "none", "kd_weight": 1})
+    cli_ok(["distill", "--config", kd_only, "--allow-random-teacher", "--data", "fashion-mnist-mini"])
+    assert built[-1].method.value == "none"  # a distillation config's own method none (logit KD only) stays

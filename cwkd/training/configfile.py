@@ -107,11 +107,14 @@ def command_defaults(command: str, function: Callable, source: str) -> tuple[dic
 
     An unknown key or a value of the wrong type is a :class:`ConfigError` naming the key and the file.
     ``cwkd train`` given a distillation config keeps the student and its schedule (the baseline) and
-    leaves out the distillation options, with a note.
+    leaves out the distillation options, with a note; ``cwkd distill`` given a training run's config (method
+    none, no teacher) leaves out its ``method: none``, so it distils with ``--method``'s default, with a note.
     """
     values, path = read(source)
     hints = {k: v for k, v in typing.get_type_hints(function).items() if k not in _NOT_FROM_FILE and k != "return"}
     training = "model" in hints
+    named = {str(k).replace("-", "_"): v for k, v in values.items()}
+    from_training_run = not training and named.get("method") == "none" and not named.get("teacher")
     fixed = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     defaults, skipped = {}, []
     for key, value in values.items():
@@ -119,7 +122,7 @@ def command_defaults(command: str, function: Callable, source: str) -> tuple[dic
         name = TRAIN_NAMES.get(name, name) if training else name
         if name in META_KEYS or value is None:  # None: the option's own default
             continue
-        if training and name in DISTILL_ONLY:
+        if (training and name in DISTILL_ONLY) or (from_training_run and name == "method"):
             skipped.append(name)
             continue
         if name not in hints and name in fixed:  # in config.json (momentum), but no option sets it
@@ -131,7 +134,9 @@ def command_defaults(command: str, function: Callable, source: str) -> tuple[dic
             raise ConfigError(_unknown(path, str(key), list(hints), command))
         defaults[name] = _checked(path, str(key), _as_option(name, value), hints[name])
     notes = []
-    named = {str(k).replace("-", "_"): v for k, v in values.items()}
+    if from_training_run:
+        notes.append(f"{path} is a training run's config (method none): `cwkd distill` takes its student and "
+                     "schedule and distils with --method's default (cwt); pass --method to choose another")
     if training and any(named.get(k) not in (None, "none", False, 0, 0.0) for k in ("teacher", "method", "kd_weight")):
         notes.append(f"{path} is a distillation config: `cwkd train` takes its student and schedule (the baseline) "
                      f"and leaves out {', '.join(skipped)}")
