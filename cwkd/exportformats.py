@@ -150,6 +150,8 @@ def verify(model: nn.Module, runner: Runner, meta: CheckpointMeta, real: list[to
                     raise ExportError(f"the exported model's outputs on {kind} inputs have shapes "
                                       f"{_shapes(found)} where PyTorch's have {_shapes(expected)}; the file was not "
                                       "written; export without --verify to inspect it, or try another --format")
+                if sig.rows_unordered:
+                    found = _paired_rows(expected, found)
                 for name, e, f in zip(sig.outputs, expected, found, strict=True):
                     if e.numel() == 0:
                         continue
@@ -163,6 +165,24 @@ def verify(model: nn.Module, runner: Runner, meta: CheckpointMeta, real: list[to
                           f"({', '.join(bad)}); the file was not written; export without --verify to inspect it, "
                           "or try another --format")
     return diffs
+
+
+def _paired_rows(expected: tuple[torch.Tensor, ...], found: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``found``'s rows reordered so that each stands beside the ``expected`` row closest to it (largest |difference|
+    over all outputs, greedily in ``expected``'s order): two runtimes may rank objects whose scores differ in the
+    last bits either way round, which is no difference in what the model found."""
+    rows = len(expected[0])
+    if rows < 2:
+        return found
+    flat = [torch.cat([t.reshape(rows, -1).float() for t in side], dim=1) for side in (expected, found)]
+    distance = torch.cdist(flat[0][None], flat[1][None], p=float("inf"))[0]
+    order = []
+    for row in range(rows):
+        best = int(distance[row].argmin())
+        order.append(best)
+        distance[:, best] = float("inf")
+    index = torch.tensor(order)
+    return tuple(t[index] for t in found)
 
 
 def _tensors(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

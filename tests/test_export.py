@@ -187,3 +187,21 @@ def test_verify_limit_scales_with_the_logits(scale, off, passes):
     else:
         with pytest.raises(ExportError, match=r"more than 0.0001 x max\(1, \|output\|\)"):
             verify(model, run, meta, None, atol=1e-4)
+
+
+def test_verify_pairs_a_detectors_rows_that_two_runtimes_rank_either_way_round():
+    """Near-equal scores may come out in either order from two runtimes: the same detections, not a difference
+    (an untrained Mask R-CNN's 100 detections at ~0.2 failed verify on such a swap). A changed box still fails."""
+    from cwkd.choices import Task
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 9, 9]])
+    labels, scores = torch.tensor([1, 2, 1]), torch.tensor([0.2100001, 0.2100000, 0.1])
+    masks = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    eager = (boxes, labels, scores, masks)
+    swapped = tuple(t[torch.tensor([1, 0, 2])] for t in eager)
+    meta = SimpleNamespace(task=Task.instance, input_size=(3, 16, 16))  # boxes, labels, scores, masks
+    diffs = cwkd.exportformats.verify(lambda x: eager, lambda x: swapped, meta, None, atol=1e-4)
+    assert diffs["random"] == 0.0
+    moved = (swapped[0] + torch.tensor([[0.0, 0, 0, 0], [0, 0, 3, 0], [0, 0, 0, 0]]), *swapped[1:])
+    with pytest.raises(ExportError, match="'boxes' on random inputs 3 >"):
+        cwkd.exportformats.verify(lambda x: eager, lambda x: moved, meta, None, atol=1e-4)

@@ -29,7 +29,9 @@ class ExportIO:
     """An exported graph's signature: its input and output names, their dynamic axes, and both in words.
 
     ``batch`` is the graph's fixed batch size (None: any, a dynamic axis); ``shapes`` describes the outputs
-    and ``values`` the input's values, as ``cwkd export`` prints them.
+    and ``values`` the input's values, as ``cwkd export`` prints them. ``rows_unordered``: every output is one
+    row per found object (a detector's boxes, labels, scores, masks), ranked by a score on which two runtimes
+    may break near-ties differently, so verifying pairs each PyTorch row with the closest exported row.
     """
 
     input: str
@@ -38,6 +40,7 @@ class ExportIO:
     dynamic_axes: dict[str, dict[int, str]]
     batch: int | None = None
     values: str = "normalised"
+    rows_unordered: bool = False
 
     @classmethod
     def batched(cls, input: str, output: str, shape: str) -> ExportIO:

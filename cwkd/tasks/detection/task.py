@@ -44,7 +44,7 @@ def _detections_io(outputs: tuple[str, ...]) -> ExportIO:
         axes["masks"] = {0: "detections", 2: "height", 3: "width"}
     return ExportIO("images", outputs, ", ".join(f"'{name}' {shapes[name]}" for name in outputs),
                     {"images": {2: "height", 3: "width"}, **axes}, batch=1,
-                    values="RGB in 0-1, any height and width: the graph resizes and normalises it")
+                    values="RGB in 0-1, any height and width: the graph resizes and normalises it", rows_unordered=True)
 
 
 class Detection(TaskSpec):
