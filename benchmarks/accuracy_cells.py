@@ -113,7 +113,7 @@ def teacher_normalization(teacher: str, input_size: int) -> dict:
     """
     import timm
 
-    from cwkd.data.loading import data_config
+    from cwkd.data.transforms import data_config
 
     stats = data_config(timm.create_model(teacher, num_classes=10, in_chans=1), input_size=input_size, in_chans=1)
     return {"mean": list(stats.mean), "std": list(stats.std)}

@@ -23,7 +23,7 @@ def diagnose(plan: Plan, images: int = 256) -> dict:
     import torch
 
     from cwkd.core.distiller import FeatureDistiller
-    from cwkd.data.loading import build_transform, data_config
+    from cwkd.data.transforms import build_transform, data_config
     from cwkd.tasks.classification.data import load_data
     from cwkd.training.build import build_teacher
     from cwkd.training.config import TrainConfig
@@ -76,7 +76,8 @@ def teacher_input_check(plan: Plan, images: int = 3000) -> dict:
     import torch
 
     from cwkd.core.distiller import Renormalize
-    from cwkd.data.loading import build_loaders, data_config
+    from cwkd.data.loading import build_loaders
+    from cwkd.data.transforms import data_config
     from cwkd.tasks.classification.data import load_data
     from cwkd.training.build import build_teacher
     from cwkd.training.config import TrainConfig

@@ -114,7 +114,8 @@ def probe(plan: Plan, batches: int = 5) -> dict:
 
     from cwkd.core.autoalpha import MAX_LOSS_RATIO, RATIO, measure, pick_alpha
     from cwkd.core.distiller import FeatureDistiller
-    from cwkd.data.loading import build_loaders, data_config
+    from cwkd.data.loading import build_loaders
+    from cwkd.data.transforms import data_config
     from cwkd.tasks.classification.data import load_data
     from cwkd.training.build import build_teacher
     from cwkd.training.config import TrainConfig

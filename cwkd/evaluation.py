@@ -26,8 +26,9 @@ from cwkd.choices import (
     Task,
     check_sizes,
 )
-from cwkd.data.loading import DataConfig, build_loaders, data_config
+from cwkd.data.loading import build_loaders
 from cwkd.data.spec import DataSpec
+from cwkd.data.transforms import DataConfig, data_config
 from cwkd.errors import CheckpointError, ConfigError, DataError
 from cwkd.files.checkpoint import load_checkpoint, read_state_dict, student_state
 from cwkd.files.metadata import CheckpointMeta, is_student_file

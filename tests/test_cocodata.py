@@ -163,7 +163,7 @@ def test_flip_and_scale_jitter_move_boxes_with_their_masks(tmp_path):
 
 
 def test_scale_jitter_clips_boxes_and_drops_those_cut_to_a_sliver_with_their_label_and_mask():
-    from cwkd.data.loading import seeded
+    from cwkd.data.transforms import seeded
     masks = torch.zeros(2, 40, 50, dtype=torch.uint8)
     masks[0, :3, :3], masks[1, 10:30, 10:30] = 1, 1
     target = {"boxes": torch.tensor([[0.0, 0, 3, 3], [10, 10, 30, 30]]), "labels": torch.tensor([4, 7]),

@@ -264,7 +264,8 @@ def test_fpn_taps_probe_detectors_already_on_the_device(device):
 def test_uint8_batches_are_normalised_on_the_device_as_on_the_host(device, folder):
     """The loader copies uint8 pixels (pinned on CUDA) and normalises them on the device, in channels_last there:
     the model's input equals the CPU float path's."""
-    from cwkd.data.loading import build_loaders, data_config
+    from cwkd.data.loading import build_loaders
+    from cwkd.data.transforms import data_config
     from cwkd.tasks.classification.data import load_data
 
     spec = load_data(str(folder))

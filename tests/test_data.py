@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cwkd.data.loading import build_loaders, build_transform, data_config
+from cwkd.data.loading import build_loaders
+from cwkd.data.transforms import build_transform, data_config
 from cwkd.errors import ConfigError, DataError
 from cwkd.tasks.classification import data as cwkd_data
 from cwkd.tasks.classification.data import ArrayDataset, load_data, read_idx

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cwkd.cli.app import app
-from cwkd.data.loading import build_loaders, data_config
+from cwkd.data.loading import build_loaders
+from cwkd.data.transforms import data_config
 from cwkd.files.checkpoint import load_checkpoint
 from cwkd.runtime import reuse_freed_memory
 from cwkd.tasks.classification.data import load_data

@@ -88,8 +88,8 @@ def test_device_normalised_batches_equal_the_float_transform(tmp_path, gray, siz
     import timm
     import torch
 
-    from cwkd.data.loading import Transformed, build_loaders, build_transform, data_config
-    from cwkd.data.transforms import _OnImage
+    from cwkd.data.loading import build_loaders
+    from cwkd.data.transforms import Transformed, _OnImage, build_transform, data_config
 
     spec = _spec(tmp_path, gray)
     model = timm.create_model("test_resnet", in_chans=1 if gray else 3)
@@ -130,8 +130,8 @@ def test_teacher_remap_of_a_device_batch_equals_the_teachers_own_normalisation(t
     import torch
 
     from cwkd.core.distiller import Renormalize
-    from cwkd.data.loading import Transformed, build_loaders, build_transform, data_config
-    from cwkd.data.transforms import _OnImage
+    from cwkd.data.loading import build_loaders
+    from cwkd.data.transforms import Transformed, _OnImage, build_transform, data_config
 
     spec = _spec(tmp_path, gray=False)
     dcfg = data_config(timm.create_model("test_resnet"), input_size=72)
@@ -152,8 +152,8 @@ def test_the_shm_warning_counts_uint8_batches_as_one_byte_a_value(tmp_path, monk
 
     import timm
 
-    from cwkd.data.loading import Transformed, build_loaders, build_transform, data_config
-    from cwkd.data.transforms import _OnImage
+    from cwkd.data.loading import build_loaders
+    from cwkd.data.transforms import Transformed, _OnImage, build_transform, data_config
 
     spec = _spec(tmp_path, gray=True)
     dcfg = data_config(timm.create_model("test_resnet", in_chans=1), input_size=32, in_chans=1)

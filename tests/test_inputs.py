@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from cwkd.cli.app import app
 from cwkd.data import images
-from cwkd.data.loading import build_loaders, build_transform, check_split_sizes, data_config
+from cwkd.data.loading import build_loaders, check_split_sizes
 from cwkd.data.spec import DataSpec
+from cwkd.data.transforms import build_transform, data_config
 from cwkd.errors import DataError
 from cwkd.files.checkpoint import save_checkpoint
 from cwkd.files.metadata import CheckpointMeta

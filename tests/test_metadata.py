@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from cwkd.data.loading import DataConfig
+from cwkd.data.transforms import DataConfig
 from cwkd.errors import CheckpointError
 from cwkd.evaluation import read_student
 from cwkd.files.checkpoint import load_checkpoint, save_checkpoint

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cwkd.composite import Items, write_dense_dataset
-from cwkd.data.loading import Transformed, seeded
+from cwkd.data.transforms import Transformed, seeded
 from cwkd.errors import DataError
 from cwkd.tasks.segmentation.data import IGNORE_INDEX, JointTransform, load_segmentation
 from cwkd.tasks.segmentation.metric import SegmentationScore

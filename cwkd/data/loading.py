@@ -1,8 +1,7 @@
 """Loaders: from a data set and its transforms to batches, seeded for exact resume.
 
 :class:`EpochSampler` makes each epoch's order depend on (seed, epoch) alone, and gives every sample its own
-augmentation seed. The transforms live in :mod:`cwkd.data.transforms`; the names of theirs that other modules
-import from here (``DataConfig``, ``data_config``, ``build_transform``, ``Transformed``, ...) are re-exported.
+augmentation seed. The transforms live in :mod:`cwkd.data.transforms`.
 """
 
 from __future__ import annotations
@@ -22,18 +21,8 @@ from torchvision import transforms as T
 
 from cwkd.data.feed import DeviceInput, resolve_workers
 from cwkd.data.spec import DataSpec
-from cwkd.data.transforms import (
-    DataConfig,
-    Transformed,
-    build_transform,
-    data_config,
-    seeded,
-    transformed_datasets,
-)
+from cwkd.data.transforms import DataConfig, transformed_datasets
 from cwkd.errors import ConfigError, DataError
-
-__all__ = ["DataConfig", "EpochSampler", "Transformed", "build_loaders", "build_transform", "check_split_sizes",
-           "data_config", "seeded", "set_epoch", "transformed_datasets"]
 
 
 class EpochSampler(DistributedSampler):

@@ -21,7 +21,7 @@ from cwkd.data.spec import DataSpec
 from cwkd.runtime import autocast
 
 if TYPE_CHECKING:  # loaders imports timm's data helpers; the interface needs only the type
-    from cwkd.data.loading import DataConfig
+    from cwkd.data.transforms import DataConfig
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cwkd.choices import Task
 from cwkd.core.distiller import FeatureDistiller, Renormalize
-from cwkd.data.loading import DataConfig, build_loaders, check_split_sizes, data_config, set_epoch
+from cwkd.data.loading import build_loaders, check_split_sizes, set_epoch
+from cwkd.data.transforms import DataConfig, data_config
 from cwkd.errors import CheckpointError, ConfigError
 from cwkd.files.checkpoint import load_checkpoint, read_metadata, read_state_dict, student_state
 from cwkd.files.metadata import CheckpointMeta

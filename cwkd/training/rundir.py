@@ -35,8 +35,8 @@ from cwkd.training.runlock import RunLock
 
 if TYPE_CHECKING:  # rundir needs only their types
     from cwkd.core.distiller import FeatureDistiller
-    from cwkd.data.loading import DataConfig
     from cwkd.data.spec import DataSpec
+    from cwkd.data.transforms import DataConfig
     from cwkd.training.teachercheck import TeacherSource
 
 _RUN_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "state.pt")

@@ -10,8 +10,8 @@ from torch.utils.data import Dataset
 
 from cwkd.choices import Task
 from cwkd.core.losses import cross_entropy
-from cwkd.data.loading import DataConfig, transformed_datasets
 from cwkd.data.spec import DataSpec
+from cwkd.data.transforms import DataConfig, transformed_datasets
 from cwkd.errors import ConfigError
 from cwkd.tasks.base import ExportIO, TaskSpec
 from cwkd.tasks.classification.data import load_data

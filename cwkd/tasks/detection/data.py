@@ -262,7 +262,7 @@ class DetectionTransform:
     a plain resize would be undone by the detector's own resize. It runs on torchvision's ``transforms.v2``
     with ``tv_tensors``, which clip the boxes to the image; ``SanitizeBoundingBoxes`` then drops boxes
     ``MIN_BOX_SIDE`` px wide or high or less, with their labels and masks. Random draws come from torch's
-    RNG, which :class:`cwkd.data.loading.Transformed` seeds per item for exact resume.
+    RNG, which :class:`cwkd.data.transforms.Transformed` seeds per item for exact resume.
     """
 
     def __init__(self, *, train: bool, flip: float = 0.5, scale: tuple[float, float] = (0.75, 1.25)) -> None:

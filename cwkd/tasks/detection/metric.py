@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from cwkd.data.loading import seeded
+from cwkd.data.transforms import seeded
 from cwkd.errors import ConfigError
 from cwkd.tasks.base import Scorer
 from cwkd.tasks.detection.data import CocoDetection

@@ -192,7 +192,7 @@ class JointTransform:
     flipped with probability 0.5, all with torchvision's ``transforms.v2`` on ``tv_tensors``. Masks are
     resized with nearest neighbours and padded with 255, so padding is never scored; images are resized
     bilinearly with antialiasing and padded with zeros after normalisation (the mean). Random draws come
-    from torch's RNG, which :class:`cwkd.data.loading.Transformed` seeds per item for exact resume.
+    from torch's RNG, which :class:`cwkd.data.transforms.Transformed` seeds per item for exact resume.
     The output is a normalised ``(C, size, size)`` float tensor and a ``(size, size)`` int64 mask.
     """
 

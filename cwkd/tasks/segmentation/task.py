@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cwkd.choices import MgdMask, Task
-from cwkd.data.loading import DataConfig, Transformed
 from cwkd.data.spec import DataSpec
+from cwkd.data.transforms import DataConfig, Transformed
 from cwkd.errors import ModelNotFoundError
 from cwkd.files.checkpoint import read_state_dict
 from cwkd.files.weights import load_state_checked
