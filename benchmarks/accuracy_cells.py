@@ -14,7 +14,7 @@ from pathlib import Path
 
 from accuracy_data import prepare_data
 from accuracy_plan import METHODS, PAIRS, Cell, Plan, cell_path, teacher_json
-from common import ROOT, full_versions, keep_result, read_history, run_cwkd, saved_config, write_json
+from common import ROOT, full_versions, keep_result, read_history, relative, run_cwkd, saved_config, write_json
 
 
 def teacher_command(plan: Plan, data_root: Path) -> list[str]:
@@ -47,7 +47,7 @@ def train_teacher(plan: Plan, data_root: Path) -> dict:
         "top1": history[-1]["val_top1"], "history": [h["val_top1"] for h in history],
         "wall_s": round(sum(h["epoch_s"] for h in history), 1),
         "command": "cwkd " + " ".join(command[3:]).replace(str(ROOT) + "/", ""),
-        "checkpoint": str((out / "last.safetensors").relative_to(ROOT)), "versions": full_versions(),
+        "checkpoint": relative(out / "last.safetensors"), "versions": full_versions(),
     }
     write_json(result_path, result)
     return result

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from accuracy_plan import PAIRS, Plan, teacher_json
-from common import RESULTS, ROOT, full_versions, mean_std, write_json
+from common import RESULTS, ROOT, full_versions, mean_std, relative, write_json
 
 DOCS = ROOT / "docs"
 
@@ -198,7 +198,7 @@ def report(plan: Plan) -> None:
     summary = summarise(plan, records)
     teacher = json.loads(teacher_json(plan).read_text()) if teacher_json(plan).is_file() else None
     write_json(plan.results / "accuracy_summary.json",
-                {"plan": {k: (_relative(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+                {"plan": {k: (relative(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
                  "pairs": PAIRS, "teacher": teacher, "cells": len(records), **summary, "versions": full_versions()})
     if teacher:
         print(f"teacher {teacher['model']}: {teacher['top1']:.2f}% top-1 ({teacher['command']})")
@@ -206,9 +206,4 @@ def report(plan: Plan) -> None:
     png = DOCS / "benchmarks_accuracy.png" if plan.name == "full" and plan.results == RESULTS \
         else plan.results / "accuracy.png"
     if plot(plan, summary, png):
-        print(f"plot: {png.relative_to(ROOT)}")
-
-
-def _relative(path: Path) -> str:
-    """``path`` relative to the checkout when it lies inside it, so saved results name no machine's folders."""
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+        print(f"plot: {relative(png)}")

@@ -28,6 +28,13 @@ RESULTS = BENCH / "results"  # committed
 RUNS = BENCH / "runs"        # git-ignored: data, checkpoints and run directories
 
 
+def relative(path: Path) -> str:
+    """``path`` relative to the checkout when it lies inside it, so saved results and printed lines name no
+    machine's folders; a path outside the checkout (``--results /elsewhere``) as it is."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 # ----------------------------------------------------------------------------- running cwkd
 
 

@@ -187,3 +187,20 @@ def test_detection_report_shows_mask_ap_only_where_measured(tmp_path, monkeypatc
     (tmp_path / "maskrcnn_resnet18-none-s0.json").write_text(json.dumps(record))
     assert "val mask AP (%)" in detection.report(mask)
     sys.modules.pop("detection", None)
+
+
+def test_accuracy_report_of_results_outside_the_checkout(accuracy, tmp_path, capsys):
+    """``--report --results DIR`` away from the checkout prints and saves paths as they are (it crashed on the
+    plot's path, made relative to the checkout)."""
+    import shutil
+
+    results = tmp_path / "elsewhere"
+    shutil.copytree(BENCH / "results" / "accuracy_mgd_channel", results)
+    plan = replace(accuracy.Plan(), results=results)
+    accuracy.report(plan)
+    out = capsys.readouterr().out
+    assert "| mgd" in out
+    summary = json.loads((results / "accuracy_summary.json").read_text())
+    assert summary["plan"]["results"] == str(results.resolve())
+    if (results / "accuracy.png").is_file():  # matplotlib is optional
+        assert f"plot: {results.resolve() / 'accuracy.png'}" in out
