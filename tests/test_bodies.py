@@ -170,6 +170,9 @@ def test_a_trained_classifier_starts_a_distilled_pspnet_recorded_and_resumed(voc
     assert "body tensors loaded" not in text  # the saved state is the student now, not the classifier again
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
     assert json.loads((out / "config.json").read_text())["config"]["student_backbone_weights"] == str(weights)
+    text = cli_ok(["train", "--model", "pspnet_test_resnet", "--backbone-weights", weights, "--data", voc,
+                   "--out", tmp_path / "plain", *FAST])
+    assert "model: backbone test_resnet from" in text and "student:" not in text  # plain training has no student
     cli_fails(["train", "--model", "pspnet_resnet18", "--backbone-weights", weights, "--data", voc, *FAST],
               "resnet18 backbone", "they are test_resnet's")
 

@@ -251,7 +251,8 @@ def build_pieces(cfg: TrainConfig, ctx: RunContext) -> Pieces:
     if spec.modes is not None:
         ctx.console.info(spec.modes.describe(in_chans))
     distiller, dcfg, teacher_source = _distiller(cfg, task, spec, in_chans, ctx)
-    for who, part in (("student", distiller.student), ("teacher", distiller.teacher)):
+    student = "student" if distiller.teacher is not None else "model"  # plain training has no student
+    for who, part in ((student, distiller.student), ("teacher", distiller.teacher)):
         if getattr(part, "cwkd_body", None) is not None:  # a dense model's backbone started from a classifier
             ctx.console.info(f"{who}: {part.cwkd_body.line()}")
     model: nn.Module = distiller

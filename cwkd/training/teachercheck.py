@@ -83,6 +83,11 @@ class TeacherScore:
             return f"near chance (a teacher must score above {self.chance:.3g} % here)"
         return None
 
+    @property
+    def never_learnt(self) -> bool:
+        """Its own checkpoint recorded a score near chance too: the teacher is weak, not fed wrongly."""
+        return self.recorded is not None and self.recorded <= self.chance
+
 
 def check_teacher(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller, source: TeacherSource | None,
                   val_loader, num_classes: int, device: torch.device, rank: Dist,
@@ -112,11 +117,13 @@ def check_teacher(cfg: TrainConfig, task: TaskSpec, distiller: FeatureDistiller,
     console.info(score.line())
     if (problem := score.problem()) is not None:
         size = "x".join(str(v) for v in distiller.input_size)
-        stats = f"mean {_fmt(source.mean)} std {_fmt(source.std)}"
+        fix = (f"its own checkpoint recorded only {score.recorded:.1f} %, so the teacher itself learnt little: "
+               "train it longer or use a stronger one" if score.never_learnt else
+               f"check its normalisation (it is given mean {_fmt(source.mean)} std {_fmt(source.std)}), the "
+               f"input size ({size}) and the data")
         raise ConfigError(
             f"the teacher {source.checkpoint or source.model} scores {score.value:.1f} % {score.label} on "
-            f"{cfg.data}'s val split as distillation feeds it, {problem}: check its normalisation (it is given "
-            f"{stats}), the input size ({size}) and the data; --no-teacher-check trains anyway")
+            f"{cfg.data}'s val split as distillation feeds it, {problem}: {fix}; --no-teacher-check trains anyway")
     return dataclasses.replace(source, metric=score.metric, score=score.value)
 
 
