@@ -173,6 +173,31 @@ def test_error_with_loader_workers_exits_at_once(tmp_path):
     assert "cannot read image" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_unreadable_val_image_keeps_the_epochs_training_for_resume(tmp_path, monkeypatch):
+    """A val file found bad only at the first validation must not cost the epoch: its training is saved, and
+    --resume, once the file is fixed, validates it without training it again."""
+    data = make_image_folder(tmp_path / "ds", per_class=4)
+    bad = data / "val" / "dog" / "1.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
+    out = tmp_path / "r"
+    line = _fails(["train", "--model", "test_resnet", "--data", data, "--out", out, *COMMON],
+                  "cannot read image", "1.png", "epoch 1's training is saved", f"--resume {out}")
+    assert "--skip-corrupt" in line
+    state = load_state(out / "state.pt")
+    assert (state["epoch"], state["step"]) == (0, 2) and state["pending"]["loss"] > 0  # 8 images at batch 4
+    assert not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip()
+    bad.write_bytes(good)
+    trained = []
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: trained.append(1) or {})
+    _ok(["train", "--resume", out])
+    assert not trained  # validated, not trained again
+    (record,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["epoch"] == 1 and record["train_loss"] == state["pending"]["loss"] and "val_top1" in record
+    assert "train_train_s" not in record and record["epoch_s"] >= state["pending"]["train_s"]
+    assert load_state(out / "state.pt")["pending"] == {}
+
+
 def test_corrupt_image_skipped_and_counted_across_workers(tmp_path):
     data = _folder_with_corrupt_image(tmp_path / "ds")
     result = _ok(["train", "--model", "test_resnet", "--data", data, "--out", tmp_path / "r", "--skip-corrupt",

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cwkd.data.loading import set_epoch
-from cwkd.errors import NonfiniteLoss, RunInterrupted, TrainingError
+from cwkd.errors import DataError, NonfiniteLoss, RunInterrupted, TrainingError
 from cwkd.evaluation import evaluate
 from cwkd.runtime import precision_warning, resolve_device, resolve_precision, reuse_freed_memory, setup_distributed
 from cwkd.training import signals
@@ -141,20 +141,23 @@ def _epochs(p: Pieces, cfg: TrainConfig, ctx: RunContext, stop, state: TrainStat
     steps_per_epoch, reported_bad = len(p.train_loader), 0
     while state.epoch < cfg.epochs:
         epoch, skip = state.epoch, state.step  # skip: the steps of this epoch done before a stop
-        set_epoch(p.train_loader, cfg.seed, epoch, skip * cfg.batch_size)
         started = time.perf_counter()
-        train = train_one_epoch(p, cfg, ctx, stop,
-                                Steps(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch - skip, epoch, skip))
-        state.step = skip + train["batches"]
-        if stop.requested and state.step < steps_per_epoch:
-            with stop.saving():  # a second Ctrl-C waits: last.safetensors without state.pt is no resume
-                out.save_interrupted(p.distiller, p.stepper, p.meta, state)
-            raise RunInterrupted(out.path, stop.signal_number)
-        if train["batches"] and not train["steps"]:
-            raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
-                                f"--skip-nonfinite); lower --lr{fp16_advice(cfg, ctx.device, ' or ')}")
-        val = evaluate(p.distiller.student, p.val_loader, ctx.device, cfg.precision, p.channels_last, ctx.rank,
-                       task=p.task.name)
+        if state.pending:  # its steps all ran before a validation file could not be read: validate it now
+            train = {k: v for k, v in state.pending.items() if k != "train_s"}
+            started -= state.pending.get("train_s", 0.0)
+        else:
+            set_epoch(p.train_loader, cfg.seed, epoch, skip * cfg.batch_size)
+            train = train_one_epoch(p, cfg, ctx, stop,
+                                    Steps(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch - skip, epoch, skip))
+            state.step = skip + train["batches"]
+            if stop.requested and state.step < steps_per_epoch:
+                with stop.saving():  # a second Ctrl-C waits: last.safetensors without state.pt is no resume
+                    out.save_interrupted(p.distiller, p.stepper, p.meta, state)
+                raise RunInterrupted(out.path, stop.signal_number)
+            if train["batches"] and not train["steps"]:
+                raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss (all skipped under "
+                                    f"--skip-nonfinite); lower --lr{fp16_advice(cfg, ctx.device, ' or ')}")
+        val = _validate(p, cfg, ctx, stop, state, {**train, "train_s": time.perf_counter() - started})
         record = _epoch_record(p, epoch, train, val, time.perf_counter() - started)
         check_diverged(p.distiller, record, cfg, out)  # poisoned weights never become last or best
         state.end_epoch(record)
@@ -169,6 +172,20 @@ def _epochs(p: Pieces, cfg: TrainConfig, ctx: RunContext, stop, state: TrainStat
         if stop.requested and epoch + 1 < cfg.epochs:  # the signal came after the last step: epoch saved
             raise RunInterrupted(out.path, stop.signal_number)
     return state
+
+
+def _validate(p: Pieces, cfg: TrainConfig, ctx: RunContext, stop, state: TrainState, train: dict) -> dict:
+    """The epoch's val scores. A val file that cannot be read (:class:`DataError`) must not cost the epoch's
+    training: it is saved with ``train`` as ``state.pending``, and ``--resume`` validates it once the data is fixed."""
+    try:
+        return evaluate(p.distiller.student, p.val_loader, ctx.device, cfg.precision, p.channels_last, ctx.rank,
+                        task=p.task.name)
+    except DataError as exc:
+        state.pending = train
+        with stop.saving():
+            ctx.dir.save_interrupted(p.distiller, p.stepper, p.meta, state)
+        raise DataError(f"{exc}; epoch {state.epoch + 1}'s training is saved: once the data is fixed, continue "
+                        f"with --resume {ctx.dir.path}") from exc
 
 
 def train_one_epoch(p: Pieces, cfg: TrainConfig, ctx: RunContext, stop, steps: Steps) -> dict:

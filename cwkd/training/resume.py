@@ -103,13 +103,16 @@ class TrainState:
 
     ``epoch`` is the epoch to train next (from 0) and ``step`` the steps of it already done (a run stopped
     mid-epoch goes on from there); ``best`` is the best epoch so far, ``{"metric", "value", "epoch"}`` (its
-    epoch from 0, -1 before any); ``last`` is the last finished epoch's metrics record (empty before one).
+    epoch from 0, -1 before any); ``last`` is the last finished epoch's metrics record (empty before one);
+    ``pending`` the train record of an epoch whose steps all ran but whose validation could not read its data
+    (resumed, it is validated without training again; empty otherwise).
     """
 
     best: dict
     epoch: int = 0
     step: int = 0
     last: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)
 
     @classmethod
     def start(cls, metric: str) -> TrainState:
@@ -121,7 +124,7 @@ class TrainState:
         metric = self.best["metric"]
         if record[f"val_{metric}"] > self.best["value"]:
             self.best = {"metric": metric, "value": record[f"val_{metric}"], "epoch": record["epoch"] - 1}
-        self.epoch, self.step, self.last = record["epoch"], 0, record
+        self.epoch, self.step, self.last, self.pending = record["epoch"], 0, record, {}
 
     @property
     def last_is_best(self) -> bool:
@@ -134,7 +137,8 @@ def state_record(distiller: nn.Module, stepper: Stepper, state: TrainState) -> d
     return {
         "model": distiller.state_dict(), "optimizer": stepper.optimizer.state_dict(),
         "scheduler": stepper.scheduler.state_dict(), "scaler": stepper.scaler.state_dict(),
-        "epoch": state.epoch, "step": state.step, "best": state.best, "format_version": STATE_VERSION,
+        "epoch": state.epoch, "step": state.step, "best": state.best, "pending": state.pending,
+        "format_version": STATE_VERSION,
     }
 
 
@@ -159,7 +163,8 @@ def restore(out: Path, distiller: nn.Module, stepper: Stepper, metric: str) -> T
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} does not match this run ({detail}); start a new run") from exc
-    return TrainState(best=best, epoch=epoch, step=step)
+    pending = state.get("pending")
+    return TrainState(best=best, epoch=epoch, step=step, pending=pending if isinstance(pending, dict) else {})
 
 
 def _check_state(state: dict, path: Path) -> tuple[int, int, dict]:
