@@ -26,6 +26,11 @@ class DataError(CwkdError):
     """A data set that is missing, empty or malformed."""
 
 
+class DataSetWarning(UserWarning):
+    """A warning about the data set itself, the same on every process of a distributed run: rank 0 alone shows
+    it (:func:`cwkd.runtime.main_rank_warnings`)."""
+
+
 class CheckpointError(CwkdError):
     """A weights or checkpoint file that cannot be read safely."""
 

@@ -14,6 +14,7 @@ import ctypes
 import functools
 import os
 import platform
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from cwkd.choices import Precision
-from cwkd.errors import ConfigError
+from cwkd.errors import ConfigError, DataSetWarning
 
 #: The slowdown of bf16 autocast against fp32 measured on a CPU without native bf16 (issue 15).
 SLOW_BF16 = "8-30x"
@@ -105,6 +106,17 @@ class Dist:
     def main(self) -> bool:
         """Rank 0: the one process that logs and writes."""
         return self.rank == 0
+
+
+@contextmanager
+def main_rank_warnings(rank: Dist) -> Iterator[None]:
+    """Warnings about the data set itself (:class:`~cwkd.errors.DataSetWarning`) from rank 0 alone: under
+    ``torchrun`` every process loads the same data and would print the same lines once each. Other warnings
+    (a file skipped on one process's shard) still come from whichever process meets them."""
+    with warnings.catch_warnings():
+        if not rank.main:
+            warnings.simplefilter("ignore", DataSetWarning)
+        yield
 
 
 def setup_distributed(device: torch.device) -> Dist:

@@ -51,6 +51,27 @@ def test_plain_layout_numbers_classes_from_the_masks(tmp_path):
     assert spec.val[1][1][2, 3] == 3
 
 
+def test_under_torchrun_rank_0_alone_warns_about_the_data_set(tmp_path):
+    """Every process loads the same data: its warnings come from rank 0 only; a warning of one process's own
+    (a file skipped on its shard) still comes from any rank."""
+    from cwkd.errors import DataSetWarning
+    from cwkd.runtime import Dist, main_rank_warnings
+
+    mask = np.zeros((12, 16), np.uint8)
+    mask[2:5, 3:9] = 3
+    root = _plain(tmp_path, [mask, mask])
+    with pytest.warns(DataSetWarning, match="2 of which no mask holds"), main_rank_warnings(Dist(0, 2)):
+        load_segmentation(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with main_rank_warnings(Dist(1, 2)):
+            load_segmentation(root)
+            with pytest.warns(UserWarning, match="skipping unreadable image"):
+                warnings.warn("skipping unreadable image x.png", UserWarning, stacklevel=1)
+    with pytest.warns(DataSetWarning):  # the filter ends with the run
+        load_segmentation(root)
+
+
 def test_a_stray_mask_value_without_classes_txt_is_warned_once_not_silently_78_classes(tmp_path):
     masks = [np.zeros((12, 16), np.uint8) for _ in range(3)]
     for value, mask in enumerate(masks, start=1):

@@ -22,7 +22,14 @@ from torch import nn
 from cwkd.data.loading import set_epoch
 from cwkd.errors import DataError, NonfiniteLoss, RunInterrupted, TrainingError
 from cwkd.evaluation import evaluate
-from cwkd.runtime import precision_warning, resolve_device, resolve_precision, reuse_freed_memory, setup_distributed
+from cwkd.runtime import (
+    main_rank_warnings,
+    precision_warning,
+    resolve_device,
+    resolve_precision,
+    reuse_freed_memory,
+    setup_distributed,
+)
 from cwkd.training import signals
 from cwkd.training.build import Pieces, RunContext, build_pieces, seed_all
 from cwkd.training.config import TrainConfig
@@ -85,7 +92,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
     if rank.main and (warning := precision_warning(cfg.precision, device)):
         console.warn(warning)
     path = Path(resume) if resume is not None else Path(cfg.out or cfg.default_out(time.strftime("%Y%m%d-%H%M%S")))
-    with RunDir(path, resuming=resume is not None, writes=rank.main) as out:  # locked until any exit
+    with RunDir(path, resuming=resume is not None, writes=rank.main) as out, main_rank_warnings(rank):  # locked
         out.prepare(cfg, check_only=True)  # refuse a taken --out now; write nothing until data and models load
         ctx = RunContext(out, device, rank, console)
         seed_all(cfg.seed)

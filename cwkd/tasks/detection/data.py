@@ -38,7 +38,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from cwkd.data.images import read_image, scale_pad_crop
-from cwkd.errors import DataError
+from cwkd.errors import DataError, DataSetWarning
 from cwkd.files.rle import rle_decode
 from cwkd.tasks.detection.cococheck import check_coco
 
@@ -76,11 +76,11 @@ class CocoDetection(Dataset):
         if polygons:  # such a polygon can neither be drawn for training nor scored by COCO
             left = f", and {objects} object(s) that had no other polygon" if objects else ""
             warnings.warn(f"{self.annotations}: dropped {polygons} polygon(s) with fewer than 3 points{left}; "
-                          "give each polygon 3 or more x, y points to keep it", stacklevel=3)
+                          "give each polygon 3 or more x, y points to keep it", DataSetWarning, stacklevel=3)
         if self.dropped:
             warnings.warn(f"{self.annotations}: left {self.dropped} object(s) with a box {MIN_BOX_SIDE:g} px wide or "
                           "high or less out of the targets (too small to draw or train on; COCO's scoring still "
-                          "reads them); fix their bbox to train on them", stacklevel=3)
+                          "reads them); fix their bbox to train on them", DataSetWarning, stacklevel=3)
 
     def _index(self, annotations: list[dict]) -> dict[int, list[dict]]:
         known, objects = {r["id"] for r in self.records}, defaultdict(list)

@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from cwkd.data.images import IMAGE_ERRORS, read_image, scale_pad_crop
-from cwkd.errors import DataError
+from cwkd.errors import DataError, DataSetWarning
 
 #: Mask value that the loss and the metric skip.
 IGNORE_INDEX = 255
@@ -169,7 +169,8 @@ def _class_names(base: Path, pairs: list[tuple[Path, Path]]) -> list[str]:
     if first and len(first) < top + 1:  # a stray value (a 77 among 0-9) would silently make a 78-class model
         warnings.warn(f"{base} has no classes.txt, so its masks' values ({_ranges(sorted(first))}) number the "
                       f"classes: {top + 1} (0-{top}), {top + 1 - len(first)} of which no mask holds; if {top} is a "
-                      f"stray value, fix {first[top]}, else list every class in {listing}", stacklevel=3)
+                      f"stray value, fix {first[top]}, else list every class in {listing}",
+                      DataSetWarning, stacklevel=3)
     return [str(i) for i in range(max(top + 1, 2))]
 
 
