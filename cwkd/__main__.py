@@ -1,5 +1,5 @@
 """``python -m cwkd``."""
 
-from cwkd.cli.app import main
+from cwkd.cli import main
 
 main()

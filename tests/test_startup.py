@@ -40,6 +40,21 @@ def test_version_from_a_real_process():
     assert result.stdout.strip() == f"cwkd {cwkd.__version__}"
 
 
+def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback():
+    code = """
+import sys
+class Interrupt:  # a Ctrl-C that lands while the CLI's modules import
+    def find_spec(self, name, path=None, target=None):
+        if name == "cwkd.cli.app":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+from cwkd.cli import main
+main()
+"""
+    result = _run_python(code)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+
+
 @pytest.mark.slow
 def test_help_of_every_command_loads_neither_torch_nor_timm():
     commands = sorted(typer.main.get_command(app).commands)
