@@ -92,7 +92,8 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, resume_options: d
     if rank.main and (warning := precision_warning(cfg.precision, device)):
         console.warn(warning)
     path = Path(resume) if resume is not None else Path(cfg.out or cfg.default_out(time.strftime("%Y%m%d-%H%M%S")))
-    with RunDir(path, resuming=resume is not None, writes=rank.main) as out, main_rank_warnings(rank):  # locked
+    run_dir = RunDir(path, resuming=resume is not None, writes=rank.main)
+    with run_dir as out, main_rank_warnings(rank):  # the run directory is locked until any exit
         out.prepare(cfg, check_only=True)  # refuse a taken --out now; write nothing until data and models load
         ctx = RunContext(out, device, rank, console)
         seed_all(cfg.seed)
