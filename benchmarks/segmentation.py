@@ -23,6 +23,8 @@ Usage:
     python benchmarks/segmentation.py --quick      # tiny data, 1 student, none vs cwt, 1 seed (~3 min)
     python benchmarks/segmentation.py              # the whole grid, then the report
     python benchmarks/segmentation.py --report     # tables from the saved results
+    python benchmarks/segmentation.py --students pspnet_resnet18 --methods none mgd \
+        --results benchmarks/results/segmentation_mgd_faithful   # a variant with its own teacher and baseline
 
 Needs the Debian package ``dataset-fashion-mnist`` (or the IDX files under $CWKD_DATA).
 """
@@ -352,10 +354,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auto", nargs="*", choices=("cwt", "linear", "mgd"), default=None, metavar="METHOD",
                         help="run --alpha auto for the first student and these methods (default: cwt mgd) "
                              "over every seed instead of the grid, then the report")
+    parser.add_argument("--students", nargs="+", help="run (and report) only these students")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="run (and report) only these methods")
+    parser.add_argument("--results", type=Path, help="save and read results in this folder instead (a variant: "
+                        "its teacher and run directories go to benchmarks/runs/segmentation/<folder name>)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     if args.seeds:
         plan = replace(plan, seeds=tuple(args.seeds))
+    if args.students:
+        plan = replace(plan, students=tuple(args.students))
+    if args.methods:
+        plan = replace(plan, methods=tuple(m for m in METHODS if m in args.methods))
+    if args.results:
+        plan = replace(plan, results=args.results.resolve(), runs=plan.runs / args.results.name)
     if args.step_cost:
         step_cost(plan)
         return 0

@@ -204,3 +204,22 @@ def test_accuracy_report_of_results_outside_the_checkout(accuracy, tmp_path, cap
     assert summary["plan"]["results"] == str(results.resolve())
     if (results / "accuracy.png").is_file():  # matplotlib is optional
         assert f"plot: {results.resolve() / 'accuracy.png'}" in out
+
+
+def test_segmentation_variant_runs_in_its_own_folders(tmp_path, monkeypatch, capsys):
+    """``--students/--methods/--results``: a rerun (MGD's own mask) with its own teacher and baseline, apart from
+    the grid's results and run directories."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import segmentation
+
+    seen = []
+    monkeypatch.setattr(segmentation, "run_grid", seen.append)
+    results = tmp_path / "segmentation_mgd_faithful"
+    assert segmentation.main(["--students", "pspnet_resnet18", "--methods", "mgd", "none", "--results",
+                              str(results)]) == 0
+    (plan,) = seen
+    assert plan.students == ("pspnet_resnet18",) and plan.methods == ("none", "mgd")  # the grid's order
+    assert plan.results == results and plan.runs == segmentation.RUNS / "segmentation_mgd_faithful"
+    assert "no results yet" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        segmentation.main(["--methods", "cwd"])  # not one of the grid's methods
