@@ -255,7 +255,18 @@ def report(plan: Plan) -> str:
     """The teacher and baseline lines, the per-arm table with its verdicts, and the decision for CWT."""
     results = load_results(plan)
     table, decision = arm_table(plan, {cell: r["miou"] for cell, r in results.items()}, "mIoU")
-    return "\n".join([*_pretrain_lines(plan), *_teacher_lines(plan, results), "", *table, "", decision])
+    return "\n".join([*_pretrain_lines(plan), *_teacher_lines(plan, results), "", *table, "", decision,
+                      *_epoch_times(plan, results)])
+
+
+def _epoch_times(plan: Plan, results: dict[tuple[str, str, int], dict]) -> list[str]:
+    """Each arm's median epoch time over its saved cells: what an arm costs next to ``none``. Wall clock of
+    whatever else the machine ran meanwhile, so a ratio, not a speed measurement."""
+    times = {arm: [t for (_, a, _), r in results.items() if a == arm for t in r.get("epoch_s", [])]
+             for arm in plan.arms}
+    parts = [f"{arm} {statistics.median(ts):.0f}" for arm, ts in times.items() if ts]
+    return [f"Median epoch time per arm (s, wall clock on the machine that ran the cells): {', '.join(parts)}."] \
+        if parts else []
 
 
 def arm_table(plan, scores: dict[tuple[str, str, int], float], metric: str) -> tuple[list[str], str]:

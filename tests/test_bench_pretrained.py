@@ -88,8 +88,10 @@ def test_the_report_states_the_decision_from_paired_seeds(bench, tmp_path):
                                              (30, 29.9, 30)]):
         for arm, miou in (("none", base), ("cwt", cwt), ("mgd", mgd)):
             (tmp_path / f"pspnet_resnet18-{arm}-s{seed}.json").write_text(json.dumps(
-                {"miou": miou, "history": [miou - 0.1, miou]}))
+                {"miou": miou, "history": [miou - 0.1, miou], "epoch_s": [10.0, 12.0] if arm != "mgd" else [30.0]}))
     text = bench.report(plan)
+    assert "Median epoch time per arm (s, wall clock on the machine that ran the cells): none 11, cwt 11, mgd 30." \
+        in text
     assert "leads the student baseline (30.00) by +10.00 mIoU." in text
     assert "CWT (pspnet_resnet18, mIoU): pays: 4/5 positive, mean +1.24" in text
     assert "| mgd | 5 |" in text and "does not pay: positive in 1 of 5 seeds" in text
