@@ -53,6 +53,7 @@ class RunSummary:
     images_per_s: float | None
     curve: list[float | None]
     setting: str  # the config without HOW_IT_RAN, as JSON: equal for repeats that differ only in seed
+    made_with: str | None = None  # the software (cwkd and its git commit, torch, torchvision, timm) and device
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -117,6 +118,8 @@ class Comparison:
     metric: str
     label: str
     groups: list[Group] = field(default_factory=list)
+    #: What a reader must know before trusting a paired difference (runs paired across software versions).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def runs(self) -> list[RunSummary]:
@@ -125,7 +128,8 @@ class Comparison:
     def to_dict(self) -> dict:
         """A JSON-ready dict: ``cwkd compare --json``."""
         return {"task": self.task, "metric": self.metric, "label": self.label,
-                "groups": [g.to_dict() for g in self.groups], "runs": [r.to_dict() for r in self.runs]}
+                "groups": [g.to_dict() for g in self.groups], "runs": [r.to_dict() for r in self.runs],
+                "warnings": self.warnings}
 
 
 def t975(df: int) -> float:
@@ -185,7 +189,19 @@ def read_run(path: Path) -> RunSummary:
         best=max(scored) if scored else None, final=curve[-1], epochs=len(epochs),
         planned_epochs=int(cfg.get("epochs", len(epochs))),
         images_per_s=statistics.fmean(speeds) if speeds else None, curve=curve,
-        setting=json.dumps(setting, sort_keys=True))
+        setting=json.dumps(setting, sort_keys=True), made_with=_made_with(record))
+
+
+def _made_with(record: dict) -> str | None:
+    """``cwkd 0.1.0 (git 1a2b3c4), torch 2.14.1, torchvision 0.29.1, timm 1.0.20, on cpu``; None when config.json
+    does not say (an older run)."""
+    versions = record.get("versions")
+    if not isinstance(versions, dict) or not versions:
+        return None
+    git = f" (git {str(record['git'])[:7]})" if record.get("git") else ""
+    names = [f"{name} {versions[name]}{git if name == 'cwkd' else ''}" for name in ("cwkd", "torch", "torchvision",
+                                                                                    "timm") if name in versions]
+    return ", ".join(names) + f", on {record.get('device') or record['config'].get('device', '?')}"
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -255,12 +271,14 @@ def compare_runs(runs: list[str], baseline: list[str] | None = None) -> Comparis
         group.runs.append(summary)
     result.groups = list(by_setting.values())
     if base_paths:
-        _pair(result.groups, {p.resolve() for p in base_paths})
+        result.warnings += _pair(result.groups, {p.resolve() for p in base_paths})
     return result
 
 
-def _pair(groups: list[Group], base: set[Path]) -> None:
-    """Mark the baseline runs' groups and give every other group its paired differences by seed."""
+def _pair(groups: list[Group], base: set[Path]) -> list[str]:
+    """Mark the baseline runs' groups and give every other group its paired differences by seed; return a
+    warning when runs were paired with a baseline made with other software or on another device (their
+    difference then holds float-level changes of that too, which move a short run's score by itself)."""
     by_seed: dict[int, RunSummary] = {}
     for run in (r for g in groups for r in g.runs if r.path.resolve() in base):
         if run.seed in by_seed:
@@ -272,6 +290,16 @@ def _pair(groups: list[Group], base: set[Path]) -> None:
         diffs = [r.final - by_seed[r.seed].final for r in group.runs if r.path.resolve() not in base
                  and r.seed in by_seed and None not in (r.final, by_seed[r.seed].final)]
         group.paired = Paired.of(diffs) if diffs else None
+    unlike = [(r, by_seed[r.seed]) for g in groups for r in g.runs if r.path.resolve() not in base
+              and r.seed in by_seed and None not in (r.made_with, by_seed[r.seed].made_with)
+              and r.made_with != by_seed[r.seed].made_with]
+    if not unlike:
+        return []
+    run, twin = unlike[0]
+    more = f" (and {len(unlike) - 1} more pair(s))" if len(unlike) > 1 else ""
+    return [f"{run.path} was made with {run.made_with}, but its baseline {twin.path} with {twin.made_with}{more}: "
+            "a paired difference then mixes the method's effect with the software's and device's own; pair runs "
+            "made alike"]
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:

@@ -24,7 +24,7 @@ from .helpers import cli_fails, cli_ok, read_metrics
 
 def _write_run(root: Path, name: str, curve: list[float], *, seed: int = 0, method: str = "cwt",
                student: str = "test_efficientnet", task: str = "classification", alpha: float = 7.0,
-               alpha_auto: bool = False) -> Path:
+               alpha_auto: bool = False, versions: dict | None = None) -> Path:
     """A run folder as `cwkd train|distill` leaves it after ``len(curve)`` epochs scoring ``curve``."""
     out = root / name
     out.mkdir(parents=True)
@@ -35,6 +35,8 @@ def _write_run(root: Path, name: str, curve: list[float], *, seed: int = 0, meth
     record = {"config": cfg.to_dict(), "cwkd_version": "0.1.0", "data": {}, "inputs": {},
               "teacher": {"checkpoint": teacher, "model": "test_resnet"} if teacher else {},
               "pairs": [{"student": "blocks.4", "teacher": "layer4"}] if teacher else []}
+    if versions is not None:
+        record.update(versions=versions, git="1a2b3c4d5e")
     (out / "config.json").write_text(json.dumps(record))
     lines = [json.dumps({"epoch": i, "train_loss": 1.0, "train_task_loss": 1.0, "val_loss": 1.0, f"val_{metric}": v,
                          "lr": 0.01, "images_per_s": 100.0 + i, "epoch_s": 1.0}) for i, v in enumerate(curve, 1)]
@@ -95,6 +97,29 @@ def test_settings_that_differ_in_more_than_the_seed_stay_apart(tmp_path):
     assert sorted(len(g.runs) for g in groups) == [1, 1, 2]
 
 
+def test_runs_paired_across_software_versions_are_warned_about(tmp_path):
+    """Float-level changes of another torch (or cwkd, or device) move a short run by themselves: a paired
+    difference across them is flagged, one line, naming the first such pair."""
+    old = {"cwkd": "0.1.0", "torch": "2.13.0", "torchvision": "0.28.0", "timm": "1.0.19"}
+    new = {**old, "torch": "2.14.1"}
+    for seed in range(2):
+        _write_run(tmp_path, f"base-s{seed}", [60.0], seed=seed, method="none", versions=old)
+        _write_run(tmp_path, f"cwt-s{seed}", [61.0], seed=seed, versions=new if seed else old)
+    _write_run(tmp_path, "legacy-s0", [61.0], alpha=3.0)  # an older config.json without versions: no claim either way
+    result = compare_runs([str(tmp_path / "cwt-s*"), str(tmp_path / "legacy-s0")], baseline=[str(tmp_path / "base-s*")])
+    (warning,) = result.warnings
+    assert f"{tmp_path / 'cwt-s1'} was made with cwkd 0.1.0 (git 1a2b3c4), torch 2.14.1" in warning
+    assert f"its baseline {tmp_path / 'base-s1'} with cwkd 0.1.0 (git 1a2b3c4), torch 2.13.0" in warning
+    assert warning.count("timm 1.0.19, on auto") == 2  # the device each config.json names
+    assert "pair runs made alike" in warning and "more pair" not in warning
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "cwt-s*"), "--baseline", str(tmp_path / "base-s*")])
+    assert result.exit_code == 0 and "warning: " in result.output and "torch 2.14.1" in result.output
+    assert json.loads(cli_ok(["compare", tmp_path / "cwt-s*", "--baseline", tmp_path / "base-s*", "--json"])
+                      )["warnings"] == [warning]
+    alike = compare_runs([str(tmp_path / "cwt-s0")], baseline=[str(tmp_path / "base-s*")])
+    assert alike.warnings == []
+
+
 def test_t_quantiles():
     assert t975(1) == 12.706 and t975(30) == 2.042
     assert abs(t975(31) - 2.040) < 2e-3 and abs(t975(120) - 1.980) < 2e-3
@@ -153,3 +178,5 @@ def test_a_real_run_reads_like_the_synthetic_ones(folder, tmp_path):
     row = next(r for r in data["runs"] if r["path"] == str(real))
     assert row["epochs"] == 2 and row["final"] == read_metrics(real)[-1]["val_top1"] and row["images_per_s"] > 0
     assert row["method"] == "none" and row["teacher"] == "-"
+    assert real_record["device"] == "cpu" and row["made_with"].startswith("cwkd ") and row["made_with"].endswith(
+        ", on cpu") and "torch " in row["made_with"]

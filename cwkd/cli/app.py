@@ -294,6 +294,8 @@ def compare(
         if plot is not None:
             plot_curves(result, plot)
         typer.echo(json_text(result.to_dict(), indent=2)) if as_json else print_comparison(result)
+        for warning in [] if as_json else result.warnings:
+            typer.echo(f"warning: {warning}", err=True)
         if plot is not None and not as_json:
             typer.echo(f"curves: {plot}")
 

@@ -272,7 +272,7 @@ def build_pieces(cfg: TrainConfig, ctx: RunContext) -> Pieces:
                autocast=autocast(ctx.device, cfg.precision), channels_last=ctx.device.type == "cuda",
                meta=run_metadata(cfg, distiller, dcfg, spec, in_chans, teacher_source))
     if not ctx.dir.resuming:  # a resumed run keeps the config.json of its first start
-        ctx.dir.write_config(cfg, distiller, dcfg, spec, teacher_source)
+        ctx.dir.write_config(cfg, distiller, dcfg, spec, teacher_source, ctx.device)
     return p
 
 

@@ -132,8 +132,9 @@ class RunDir:
             )
 
     def write_config(self, cfg: TrainConfig, distiller, dcfg: DataConfig, spec,
-                     teacher_source: TeacherSource | None) -> None:
-        """config.json: the resolved config, versions, git hash, data settings and layer pairs."""
+                     teacher_source: TeacherSource | None, device: torch.device) -> None:
+        """config.json: the resolved config, versions, git hash, the device it ran on, data settings and layer
+        pairs."""
         if not self.writes:
             return
         record = {
@@ -141,6 +142,7 @@ class RunDir:
             "cwkd_version": __version__,
             "versions": _versions(),
             "git": _git_hash(),
+            "device": _device_name(device),
             "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg.input_size),
                      "mean": list(dcfg.mean), "std": list(dcfg.std)},
             "teacher": teacher_source.to_dict() if teacher_source else {},
@@ -260,6 +262,11 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "timm": timm.__version__, "cwkd": __version__}
+
+
+def _device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda (NVIDIA H100 80GB HBM3)``: what ``--device auto`` became, for ``cwkd compare``."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def _git_hash() -> str | None:
