@@ -394,6 +394,15 @@ def test_resume_refuses_a_changed_option_even_when_it_equals_the_default(alpha2_
     _fails(args, f"{option} {value if option != '--alpha' else float(value)} differs from the run's own {saved}")
 
 
+def test_the_start_line_says_what_the_aligners_cost(folder, teacher_run, tmp_path):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", teacher_run / "best.safetensors", "--student", "test_efficientnet", "--data",
+            folder, "--out", out, *COMMON, "--no-teacher-check"]
+    output = _ok([a for a in args if a not in ("--quiet", "-q")]).output
+    params = json.loads((out / "config.json").read_text())["aligner_params"]
+    assert params > 0 and f"(aligners {params / 1e6:.2f}M parameters, training only)" in output
+
+
 def test_resume_takes_the_options_that_are_safe_to_change(folder, teacher_run, tmp_path):
     out = tmp_path / "run"
     _distill_run(folder, teacher_run / "best.safetensors", out)

@@ -305,7 +305,9 @@ def _describe(cfg: TrainConfig, p: Pieces, ctx: RunContext) -> str:
              + (" (remapped to the teacher's own statistics before it sees them)" if remap is not None else ""))
     alpha = f"{cfg.alpha:.4g} (auto)" if cfg.alpha_auto else cfg.alpha
     options = "".join(f", {k.replace('_', ' ')} {getattr(v, 'value', v)}" for k, v in cfg.method_options.items())
-    what = (f"method {cfg.method.value}{options}, alpha {alpha}{kd}, pairs: {pairs}" if cfg.uses_teacher
+    params = sum(t.numel() for t in distiller.aligners.parameters())
+    cost = f" (aligners {params / 1e6:.2f}M parameters, training only)" if params else ""
+    what = (f"method {cfg.method.value}{options}, alpha {alpha}{kd}, pairs: {pairs}{cost}" if cfg.uses_teacher
             else "plain training (no teacher)")
     return (f"{cfg.student} on {spec.name} ({spec.num_classes} classes, input {tuple(dcfg.input_size)}), "
             f"{what}; device {ctx.device}, precision {cfg.precision.value}, {ctx.rank.world} process(es), "
