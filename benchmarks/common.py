@@ -102,12 +102,25 @@ def write_tarball(path: Path, members: list[tuple[Path, str]]) -> None:
 
 
 def versions() -> dict:
-    """The versions a dense benchmark's result records: Python, torch, timm and the CPU."""
+    """The versions a dense benchmark's result records: Python, torch, timm, the CPU's model and the
+    instruction set torch's CPU kernels use on it (``AVX512``, ``AVX2``...). Two machines can train the same
+    seed to different numbers: their kernels round differently and training grows the difference."""
     import timm
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def full_versions() -> dict:

@@ -39,6 +39,7 @@ Usage:
     python benchmarks/pretrained.py --arms none cwt   # only the arms the decision needs
     python benchmarks/pretrained.py --report     # tables and the decision from the saved results
     python benchmarks/pretrained.py --size       # the step times the plan is sized from
+    python benchmarks/pretrained.py --results benchmarks/results/pretrained_rerun   # a separate replicate
 
 Needs the Debian package ``dataset-fashion-mnist`` (or the IDX files under $CWKD_DATA).
 """
@@ -379,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), help="run (and report) only these arms")
     parser.add_argument("--size", action="store_true", help="time one step of each model the plan trains, "
                         "the numbers it is sized from, and exit")
+    parser.add_argument("--results", type=Path, help="save and read results (and the bodies) in this folder "
+                        "instead: a separate replicate, with its own data, teacher and run directories under "
+                        "benchmarks/runs/pretrained/<folder name>")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
+    if args.results:
+        plan = replace(plan, results=args.results.resolve(), runs=plan.runs / args.results.name)
     if args.seeds:
         plan = replace(plan, seeds=tuple(args.seeds))
     if args.arms:

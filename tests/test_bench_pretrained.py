@@ -95,3 +95,30 @@ def test_the_report_states_the_decision_from_paired_seeds(bench, tmp_path):
     assert "leads the student baseline (30.00) by +10.00 mIoU." in text
     assert "CWT (pspnet_resnet18, mIoU): pays: 4/5 positive, mean +1.24" in text
     assert "| mgd | 5 |" in text and "does not pay: positive in 1 of 5 seeds" in text
+
+
+def test_results_points_the_plan_and_the_report_at_another_folder(bench, tmp_path, capsys):
+    (tmp_path / "teacher.json").write_text(json.dumps({"model": "pspnet_resnet50", "miou": 31.25, "epochs": 8,
+                                                       "history": [30.0, 31.25]}))
+    for arm, miou in (("none", 20.0), ("cwt", 21.5)):
+        (tmp_path / f"pspnet_resnet18-{arm}-s0.json").write_text(json.dumps({"miou": miou, "history": [miou]}))
+    assert bench.main(["--report", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "val mIoU 31.25 %" in out and "leads the student baseline (20.00) by +11.25" in out
+    assert "| pspnet_resnet18 | cwt | 1 |" in out and "+1.50" in out and "undecided: 1 of the 5" in out
+
+
+def test_results_record_the_cpu_model_and_the_kernels_torch_uses_on_it(bench, monkeypatch, tmp_path):
+    import common
+    import torch
+
+    found = common.versions()
+    assert found["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and found["cpu"]
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\n")
+    real = common.Path
+
+    monkeypatch.setattr(common, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    assert common.cpu_model() == "Example CPU 9000"
+    monkeypatch.setattr(common, "Path", lambda p: tmp_path / "missing")
+    assert common.cpu_model()  # no cpuinfo: platform's name, never empty
