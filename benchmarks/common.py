@@ -108,19 +108,10 @@ def versions() -> dict:
     import timm
     import torch
 
+    from cwkd.runtime import cpu_model
+
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def full_versions() -> dict:

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,8 +26,32 @@ import torch.distributed as dist
 from cwkd.choices import Precision
 from cwkd.errors import ConfigError, DataSetWarning
 
+#: Where Linux names the CPU's model.
+CPUINFO = Path("/proc/cpuinfo")
 #: The slowdown of bf16 autocast against fp32 measured on a CPU without native bf16 (issue 15).
 SLOW_BF16 = "8-30x"
+
+
+def device_name(device: torch.device) -> str:
+    """What a run ran on, for config.json and ``cwkd compare``: ``cuda (NVIDIA H100 80GB HBM3)``, or the CPU's
+    model and the instruction set torch's kernels use on it, ``cpu (AMD EPYC, AVX512)``: the same seed trains to
+    other numbers on another CPU, because its kernels round differently (docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()})"
+    return device.type
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows of it."""
+    try:
+        for line in CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.cache

@@ -112,13 +112,11 @@ def test_results_record_the_cpu_model_and_the_kernels_torch_uses_on_it(bench, mo
     import common
     import torch
 
-    found = common.versions()
-    assert found["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and found["cpu"]
+    from cwkd import runtime
+
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\n")
-    real = common.Path
-
-    monkeypatch.setattr(common, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
-    assert common.cpu_model() == "Example CPU 9000"
-    monkeypatch.setattr(common, "Path", lambda p: tmp_path / "missing")
-    assert common.cpu_model()  # no cpuinfo: platform's name, never empty
+    monkeypatch.setattr(runtime, "CPUINFO", info)
+    found = common.versions()
+    assert found["cpu"] == "Example CPU 9000"
+    assert found["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

@@ -13,10 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from cwkd import runtime
 from cwkd.cli.app import app
 from cwkd.compare import Paired, compare_runs, t975
+from cwkd.runtime import device_name
 from cwkd.training.config import TrainConfig
 
 from .helpers import cli_fails, cli_ok, read_metrics
@@ -120,6 +123,26 @@ def test_runs_paired_across_software_versions_are_warned_about(tmp_path):
     assert alike.warnings == []
 
 
+def test_a_cpu_is_named_by_its_model_and_kernel_level_so_runs_from_two_cpus_are_warned_about(tmp_path,
+                                                                                             monkeypatch):
+    """The same seed trains to other numbers on another CPU (its kernels round differently): config.json names
+    the CPU, and a pair across two CPUs is flagged like one across two torch versions."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\n")
+    monkeypatch.setattr(runtime, "CPUINFO", info)
+    level = torch.backends.cpu.get_cpu_capability()
+    assert device_name(torch.device("cpu")) == f"cpu (Example CPU 9000, {level})"
+    monkeypatch.setattr(runtime, "CPUINFO", tmp_path / "missing")  # no /proc: platform's name, never empty
+    assert device_name(torch.device("cpu")).startswith("cpu (") and runtime.cpu_model()
+    same = {"cwkd": "0.1.0", "torch": "2.14.1", "torchvision": "0.29.1", "timm": "1.0.31"}
+    for name, cpu in (("base-s0", "cpu (Example CPU 9000, AVX512)"), ("cwt-s0", "cpu (Other CPU, AVX2)")):
+        run = _write_run(tmp_path, name, [60.0], method="none" if name.startswith("base") else "cwt", versions=same)
+        record = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**record, "device": cpu}))
+    (warning,) = compare_runs([str(tmp_path / "cwt-s0")], baseline=[str(tmp_path / "base-s0")]).warnings
+    assert "on cpu (Other CPU, AVX2)" in warning and "on cpu (Example CPU 9000, AVX512)" in warning
+
+
 def test_t_quantiles():
     assert t975(1) == 12.706 and t975(30) == 2.042
     assert abs(t975(31) - 2.040) < 2e-3 and abs(t975(120) - 1.980) < 2e-3
@@ -178,5 +201,6 @@ def test_a_real_run_reads_like_the_synthetic_ones(folder, tmp_path):
     row = next(r for r in data["runs"] if r["path"] == str(real))
     assert row["epochs"] == 2 and row["final"] == read_metrics(real)[-1]["val_top1"] and row["images_per_s"] > 0
     assert row["method"] == "none" and row["teacher"] == "-"
-    assert real_record["device"] == "cpu" and row["made_with"].startswith("cwkd ") and row["made_with"].endswith(
-        ", on cpu") and "torch " in row["made_with"]
+    assert real_record["device"] == device_name(torch.device("cpu")) and real_record["device"].startswith("cpu (")
+    assert row["made_with"].startswith("cwkd ") and row["made_with"].endswith(f", on {real_record['device']}")
+    assert "torch " in row["made_with"]

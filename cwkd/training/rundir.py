@@ -27,6 +27,7 @@ from cwkd.files.checkpoint import (
     save_state,
 )
 from cwkd.files.metadata import CheckpointMeta, is_int
+from cwkd.runtime import device_name
 from cwkd.training import runinputs
 from cwkd.training.config import TrainConfig
 from cwkd.training.optim import Stepper
@@ -142,7 +143,7 @@ class RunDir:
             "cwkd_version": __version__,
             "versions": _versions(),
             "git": _git_hash(),
-            "device": _device_name(device),
+            "device": device_name(device),
             "data": {"name": spec.name, "classes": spec.classes, "input_size": list(dcfg.input_size),
                      "mean": list(dcfg.mean), "std": list(dcfg.std)},
             "teacher": teacher_source.to_dict() if teacher_source else {},
@@ -262,11 +263,6 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "timm": timm.__version__, "cwkd": __version__}
-
-
-def _device_name(device: torch.device) -> str:
-    """``cpu``, or ``cuda (NVIDIA H100 80GB HBM3)``: what ``--device auto`` became, for ``cwkd compare``."""
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def _git_hash() -> str | None:
